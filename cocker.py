@@ -1,0 +1,1877 @@
+#!/usr/bin/env python3
+"""cocker: a container engine for Linux servers that manages containers like virtual hosts.
+
+A successor of the C cocker, written for the Python standard library only (3.6 and newer),
+run as root. One command per invocation:
+
+    cocker -a ACTION [options]      create, boot, attach, run, shutdown, kill, destroy, ...
+    cocker -s WHAT [options]        images, containers, container_root
+
+Every container has a real PID 1, cockerinit.py, started with the host's interpreter; cocker
+reaches it through a Unix socket next to the container's directory (attach and run), so no
+sshd is needed inside.  Images are overlayfs layers kept in many versions side by side under
+COCKER_HOME (default /var/cocker), in the layout of the C cocker.
+
+Sections (grep -n '^# ===' cocker.py):
+    Constants and paths, Errors and messages, libc bindings, Small utilities, Image store,
+    Container store, Mounts and the container root, Network, Cgroups, Boot sequence,
+    Talking to cockerinit, Test image, Actions, Listings, Command line, main.
+"""
+
+VERSION = '1.0.0'
+BUILD = 'Nov 28 2026'
+
+import errno
+import fcntl
+import os
+import stat
+import struct
+import sys
+import time
+
+# Heavier modules (ctypes, subprocess, json, socket, select, termios, shutil, hashlib) are
+# imported inside the functions that need them: every command pays Python start-up, and
+# `cocker -v` or a listing should not pay for namespaces and sockets it never touches.
+
+
+# =============================================================================
+# Constants and paths
+# =============================================================================
+# Exit statuses of the C cocker (runbooks test them), the store layout, and the tables that
+# describe the container's /dev.
+
+EXIT_OK = 0
+EXIT_ENV = 1
+EXIT_USAGE = 7
+EXIT_FAILED = 255
+
+DEFAULT_HOME = '/var/cocker'
+HOME = None                     #: COCKER_HOME, set once by main() (tests may set it directly)
+
+NAME_MAX = 64                   #: longest image, version or container name
+NO_VERSION = '_'                #: directory name of an image without a version
+NETS = ('HOST', 'CUSTOM', 'BRIDGE')
+BRIDGE_NAME = 'cocker0'
+
+BOOT_TIMEOUT = 60               #: seconds boot waits for cockerinit to report ready
+STOP_TIMEOUT = 10               #: seconds shutdown waits before it kills
+READY = b'READY'                #: what cockerinit writes on the ready pipe once it serves
+LOG_ROTATE_BYTES = 8 << 20      #: cocker.log and cockerinit.log are rotated beyond this
+
+#: files of a container directory (C cocker layout, plus layers, init_pid, running.lock)
+CONTAINER_FILES = ('image', 'layers', 'hostname', 'net', 'netns', 'vip', 'port_mapping',
+                   'volume', 'cpus', 'cpu_quota', 'mem_limit', 'pids_limit', 'version')
+
+#: the container's /dev: (name, major, minor, mode); everything else is a fresh tmpfs
+DEVICES = [
+    ('null', 1, 3, 0o666),
+    ('zero', 1, 5, 0o666),
+    ('full', 1, 7, 0o666),
+    ('random', 1, 8, 0o666),
+    ('urandom', 1, 9, 0o666),
+    ('tty', 5, 0, 0o666),
+]
+#: (link, target) symlinks in the container's /dev
+DEV_LINKS = [
+    ('ptmx', 'pts/ptmx'),
+    ('fd', '/proc/self/fd'),
+    ('stdin', '/proc/self/fd/0'),
+    ('stdout', '/proc/self/fd/1'),
+    ('stderr', '/proc/self/fd/2'),
+]
+
+
+def images_dir():
+    return os.path.join(HOME, 'images')
+
+
+def image_dir(name, version):
+    return os.path.join(HOME, 'images', name, version)
+
+
+def containers_dir():
+    return os.path.join(HOME, 'containers')
+
+
+def container_dir(name):
+    return os.path.join(HOME, 'containers', name)
+
+
+def locks_dir():
+    return os.path.join(HOME, 'locks')
+
+
+def log_path():
+    return os.path.join(HOME, 'cocker.log')
+
+
+# =============================================================================
+# Errors and messages
+# =============================================================================
+# One error type; main() is the only place that prints it.  say() is the user's stdout,
+# debug() the -d trace on stderr, log() the record in COCKER_HOME/cocker.log.
+
+DEBUG = False
+
+
+class CockerError(Exception):
+    """A failure the user should see as one line, ending cocker with `status`."""
+
+    def __init__(self, message, status=EXIT_FAILED):
+        Exception.__init__(self, message)
+        self.message = message
+        self.status = status
+
+
+def usage_error(message):
+    return CockerError(message, EXIT_USAGE)
+
+
+def say(text=''):
+    sys.stdout.write(text + '\n')
+    sys.stdout.flush()
+
+
+def debug(fmt, *args):
+    """Trace one step on stderr under -d, and in the log."""
+    if DEBUG:
+        text = fmt % args if args else fmt
+        sys.stderr.write('cocker: %s\n' % text)
+        sys.stderr.flush()
+        log('DEBUG', text, depth=2)
+
+
+def log(level, text, depth=1):
+    """Append one record to cocker.log in the C cocker's format; never fails the command."""
+    if HOME is None:
+        return
+    try:
+        frame = sys._getframe(depth)
+        now = time.time()
+        record = '%s.%06d | %-5s | %d:cocker.py:%d | %s\n' % (
+            time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now)), int(now % 1 * 1e6),
+            level, os.getpid(), frame.f_lineno, text.rstrip('\n'))
+        append_log(log_path(), record.encode('utf-8', 'replace'))
+    except (OSError, ValueError):
+        pass
+
+
+def append_log(path, data):
+    """Append to a log file, rotating it to PATH.1 once it grows past LOG_ROTATE_BYTES."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        if os.fstat(fd).st_size > LOG_ROTATE_BYTES:
+            os.rename(path, path + '.1')
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def describe_oserror(e):
+    """'mount /x: Device or resource busy' from an OSError raised anywhere."""
+    where = e.filename if e.filename is not None else ''
+    return '%s%s' % (where + ': ' if where else '', e.strerror or e)
+
+
+# =============================================================================
+# libc bindings
+# =============================================================================
+# ctypes is loaded on first use.  Each wrapper is named after its system call and raises
+# OSError(errno, strerror, path) so that a message names the call's object.
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+
+MNT_DETACH = 2
+
+PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+
+TIOCGPTN = 0x80045430
+TIOCSPTLCK = 0x40045431
+
+_libc = None
+
+
+def libc():
+    global _libc
+    if _libc is None:
+        import ctypes
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                                ctypes.c_ulong, ctypes.c_char_p]
+        _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+        _libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+    return _libc
+
+
+def _check(result, what, path=None):
+    if result == -1:
+        import ctypes
+        err = ctypes.get_errno()
+        raise OSError(err, '%s: %s' % (what, os.strerror(err)), path)
+    return result
+
+
+def _b(s):
+    return None if s is None else os.fsencode(s)
+
+
+def mount(source, target, fstype=None, flags=0, data=None):
+    _check(libc().mount(_b(source), _b(target), _b(fstype), flags, _b(data)), 'mount', target)
+
+
+def umount2(target, flags=0):
+    _check(libc().umount2(_b(target), flags), 'umount', target)
+
+
+def unshare(flags):
+    _check(libc().unshare(flags), 'unshare')
+
+
+def setns(fd, nstype):
+    _check(libc().setns(fd, nstype), 'setns')
+
+
+def sethostname(name):
+    data = name.encode('utf-8')
+    _check(libc().sethostname(data, len(data)), 'sethostname')
+
+
+def prctl(option, arg2=0):
+    """prctl with an integer or a bytes (pointer) second argument."""
+    import ctypes
+    arg = ctypes.c_char_p(arg2) if isinstance(arg2, bytes) else ctypes.c_ulong(arg2)
+    zero = ctypes.c_ulong(0)
+    _check(libc().prctl(option, arg, zero, zero, zero), 'prctl')
+
+
+# =============================================================================
+# Small utilities
+# =============================================================================
+# State files, locks, names, external commands.
+
+def read_small(path, default=None):
+    """Read a one-value state file; C cocker files have no newline, ours may."""
+    try:
+        with open(path, 'rb') as f:
+            return f.read(65536).decode('utf-8', 'replace').rstrip('\r\n')
+    except FileNotFoundError:
+        return default
+
+
+def write_small(path, text):
+    """Write a state file atomically: a crash leaves the old value or the new, never half."""
+    tmp = '%s.tmp%d' % (path, os.getpid())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, text.encode('utf-8'))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def remove_file(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class locked(object):
+    """Hold an exclusive flock on HOME/locks/KIND=NAME: commands on one object never interleave."""
+
+    def __init__(self, kind, name, wait=True):
+        self.path = os.path.join(locks_dir(), '%s=%s' % (kind, name))
+        self.wait = wait
+        self.fd = None
+
+    def __enter__(self):
+        os.makedirs(locks_dir(), 0o700, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            return None
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def check_name(kind, name):
+    """Refuse names that could escape their directory or break a listing or a command line."""
+    if not name:
+        raise usage_error('%s name is empty' % kind)
+    if len(name.encode('utf-8')) > NAME_MAX:
+        raise usage_error("%s name '%s' is longer than %d bytes" % (kind, name[:NAME_MAX], NAME_MAX))
+    bad = [ch for ch in name if ord(ch) < 32 or ord(ch) == 127 or ch.isspace()
+           or ch in '/\\:,\'"`$*?[]{}<>|;&']
+    if bad or name.startswith('.') or name.startswith('-'):
+        raise usage_error("%s name '%s' is invalid (it may not start with '.' or '-' nor contain "
+                          "'/', ':', ',', spaces, quotes or shell characters)"
+                          % (kind, name.encode('unicode_escape').decode('ascii')))
+    return name
+
+
+def run(argv, check=True, input=None):
+    """Run an external command (argv list, never a shell); return its stdout text."""
+    import subprocess
+    debug('run %s', ' '.join(shell_quote(a) for a in argv))
+    try:
+        p = subprocess.Popen(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             universal_newlines=True)
+    except OSError as e:
+        raise CockerError('cannot run %s: %s' % (argv[0], e.strerror))
+    out, err = p.communicate(input)
+    if check and p.returncode != 0:
+        last = (err.strip().splitlines() or ['exit status %d' % p.returncode])[-1]
+        raise CockerError('%s failed: %s' % (' '.join(argv[:3]), last))
+    return out
+
+
+def shell_quote(s):
+    import shlex
+    return shlex.quote(s)
+
+
+def exit_status(wait_status):
+    """A process's exit code, or 128+signal when a signal ended it (as shells report it)."""
+    if os.WIFSIGNALED(wait_status):
+        return 128 + os.WTERMSIG(wait_status)
+    return os.WEXITSTATUS(wait_status)
+
+
+def close_fds_except(keep):
+    """Close every descriptor but those in `keep`: nothing of the CLI reaches a container."""
+    for name in os.listdir('/proc/self/fd'):
+        fd = int(name)
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def tree_size(path):
+    """Bytes of the regular files under path, by lstat (symlinks are not followed)."""
+    total = 0
+    stack = [path]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:
+            continue
+        for e in entries:
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+                elif e.is_file(follow_symlinks=False):
+                    total += e.stat(follow_symlinks=False).st_size
+            except OSError:
+                pass
+    return total
+
+
+def size_text(n):
+    """The C cocker's size text: integer units, strict 'greater than' thresholds."""
+    if n is None or n < 0:
+        return '(unknow)'
+    for unit, scale in (('GB', 1 << 30), ('MB', 1 << 20), ('KB', 1 << 10)):
+        if n > scale:
+            return '%d %s' % (n // scale, unit)
+    return '%d B' % n
+
+
+def remove_tree(path):
+    """Delete a directory tree, refusing if anything below it is still mounted."""
+    import shutil
+    if mounts_under(path):
+        raise CockerError("'%s' still has mounts below it, not removing it" % path)
+    shutil.rmtree(path)
+
+
+# =============================================================================
+# Image store
+# =============================================================================
+# HOME/images/NAME/VERSION/rlayer, VERSION '_' meaning "no version".  References are
+# NAME[:VERSION]; the highest version is chosen by numeric comparison, part by part.
+
+def parse_image_ref(ref):
+    """'name[:version]' -> (name, version or None), both checked."""
+    name, sep, version = ref.partition(':')
+    check_name('image', name)
+    if sep:
+        check_name('version', version)
+        return name, version
+    return name, None
+
+
+def version_key(version):
+    """Sort key: numeric parts compared as numbers; None for unversioned names like '_'."""
+    parts = []
+    for part in version.split('.'):
+        digits = ''
+        for ch in part:
+            if not ch.isdigit():
+                break
+            digits += ch
+        if not digits:
+            break
+        parts.append(int(digits))
+    if not parts:
+        return None
+    while len(parts) > 1 and parts[-1] == 0:
+        parts.pop()
+    return tuple(parts)
+
+
+def image_versions(name):
+    """Version directories of an image (temporary and hidden entries skipped)."""
+    try:
+        entries = os.listdir(os.path.join(images_dir(), name))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [v for v in entries if not v.startswith('.')
+            and os.path.isdir(os.path.join(images_dir(), name, v))]
+
+
+def highest_version(name):
+    """The numerically highest version of an image, else '_', else None."""
+    versions = image_versions(name)
+    numbered = [(version_key(v), v) for v in versions if version_key(v) is not None]
+    if numbered:
+        return max(numbered)[1]
+    if NO_VERSION in versions:
+        return NO_VERSION
+    return versions[0] if versions else None
+
+
+def resolve_image(ref, latest=True):
+    """'name[:ver]' -> (name, version) of an existing image with an rlayer directory."""
+    name, version = parse_image_ref(ref)
+    if version is None:
+        version = highest_version(name) if latest else NO_VERSION
+    if version is None or not os.path.isdir(os.path.join(image_dir(name, version), 'rlayer')):
+        raise CockerError("image '%s' not found" % ref)
+    return name, version
+
+
+def image_ref_text(name, version):
+    return name if version == NO_VERSION else '%s:%s' % (name, version)
+
+
+def split_list(text):
+    return [item for item in text.split(',') if item]
+
+
+# =============================================================================
+# Container store
+# =============================================================================
+# HOME/containers/NAME holds rwlayer, workdir, merged and one-value attribute files.  A
+# container is running while its monitor holds a flock on running.lock: the kernel drops it
+# when the monitor dies, so a kill -9 or a reboot can never leave a false RUNNING.
+
+def container_file(name, key):
+    return os.path.join(container_dir(name), key)
+
+
+def read_attr(name, key, default=None):
+    return read_small(container_file(name, key), default)
+
+
+def write_attr(name, key, value):
+    if value is None:
+        remove_file(container_file(name, key))
+    else:
+        write_small(container_file(name, key), value)
+
+
+def require_container(name):
+    check_name('container', name)
+    if not os.path.isdir(os.path.join(container_dir(name), 'rwlayer')):
+        raise CockerError("container '%s' not found" % name)
+    return name
+
+
+def list_containers():
+    try:
+        names = os.listdir(containers_dir())
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names
+                  if not n.startswith('.') and os.path.isdir(container_dir(n)))
+
+
+def monitor_alive(name):
+    """True while a monitor holds running.lock (or, for a C cocker container, its pid lives)."""
+    path = container_file(name, 'running.lock')
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        pid = read_pid(name)
+        return pid is not None and pid_alive(pid) and not os.path.exists(
+            container_file(name, 'layers'))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def read_pid(name, key='pid'):
+    text = read_attr(name, key)
+    try:
+        pid = int(text)
+    except (TypeError, ValueError):
+        return None
+    return pid if pid > 0 else None
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def container_status(name):
+    """'RUNNING', 'STOPED', or 'DEAD' (state left behind by a crash, to be repaired)."""
+    if monitor_alive(name):
+        return 'RUNNING'
+    if os.path.exists(container_file(name, 'pid')) or mounts_under(container_file(name, 'merged')):
+        return 'DEAD'
+    return 'STOPED'
+
+
+def repair_if_dead(name):
+    """Clean up after a container whose PID 1 or monitor died: called under its lock."""
+    if container_status(name) == 'DEAD':
+        debug('container %s died without cleaning up, repairing', name)
+        log('WARN', "container '%s' found dead, cleaning up its leftovers" % name)
+        teardown_container(name)
+
+
+def is_running(name):
+    repair_if_dead(name)
+    return container_status(name) == 'RUNNING'
+
+
+def require_stopped(name, what):
+    if is_running(name):
+        raise CockerError("container '%s' is running; %s only a stopped container" % (name, what))
+
+
+def require_running(name):
+    if not is_running(name):
+        raise CockerError("container '%s' is not running" % name)
+
+
+def parse_volume(text):
+    """'HOST[:CONTAINER[:ro]]' -> (host, container, readonly), both absolute."""
+    parts = text.split(':')
+    if len(parts) > 3 or (len(parts) == 3 and parts[2] not in ('ro', 'rw')):
+        raise usage_error("volume '%s' is invalid (expected HOST_PATH[:CONTAINER_PATH[:ro]])" % text)
+    host = parts[0]
+    inside = parts[1] if len(parts) > 1 and parts[1] else host
+    readonly = len(parts) == 3 and parts[2] == 'ro'
+    for path in (host, inside):
+        if not path.startswith('/') or '\n' in path or '\0' in path:
+            raise usage_error("volume '%s' is invalid (paths must be absolute)" % text)
+    return os.path.normpath(host), os.path.normpath(inside), readonly
+
+
+def volume_lines(volumes):
+    """The cp/volume file: one 'host:container[:ro]' per line, in command-line order."""
+    lines = []
+    for text in volumes:
+        host, inside, readonly = parse_volume(text)
+        lines.append('%s:%s%s' % (host, inside, ':ro' if readonly else ''))
+    return ''.join(line + '\n' for line in lines)
+
+
+def container_volumes(name):
+    text = read_attr(name, 'volume', '')
+    return [parse_volume(line) for line in text.splitlines() if line.strip()]
+
+
+def netns_name(name):
+    """nns<X>: X is the first 5 bytes of MD5(name) in upper-case hex (C cocker names)."""
+    import hashlib
+    return 'nns' + hashlib.md5(name.encode('utf-8')).hexdigest()[:10].upper()
+
+
+def generated_container_id(images):
+    """64 upper-case hex digits, as the C cocker names a container created without -c."""
+    import hashlib
+    seed = ('%s%.6f' % (images, time.time())).encode('utf-8')
+    return (hashlib.sha256(seed).hexdigest()).upper()
+
+
+def write_container(staging, o, name):
+    """Fill a new container directory from the create options."""
+    for sub in ('rwlayer', 'workdir', 'merged'):
+        os.mkdir(os.path.join(staging, sub), 0o755)
+    os.mkdir(os.path.join(staging, 'rwlayer', 'etc'), 0o755)
+
+    def put(key, value):
+        if value is not None:
+            write_small(os.path.join(staging, key), value)
+
+    put('image', o.image)
+    put('layers', o.layers)
+    put('hostname', o.host or name)
+    put('net', o.net)
+    if o.net in ('BRIDGE', 'CUSTOM'):
+        put('netns', netns_name(name))
+    if o.net == 'BRIDGE':
+        put('vip', o.vip)
+        put('port_mapping', o.port_mapping)
+    if o.volumes:
+        put('volume', volume_lines(o.volumes))
+
+
+def create_container(o, name):
+    """Make C/NAME atomically: built in a hidden staging directory, renamed when complete."""
+    final = container_dir(name)
+    if os.path.lexists(final):
+        raise CockerError("container '%s' exist" % name)
+    staging = os.path.join(containers_dir(), '.%s.creating.%d' % (name, os.getpid()))
+    os.mkdir(staging, 0o700)
+    try:
+        write_container(staging, o, name)
+        os.rename(staging, final)
+    except BaseException:
+        remove_tree(staging)
+        raise
+    debug('created container directory %s', final)
+
+
+def remove_stale_staging():
+    """Remove half-created or half-destroyed container directories left by a crash."""
+    try:
+        names = os.listdir(containers_dir())
+    except FileNotFoundError:
+        return
+    for n in names:
+        if n.startswith('.') and ('.creating.' in n or '.destroying.' in n):
+            pid = n.rsplit('.', 1)[-1]
+            if pid.isdigit() and pid_alive(int(pid)):
+                continue
+            try:
+                remove_tree(os.path.join(containers_dir(), n))
+            except (OSError, CockerError):
+                pass
+
+
+def container_layers(name):
+    """rlayer paths, bottom first.  Pinned at create (cp/layers) so that importing a newer
+    version never changes the layers under an existing container; C cocker containers have
+    only cp/image, which is resolved once and then pinned."""
+    pinned = read_attr(name, 'layers')
+    if pinned is None:
+        image = read_attr(name, 'image')
+        if image is None:
+            return []
+        pinned = ','.join('%s:%s' % resolve_image(ref) for ref in split_list(image))
+        write_attr(name, 'layers', pinned)
+    return [os.path.join(image_dir(*resolve_image(ref)), 'rlayer') for ref in split_list(pinned)]
+
+
+# =============================================================================
+# Mounts and the container root
+# =============================================================================
+# The overlay root is mounted on cp/merged in the host's namespace, so the host sees the
+# container's files while it runs; everything else (volumes, /proc, /dev) is mounted only
+# in the container's private mount namespace and vanishes with it.
+
+def mounts_under(path):
+    """Mount points at or below path, deepest first (from /proc/self/mountinfo)."""
+    path = os.path.realpath(path)
+    prefix = path.rstrip('/') + '/'
+    found = []
+    try:
+        with open('/proc/self/mountinfo', 'rb') as f:
+            for line in f:
+                point = decode_mount_path(line.split(b' ', 5)[4])
+                if point == path or point.startswith(prefix):
+                    found.append(point)
+    except OSError:
+        return []
+    return sorted(set(found), key=len, reverse=True)
+
+
+def decode_mount_path(raw):
+    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
+    out = bytearray()
+    i = 0
+    while i < len(raw):
+        if raw[i:i + 1] == b'\\' and raw[i + 1:i + 4].isdigit():
+            out.append(int(raw[i + 1:i + 4], 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return os.fsdecode(bytes(out))
+
+
+def mount_root(name, layers):
+    """Mount the container's root on cp/merged: overlay of the layers, or the rwlayer alone."""
+    cp = container_dir(name)
+    merged = os.path.join(cp, 'merged')
+    os.makedirs(merged, exist_ok=True)
+    if layers:
+        for layer in layers:
+            if ':' in layer or ',' in layer:
+                raise CockerError("layer path '%s' contains ':' or ','" % layer)
+        data = 'lowerdir=%s,upperdir=%s,workdir=%s' % (
+            ':'.join(reversed(layers)), os.path.join(cp, 'rwlayer'), os.path.join(cp, 'workdir'))
+        if len(data) > 4000:
+            raise CockerError('too many image layers for one overlay mount')
+        os.makedirs(os.path.join(cp, 'workdir'), exist_ok=True)
+        mount('overlay', merged, 'overlay', 0, data)
+    else:
+        mount(os.path.join(cp, 'rwlayer'), merged, None, MS_BIND)
+    # keep it out of other namespaces' propagation groups: it is this container's alone
+    mount(None, merged, None, MS_PRIVATE)
+    debug('mounted root on %s', merged)
+
+
+def unmount_root(name):
+    """Unmount everything at or below cp/merged.  Safe to run twice and after a crash."""
+    for point in mounts_under(container_file(name, 'merged')):
+        try:
+            umount2(point, MNT_DETACH)
+            debug('unmounted %s', point)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOENT):
+                raise
+
+
+def open_in_root(root_fd, path, make_dir=True):
+    """Resolve `path` as a process chrooted at root_fd would, creating what is missing;
+    return an O_PATH descriptor.  A symlink in the image can therefore never point a mount
+    at a host path (CVE-2021-30465)."""
+    parts = [p for p in path.split('/') if p]
+    fd = os.dup(root_fd)
+    stack = [fd]            # descriptors of the directories walked, for '..'
+    links = 0
+    try:
+        while parts:
+            part = parts.pop(0)
+            if part == '.':
+                continue
+            if part == '..':
+                if len(stack) > 1:
+                    os.close(stack.pop())
+                continue
+            cur = stack[-1]
+            try:
+                st = os.stat(part, dir_fd=cur, follow_symlinks=False)
+            except FileNotFoundError:
+                if parts or make_dir:
+                    os.mkdir(part, 0o755, dir_fd=cur)
+                else:
+                    os.close(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                     0o644, dir_fd=cur))
+                st = os.stat(part, dir_fd=cur, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                links += 1
+                if links > 40:
+                    raise OSError(errno.ELOOP, 'too many symlinks', path)
+                target = os.readlink(part, dir_fd=cur)
+                if target.startswith('/'):
+                    while len(stack) > 1:
+                        os.close(stack.pop())
+                parts = [p for p in target.split('/') if p] + parts
+                continue
+            if parts and not stat.S_ISDIR(st.st_mode):
+                raise OSError(errno.ENOTDIR, 'not a directory', path)
+            stack.append(os.open(part, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur))
+        result = stack.pop()
+        return result
+    finally:
+        for d in stack:
+            os.close(d)
+
+
+def bind_volumes(name, merged):
+    """Bind each volume onto its target resolved inside the container root."""
+    root_fd = os.open(merged, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for host, inside, readonly in container_volumes(name):
+            if not os.path.exists(host):
+                raise CockerError("volume source '%s' not found" % host)
+            target = open_in_root(root_fd, inside, make_dir=os.path.isdir(host))
+            try:
+                where = '/proc/self/fd/%d' % target
+                mount(host, where, None, MS_BIND | MS_REC)
+                if readonly:
+                    mount(None, where, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+            finally:
+                os.close(target)
+            debug('volume %s on %s', host, inside)
+    finally:
+        os.close(root_fd)
+
+
+def mount_proc(merged):
+    """A fresh /proc for the new pid namespace."""
+    target = os.path.join(merged, 'proc')
+    if os.path.islink(target):
+        raise CockerError('/proc in the image is a symlink')
+    os.makedirs(target, exist_ok=True)
+    mount('proc', target, 'proc', MS_NOSUID | MS_NODEV | MS_NOEXEC)
+
+
+def mount_dev(merged):
+    """A minimal /dev on tmpfs with a private devpts; returns the console's pty master."""
+    dev = os.path.join(merged, 'dev')
+    if os.path.islink(dev):
+        raise CockerError('/dev in the image is a symlink')
+    os.makedirs(dev, exist_ok=True)
+    mount('tmpfs', dev, 'tmpfs', MS_NOSUID | MS_NOEXEC, 'mode=755,size=65536k')
+    for node, major, minor, mode in DEVICES:
+        path = os.path.join(dev, node)
+        os.mknod(path, stat.S_IFCHR | mode, os.makedev(major, minor))
+        os.chmod(path, mode)
+    for link, target in DEV_LINKS:
+        os.symlink(target, os.path.join(dev, link))
+    os.mkdir(os.path.join(dev, 'pts'), 0o755)
+    mount('devpts', os.path.join(dev, 'pts'), 'devpts', MS_NOSUID | MS_NOEXEC,
+          'newinstance,ptmxmode=0666,mode=0620,gid=5')
+    os.mkdir(os.path.join(dev, 'shm'), 0o1777)
+    mount('shm', os.path.join(dev, 'shm'), 'tmpfs', MS_NOSUID | MS_NODEV | MS_NOEXEC,
+          'mode=1777,size=65536k')
+    os.mkdir(os.path.join(dev, 'mqueue'), 0o755)
+    # /dev/console is a pty of the container's own devpts; cockerinit logs what it shows
+    master = os.open(os.path.join(dev, 'pts', 'ptmx'), os.O_RDWR | os.O_NOCTTY)
+    fcntl.ioctl(master, TIOCSPTLCK, struct.pack('i', 0))
+    number = struct.unpack('I', fcntl.ioctl(master, TIOCGPTN, b'\0\0\0\0'))[0]
+    console = os.path.join(dev, 'console')
+    os.close(os.open(console, os.O_WRONLY | os.O_CREAT, 0o600))
+    mount(os.path.join(dev, 'pts', str(number)), console, None, MS_BIND)
+    return master
+
+
+# =============================================================================
+# Network
+# =============================================================================
+# HOST shares the host's network.  CUSTOM and BRIDGE (named netns nns<X>, veth pairs, the
+# cocker0 bridge, NAT and port mappings) are parsed and stored now and come with their own
+# issue; setup_network/teardown_network are the hooks the boot sequence already calls.
+
+def check_network_supported(name):
+    net = read_attr(name, 'net', 'HOST') or 'HOST'
+    if net != 'HOST':
+        raise CockerError("network model '%s' of container '%s' is not available in this "
+                          "version; use --net HOST" % (net, name))
+
+
+def setup_network(name):
+    """Host side of the container's network before it boots (HOST: nothing to do)."""
+    check_network_supported(name)
+
+
+def teardown_network(name):
+    """Undo setup_network; safe after a crash (HOST: nothing to do)."""
+
+
+def enter_network(name):
+    """In the boot child: join the container's network namespace (HOST: stay)."""
+
+
+# =============================================================================
+# Cgroups
+# =============================================================================
+# --cpus, --cpu-quota, --mem-limit and --pids-limit are recorded per container now; their
+# enforcement (cgroup v1 and v2) comes with its own issue through these hooks.
+
+LIMITS = (('cpus', 'cpus'), ('cpu_quota', 'cpu_quota'), ('mem_limit', 'mem_limit'),
+          ('pids_limit', 'pids_limit'))
+
+
+def record_limits(name, o):
+    """Store the limits given on this command line; later boots reuse them."""
+    for option, key in LIMITS:
+        value = getattr(o, option)
+        if value is not None:
+            write_attr(name, key, value)
+
+
+def setup_cgroups(name):
+    """Create the container's cgroups before its first process runs (own issue)."""
+
+
+def teardown_cgroups(name):
+    """Remove the container's cgroups (own issue)."""
+
+
+# =============================================================================
+# Boot sequence
+# =============================================================================
+# cocker boot (under the container lock) mounts the root, then forks the monitor:
+#   monitor: setsid, holds running.lock, unshare(CLONE_NEWPID), fork -> PID 1, copies
+#            cockerinit's log, waits for PID 1, tears everything down, exits.
+#   PID 1:   unshare mount/uts/ipc, private propagation, hostname, volumes, /proc, /dev,
+#            then exec cockerinit.py with the host's interpreter; cockerinit pivots into
+#            the root, drops capabilities and reports READY on the ready pipe.
+# The CLI prints OK only after READY, so a failed boot is reported, and undone, at once.
+
+def cockerinit_path():
+    """cockerinit.py beside this file (a plain copy or a pip install puts it there)."""
+    here = os.path.dirname(os.path.realpath(__file__))
+    for candidate in (os.path.join(here, 'cockerinit.py'), os.path.join(here, 'cockerinit')):
+        if os.path.isfile(candidate):
+            with open(candidate, 'rb') as f:
+                if b'cockerinit' in f.read(4096):
+                    return candidate
+    raise CockerError("cockerinit.py not found beside %s" % os.path.realpath(__file__))
+
+
+def start_container(name, exec_cmd=None):
+    """Boot a stopped container; return when cockerinit serves, or raise with the cause."""
+    import select
+    setup_network(name)
+    layers = container_layers(name)
+    init = cockerinit_path()
+    mount_root(name, layers)
+    monitor = None
+    try:
+        ready_r, ready_w = os.pipe()
+        monitor = os.fork()
+        if monitor == 0:
+            os.close(ready_r)
+            run_monitor(name, init, exec_cmd, ready_w)      # never returns
+        os.close(ready_w)
+        deadline = time.time() + BOOT_TIMEOUT
+        answer = b''
+        while time.time() < deadline:
+            if not select.select([ready_r], [], [], max(0.0, deadline - time.time()))[0]:
+                break
+            chunk = os.read(ready_r, 4096)
+            if not chunk:
+                break
+            answer += chunk
+        os.close(ready_r)
+        if not answer.startswith(READY):
+            message = answer.decode('utf-8', 'replace').strip()
+            raise CockerError(message or "container '%s' exited while booting, see %s"
+                              % (name, container_file(name, 'cockerinit.log')))
+        debug('cockerinit of %s is ready', name)
+    except BaseException:
+        if monitor:
+            stop_monitor(name, monitor)
+        teardown_container(name)
+        raise
+
+
+def stop_monitor(name, pid, sig=15, timeout=STOP_TIMEOUT + 5):
+    """Signal the monitor, wait for it to finish its cleanup, kill it after `timeout`."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return
+    deadline = time.time() + timeout
+    while time.time() < deadline and monitor_alive(name):
+        reap_if_child(pid)
+        time.sleep(0.02)
+    if monitor_alive(name):
+        debug('monitor %d did not stop within %ds, killing it', pid, timeout)
+        init_pid = read_pid(name, 'init_pid')
+        for p in (init_pid, pid):
+            if p:
+                try:
+                    os.kill(p, 9)
+                except ProcessLookupError:
+                    pass
+        while monitor_alive(name):
+            reap_if_child(pid)
+            time.sleep(0.02)
+    reap_if_child(pid)
+
+
+def reap_if_child(pid):
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def teardown_container(name):
+    """Release everything a running container holds.  Idempotent; every step is tried."""
+    problems = []
+    for step in (teardown_network, teardown_cgroups, unmount_root):
+        try:
+            step(name)
+        except (OSError, CockerError) as e:
+            problems.append(e)
+            log('ERROR', 'teardown of %s: %s: %s' % (name, step.__name__, e))
+    for key in ('pid', 'init_pid', 'cocker.sock'):
+        remove_file(container_file(name, key))
+    if problems:
+        e = problems[0]
+        raise CockerError('cleaning up container %s: %s' % (
+            name, describe_oserror(e) if isinstance(e, OSError) else e.message))
+
+
+def run_monitor(name, init, exec_cmd, ready_w):
+    """The monitor process: never returns."""
+    status = 1
+    try:
+        os.setsid()
+        devnull = os.open('/dev/null', os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        close_fds_except({0, 1, 2, ready_w})
+        prctl(PR_SET_NAME, b'cocker-monitor')
+        running = os.open(container_file(name, 'running.lock'),
+                          os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(running, fcntl.LOCK_EX)
+        write_attr(name, 'pid', str(os.getpid()))
+        status = monitor_container(name, init, exec_cmd, ready_w)
+    except BaseException as e:
+        try:
+            text = e.message if isinstance(e, CockerError) else describe_oserror(e) \
+                if isinstance(e, OSError) else '%s: %s' % (type(e).__name__, e)
+            os.write(ready_w, text.encode('utf-8', 'replace'))
+        except (OSError, ValueError):
+            pass
+    finally:
+        try:
+            teardown_container(name)
+        except BaseException as e:
+            log('ERROR', 'monitor of %s: %s' % (name, getattr(e, 'message', e)))
+        os._exit(status)
+
+
+def monitor_container(name, init, exec_cmd, ready_w):
+    """Fork PID 1 in new namespaces, copy its log, wait for it; return its exit status."""
+    import signal
+    log_r, log_w = os.pipe()
+    alive_r, alive_w = os.pipe()
+    host_pidns = os.open('/proc/self/ns/pid', os.O_RDONLY | os.O_CLOEXEC)
+    unshare(CLONE_NEWPID)
+    init_pid = os.fork()
+    if init_pid == 0:
+        boot_child(name, init, exec_cmd, ready_w, log_w, alive_r)     # never returns
+    # our own later children (ip, iptables at teardown) belong to the host's pid namespace
+    setns(host_pidns, CLONE_NEWPID)
+    for fd in (host_pidns, log_w, alive_r, ready_w):
+        os.close(fd)
+    write_attr(name, 'init_pid', str(init_pid))
+
+    def stop(signum, frame):
+        signal.alarm(STOP_TIMEOUT)
+        try:
+            os.kill(init_pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    def force(signum, frame):
+        try:
+            os.kill(init_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGALRM, force)
+    log_file = container_file(name, 'cockerinit.log')
+    while True:         # cockerinit (and a -e command) write here; EOF once PID 1 is gone
+        chunk = os.read(log_r, 65536)
+        if not chunk:
+            break
+        try:
+            append_log(log_file, chunk)
+        except OSError:
+            pass
+    _, wait_status = os.waitpid(init_pid, 0)
+    status = exit_status(wait_status)
+    signal.alarm(0)
+    write_attr(name, 'exit_status', str(status))
+    log('INFO', "container '%s' stopped, PID 1 exit status %d" % (name, status))
+    os.close(alive_w)
+    return 0
+
+
+def boot_child(name, init, exec_cmd, ready_w, log_w, alive_r):
+    """PID 1 of the new pid namespace, before it becomes cockerinit: never returns."""
+    import json
+    try:
+        prctl(PR_SET_PDEATHSIG, 9)       # the monitor's death takes the container with it
+        merged = container_file(name, 'merged')
+        unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC)
+        # nothing mounted from here on may propagate back to the host
+        mount(None, '/', None, MS_REC | MS_PRIVATE)
+        enter_network(name)
+        sethostname(read_attr(name, 'hostname') or name)
+        bind_volumes(name, merged)
+        mount_proc(merged)
+        console = mount_dev(merged)
+        setup_cgroups(name)
+        # (hardening issue: masked /proc paths, read-only /sys, device list, seccomp go here)
+        fds = {'ready': ready_w, 'log': log_w, 'alive': alive_r, 'console': console}
+        for fd in fds.values():
+            os.set_inheritable(fd, True)
+        config = {'root': merged, 'sockdir': container_dir(name), 'exec': exec_cmd,
+                  'hostname': read_attr(name, 'hostname') or name}
+        config.update(('%s_fd' % k, v) for k, v in fds.items())
+        env = {'PATH': '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin',
+               'LC_ALL': 'C.UTF-8', 'COCKER_ALIVE_PIPE': str(alive_r),
+               'COCKER_INIT': json.dumps(config)}
+        os.dup2(log_w, 1)
+        os.dup2(log_w, 2)
+        close_fds_except({0, 1, 2} | set(fds.values()))
+        os.execve(sys.executable, [sys.executable, '-I', '-S', init, '--container', name], env)
+    except BaseException as e:
+        text = e.message if isinstance(e, CockerError) else describe_oserror(e) \
+            if isinstance(e, OSError) else '%s: %s' % (type(e).__name__, e)
+        try:
+            os.write(ready_w, ('boot %s: %s' % (name, text)).encode('utf-8', 'replace'))
+        except OSError:
+            pass
+    os._exit(1)
+
+
+# =============================================================================
+# Talking to cockerinit
+# =============================================================================
+# Frames on the control socket: 1 type byte, 4-byte big-endian length, payload.
+#   client -> init: R request (JSON), I input bytes, C input closed, W window size (4 x u16)
+#   init -> client: O stdout bytes, E stderr bytes, X exit status (JSON), M error text
+
+FRAME = struct.Struct('>cI')
+FRAME_MAX = 1 << 20
+
+
+def send_frame(sock, kind, payload=b''):
+    sock.sendall(FRAME.pack(kind, len(payload)) + payload)
+
+
+def split_frames(buf):
+    """Complete frames at the start of buf -> ([(kind, payload)], rest)."""
+    frames = []
+    while len(buf) >= FRAME.size:
+        kind, size = FRAME.unpack_from(buf)
+        if size > FRAME_MAX:
+            raise CockerError('protocol error from cockerinit')
+        if len(buf) < FRAME.size + size:
+            break
+        frames.append((kind, bytes(buf[FRAME.size:FRAME.size + size])))
+        buf = buf[FRAME.size + size:]
+    return frames, buf
+
+
+def connect_container(name):
+    """A connected socket to the container's cockerinit."""
+    import socket
+    require_running(name)
+    # bind/connect go through /proc/self/fd so that a long COCKER_HOME never hits the
+    # 108-byte limit of a socket path
+    dfd = os.open(container_dir(name), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect('/proc/self/fd/%d/cocker.sock' % dfd)
+    except OSError as e:
+        sock.close()
+        raise CockerError("cannot connect to container '%s': %s" % (name, e.strerror))
+    finally:
+        os.close(dfd)
+    return sock
+
+
+def window_size(fd):
+    import termios
+    try:
+        return struct.unpack('HHHH', fcntl.ioctl(fd, termios.TIOCGWINSZ, b'\0' * 8))
+    except OSError:
+        return (24, 80, 0, 0)
+
+
+def session(name, request, stdin_fd=None, tty=False):
+    """Run one attach or run session; relay until cockerinit reports the exit status."""
+    import json
+    import select
+    import signal
+    sock = connect_container(name)
+    send_frame(sock, b'R', json.dumps(request).encode('utf-8'))
+    out = sys.stdout.buffer
+    err = sys.stderr.buffer
+    resized = []
+    if tty:
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGWINCH, lambda s, f: resized.append(1))
+    else:
+        wake_r = None
+    buf = b''
+    status = EXIT_FAILED
+    readers = [sock] + ([stdin_fd] if stdin_fd is not None else []) + ([wake_r] if wake_r else [])
+    try:
+        while True:
+            try:
+                ready = select.select(readers, [], [])[0]
+            except InterruptedError:
+                continue
+            if wake_r in ready:
+                try:
+                    os.read(wake_r, 64)
+                except BlockingIOError:
+                    pass
+                if resized:
+                    del resized[:]
+                    send_frame(sock, b'W', struct.pack('>HHHH', *window_size(stdin_fd)))
+            if stdin_fd is not None and stdin_fd in ready:
+                data = os.read(stdin_fd, 65536)
+                if data:
+                    send_frame(sock, b'I', data)
+                else:
+                    send_frame(sock, b'C')
+                    readers.remove(stdin_fd)
+            if sock in ready:
+                data = sock.recv(65536)
+                if not data:
+                    raise CockerError("container '%s' closed the session" % name)
+                frames, buf = split_frames(buf + data)
+                for kind, payload in frames:
+                    if kind == b'O':
+                        out.write(payload)
+                        out.flush()
+                    elif kind == b'E':
+                        err.write(payload)
+                        err.flush()
+                    elif kind == b'M':
+                        raise CockerError(payload.decode('utf-8', 'replace'))
+                    elif kind == b'X':
+                        status = json.loads(payload.decode('utf-8'))['status']
+                        return status
+    finally:
+        sock.close()
+        if wake_r is not None:
+            signal.set_wakeup_fd(-1)
+
+
+def run_in_container(name, cmd):
+    """-a run: stdout and stderr kept apart, the command's exit status returned."""
+    stdin_fd = None
+    if not os.isatty(0):
+        try:
+            os.fstat(0)
+            stdin_fd = 0
+        except OSError:
+            stdin_fd = None
+    request = {'tty': False, 'cmd': cmd, 'stdin': stdin_fd is not None}
+    return session(name, request, stdin_fd=stdin_fd)
+
+
+def attach_container(name):
+    """-a attach: a login shell on a new pty; the terminal is raw until it ends."""
+    import termios
+    import tty
+    if not os.isatty(0):
+        raise CockerError('attach needs a terminal on stdin (use -a run for scripts)')
+    rows, cols, xpix, ypix = window_size(0)
+    request = {'tty': True, 'cmd': None, 'term': os.environ.get('TERM', 'xterm'),
+               'rows': rows, 'cols': cols, 'xpix': xpix, 'ypix': ypix}
+    saved = termios.tcgetattr(0)
+    sock_check = connect_container(name)        # fail before touching the terminal
+    sock_check.close()
+    say('connect to container ok')
+    tty.setraw(0)
+    try:
+        return session(name, request, stdin_fd=0, tty=True)
+    finally:
+        termios.tcsetattr(0, termios.TCSAFLUSH, saved)
+
+
+# =============================================================================
+# Test image
+# =============================================================================
+# -a install_test: a small image made of this host's own binaries and the libraries ldd
+# finds for them, like shbin/cocker_install_test.sh of the C cocker.
+
+TEST_BINARIES = (
+    'bash tty which locale env ls cat echo cp mv rm pwd mkdir rmdir clear ps grep more id '
+    'uname hostname vi vim awk sed tr file ldd top netstat ping telnet ssh nc mount umount '
+    'sh sleep true false head tail wc kill sort uniq touch chmod chown ln xargs date dd '
+    'readlink stat find less du df cut tee expr basename dirname seq test yes printf nohup '
+    'timeout md5sum sha256sum diff tar gzip free pkill pgrep uptime whoami').split()
+TEST_SBINARIES = 'ifconfig route ip iptables'.split()
+SEARCH_PATH = ('/usr/local/bin', '/usr/bin', '/bin', '/usr/sbin', '/sbin')
+TEST_PROFILE = ('set -o vi\nexport PATH=.:/bin:/sbin:/usr/bin:/usr/sbin:/usr/local/bin\n'
+                'export TERM=${TERM:-xterm}\necho "--- Welcome to cocker contrainer ---"\necho ""\n')
+TEST_ROOT_PROFILE = (
+    'export PATH=.:/bin:/sbin:/usr/bin:/usr/sbin:/usr/local/bin:/usr/local/sbin\n'
+    "alias l='ls -l'\nalias ll='ls -lF'\nalias lf='ls -F'\nalias lrt='ls -lrt'\n"
+    "alias rm='rm -i'\nalias mv='mv -i'\nalias cp='cp -i'\nalias view='vi -R'\n"
+    "set -o vi\nPS1='[\\u@\\h $PWD] '\n")
+
+
+def find_binary(name):
+    for d in SEARCH_PATH:
+        p = os.path.join(d, name)
+        if os.path.isfile(p) and os.access(p, os.X_OK):
+            return p
+    return None
+
+
+def copy_with_libraries(binaries, root):
+    """Copy each (host path, image path) and every library ldd lists, keeping host paths."""
+    import shutil
+    needed = set()
+    for src, dst in binaries:
+        target = os.path.join(root, dst.lstrip('/'))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy2(os.path.realpath(src), target)
+        out = run(['ldd', src], check=False)
+        for line in out.splitlines():
+            for word in line.split():
+                if word.startswith('/') and '(' not in word:
+                    needed.add(word)
+    for lib in sorted(needed):
+        target = os.path.join(root, lib.lstrip('/'))
+        if not os.path.exists(target):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copy2(os.path.realpath(lib), target)
+
+
+def build_test_rootfs(root):
+    """Fill an empty directory with the test image's files."""
+    for d in ('bin', 'sbin', 'etc', 'root', 'dev', 'proc', 'sys', 'mnt/cdrom', 'var/log',
+              'tmp', 'usr/local/bin', 'usr/share'):
+        os.makedirs(os.path.join(root, d), 0o755, exist_ok=True)
+    os.chmod(os.path.join(root, 'tmp'), 0o1777)
+    os.chmod(os.path.join(root, 'root'), 0o700)
+    for d in ('usr/bin', 'usr/sbin'):
+        os.symlink('../' + d.split('/')[1], os.path.join(root, d))
+    binaries = []
+    for names, sub in ((TEST_BINARIES, 'bin'), (TEST_SBINARIES, 'sbin')):
+        for n in names:
+            p = find_binary(n)
+            if p:
+                binaries.append((p, '/%s/%s' % (sub, n)))
+    copy_with_libraries(binaries, root)
+    for src in ('/usr/share/terminfo', '/lib/terminfo'):
+        dst = os.path.join(root, src.lstrip('/'))
+        if os.path.isdir(src) and not os.path.exists(dst):
+            import shutil
+            shutil.copytree(src, dst, symlinks=True)
+    files = {
+        'etc/passwd': 'root:x:0:0:root:/root:/bin/bash\nnobody:x:65534:65534:nobody:/:/bin/false\n',
+        'etc/group': 'root:x:0:\ntty:x:5:\nnogroup:x:65534:\n',
+        'etc/profile': TEST_PROFILE,
+        'etc/hosts': '127.0.0.1 localhost\n',
+        'root/.profile': TEST_ROOT_PROFILE,
+        'root/tpl.txt': '{ "leaf":"${LEAF}" }\n',
+    }
+    for path, text in files.items():
+        with open(os.path.join(root, path), 'w') as f:
+            f.write(text)
+
+
+# =============================================================================
+# Actions
+# =============================================================================
+# One function per -a word.  Each returns the exit status; failures raise CockerError.
+
+def action_install_test(o):
+    """Build the test image 'test' from this host's binaries."""
+    version = o.version or NO_VERSION
+    check_name('version', version)
+    with locked('image', 'test'):
+        final = image_dir('test', version)
+        if os.path.exists(final) and not o.force:
+            raise CockerError("image '%s' exist (add -f to rebuild it)"
+                              % image_ref_text('test', version))
+        os.makedirs(os.path.join(images_dir(), 'test'), exist_ok=True)
+        staging = os.path.join(images_dir(), 'test', '.%s.installing.%d' % (version, os.getpid()))
+        os.makedirs(os.path.join(staging, 'rlayer'))
+        try:
+            build_test_rootfs(os.path.join(staging, 'rlayer'))
+            if os.path.exists(final):
+                old = staging + '.old'
+                os.rename(final, old)
+                os.rename(staging, final)
+                remove_tree(old)
+            else:
+                os.rename(staging, final)
+        except BaseException:
+            if os.path.exists(staging):
+                remove_tree(staging)
+            raise
+    say('OK')
+    return EXIT_OK
+
+
+def action_create(o):
+    """Create a container from one or more stacked images (first is lowest)."""
+    if o.vip is not None and o.net != 'BRIDGE':
+        debug('--vip is ignored for --net %s', o.net)
+    refs = split_list(o.image)
+    if not refs:
+        raise usage_error("expect '--image' with action '-a create'")
+    resolved = [resolve_image(ref) for ref in refs]
+    o.layers = ','.join('%s:%s' % (n, v) for n, v in resolved)
+    name = o.container or resolved[-1][0]
+    check_name('container', name)
+    if o.host is not None:
+        check_hostname(o.host)
+    for v in o.volumes:
+        parse_volume(v)
+    with locked('container', name):
+        remove_stale_staging()
+        create_container(o, name)
+        log('INFO', "created container '%s' from '%s'" % (name, o.image))
+        if not o.boot:
+            say('OK')
+            return EXIT_OK
+        record_limits(name, o)
+        try:
+            start_container(name, o.exec_cmd)
+        except BaseException:
+            remove_tree(container_dir(name))
+            raise
+    return after_boot(name, o)
+
+
+def check_hostname(host):
+    if not host or len(host) > 64 or any(ord(ch) < 33 or ord(ch) == 127 for ch in host):
+        raise usage_error("hostname '%s' is invalid" % host)
+
+
+def after_boot(name, o):
+    if o.attach:
+        return attach_container(name)
+    say('OK')
+    return EXIT_OK
+
+
+def action_boot(o):
+    """Start a stopped container."""
+    name = require_container(o.container)
+    with locked('container', name):
+        require_container(name)
+        if is_running(name):
+            raise CockerError("container '%s' is already running" % name)
+        record_limits(name, o)
+        start_container(name, o.exec_cmd)
+        log('INFO', "booted container '%s'" % name)
+    return after_boot(name, o)
+
+
+def action_attach(o):
+    """Open a login shell in a running container."""
+    name = require_container(o.container)
+    return attach_container(name)
+
+
+def action_run(o):
+    """Run a command in a running container; exit with its status."""
+    name = require_container(o.container)
+    return run_in_container(name, o.cmd)
+
+
+def stop_container(name, sig, force=False):
+    """Stop a running container with SIGTERM (shutdown) or SIGKILL (kill) and clean up."""
+    if not is_running(name):
+        if force:
+            teardown_container(name)
+            return
+        raise CockerError("container '%s' is not running" % name)
+    monitor = read_pid(name)
+    if sig == 9:
+        init_pid = read_pid(name, 'init_pid')
+        if init_pid:
+            try:
+                os.kill(init_pid, 9)
+            except ProcessLookupError:
+                pass
+    if monitor:
+        stop_monitor(name, monitor, sig=15)
+    teardown_container(name)
+
+
+def action_shutdown(o):
+    """Stop a container: SIGTERM to every process, SIGKILL after a grace period."""
+    name = require_container(o.container)
+    with locked('container', name):
+        stop_container(name, 15, o.force)
+        log('INFO', "shut down container '%s'" % name)
+    say('OK')
+    return EXIT_OK
+
+
+def action_kill(o):
+    """Kill a container at once."""
+    name = require_container(o.container)
+    with locked('container', name):
+        stop_container(name, 9, o.force)
+        log('INFO', "killed container '%s'" % name)
+    say('OK')
+    return EXIT_OK
+
+
+def action_destroy(o):
+    """Remove a stopped container and everything it wrote (-h stops it first)."""
+    name = require_container(o.container)
+    with locked('container', name):
+        require_container(name)
+        if is_running(name):
+            if not o.shutdown:
+                raise CockerError("container '%s' is running (add -h to stop it first)" % name)
+            stop_container(name, 15, o.force)
+        teardown_container(name)
+        # rename first: the container disappears at once, a crash leaves only hidden rubbish
+        doomed = os.path.join(containers_dir(), '.%s.destroying.%d' % (name, os.getpid()))
+        os.rename(container_dir(name), doomed)
+        remove_tree(doomed)
+        log('INFO', "destroyed container '%s'" % name)
+    say('OK')
+    return EXIT_OK
+
+
+def action_volume(o):
+    """Replace the volume list of a stopped container."""
+    name = require_container(o.container)
+    text = volume_lines(o.volumes)
+    with locked('container', name):
+        require_stopped(name, 'volumes can be changed on')
+        write_attr(name, 'volume', text)
+    say('OK')
+    return EXIT_OK
+
+
+def action_vip(o):
+    """Change the VIP of a stopped container (used from its next boot)."""
+    name = require_container(o.container)
+    with locked('container', name):
+        require_stopped(name, 'the VIP can be changed on')
+        write_attr(name, 'vip', o.vip)
+    say('OK')
+    return EXIT_OK
+
+
+def action_port_mapping(o):
+    """Change the port mappings of a stopped container (used from its next boot)."""
+    name = require_container(o.container)
+    with locked('container', name):
+        require_stopped(name, 'port mappings can be changed on')
+        write_attr(name, 'port_mapping', o.port_mapping)
+    say('OK')
+    return EXIT_OK
+
+
+ACTIONS = {
+    'install_test': action_install_test,
+    'create': action_create,
+    'boot': action_boot,
+    'attach': action_attach,
+    'run': action_run,
+    'shutdown': action_shutdown,
+    'kill': action_kill,
+    'destroy': action_destroy,
+    'volume': action_volume,
+    'vip': action_vip,
+    'port_mapping': action_port_mapping,
+}
+
+
+# =============================================================================
+# Listings
+# =============================================================================
+# The columns and widths of the C cocker: runbooks parse them.
+
+def show_images(o):
+    """List images and their versions."""
+    rows = []
+    try:
+        names = sorted(n for n in os.listdir(images_dir()) if not n.startswith('.'))
+    except FileNotFoundError:
+        names = []
+    for name in names:
+        versions = image_versions(name)
+        versions.sort(key=lambda v: (version_key(v) is not None, version_key(v) or (), v))
+        for version in versions:
+            path = image_dir(name, version)
+            mtime = time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(os.stat(path).st_mtime))
+            rows.append('%-30s %-10s %-19s %s' % (name, version, mtime,
+                                                 size_text(tree_size(os.path.join(path, 'rlayer')))))
+    if rows:
+        say('%-30s %-10s %-19s %-10s' % ('image_id', 'version', 'modify_datetime', 'size'))
+        say('-' * 68)
+        for row in rows:
+            say(row)
+    return EXIT_OK
+
+
+def show_containers(o):
+    """List containers with their status: RUNNING(pid) or STOPED."""
+    rows = []
+    for name in list_containers():
+        status = container_status(name)
+        if status == 'DEAD':
+            with locked('container', name, wait=False) as held:
+                if held:
+                    repair_if_dead(name)
+            status = container_status(name)
+        if status == 'RUNNING':
+            status = 'RUNNING(%s)' % (read_attr(name, 'pid') or '')
+        elif status == 'DEAD':
+            status = 'STOPED'
+        rows.append('%-20s %-20s %-10s %-10s %-16s %-10s %s' % (
+            name, read_attr(name, 'image', ''), read_attr(name, 'hostname', ''),
+            read_attr(name, 'net', ''), read_attr(name, 'netns', ''),
+            size_text(tree_size(container_file(name, 'rwlayer'))), status))
+    if rows:
+        say('%-20s %-20s %-10s %-10s %-16s %-10s %s' % (
+            'container_id', 'image', 'hostname', 'net', 'netns', 'size', 'status'))
+        say('-' * 107)
+        for row in rows:
+            say(row)
+    return EXIT_OK
+
+
+def show_container_root(o):
+    """Print the host path of a container's root directory."""
+    name = require_container(o.container)
+    say(container_file(name, 'merged'))
+    return EXIT_OK
+
+
+SHOWS = {
+    'images': show_images,
+    'containers': show_containers,
+    'container_root': show_container_root,
+}
+
+
+# =============================================================================
+# Command line
+# =============================================================================
+# The grammar of the C cocker: options in any order, a later one wins (--volume adds up),
+# no --opt=value, no bundling.  Requirements per action live in REQUIRED.
+
+USAGE = """USAGE : cocker -v
+               -s images
+               -s containers
+               -s container_root (-c|--container) (container)
+               -a create (-m|--image) (image[:version])[,(image[:version])]... [ create options ] [ (-c|--container) (container) ] [ (-b|--boot) [ cgroup options ] [ (-t|--attach) | (-e|--exec) (cmd|"program para1 ...") ] ]
+               -a boot (-c|--container) (container) [ cgroup options ] [ (-t|--attach) | (-e|--exec) (cmd|"program para1 ...") ]
+               -a attach (-c|--container) (container)
+               -a run (-c|--container) (container) (--cmd) (cmd)
+               -a shutdown (-c|--container) (container) [ (-f|--forcely) ]
+               -a kill (-c|--container) (container) [ (-f|--forcely) ]
+               -a destroy (-c|--container) (container) [ (-f|--forcely) ] [ (-h|--shutdown) ]
+               -a vip (-c|--container) (container) --vip (ip)
+               -a port_mapping (-c|--container) (container) --port-mapping (src_port:dst_port)
+               -a volume (-c|--container) (container) --volume (host_path[:container_path[:ro]])[ ...]
+               -a install_test [ --version (version) ] [ (-f|--forcely) ]
+create options : [ --volume (host_path:container_path[:ro]) ][ --volume ... ] [ --host (hostname) ] [ --net (BRIDGE|HOST|CUSTOM) ] [ --host-eth (eth) ] [ --vip (ip) ] [ --port-mapping (src_port:dst_port) ]
+cgroup options : [ --cpus [(cpu_num,...)|(cpu_num-cpu_num2)] ] [ --cpu-quota (percent%) ] [ --mem-limit (num|numM) ] [ --pids-limit (num) ]
+  enable debug : [ (-d|--debug) ]
+   environment : COCKER_HOME (default /var/cocker)"""
+
+#: option -> (attribute, takes a value)
+OPTIONS = {
+    '-s': ('show', True), '-a': ('action', True), '--version': ('version', True),
+    '-m': ('image', True), '--image': ('image', True),
+    '-c': ('container', True), '--container': ('container', True),
+    '--host': ('host', True), '--net': ('net', True), '--host-eth': ('host_eth', True),
+    '--vip': ('vip', True), '--port-mapping': ('port_mapping', True),
+    '--volume': ('volumes', True),
+    '--cpus': ('cpus', True), '--cpu-quota': ('cpu_quota', True),
+    '--mem-limit': ('mem_limit', True), '--pids-limit': ('pids_limit', True),
+    '-b': ('boot', False), '--boot': ('boot', False),
+    '-t': ('attach', False), '--attach': ('attach', False),
+    '-e': ('exec_cmd', True), '--exec': ('exec_cmd', True),
+    '-h': ('shutdown', False), '--shutdown': ('shutdown', False),
+    '--cmd': ('cmd', True),
+    '-d': ('debug', False), '--debug': ('debug', False),
+    '-f': ('force', False), '--forcely': ('force', False),
+}
+
+#: action -> [(attribute, option named in the message)]
+REQUIRED = {
+    'create': [('image', '--image')],
+    'boot': [('container', '--container')],
+    'attach': [('container', '--container')],
+    'run': [('container', '--container'), ('cmd', '--cmd')],
+    'shutdown': [('container', '--container')],
+    'kill': [('container', '--container')],
+    'destroy': [('container', '--container')],
+    'vip': [('container', '--container'), ('vip', '--vip')],
+    'port_mapping': [('container', '--container'), ('port_mapping', '--port-mapping')],
+    'volume': [('container', '--container'), ('volumes', '--volume')],
+    'container_root': [('container', '--container')],
+}
+
+
+class Options(object):
+    """Parsed command line: every attribute of OPTIONS, None/False/[] when absent."""
+
+    def __init__(self):
+        for attr, takes_value in OPTIONS.values():
+            setattr(self, attr, None if takes_value else False)
+        self.volumes = []
+        self.version_flag = False
+        self.layers = None
+
+
+def parse_args(argv):
+    o = Options()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == '-v':
+            o.version_flag = True
+            return o
+        if arg in ('--help', '-?'):
+            o.action = 'help'
+            return o
+        spec = OPTIONS.get(arg)
+        if spec is None or (spec[1] and i + 1 >= len(argv)):
+            raise CockerError("invalid parameter '%s'" % arg, EXIT_USAGE)
+        attr, takes_value = spec
+        if not takes_value:
+            setattr(o, attr, True)
+        elif attr == 'volumes':
+            o.volumes.append(argv[i + 1])
+            i += 1
+        else:
+            setattr(o, attr, argv[i + 1])
+            i += 1
+        i += 1
+    return o
+
+
+def check_args(o):
+    """Per-action requirements and value checks; raise usage errors (exit 7)."""
+    if o.net is None:
+        o.net = 'HOST'
+    elif o.net not in NETS:
+        raise usage_error("'--net' value[%s] invalid" % o.net)
+    if o.show is not None:
+        if o.show not in SHOWS:
+            raise usage_error('show[%s] invalid' % o.show)
+        word, kind = o.show, '-s'
+    elif o.action is not None:
+        if o.action not in ACTIONS:
+            raise usage_error('action[%s] invalid' % o.action)
+        word, kind = o.action, '-a'
+    else:
+        raise usage_error('cmd para action[(null)] invalid')
+    for attr, option in REQUIRED.get(word, []):
+        if not getattr(o, attr):
+            raise usage_error("expect '%s' with action '%s %s'" % (option, kind, word))
+    if o.attach and o.exec_cmd is not None:
+        raise usage_error("'-t' and '-e' cannot be used together")
+    if o.exec_cmd is not None and not o.exec_cmd.strip():
+        raise usage_error("'-e' needs a command")
+    if o.container is not None:
+        check_name('container', o.container)
+
+
+def ensure_environment():
+    """HOME, images/, containers/ and cocker.log exist (created on first use)."""
+    for path in (HOME, images_dir(), containers_dir()):
+        try:
+            os.makedirs(path, 0o755)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise CockerError('cannot create %s: %s' % (path, e.strerror), EXIT_ENV)
+    if not os.path.exists(log_path()):
+        try:
+            os.close(os.open(log_path(), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        except OSError as e:
+            raise CockerError('cannot create %s: %s' % (log_path(), e.strerror), EXIT_ENV)
+
+
+# =============================================================================
+# main
+# =============================================================================
+
+def dispatch(o):
+    if o.show is not None:
+        return SHOWS[o.show](o)
+    return ACTIONS[o.action](o)
+
+
+def report(message, status):
+    sys.stderr.write('*** ERROR : %s\n' % message)
+    sys.stderr.flush()
+    log('ERROR', message)
+    return status
+
+
+def main(argv=None):
+    """Run one cocker command; return the exit status."""
+    global HOME, DEBUG
+    argv = sys.argv[1:] if argv is None else argv
+    HOME = os.environ.get('COCKER_HOME') or DEFAULT_HOME
+    try:
+        try:
+            o = parse_args(argv)
+        except CockerError as e:
+            report(e.message, e.status)
+            sys.stderr.write(USAGE + '\n')
+            return e.status
+        if o.version_flag:
+            say('cocker v%s build %s' % (VERSION, BUILD))
+            return EXIT_OK
+        if not argv or o.action == 'help':
+            say(USAGE)
+            return EXIT_OK
+        DEBUG = o.debug
+        if os.geteuid() != 0:
+            raise CockerError('cocker must run as root', EXIT_ENV)
+        ensure_environment()
+        check_args(o)
+        what = '-s %s' % o.show if o.show else '-a %s' % o.action
+        log('INFO', 'cocker %s' % ' '.join(argv))
+        status = dispatch(o)
+        log('INFO', '%s returned %d' % (what, status))
+        return status
+    except CockerError as e:
+        return report(e.message, e.status)
+    except OSError as e:
+        return report(describe_oserror(e), EXIT_FAILED)
+    except KeyboardInterrupt:
+        return report('interrupted', 130)
+    except Exception as e:
+        if DEBUG:
+            import traceback
+            traceback.print_exc()
+        return report('internal error: %s: %s' % (type(e).__name__, e), EXIT_FAILED)
+
+
+def entry_point():
+    sys.exit(main())
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,576 @@
+#!/usr/bin/env python3
+"""cockerinit: PID 1 of a cocker container.
+
+cocker's boot child execs this file with the host's Python interpreter, as PID 1 of the
+container's new namespaces, before the container root is entered: every module it will
+ever need is imported here first, because the image may hold no Python at all.  Then it
+
+  1. makes itself non-dumpable, so that /proc/1/exe, /proc/1/map_files and ptrace give a
+     container process nothing of the host (CVE-2019-5736);
+  2. binds the control socket in the container's directory on the host (reachable by root
+     on the host, invisible inside the container);
+  3. pivots into the container root, detaches the old root, and keeps only Docker's default
+     capabilities in its bounding, permitted and effective sets;
+  4. reports READY to cocker on the ready pipe;
+  5. serves attach (a login shell on a pty) and run (a command on pipes, exit status sent
+     back) sessions, each in a process of its own, reaps every orphan, and with -e runs the
+     main command and stops the container when it ends.
+
+It ends on SIGTERM (from cocker shutdown through the monitor: SIGTERM to everything, SIGKILL
+after a grace period), when the -e command ends, or when the monitor is gone (EOF on the
+alive pipe).  Standard library only, Python 3.6 and newer; it never imports cocker.py.
+"""
+
+VERSION = '1.0.0'
+
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import platform
+import select
+import shlex
+import signal
+import socket
+import struct
+import sys
+import termios
+import time
+import tty
+
+# =============================================================================
+# Constants
+# =============================================================================
+
+CONFIG_ENV = 'COCKER_INIT'            #: JSON set by cocker: root, sockdir, the fds, exec
+ALIVE_ENV = 'COCKER_ALIVE_PIPE'       #: the C cocker's name for the alive pipe's fd
+SOCKET_NAME = 'cocker.sock'
+READY = b'READY'
+STOP_GRACE = 5                        #: seconds between SIGTERM and SIGKILL at shutdown
+REQUEST_TIMEOUT = 10                  #: a client must send its request within this
+EXIT_LINGER = 0.2                     #: output still read this long after a command exits
+BUFSIZE = 65536
+SESSION_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
+SHELLS = ('/bin/bash', '/bin/sh', '/usr/bin/bash', '/usr/bin/sh')
+
+#: Docker's default capability set: everything else leaves every set, bounding included
+KEEP_CAPS = {
+    0,   # CHOWN
+    1,   # DAC_OVERRIDE
+    3,   # FOWNER
+    4,   # FSETID
+    5,   # KILL
+    6,   # SETGID
+    7,   # SETUID
+    8,   # SETPCAP
+    10,  # NET_BIND_SERVICE
+    13,  # NET_RAW
+    18,  # SYS_CHROOT
+    27,  # MKNOD
+    29,  # AUDIT_WRITE
+    31,  # SETFCAP
+}
+
+PR_SET_DUMPABLE = 4
+PR_CAPBSET_DROP = 24
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
+MNT_DETACH = 2
+SYS_PIVOT_ROOT = {'x86_64': 155, 'aarch64': 41, 'ppc64le': 203, 's390x': 217, 'i686': 217,
+                  'armv7l': 218, 'riscv64': 41}
+
+# =============================================================================
+# Messages
+# =============================================================================
+# stdout and stderr are a pipe to the monitor, which appends to the container's
+# cockerinit.log on the host (outside the container's files, so it never ends up in images).
+
+def log(text, level='INFO'):
+    now = time.time()
+    line = '%s.%06d | %-5s | %d:cockerinit.py:%d | %s\n' % (
+        time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now)), int(now % 1 * 1e6),
+        level, os.getpid(), sys._getframe(1).f_lineno, text)
+    try:
+        os.write(2, line.encode('utf-8', 'replace'))
+    except OSError:
+        pass
+
+
+# =============================================================================
+# libc bindings
+# =============================================================================
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class CapHeader(ctypes.Structure):
+    _fields_ = [('version', ctypes.c_uint32), ('pid', ctypes.c_int)]
+
+
+class CapData(ctypes.Structure):
+    _fields_ = [('effective', ctypes.c_uint32), ('permitted', ctypes.c_uint32),
+                ('inheritable', ctypes.c_uint32)]
+
+
+def _check(result, what):
+    if result == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, '%s: %s' % (what, os.strerror(err)))
+    return result
+
+
+def prctl(option, arg2=0, arg3=0):
+    _check(_libc.prctl(option, ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
+                       ctypes.c_ulong(0), ctypes.c_ulong(0)), 'prctl(%d)' % option)
+
+
+def pivot_root(new_root, put_old):
+    number = SYS_PIVOT_ROOT.get(platform.machine())
+    if number is None:
+        _check(_libc.pivot_root(new_root.encode(), put_old.encode()), 'pivot_root')
+    else:
+        _check(_libc.syscall(ctypes.c_long(number), ctypes.c_char_p(new_root.encode()),
+                             ctypes.c_char_p(put_old.encode())), 'pivot_root')
+
+
+def umount2(target, flags):
+    _check(_libc.umount2(target.encode(), flags), 'umount2 %s' % target)
+
+
+def capset(mask):
+    header = CapHeader(LINUX_CAPABILITY_VERSION_3, 0)
+    data = (CapData * 2)()
+    data[0].effective = data[0].permitted = mask & 0xffffffff
+    data[1].effective = data[1].permitted = mask >> 32
+    _check(_libc.capset(ctypes.byref(header), ctypes.byref(data)), 'capset')
+
+
+# =============================================================================
+# Protocol
+# =============================================================================
+# Frames: 1 type byte, 4-byte big-endian length, payload (the same as in cocker.py).
+#   client -> init: R request (JSON), I input bytes, C input closed, W window size (4 x u16)
+#   init -> client: O stdout bytes, E stderr bytes, X exit status (JSON), M error text
+
+FRAME = struct.Struct('>cI')
+FRAME_MAX = 1 << 20
+
+
+def send_frame(sock, kind, payload=b''):
+    sock.sendall(FRAME.pack(kind, len(payload)) + payload)
+
+
+def split_frames(buf):
+    """Complete frames at the start of buf -> ([(kind, payload)], rest)."""
+    frames = []
+    while len(buf) >= FRAME.size:
+        kind, size = FRAME.unpack_from(buf)
+        if size > FRAME_MAX:
+            raise ValueError('frame too large')
+        if len(buf) < FRAME.size + size:
+            break
+        frames.append((kind, bytes(buf[FRAME.size:FRAME.size + size])))
+        buf = buf[FRAME.size + size:]
+    return frames, buf
+
+
+def exit_status(wait_status):
+    """A process's exit code, or 128+signal when a signal ended it."""
+    if os.WIFSIGNALED(wait_status):
+        return 128 + os.WTERMSIG(wait_status)
+    return os.WEXITSTATUS(wait_status)
+
+
+# =============================================================================
+# Reaper
+# =============================================================================
+# PID 1 inherits every orphan of the container: if it did not wait for them, each would
+# stay a zombie until the container stops.
+
+def reap_children():
+    """Collect every exited child without blocking: {pid: exit status}."""
+    done = {}
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return done
+        if pid == 0:
+            return done
+        done[pid] = exit_status(status)
+
+
+def has_children():
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
+
+
+def stop_all(grace):
+    """SIGTERM every process of the container, reap for `grace` seconds, SIGKILL the rest."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
+        try:
+            os.kill(-1, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + wait
+        while time.time() < deadline:
+            reap_children()
+            if not has_children():
+                return
+            time.sleep(0.02)
+
+
+# =============================================================================
+# Sessions
+# =============================================================================
+# Each accepted connection is served by a process of its own, so a slow or silent client
+# never blocks PID 1.  attach: a login shell on a new pty; run: a command on three pipes.
+
+def find_shell():
+    for path in SHELLS:
+        if os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def session_env(request, hostname, shell):
+    env = {'PATH': SESSION_PATH, 'HOME': '/root', 'USER': 'root', 'LOGNAME': 'root',
+           'SHELL': shell, 'HOSTNAME': hostname, 'container': 'cocker',
+           'TERM': request.get('term') or 'xterm'}
+    for key in ('LANG', 'LC_ALL'):
+        if request.get(key):
+            env[key] = request[key]
+    return env
+
+
+def exec_child(argv, env, stdio, ctty=None):
+    """In a forked child: new session, stdio, clean descriptors, exec; never returns."""
+    try:
+        os.setsid()
+        if ctty is not None:
+            fcntl.ioctl(ctty, termios.TIOCSCTTY, 0)
+        for target, fd in enumerate(stdio):
+            os.dup2(fd, target)
+        os.closerange(3, 65536)
+        for sig in (signal.SIGPIPE, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        os.chdir('/root' if os.path.isdir('/root') else '/')
+        os.execve(argv[0], [a.encode('utf-8', 'surrogateescape') for a in argv],
+                  dict((k.encode(), v.encode('utf-8', 'surrogateescape')) for k, v in env.items()))
+    except OSError as e:
+        os.write(2, ('cockerinit: cannot run %s: %s\n' % (argv[0], e.strerror)).encode())
+    os._exit(127)
+
+
+def read_request(conn):
+    """The first frame of a connection: the JSON request, within REQUEST_TIMEOUT."""
+    conn.settimeout(REQUEST_TIMEOUT)
+    buf = b''
+    while True:
+        frames, buf = split_frames(buf)
+        if frames:
+            kind, payload = frames[0]
+            if kind != b'R':
+                raise ValueError('expected a request frame')
+            conn.settimeout(None)
+            return json.loads(payload.decode('utf-8')), buf
+        data = conn.recv(BUFSIZE)
+        if not data:
+            raise ValueError('client closed before its request')
+        buf += data
+
+
+def serve_session(conn, hostname):
+    """One attach or run session, in its own process: never returns."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.set_wakeup_fd(-1)
+    status = 1
+    try:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize('3i'))
+        if struct.unpack('3i', creds)[1] != 0:
+            raise ValueError('only root may open a session')
+        request, rest = read_request(conn)
+        shell = find_shell()
+        if shell is None:
+            send_frame(conn, b'M', b'no shell in the container (/bin/bash or /bin/sh)')
+            os._exit(1)
+        env = session_env(request, hostname, shell)
+        cmd = request.get('cmd')
+        argv = [shell, '-l'] if cmd is None else [shell, '-c', cmd]
+        log('session %s: %s' % ('tty' if request.get('tty') else 'pipes', ' '.join(argv)))
+        status = relay(conn, request, argv, env, rest)
+    except (OSError, ValueError) as e:
+        log('session ended: %s' % e, 'WARN')
+    os._exit(status)
+
+
+def start_command(request, argv, env):
+    """Fork the session's command -> (pid, {fd: frame kind}, input fd or None, pty master)."""
+    if request.get('tty'):
+        master, slave = os.openpty()
+        size = struct.pack('HHHH', request.get('rows') or 24, request.get('cols') or 80,
+                           request.get('xpix') or 0, request.get('ypix') or 0)
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, size)
+        pid = os.fork()
+        if pid == 0:
+            exec_child(argv, env, (slave, slave, slave), ctty=slave)
+        os.close(slave)
+        return pid, {master: b'O'}, master, master
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    if request.get('stdin'):
+        in_r, in_w = os.pipe()
+    else:
+        in_r, in_w = os.open('/dev/null', os.O_RDONLY), None
+    pid = os.fork()
+    if pid == 0:
+        exec_child(argv, env, (in_r, out_w, err_w))
+    for fd in (in_r, out_w, err_w):
+        os.close(fd)
+    return pid, {out_r: b'O', err_r: b'E'}, in_w, None
+
+
+def relay(conn, request, argv, env, buf):
+    """Copy between the client and the command until it exits; send its exit status."""
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK)
+    signal.signal(signal.SIGCHLD, lambda s, f: None)
+    signal.set_wakeup_fd(wake_w)
+    pid, outputs, input_fd, master = start_command(request, argv, env)
+    if input_fd is not None:
+        os.set_blocking(input_fd, False)
+    pending = b''                # client input not yet taken by the command
+    close_input = False
+    status = None
+    while True:
+        writers = [input_fd] if pending and input_fd is not None else []
+        timeout = EXIT_LINGER if status is not None else None
+        try:
+            readable, writable, _ = select.select([conn, wake_r] + list(outputs), writers, [],
+                                                  timeout)
+        except InterruptedError:
+            continue
+        if status is not None and not readable:
+            break                                   # exited and quiet: done
+        for fd in list(outputs):
+            if fd in readable:
+                try:
+                    data = os.read(fd, BUFSIZE)
+                except BlockingIOError:
+                    continue
+                except OSError:                     # EIO: the pty's last user is gone
+                    data = b''
+                if data:
+                    send_frame(conn, outputs[fd], data)
+                else:
+                    del outputs[fd]
+                    if fd != master:
+                        os.close(fd)
+        if writable and pending:
+            try:
+                pending = pending[os.write(input_fd, pending):]
+            except BlockingIOError:
+                pass
+            except OSError:
+                pending = b''
+        if conn in readable:
+            data = conn.recv(BUFSIZE)
+            if not data:                            # the client went away: hang up
+                try:
+                    os.killpg(pid, signal.SIGHUP)
+                except ProcessLookupError:
+                    pass
+                return 1
+            frames, buf = split_frames(buf + data)
+            for kind, payload in frames:
+                if kind == b'I':
+                    pending += payload
+                elif kind == b'C':
+                    close_input = True
+                elif kind == b'W' and master is not None:
+                    rows, cols, xpix, ypix = struct.unpack('>HHHH', payload)
+                    fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack('HHHH', rows, cols, xpix, ypix))
+        if close_input and not pending and input_fd is not None and master is None:
+            os.close(input_fd)
+            input_fd = None
+        if wake_r in readable:
+            try:
+                os.read(wake_r, 4096)
+            except BlockingIOError:
+                pass
+        if status is None:
+            try:
+                done, wait_status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, wait_status = pid, 0
+            if done:
+                status = exit_status(wait_status)
+        if status is not None and not outputs:
+            break
+    send_frame(conn, b'X', json.dumps({'status': status}).encode())
+    return 0
+
+
+# =============================================================================
+# Setup
+# =============================================================================
+
+def bind_control_socket(sockdir):
+    """Listen on SOCKDIR/cocker.sock (a host path: the container never sees it)."""
+    dfd = os.open(sockdir, os.O_PATH | os.O_DIRECTORY)
+    path = '/proc/self/fd/%d/%s' % (dfd, SOCKET_NAME)   # short, whatever COCKER_HOME is
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    os.close(dfd)
+    listener.listen(128)
+    return listener
+
+
+def enter_root(root):
+    """pivot_root into the container root and detach the host's tree (not chroot)."""
+    os.chdir(root)
+    # pivot_root(".", ".") stacks the old root on top of the new one; unmounting "." then
+    # removes exactly the old root, without needing a directory for it in the image
+    pivot_root('.', '.')
+    umount2('.', MNT_DETACH)
+    os.chdir('/')
+
+
+def drop_capabilities(last_cap):
+    """Keep KEEP_CAPS only, in the bounding set as well, so no exec can regain the rest."""
+    for cap in range(last_cap + 1):
+        if cap not in KEEP_CAPS:
+            prctl(PR_CAPBSET_DROP, cap)
+    try:
+        prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    except OSError:
+        pass                                        # kernels before 4.3 have no ambient set
+    capset(sum(1 << cap for cap in KEEP_CAPS))
+    prctl(PR_SET_DUMPABLE, 0)
+
+
+def start_main_command(command):
+    """-e: the container's main process, output to the container log."""
+    argv = shlex.split(command)
+    prog = argv[0]
+    if '/' not in prog:
+        for d in SESSION_PATH.split(':'):
+            if os.access(os.path.join(d, prog), os.X_OK):
+                prog = os.path.join(d, prog)
+                break
+    elif not prog.startswith('/'):
+        prog = os.path.join('/root', prog)
+    argv[0] = prog
+    env = {'PATH': SESSION_PATH, 'HOME': '/root', 'container': 'cocker'}
+    stdin = os.open('/dev/null', os.O_RDONLY)
+    pid = os.fork()
+    if pid == 0:
+        exec_child(argv, env, (stdin, 1, 2))
+    os.close(stdin)
+    log('main command %d: %s' % (pid, command))
+    return pid
+
+
+# =============================================================================
+# main
+# =============================================================================
+
+def main(argv):
+    if '-v' in argv:
+        print('cockerinit v%s' % VERSION)
+        return 0
+    if len(argv) != 2 or argv[0] != '--container':
+        sys.stderr.write("*** ERROR : '--container' need for running\n")
+        return 249
+    if os.getpid() != 1 or CONFIG_ENV not in os.environ:
+        sys.stderr.write('*** ERROR : please run me by cocker\n')
+        return 1
+    prctl(PR_SET_DUMPABLE, 0)
+    config = json.loads(os.environ.pop(CONFIG_ENV))
+    os.environ.pop(ALIVE_ENV, None)
+    ready, alive, console = config['ready_fd'], config['alive_fd'], config['console_fd']
+    for fd in (ready, alive, console, config['log_fd']):
+        os.set_inheritable(fd, False)
+    try:
+        with open('/proc/sys/kernel/cap_last_cap') as f:
+            last_cap = int(f.read())
+        time.localtime()                             # load the time zone while the host's is here
+        listener = bind_control_socket(config['sockdir'])
+        enter_root(config['root'])
+        drop_capabilities(last_cap)
+        console_slave = os.open('/dev/console', os.O_RDWR | os.O_NOCTTY)
+        tty.setraw(console_slave)
+    except OSError as e:
+        os.write(ready, ('cockerinit: %s' % e).encode('utf-8', 'replace'))
+        return 1
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK)
+    stopping = []
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda s, f: stopping.append(s))
+    signal.signal(signal.SIGCHLD, lambda s, f: None)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    signal.set_wakeup_fd(wake_w)
+    main_pid = start_main_command(config['exec']) if config.get('exec') else None
+    os.write(ready, READY)
+    os.close(ready)
+    log('--- cockerinit ready: container %s ---' % argv[1])
+    readers = [listener, alive, wake_r, console]
+    while True:
+        try:
+            readable = select.select(readers, [], [])[0]
+        except InterruptedError:
+            continue
+        if wake_r in readable:
+            try:
+                os.read(wake_r, 4096)
+            except BlockingIOError:
+                pass
+        for pid, status in reap_children().items():
+            if pid == main_pid:
+                log('main command exited with status %d, stopping the container' % status)
+                stop_all(STOP_GRACE)
+                return status
+        if stopping:
+            log('signal %d: stopping the container' % stopping[0])
+            stop_all(STOP_GRACE)
+            return 0
+        if alive in readable:
+            log('the monitor is gone: stopping the container', 'WARN')
+            stop_all(0)
+            return 1
+        if console in readable:
+            try:
+                data = os.read(console, BUFSIZE)
+                os.write(2, data)
+            except OSError:
+                readers.remove(console)
+        if listener in readable:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            pid = os.fork()
+            if pid == 0:
+                listener.close()
+                for fd in (alive, wake_r, wake_w, console, console_slave):
+                    os.close(fd)
+                serve_session(conn, config.get('hostname', ''))
+            conn.close()
+
+
+if __name__ == '__main__':
+    sys.exit(main(sys.argv[1:]))
