@@ -827,9 +827,11 @@ def bind_volumes(name, merged):
                 raise CockerError("volume source '%s' not found" % host)
             target = open_in_root(root_fd, inside, make_dir=os.path.isdir(host))
             try:
-                where = '/proc/self/fd/%d' % target
-                mount(host, where, None, MS_BIND | MS_REC)
+                mount(host, '/proc/self/fd/%d' % target, None, MS_BIND | MS_REC)
                 if readonly:
+                    # the descriptor names the directory under the new mount; its path was
+                    # resolved safely and no container process runs yet to swap it
+                    where = os.readlink('/proc/self/fd/%d' % target)
                     mount(None, where, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
             finally:
                 os.close(target)
@@ -1319,7 +1321,7 @@ TEST_BINARIES = (
     'uname hostname vi vim awk sed tr file ldd top netstat ping telnet ssh nc mount umount '
     'sh sleep true false head tail wc kill sort uniq touch chmod chown ln xargs date dd '
     'readlink stat find less du df cut tee expr basename dirname seq test yes printf nohup '
-    'timeout md5sum sha256sum diff tar gzip free pkill pgrep uptime whoami').split()
+    'timeout md5sum sha256sum diff tar gzip free pkill pgrep uptime whoami stty tput reset').split()
 TEST_SBINARIES = 'ifconfig route ip iptables'.split()
 SEARCH_PATH = ('/usr/local/bin', '/usr/bin', '/bin', '/usr/sbin', '/sbin')
 TEST_PROFILE = ('set -o vi\nexport PATH=.:/bin:/sbin:/usr/bin:/usr/sbin:/usr/local/bin\n'

@@ -272,13 +272,15 @@ def read_request(conn):
     conn.settimeout(REQUEST_TIMEOUT)
     buf = b''
     while True:
-        frames, buf = split_frames(buf)
+        frames, rest = split_frames(buf)
         if frames:
             kind, payload = frames[0]
             if kind != b'R':
                 raise ValueError('expected a request frame')
             conn.settimeout(None)
-            return json.loads(payload.decode('utf-8')), buf
+            # input frames that came with the request stay queued for the relay
+            queued = b''.join(FRAME.pack(k, len(p)) + p for k, p in frames[1:])
+            return json.loads(payload.decode('utf-8')), queued + rest
         data = conn.recv(BUFSIZE)
         if not data:
             raise ValueError('client closed before its request')
@@ -348,6 +350,20 @@ def relay(conn, request, argv, env, buf):
     close_input = False
     status = None
     while True:
+        frames, buf = split_frames(buf)
+        for kind, payload in frames:
+            if kind == b'I':
+                pending += payload
+            elif kind == b'C':
+                close_input = True
+            elif kind == b'W' and master is not None:
+                fcntl.ioctl(master, termios.TIOCSWINSZ,
+                            struct.pack('HHHH', *struct.unpack('>HHHH', payload)))
+        if close_input and not pending and input_fd is not None and master is None:
+            os.close(input_fd)
+            input_fd = None
+        if status is not None and not outputs:
+            break
         writers = [input_fd] if pending and input_fd is not None else []
         timeout = EXIT_LINGER if status is not None else None
         try:
@@ -371,12 +387,12 @@ def relay(conn, request, argv, env, buf):
                     del outputs[fd]
                     if fd != master:
                         os.close(fd)
-        if writable and pending:
+        if writable:
             try:
                 pending = pending[os.write(input_fd, pending):]
             except BlockingIOError:
                 pass
-            except OSError:
+            except OSError:                         # the command closed its input
                 pending = b''
         if conn in readable:
             data = conn.recv(BUFSIZE)
@@ -386,18 +402,7 @@ def relay(conn, request, argv, env, buf):
                 except ProcessLookupError:
                     pass
                 return 1
-            frames, buf = split_frames(buf + data)
-            for kind, payload in frames:
-                if kind == b'I':
-                    pending += payload
-                elif kind == b'C':
-                    close_input = True
-                elif kind == b'W' and master is not None:
-                    rows, cols, xpix, ypix = struct.unpack('>HHHH', payload)
-                    fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack('HHHH', rows, cols, xpix, ypix))
-        if close_input and not pending and input_fd is not None and master is None:
-            os.close(input_fd)
-            input_fd = None
+            buf += data
         if wake_r in readable:
             try:
                 os.read(wake_r, 4096)
@@ -410,8 +415,6 @@ def relay(conn, request, argv, env, buf):
                 done, wait_status = pid, 0
             if done:
                 status = exit_status(wait_status)
-        if status is not None and not outputs:
-            break
     send_frame(conn, b'X', json.dumps({'status': status}).encode())
     return 0
 

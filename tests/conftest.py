@@ -1,0 +1,241 @@
+"""Shared fixtures: run cocker as a real program against a temporary COCKER_HOME.
+
+cocker runs with the interpreter named by $COCKER_PYTHON (CI runs the lifecycle tests a
+second time with Python 3.6), else with the interpreter running pytest.  Every container a
+test makes is force-destroyed afterwards, pass or fail, and the session ends by checking
+that nothing (mount, cockerinit process) is left behind.
+"""
+
+import importlib.util
+import os
+import select
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COCKER = os.path.join(REPO, 'cocker.py')
+COCKERINIT = os.path.join(REPO, 'cockerinit.py')
+PYTHON = os.environ.get('COCKER_PYTHON') or sys.executable
+MARKER = '.cocker-test-home'
+
+
+def load_script(name, path):
+    """Import cocker.py or cockerinit.py by path (they do nothing at import time)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Result(object):
+    def __init__(self, rc, out, err):
+        self.rc, self.out, self.err = rc, out, err
+
+    def __repr__(self):
+        return 'Result(rc=%r, out=%r, err=%r)' % (self.rc, self.out, self.err)
+
+
+def needs_root():
+    if os.geteuid() != 0:
+        pytest.skip('needs root')
+
+
+@pytest.fixture(scope='session')
+def home():
+    """A temporary COCKER_HOME for the whole session, removed only if it carries our marker."""
+    needs_root()
+    path = tempfile.mkdtemp(prefix='cocker-test-')
+    open(os.path.join(path, MARKER), 'w').close()
+    yield path
+    for name in os.listdir(os.path.join(path, 'containers')) if os.path.isdir(
+            os.path.join(path, 'containers')) else []:
+        if not name.startswith('.'):
+            run_cocker(path, '-a', 'destroy', '-c', name, '-h', '-f')
+    left = [line for line in open('/proc/mounts') if path in line]
+    procs = cockerinit_processes(path)
+    if os.environ.get('COCKER_TEST_KEEP') != '1' and os.path.exists(os.path.join(path, MARKER)):
+        if not left:
+            shutil.rmtree(path)
+    assert not left, 'mounts left behind under %s: %s' % (path, left)
+    assert not procs, 'cockerinit processes left behind: %s' % procs
+
+
+def cockerinit_processes(home_path):
+    """Host pids of cockerinit processes whose environment started in this COCKER_HOME."""
+    found = []
+    for pid in os.listdir('/proc'):
+        if not pid.isdigit():
+            continue
+        try:
+            with open('/proc/%s/cmdline' % pid, 'rb') as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if b'cockerinit.py' in cmd and b'--container' in cmd:
+            found.append(int(pid))
+    return found
+
+
+def run_cocker(home_path, *args, **kw):
+    env = dict(os.environ, COCKER_HOME=home_path)
+    env.update(kw.pop('env', {}))
+    p = subprocess.Popen([PYTHON, COCKER] + list(args), stdin=kw.pop('stdin', subprocess.DEVNULL),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    out, err = p.communicate(kw.pop('input', None), timeout=kw.pop('timeout', 120))
+    return Result(p.returncode, out.decode('utf-8', 'replace'), err.decode('utf-8', 'replace'))
+
+
+@pytest.fixture(scope='session')
+def cocker(home):
+    """cocker(*args) -> Result(rc, out, err), run as a separate process."""
+    def call(*args, **kw):
+        return run_cocker(home, *args, **kw)
+    return call
+
+
+@pytest.fixture(scope='session')
+def test_image(cocker):
+    r = cocker('-a', 'install_test')
+    assert r.rc == 0 and r.out == 'OK\n', r
+    return 'test'
+
+
+@pytest.fixture
+def names(cocker, home):
+    """Unique container names for one test; each is force-destroyed afterwards."""
+    made = []
+
+    def new(prefix='t'):
+        name = '%s%s' % (prefix, uuid.uuid4().hex[:8])
+        made.append(name)
+        return name
+    yield new
+    for name in made:
+        if os.path.isdir(os.path.join(home, 'containers', name)):
+            r = cocker('-a', 'destroy', '-c', name, '-h', '-f')
+            assert r.rc == 0, 'cleanup of %s failed: %r' % (name, r)
+        left = [line for line in open('/proc/mounts')
+                if os.path.join(home, 'containers', name) in line]
+        assert not left, 'mounts left after destroying %s: %s' % (name, left)
+
+
+@pytest.fixture
+def running(cocker, test_image, names):
+    """A booted container made from the test image: returns its name."""
+    def make(*extra):
+        name = names()
+        r = cocker('-a', 'create', '-m', test_image, '-c', name, *extra)
+        assert r.rc == 0, r
+        r = cocker('-a', 'boot', '-c', name)
+        assert r.rc == 0 and r.out == 'OK\n', r
+        return name
+    return make
+
+
+class Terminal(object):
+    """cocker running on a real pseudo-terminal, driven like a user at a keyboard."""
+
+    def __init__(self, home_path, args, rows=24, cols=80):
+        import pty
+        import fcntl
+        import termios
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:
+            os.environ['COCKER_HOME'] = home_path
+            os.environ['TERM'] = 'xterm'
+            os.execv(PYTHON, [PYTHON, COCKER] + list(args))
+        fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack('HHHH', rows, cols, 0, 0))
+        self.output = b''
+
+    def resize(self, rows, cols):
+        import fcntl
+        import termios
+        fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack('HHHH', rows, cols, 0, 0))
+
+    def send(self, text):
+        os.write(self.fd, text.encode('utf-8'))
+
+    def expect(self, needle, timeout=10):
+        """Read until `needle` appears in the output; return everything read so far."""
+        needle = needle.encode('utf-8')
+        end = time.time() + timeout
+        while needle not in self.output:
+            left = end - time.time()
+            if left <= 0:
+                raise AssertionError('did not see %r in %r' % (needle, self.output))
+            if select.select([self.fd], [], [], left)[0]:
+                try:
+                    data = os.read(self.fd, 4096)
+                except OSError:
+                    data = b''
+                if not data:
+                    raise AssertionError('EOF before %r in %r' % (needle, self.output))
+                self.output += data
+        return self.output.decode('utf-8', 'replace')
+
+    def wait(self, timeout=10):
+        """Drain output until the program exits; return its exit status."""
+        end = time.time() + timeout
+        while time.time() < end:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self._drain()
+                os.close(self.fd)
+                return os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
+            self._drain(0.1)
+        os.kill(self.pid, 9)
+        os.waitpid(self.pid, 0)
+        os.close(self.fd)
+        raise AssertionError('cocker did not exit; output %r' % self.output)
+
+    def _drain(self, timeout=0):
+        while select.select([self.fd], [], [], timeout)[0]:
+            try:
+                data = os.read(self.fd, 4096)
+            except OSError:
+                return
+            if not data:
+                return
+            self.output += data
+            timeout = 0
+
+
+@pytest.fixture
+def terminal(home):
+    made = []
+
+    def start(*args, **kw):
+        t = Terminal(home, args, **kw)
+        made.append(t)
+        return t
+    yield start
+    for t in made:
+        try:
+            os.kill(t.pid, 9)
+            os.waitpid(t.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        try:
+            os.close(t.fd)
+        except OSError:
+            pass
+
+
+def container_path(home_path, name, *parts):
+    return os.path.join(home_path, 'containers', name, *parts)
+
+
+def wait_for(predicate, timeout=10, what='condition'):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError('timed out waiting for %s' % what)

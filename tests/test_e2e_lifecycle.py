@@ -1,0 +1,351 @@
+"""The container lifecycle end to end, as root, with real namespaces, overlays and ptys."""
+
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+
+from conftest import container_path, wait_for
+
+
+def status_of(cocker, name):
+    r = cocker('-s', 'containers')
+    assert r.rc == 0, r
+    for line in r.out.splitlines():
+        if line.split(' ', 1)[0] == name:
+            return line.split()[-1]
+    raise AssertionError('%s not listed in %r' % (name, r.out))
+
+
+def mounts_of(home, name):
+    return [line for line in open('/proc/mounts') if container_path(home, name) in line]
+
+
+def test_manual_quickstart_transcript(cocker, test_image, names, terminal, home):
+    name = names('qs')
+    r = cocker('-s', 'images')
+    assert r.out.splitlines()[0] == 'image_id                       version    modify_datetime     size      '
+    assert r.out.splitlines()[1] == '-' * 68
+    assert re.search(r'^test {27}_ {10}\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d \d+ MB$', r.out, re.M), r.out
+    assert cocker('-a', 'create', '-m', 'test', '-c', name).out == 'OK\n'
+    t = terminal('-a', 'boot', '-c', name, '-t')
+    screen = t.expect('[root@%s /root] ' % name)
+    assert 'connect to container ok' in screen
+    assert '--- Welcome to cocker contrainer ---' in screen
+    t.send('exit\r')
+    t.expect('logout')
+    assert t.wait() == 0
+    assert status_of(cocker, name).startswith('RUNNING('), 'exit must end the session only'
+    assert cocker('-a', 'shutdown', '-c', name).out == 'OK\n'
+    assert status_of(cocker, name) == 'STOPED'
+    assert cocker('-a', 'destroy', '-c', name).out == 'OK\n'
+    assert not os.path.exists(container_path(home, name))
+    assert not mounts_of(home, name)
+
+
+def test_containers_listing_has_the_manual_columns(cocker, test_image, names):
+    name = names('ls')
+    assert cocker('-a', 'create', '-m', 'test', '-c', name, '--host', 'web').rc == 0
+    lines = cocker('-s', 'containers').out.splitlines()
+    assert lines[0] == ('container_id         image                hostname   net        '
+                        'netns            size       status')
+    assert lines[1] == '-' * 107
+    row = [l for l in lines if l.startswith(name + ' ')][0]
+    assert row.split() == [name, 'test', 'web', 'HOST', '0', 'B', 'STOPED'], row
+    assert cocker('-s', 'container_root', '-c', name).out.strip().endswith(
+        '/containers/%s/merged' % name)
+
+
+def test_attach_runs_a_login_shell_and_several_sessions_work_at_once(running, terminal):
+    name = running()
+    first = terminal('-a', 'attach', '-c', name)
+    second = terminal('-a', 'attach', '-c', name)
+    for t, word in ((first, 'one'), (second, 'two')):
+        t.expect('] ')
+        t.send('echo hello-$((6*7))-%s\r' % word)
+    assert 'hello-42-one' in first.expect('hello-42-one')
+    assert 'hello-42-two' in second.expect('hello-42-two')
+    for t in (first, second):
+        t.send('exit\r')
+        assert t.wait() == 0
+
+
+def test_attach_passes_the_window_size_and_follows_resizes(running, terminal):
+    name = running()
+    t = terminal('-a', 'attach', '-c', name, rows=33, cols=101)
+    t.expect('] ')
+    t.send('stty size\r')
+    t.expect('33 101')
+    t.resize(40, 132)
+    os.kill(t.pid, signal.SIGWINCH)
+    time.sleep(0.3)
+    t.send('stty size\r')
+    t.expect('40 132')
+    t.send('exit\r')
+    t.wait()
+
+
+def test_attach_restores_the_terminal_mode(running, terminal, cocker):
+    name = running()
+    t = terminal('-a', 'attach', '-c', name)
+    t.expect('] ')
+    t.send('exit\r')
+    assert t.wait() == 0
+    r = cocker('-a', 'attach', '-c', name)          # no terminal: refused clearly
+    assert r.rc == 255 and 'terminal' in r.err and 'Traceback' not in r.err
+
+
+def test_run_keeps_stdout_and_stderr_apart_and_returns_the_exit_status(running, cocker):
+    name = running()
+    r = cocker('-a', 'run', '-c', name, '--cmd', 'echo out; echo err >&2; exit 3')
+    assert (r.rc, r.out, r.err) == (3, 'out\n', 'err\n')
+    r = cocker('-a', 'run', '-c', name, '--cmd', 'hostname')
+    assert (r.rc, r.out) == (0, name + '\n')
+    r = cocker('-a', 'run', '-c', name, '--cmd', 'kill -9 $$')
+    assert r.rc == 137
+    r = cocker('-a', 'run', '-c', name, '--cmd', 'tr a-z A-Z', stdin=subprocess.PIPE,
+               input=b'piped input\n')
+    assert (r.rc, r.out) == (0, 'PIPED INPUT\n')
+    big = cocker('-a', 'run', '-c', name, '--cmd', 'seq 1 200000')
+    assert big.rc == 0 and big.out.splitlines()[-1] == '200000' and len(big.out.splitlines()) == 200000
+
+
+def test_container_is_isolated(running, cocker):
+    name = running('--host', 'isohost')
+    r = cocker('-a', 'run', '-c', name, '--cmd',
+               'cat /proc/1/cmdline | tr "\\0" " "; echo; hostname; ps -e -o pid= | wc -l; '
+               'cat /proc/mounts')
+    cmdline, hostname, count = r.out.splitlines()[:3]
+    mounts = r.out.splitlines()[3:]
+    assert 'cockerinit' in cmdline, 'PID 1 must be cockerinit'
+    assert hostname == 'isohost'
+    assert int(count) <= 6, 'host processes are visible: %s' % count
+    points = [m.split()[1] for m in mounts]
+    assert points[0] == '/' and mounts[0].startswith('overlay ')
+    assert set(points) <= {'/', '/proc', '/dev', '/dev/pts', '/dev/shm', '/dev/console'}, points
+    r = cocker('-a', 'run', '-c', name, '--cmd', 'ls /dev')
+    assert set(r.out.split()) >= {'null', 'zero', 'full', 'random', 'urandom', 'tty', 'console',
+                                  'ptmx', 'pts', 'shm'}
+
+
+def test_nothing_of_the_host_reaches_the_container(running, cocker, home):
+    name = running()
+    r = cocker('-a', 'run', '-c', name, '--cmd',
+               'readlink /proc/1/exe; echo "exe=$?"; ls /proc/1/map_files >/dev/null 2>&1; '
+               'echo "maps=$?"; grep CapBnd /proc/self/status; grep CapEff /proc/1/status; '
+               'ls /proc/self/fd')
+    assert 'exe=1' in r.out, 'PID 1 must be non-dumpable: %r' % r.out
+    assert 'maps=2' in r.out or 'maps=1' in r.out
+    assert 'CapBnd:\t00000000a80425fb' in r.out
+    assert 'CapEff:\t00000000a80425fb' in r.out
+    fds = r.out.split('CapEff:\t00000000a80425fb\n')[1].split()
+    assert fds == ['0', '1', '2', '3'], 'descriptors leaked into the container: %r' % fds
+    init_pid = int(open(container_path(home, name, 'init_pid')).read())
+    assert os.readlink('/proc/%d/cwd' % init_pid) == '/'
+    for fd in os.listdir('/proc/%d/fd' % init_pid):
+        target = os.readlink('/proc/%d/fd/%s' % (init_pid, fd))
+        assert not target.startswith('/') or target.startswith('/dev/'), \
+            'cockerinit holds a host file: %s' % target
+    assert cocker('-a', 'run', '-c', name, '--cmd', 'test -e %s' % home).rc == 1
+
+
+def test_orphans_are_reaped(running, cocker):
+    name = running()
+    r = cocker('-a', 'run', '-c', name, '--cmd', '(sleep 0.2 &) ; (sh -c "sleep 0.3 &" &); exit 0')
+    assert r.rc == 0
+    time.sleep(1.5)
+    r = cocker('-a', 'run', '-c', name, '--cmd', 'ps -e -o stat=,pid=,comm=')
+    assert not [l for l in r.out.splitlines() if l.strip().startswith('Z')], r.out
+
+
+def test_kill_9_of_pid_1_then_boot_again(running, cocker, home):
+    name = running()
+    os.kill(int(open(container_path(home, name, 'init_pid')).read()), signal.SIGKILL)
+    wait_for(lambda: status_of(cocker, name) == 'STOPED', what='STOPED after kill -9')
+    assert not mounts_of(home, name)
+    assert cocker('-a', 'boot', '-c', name).rc == 0
+    assert cocker('-a', 'run', '-c', name, '--cmd', 'true').rc == 0
+
+
+def test_kill_9_of_the_monitor_is_detected_and_repaired(running, cocker, home):
+    name = running()
+    init_pid = int(open(container_path(home, name, 'init_pid')).read())
+    os.kill(int(open(container_path(home, name, 'pid')).read()), signal.SIGKILL)
+    wait_for(lambda: not os.path.exists('/proc/%d' % init_pid), what='PID 1 to die with the monitor')
+    assert status_of(cocker, name) == 'STOPED'
+    assert not mounts_of(home, name), 'leftover mounts must be cleaned by the next command'
+    assert cocker('-a', 'boot', '-c', name).rc == 0
+    assert cocker('-a', 'run', '-c', name, '--cmd', 'true').rc == 0
+
+
+def test_kill_stops_at_once(running, cocker, home):
+    name = running()
+    assert cocker('-a', 'kill', '-c', name).out == 'OK\n'
+    assert status_of(cocker, name) == 'STOPED' and not mounts_of(home, name)
+    r = cocker('-a', 'kill', '-c', name)
+    assert r.rc == 255 and 'not running' in r.err
+
+
+def test_single_process_mode_stops_when_the_command_ends(cocker, test_image, names, home):
+    name = names('sp')
+    r = cocker('-a', 'create', '-m', 'test', '-c', name, '-b', '-e', 'sleep 1')
+    assert r.rc == 0 and r.out == 'OK\n', r
+    assert status_of(cocker, name).startswith('RUNNING(')
+    wait_for(lambda: status_of(cocker, name) == 'STOPED', what='-e container to stop')
+    assert not mounts_of(home, name)
+    r = cocker('-a', 'boot', '-c', name, '-e', '/bin/sh -c "echo main-output; exit 4"')
+    assert r.rc == 0
+    wait_for(lambda: status_of(cocker, name) == 'STOPED', what='-e container to stop')
+    assert 'main-output' in open(container_path(home, name, 'cockerinit.log')).read()
+    assert open(container_path(home, name, 'exit_status')).read() == '4'
+
+
+def test_highest_version_is_chosen_and_pinned(cocker, test_image, names, home):
+    for v in ('1.9.0', '1.10.0', '1.2.0'):
+        r = cocker('-a', 'install_test', '--version', v, '-f')
+        assert r.rc == 0, r
+        with open(os.path.join(home, 'images', 'test', v, 'rlayer', 'version.txt'), 'w') as f:
+            f.write(v)
+    images = cocker('-s', 'images').out
+    assert [l.split()[1] for l in images.splitlines()[2:] if l.startswith('test ')] == \
+        ['_', '1.2.0', '1.9.0', '1.10.0']
+    name = names('ver')
+    assert cocker('-a', 'create', '-m', 'test', '-c', name, '-b').rc == 0
+    assert cocker('-a', 'run', '-c', name, '--cmd', 'cat /version.txt').out == '1.10.0'
+    pinned = names('pin')
+    assert cocker('-a', 'create', '-m', 'test:1.2.0', '-c', pinned, '-b').rc == 0
+    assert cocker('-a', 'run', '-c', pinned, '--cmd', 'cat /version.txt').out == '1.2.0'
+
+
+def test_volume_is_shared_and_cannot_be_redirected_by_a_symlink(cocker, test_image, names, home,
+                                                                tmp_path):
+    shared = tmp_path / 'shared'
+    shared.mkdir()
+    decoy = tmp_path / 'decoy'
+    decoy.mkdir()
+    name = names('vol')
+    r = cocker('-a', 'create', '-m', 'test', '-c', name, '--volume', '%s:/mnt/data' % shared,
+               '--volume', '%s:/mnt/evil' % shared)
+    assert r.rc == 0, r
+    # the image (here: the container's upper layer) plants a symlink to a host path
+    os.makedirs(container_path(home, name, 'rwlayer', 'mnt'), exist_ok=True)
+    os.symlink(str(decoy), container_path(home, name, 'rwlayer', 'mnt', 'evil'))
+    assert cocker('-a', 'boot', '-c', name).rc == 0
+    r = cocker('-a', 'run', '-c', name, '--cmd', 'echo from-inside > /mnt/data/f; ls %s' % decoy)
+    assert r.rc == 0, r
+    assert (shared / 'f').read_text() == 'from-inside\n'
+    assert 'f' in r.out.split(), 'the symlinked target must resolve inside the container'
+    assert os.listdir(str(decoy)) == [], 'a bind mount escaped onto a host directory'
+    assert not [l for l in open('/proc/mounts') if str(decoy) in l]
+    r = cocker('-a', 'volume', '-c', name, '--volume', '/tmp:/tmp')
+    assert r.rc == 255 and 'running' in r.err
+    assert cocker('-a', 'shutdown', '-c', name).rc == 0
+    assert cocker('-a', 'volume', '-c', name, '--volume', '%s:/data:ro' % shared).rc == 0
+    assert cocker('-a', 'boot', '-c', name).rc == 0
+    r = cocker('-a', 'run', '-c', name, '--cmd', 'cat /data/f; touch /data/g')
+    assert r.out == 'from-inside\n' and r.rc != 0 and 'Read-only' in r.err
+
+
+def test_failed_boot_is_reported_and_undone(cocker, test_image, names, home):
+    name = names('bad')
+    assert cocker('-a', 'create', '-m', 'test', '-c', name, '--volume', '/nonexistent/x:/x').rc == 0
+    r = cocker('-a', 'boot', '-c', name)
+    assert r.rc == 255 and "volume source '/nonexistent/x' not found" in r.err, r
+    assert r.err.count('\n') == 1 and 'Traceback' not in r.err
+    assert status_of(cocker, name) == 'STOPED' and not mounts_of(home, name)
+    other = names('bad')
+    r = cocker('-a', 'create', '-m', 'test', '-c', other, '--volume', '/nonexistent/y:/y', '-b')
+    assert r.rc == 255
+    assert not os.path.exists(container_path(home, other)), 'create -b must roll back'
+
+
+def test_wrong_states_and_bad_input_change_nothing(cocker, test_image, names, home):
+    name = names('st')
+    assert cocker('-a', 'create', '-m', 'test', '-c', name).rc == 0
+    before = sorted(os.listdir(os.path.join(home, 'containers')))
+    cases = [
+        (['-a', 'run', '-c', name, '--cmd', 'true'], 255, "container '%s' is not running" % name),
+        (['-a', 'shutdown', '-c', name], 255, 'not running'),
+        (['-a', 'create', '-m', 'test', '-c', name], 255, "container '%s' exist" % name),
+        (['-a', 'create', '-m', 'nosuchimage', '-c', 'x'], 255, "image 'nosuchimage' not found"),
+        (['-a', 'create', '-m', 'test:9.9', '-c', 'x'], 255, "image 'test:9.9' not found"),
+        (['-a', 'boot', '-c', 'nosuch'], 255, "container 'nosuch' not found"),
+        (['-a', 'boot', '-c', '../../etc'], 7, 'invalid'),
+        (['-a', 'create', '-m', 'test', '-c', 'a/b'], 7, 'invalid'),
+        (['-a', 'create', '-m', '../test', '-c', 'x'], 7, 'invalid'),
+        (['-a', 'create', '-m', 'test', '-c', ''], 7, 'empty'),
+        (['-a', 'create', '-m', 'test', '-c', 'x' * 65], 7, 'longer'),
+        (['-a', 'create', '-m', 'test', '-c', 'bell\x07'], 7, 'invalid'),
+        (['-a', 'frobnicate'], 7, 'action[frobnicate] invalid'),
+        (['-a', 'boot', '-c', name, '--frob'], 7, "invalid parameter '--frob'"),
+        (['-a', 'boot'], 7, "expect '--container' with action '-a boot'"),
+        (['-a', 'create', '-m', 'test', '-c', 'x', '--net', 'WIFI'], 7, "'--net' value[WIFI] invalid"),
+    ]
+    for args, rc, text in cases:
+        r = cocker(*args)
+        assert r.rc == rc, (args, r)
+        assert r.err.startswith('*** ERROR : ') and text in r.err.splitlines()[0], (args, r)
+        assert 'Traceback' not in r.err
+    assert sorted(os.listdir(os.path.join(home, 'containers'))) == before
+    assert not os.path.exists(os.path.join(home, 'etc'))
+    assert cocker('-a', 'boot', '-c', name).rc == 0
+    r = cocker('-a', 'boot', '-c', name)
+    assert r.rc == 255 and 'already running' in r.err
+    r = cocker('-a', 'destroy', '-c', name)
+    assert r.rc == 255 and '-h' in r.err and os.path.isdir(container_path(home, name))
+    assert cocker('-a', 'destroy', '-c', name, '-h').out == 'OK\n'
+    assert not os.path.exists(container_path(home, name))
+
+
+def test_concurrent_boots_of_one_container_never_interleave(cocker, test_image, names):
+    name = names('race')
+    assert cocker('-a', 'create', '-m', 'test', '-c', name).rc == 0
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cocker('-a', 'boot', '-c', name)))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.rc for r in results) == [0, 255, 255, 255], results
+    assert all('already running' in r.err for r in results if r.rc)
+
+
+def test_eight_containers_created_and_booted_in_parallel(cocker, test_image, names, home):
+    batch = [names('par') for _ in range(8)]
+    results = {}
+
+    def up(n):
+        results[n] = cocker('-a', 'create', '-m', 'test', '-c', n, '-b')
+    threads = [threading.Thread(target=up, args=(n,)) for n in batch]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r.rc == 0 for r in results.values()), results
+    for n in batch:
+        assert cocker('-a', 'run', '-c', n, '--cmd', 'hostname').out == n + '\n'
+    for n in batch:
+        assert cocker('-a', 'destroy', '-c', n, '-h').rc == 0
+    assert not [l for l in open('/proc/mounts') if os.path.join(home, 'containers') in l]
+
+
+def test_debug_traces_steps_and_the_log_records_actions(cocker, test_image, names, home):
+    name = names('dbg')
+    r = cocker('-a', 'create', '-m', 'test', '-c', name, '-b', '-d')
+    assert r.rc == 0
+    assert 'cocker: mounted root on' in r.err and 'is ready' in r.err
+    log = open(os.path.join(home, 'cocker.log')).read()
+    assert re.search(r'\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6} \| INFO  \| \d+:cocker.py:\d+ \| '
+                     r'cocker -a create -m test -c %s -b -d' % name, log)
+    assert '-a create returned 0' in log
+
+
+def test_version_and_usage(cocker):
+    r = cocker('-v')
+    assert r.rc == 0 and re.match(r'^cocker v\d+\.\d+\.\d+ build ', r.out)
+    r = cocker()
+    assert r.rc == 0 and r.out.startswith('USAGE : cocker -v\n')
+    assert cocker('--help').out == r.out

@@ -1,0 +1,173 @@
+"""Pure helpers of cocker.py and cockerinit.py, imported by path: no root, no kernel state."""
+
+import os
+
+import pytest
+
+from conftest import COCKER, COCKERINIT, load_script
+
+cocker = load_script('cocker_under_test', COCKER)
+init = load_script('cockerinit_under_test', COCKERINIT)
+
+
+@pytest.mark.parametrize('name', ['test', 'calvin=rhel-7.4-x86_64', 'calvin=G6', 'a', 'x' * 64,
+                                  'web_1', 'db+replica', '数据库'])
+def test_good_names_are_accepted(name):
+    assert cocker.check_name('container', name) == name
+
+
+@pytest.mark.parametrize('name', ['', '.', '..', '../x', 'a/b', '/abs', 'x' * 65, 'a\nb', 'tab\t',
+                                  'sp ace', '-rf', '.hidden', 'a:b', 'a,b', '$(reboot)', 'a;b',
+                                  'back`tick', 'ctl\x01', 'del\x7f', '数' * 22])
+def test_bad_names_are_refused_as_usage_errors(name):
+    with pytest.raises(cocker.CockerError) as e:
+        cocker.check_name('container', name)
+    assert e.value.status == cocker.EXIT_USAGE
+    assert '\n' not in e.value.message
+
+
+def test_image_reference_splits_at_the_first_colon():
+    assert cocker.parse_image_ref('test') == ('test', None)
+    assert cocker.parse_image_ref('calvin=G6:1.0.0') == ('calvin=G6', '1.0.0')
+    with pytest.raises(cocker.CockerError):
+        cocker.parse_image_ref('test:1:2')
+    with pytest.raises(cocker.CockerError):
+        cocker.parse_image_ref('../etc:1')
+
+
+def test_versions_compare_numerically_part_by_part():
+    key = cocker.version_key
+    assert key('1.10.0') > key('1.9.0')
+    assert key('2') > key('1.99.99')
+    assert key('1.0') == key('1.0.0')
+    assert key('0.9.1') < key('1.0')
+    assert key('1.2.3-rc1') == key('1.2.3')
+    assert key('_') is None and key('latest') is None
+
+
+def test_highest_version_prefers_numbers_then_unversioned(tmp_path, monkeypatch):
+    monkeypatch.setattr(cocker, 'HOME', str(tmp_path))
+    for v in ['_', '1.9.0', '1.10.0', '0.9.1', '.hidden.installing.1']:
+        os.makedirs(str(tmp_path / 'images' / 'app' / v / 'rlayer'))
+    assert cocker.highest_version('app') == '1.10.0'
+    os.makedirs(str(tmp_path / 'images' / 'plain' / '_' / 'rlayer'))
+    assert cocker.highest_version('plain') == '_'
+    assert cocker.highest_version('missing') is None
+    with pytest.raises(cocker.CockerError) as e:
+        cocker.resolve_image('missing')
+    assert "image 'missing' not found" in e.value.message
+
+
+def test_size_text_matches_the_c_cocker():
+    assert cocker.size_text(0) == '0 B'
+    assert cocker.size_text(1024) == '1024 B'
+    assert cocker.size_text(1025) == '1 KB'
+    assert cocker.size_text(24 * 1024 * 1024 + 5) == '24 MB'
+    assert cocker.size_text(1 << 30) == '1024 MB'
+    assert cocker.size_text(3 << 30) == '3 GB'
+    assert cocker.size_text(-1) == '(unknow)'
+
+
+def test_netns_name_is_the_c_cocker_md5_prefix():
+    assert cocker.netns_name('test') == 'nns098F6BCD46'
+    assert cocker.netns_name('calvin=G6') == 'nns2513F44178'
+
+
+def test_volume_specifications():
+    assert cocker.parse_volume('/tmp') == ('/tmp', '/tmp', False)
+    assert cocker.parse_volume('/srv/data:/data') == ('/srv/data', '/data', False)
+    assert cocker.parse_volume('/srv/data:/data:ro') == ('/srv/data', '/data', True)
+    for bad in ['relative:/x', '/x:relative', '/a:/b:rx', '/a:/b:ro:x']:
+        with pytest.raises(cocker.CockerError):
+            cocker.parse_volume(bad)
+
+
+def parse(*argv):
+    o = cocker.parse_args(list(argv))
+    cocker.check_args(o)
+    return o
+
+
+def test_options_in_any_order_later_wins_volumes_add_up():
+    o = parse('-c', 'a', '-a', 'create', '--volume', '/x:/x', '-m', 'test', '-c', 'b',
+              '--volume', '/y:/y', '-b', '-d')
+    assert (o.action, o.container, o.image, o.boot, o.debug) == ('create', 'b', 'test', True, True)
+    assert o.volumes == ['/x:/x', '/y:/y']
+    assert o.net == 'HOST'
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['-a', 'create'], "expect '--image' with action '-a create'"),
+    (['-a', 'boot'], "expect '--container' with action '-a boot'"),
+    (['-a', 'run', '-c', 'x'], "expect '--cmd' with action '-a run'"),
+    (['-a', 'volume', '-c', 'x'], "expect '--volume' with action '-a volume'"),
+    (['-a', 'vip', '-c', 'x'], "expect '--vip' with action '-a vip'"),
+    (['-a', 'nosuch'], 'action[nosuch] invalid'),
+    (['-s', 'nosuch'], 'show[nosuch] invalid'),
+    (['-d'], 'cmd para action[(null)] invalid'),
+    (['-a', 'create', '-m', 't', '--net', 'bridge'], "'--net' value[bridge] invalid"),
+    (['-a', 'boot', '-c', 'x', '-t', '-e', 'sh'], "'-t' and '-e' cannot be used together"),
+])
+def test_missing_or_wrong_arguments_are_usage_errors(argv, message):
+    with pytest.raises(cocker.CockerError) as e:
+        parse(*argv)
+    assert e.value.message == message
+    assert e.value.status == 7
+
+
+def test_unknown_option_and_missing_value_are_invalid_parameters():
+    for argv in (['-a', 'boot', '--bogus'], ['-a', 'boot', '-c']):
+        with pytest.raises(cocker.CockerError) as e:
+            cocker.parse_args(argv)
+        assert e.value.status == 7 and 'invalid parameter' in e.value.message
+
+
+def test_frames_round_trip_and_split_at_any_boundary():
+    class Sink(object):
+        data = b''
+
+        def sendall(self, b):
+            self.data += b
+    s = Sink()
+    cocker.send_frame(s, b'R', b'{"cmd": "true"}')
+    init.send_frame(s, b'O', b'x' * 70000)
+    init.send_frame(s, b'X', b'{"status": 3}')
+    stream = s.data
+    for cut in (1, 4, 5, 9, 70000, len(stream) - 1):
+        frames, rest = cocker.split_frames(stream[:cut])
+        more, rest = init.split_frames(rest + stream[cut:])
+        assert [k for k, _ in frames + more] == [b'R', b'O', b'X'] and rest == b''
+        assert (frames + more)[1][1] == b'x' * 70000
+
+
+def test_exit_status_is_code_or_128_plus_signal():
+    assert init.exit_status(3 << 8) == 3 and cocker.exit_status(0) == 0
+    assert init.exit_status(9) == 137 and cocker.exit_status(15) == 143
+
+
+def test_docker_default_capabilities_are_kept():
+    # CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID SETUID SETPCAP NET_BIND_SERVICE NET_RAW
+    # SYS_CHROOT MKNOD AUDIT_WRITE SETFCAP; never SYS_ADMIN (21) nor SYS_PTRACE (19)
+    assert sum(1 << c for c in init.KEEP_CAPS) == 0xa80425fb
+    assert 21 not in init.KEEP_CAPS and 19 not in init.KEEP_CAPS
+
+
+def test_open_in_root_keeps_symlinks_inside_the_root(tmp_path):
+    root = tmp_path / 'root'
+    outside = tmp_path / 'outside'
+    os.makedirs(str(root / 'etc'))
+    os.makedirs(str(outside))
+    os.symlink(str(outside), str(root / 'abs'))          # absolute: means root/<outside>
+    os.symlink('../../../..', str(root / 'etc' / 'up'))   # climbs: stops at root
+    fd = os.open(str(root), os.O_PATH | os.O_DIRECTORY)
+    try:
+        for path, expect in (('/abs/x', root / str(outside).lstrip('/') / 'x'),
+                             ('/etc/up/y', root / 'y')):
+            target = cocker.open_in_root(fd, path)
+            try:
+                assert os.readlink('/proc/self/fd/%d' % target) == str(expect)
+            finally:
+                os.close(target)
+    finally:
+        os.close(fd)
+    assert os.listdir(str(outside)) == [], 'a symlink made cocker create a directory outside'
