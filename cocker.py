@@ -624,13 +624,6 @@ def netns_name(name):
     return 'nns' + hashlib.md5(name.encode('utf-8')).hexdigest()[:10].upper()
 
 
-def generated_container_id(images):
-    """64 upper-case hex digits, as the C cocker names a container created without -c."""
-    import hashlib
-    seed = ('%s%.6f' % (images, time.time())).encode('utf-8')
-    return (hashlib.sha256(seed).hexdigest()).upper()
-
-
 def write_container(staging, o, name):
     """Fill a new container directory from the create options."""
     for sub in ('rwlayer', 'workdir', 'merged'):

@@ -515,6 +515,10 @@ def main(argv):
         listener = bind_control_socket(config['sockdir'])
         enter_root(config['root'])
         drop_capabilities(last_cap)
+        # stdin came from the host (/dev/null of the monitor): use the container's own
+        null = os.open('/dev/null', os.O_RDWR)
+        os.dup2(null, 0)
+        os.close(null)
         console_slave = os.open('/dev/console', os.O_RDWR | os.O_NOCTTY)
         tty.setraw(console_slave)
     except OSError as e:
@@ -573,6 +577,10 @@ def main(argv):
                     os.close(fd)
                 serve_session(conn, config.get('hostname', ''))
             conn.close()
+
+
+def entry_point():
+    sys.exit(main(sys.argv[1:]))
 
 
 if __name__ == '__main__':

@@ -144,10 +144,12 @@ def test_nothing_of_the_host_reaches_the_container(running, cocker, home):
     assert fds == ['0', '1', '2', '3'], 'descriptors leaked into the container: %r' % fds
     init_pid = int(open(container_path(home, name, 'init_pid')).read())
     assert os.readlink('/proc/%d/cwd' % init_pid) == '/'
+    host_devices = {os.stat(p).st_dev for p in ('/', '/dev', '/proc', home)}
     for fd in os.listdir('/proc/%d/fd' % init_pid):
-        target = os.readlink('/proc/%d/fd/%s' % (init_pid, fd))
-        assert not target.startswith('/') or target.startswith('/dev/'), \
-            'cockerinit holds a host file: %s' % target
+        path = '/proc/%d/fd/%s' % (init_pid, fd)
+        target = os.readlink(path)
+        assert os.stat(path).st_dev not in host_devices, \
+            'cockerinit holds a host file on fd %s: %s' % (fd, target)
     assert cocker('-a', 'run', '-c', name, '--cmd', 'test -e %s' % home).rc == 1
 
 
