@@ -590,7 +590,9 @@ def require_stopped(name, what):
 
 
 def require_running(name):
-    if not is_running(name):
+    # no repair here: attach and run do not hold the container lock, and a boot in
+    # progress looks like leftovers until its monitor holds running.lock
+    if container_status(name) != 'RUNNING':
         raise CockerError("container '%s' is not running" % name)
 
 
@@ -1211,12 +1213,11 @@ def window_size(fd):
         return (24, 80, 0, 0)
 
 
-def session(name, request, stdin_fd=None, tty=False):
+def session(name, sock, request, stdin_fd=None, tty=False):
     """Run one attach or run session; relay until cockerinit reports the exit status."""
     import json
     import select
     import signal
-    sock = connect_container(name)
     send_frame(sock, b'R', json.dumps(request).encode('utf-8'))
     out = sys.stdout.buffer
     err = sys.stderr.buffer
@@ -1284,7 +1285,7 @@ def run_in_container(name, cmd):
         except OSError:
             stdin_fd = None
     request = {'tty': False, 'cmd': cmd, 'stdin': stdin_fd is not None}
-    return session(name, request, stdin_fd=stdin_fd)
+    return session(name, connect_container(name), request, stdin_fd=stdin_fd)
 
 
 def attach_container(name):
@@ -1295,14 +1296,14 @@ def attach_container(name):
         raise CockerError('attach needs a terminal on stdin (use -a run for scripts)')
     rows, cols, xpix, ypix = window_size(0)
     request = {'tty': True, 'cmd': None, 'term': os.environ.get('TERM', 'xterm'),
+               'LANG': os.environ.get('LANG'),
                'rows': rows, 'cols': cols, 'xpix': xpix, 'ypix': ypix}
     saved = termios.tcgetattr(0)
-    sock_check = connect_container(name)        # fail before touching the terminal
-    sock_check.close()
+    sock = connect_container(name)              # fail before touching the terminal
     say('connect to container ok')
     tty.setraw(0)
     try:
-        return session(name, request, stdin_fd=0, tty=True)
+        return session(name, sock, request, stdin_fd=0, tty=True)
     finally:
         termios.tcsetattr(0, termios.TCSAFLUSH, saved)
 
