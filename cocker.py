@@ -958,6 +958,7 @@ def start_container(name, exec_cmd=None):
     import select
     setup_network(name)
     layers = container_layers(name)
+    debug('layers of %s, bottom first: %s', name, ' '.join(layers) or '(rwlayer only)')
     init = cockerinit_path()
     mount_root(name, layers)
     monitor = None
@@ -968,6 +969,7 @@ def start_container(name, exec_cmd=None):
             os.close(ready_r)
             run_monitor(name, init, exec_cmd, ready_w)      # never returns
         os.close(ready_w)
+        debug('monitor of %s is pid %d, waiting for cockerinit', name, monitor)
         deadline = time.time() + BOOT_TIMEOUT
         answer = b''
         while time.time() < deadline:
@@ -1445,11 +1447,11 @@ def action_create(o):
     with locked('container', name):
         remove_stale_staging()
         create_container(o, name)
+        record_limits(name, o)
         log('INFO', "created container '%s' from '%s'" % (name, o.image))
         if not o.boot:
             say('OK')
             return EXIT_OK
-        record_limits(name, o)
         try:
             start_container(name, o.exec_cmd)
         except BaseException:
@@ -1503,6 +1505,7 @@ def stop_container(name, sig, force=False):
             return
         raise CockerError("container '%s' is not running" % name)
     monitor = read_pid(name)
+    debug('stopping %s (monitor %s) with signal %d', name, monitor, sig)
     if sig == 9:
         init_pid = read_pid(name, 'init_pid')
         if init_pid:
