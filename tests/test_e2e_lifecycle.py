@@ -351,3 +351,18 @@ def test_version_and_usage(cocker):
     r = cocker()
     assert r.rc == 0 and r.out.startswith('USAGE : cocker -v\n')
     assert cocker('--help').out == r.out
+
+
+def test_a_container_written_by_the_c_cocker_boots(cocker, test_image, names, home):
+    name = names('c')
+    cp = container_path(home, name)
+    for sub in ('rwlayer/etc', 'workdir', 'merged'):
+        os.makedirs(os.path.join(cp, sub))
+    for key, value in (('image', 'test'), ('hostname', 'legacy'), ('net', 'HOST')):
+        with open(os.path.join(cp, key), 'w') as f:
+            f.write(value)                      # the C cocker writes no trailing newline
+    assert status_of(cocker, name) == 'STOPED'
+    assert cocker('-a', 'boot', '-c', name).rc == 0
+    assert cocker('-a', 'run', '-c', name, '--cmd', 'hostname').out == 'legacy\n'
+    assert open(os.path.join(cp, 'layers')).read() == 'test:_', 'the layers must be pinned'
+    assert cocker('-a', 'shutdown', '-c', name).rc == 0
