@@ -1557,35 +1557,31 @@ def action_destroy(o):
     return EXIT_OK
 
 
-def action_volume(o):
-    """Replace the volume list of a stopped container."""
-    name = require_container(o.container)
-    text = volume_lines(o.volumes)
+def change_stopped_container(name, key, value, what):
+    """Rewrite one attribute file of a stopped container (used from its next boot)."""
     with locked('container', name):
-        require_stopped(name, 'volumes can be changed on')
-        write_attr(name, 'volume', text)
+        require_stopped(name, what)
+        write_attr(name, key, value)
     say('OK')
     return EXIT_OK
+
+
+def action_volume(o):
+    """Replace the volume list of a stopped container."""
+    return change_stopped_container(require_container(o.container), 'volume',
+                                    volume_lines(o.volumes), 'volumes can be changed on')
 
 
 def action_vip(o):
     """Change the VIP of a stopped container (used from its next boot)."""
-    name = require_container(o.container)
-    with locked('container', name):
-        require_stopped(name, 'the VIP can be changed on')
-        write_attr(name, 'vip', o.vip)
-    say('OK')
-    return EXIT_OK
+    return change_stopped_container(require_container(o.container), 'vip', o.vip,
+                                    'the VIP can be changed on')
 
 
 def action_port_mapping(o):
     """Change the port mappings of a stopped container (used from its next boot)."""
-    name = require_container(o.container)
-    with locked('container', name):
-        require_stopped(name, 'port mappings can be changed on')
-        write_attr(name, 'port_mapping', o.port_mapping)
-    say('OK')
-    return EXIT_OK
+    return change_stopped_container(require_container(o.container), 'port_mapping',
+                                    o.port_mapping, 'port mappings can be changed on')
 
 
 ACTIONS = {
