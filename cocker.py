@@ -1518,24 +1518,23 @@ def stop_container(name, sig, force=False):
     teardown_container(name)
 
 
-def action_shutdown(o):
-    """Stop a container: SIGTERM to every process, SIGKILL after a grace period."""
+def stop_action(o, sig, done):
     name = require_container(o.container)
     with locked('container', name):
-        stop_container(name, 15, o.force)
-        log('INFO', "shut down container '%s'" % name)
+        stop_container(name, sig, o.force)
+        log('INFO', "%s container '%s'" % (done, name))
     say('OK')
     return EXIT_OK
+
+
+def action_shutdown(o):
+    """Stop a container: SIGTERM to every process, SIGKILL after a grace period."""
+    return stop_action(o, 15, 'shut down')
 
 
 def action_kill(o):
     """Kill a container at once."""
-    name = require_container(o.container)
-    with locked('container', name):
-        stop_container(name, 9, o.force)
-        log('INFO', "killed container '%s'" % name)
-    say('OK')
-    return EXIT_OK
+    return stop_action(o, 9, 'killed')
 
 
 def action_destroy(o):
