@@ -366,3 +366,33 @@ def test_a_container_written_by_the_c_cocker_boots(cocker, test_image, names, ho
     assert cocker('-a', 'run', '-c', name, '--cmd', 'hostname').out == 'legacy\n'
     assert open(os.path.join(cp, 'layers')).read() == 'test:_', 'the layers must be pinned'
     assert cocker('-a', 'shutdown', '-c', name).rc == 0
+
+
+def test_a_boot_killed_half_way_is_repaired_by_the_next_command(cocker, test_image, names, home):
+    name = names('crash')
+    assert cocker('-a', 'create', '-m', 'test', '-c', name).rc == 0
+    cp = container_path(home, name)
+    # what a cocker killed -9 right after mounting the root leaves: the mount, a dead pid
+    lower = os.path.join(home, 'images', 'test', '_', 'rlayer')
+    subprocess.check_call(['mount', '-t', 'overlay', 'overlay', '-o',
+                           'lowerdir=%s,upperdir=%s/rwlayer,workdir=%s/workdir' % (lower, cp, cp),
+                           os.path.join(cp, 'merged')])
+    dead = subprocess.Popen(['true'])
+    dead.wait()
+    with open(os.path.join(cp, 'pid'), 'w') as f:
+        f.write(str(dead.pid))
+    assert mounts_of(home, name)
+    assert status_of(cocker, name) == 'STOPED'
+    assert not mounts_of(home, name), '-s containers must clean the leftovers'
+    assert not os.path.exists(os.path.join(cp, 'pid'))
+    assert cocker('-a', 'boot', '-c', name).rc == 0
+    assert cocker('-a', 'run', '-c', name, '--cmd', 'true').rc == 0
+
+
+def test_a_create_killed_half_way_leaves_nothing_visible(cocker, test_image, names, home):
+    name = names('half')
+    staging = os.path.join(home, 'containers', '.%s.creating.%d' % (name, 2 ** 22 + 1))
+    os.makedirs(os.path.join(staging, 'rwlayer'))
+    assert name not in cocker('-s', 'containers').out
+    assert cocker('-a', 'create', '-m', 'test', '-c', name).rc == 0
+    assert not os.path.exists(staging), 'create must sweep what a killed create left'
