@@ -171,6 +171,15 @@ def append_log(path, data):
         os.close(fd)
 
 
+def error_text(e):
+    """One line for any exception: ours, an OSError, or something unexpected."""
+    if isinstance(e, CockerError):
+        return e.message
+    if isinstance(e, OSError):
+        return describe_oserror(e)
+    return '%s: %s' % (type(e).__name__, e)
+
+
 def describe_oserror(e):
     """'mount /x: Device or resource busy' from an OSError raised anywhere."""
     where = e.filename if e.filename is not None else ''
@@ -1055,12 +1064,11 @@ def run_monitor(name, init, exec_cmd, ready_w):
                           os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(running, fcntl.LOCK_EX)
         write_attr(name, 'pid', str(os.getpid()))
-        status = monitor_container(name, init, exec_cmd, ready_w)
+        monitor_container(name, init, exec_cmd, ready_w)
+        status = 0
     except BaseException as e:
         try:
-            text = e.message if isinstance(e, CockerError) else describe_oserror(e) \
-                if isinstance(e, OSError) else '%s: %s' % (type(e).__name__, e)
-            os.write(ready_w, text.encode('utf-8', 'replace'))
+            os.write(ready_w, error_text(e).encode('utf-8', 'replace'))
         except (OSError, ValueError):
             pass
     finally:
@@ -1072,7 +1080,7 @@ def run_monitor(name, init, exec_cmd, ready_w):
 
 
 def monitor_container(name, init, exec_cmd, ready_w):
-    """Fork PID 1 in new namespaces, copy its log, wait for it; return its exit status."""
+    """Fork PID 1 in new namespaces, copy its log, wait for it and record its exit status."""
     import signal
     log_r, log_w = os.pipe()
     alive_r, alive_w = os.pipe()
@@ -1118,7 +1126,6 @@ def monitor_container(name, init, exec_cmd, ready_w):
     write_attr(name, 'exit_status', str(status))
     log('INFO', "container '%s' stopped, PID 1 exit status %d" % (name, status))
     os.close(alive_w)
-    return 0
 
 
 def boot_child(name, init, exec_cmd, ready_w, log_w, alive_r):
@@ -1127,11 +1134,12 @@ def boot_child(name, init, exec_cmd, ready_w, log_w, alive_r):
     try:
         prctl(PR_SET_PDEATHSIG, 9)       # the monitor's death takes the container with it
         merged = container_file(name, 'merged')
+        hostname = read_attr(name, 'hostname') or name
         unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC)
         # nothing mounted from here on may propagate back to the host
         mount(None, '/', None, MS_REC | MS_PRIVATE)
         enter_network(name)
-        sethostname(read_attr(name, 'hostname') or name)
+        sethostname(hostname)
         bind_volumes(name, merged)
         mount_proc(merged)
         console = mount_dev(merged)
@@ -1141,7 +1149,7 @@ def boot_child(name, init, exec_cmd, ready_w, log_w, alive_r):
         for fd in fds.values():
             os.set_inheritable(fd, True)
         config = {'root': merged, 'sockdir': container_dir(name), 'exec': exec_cmd,
-                  'hostname': read_attr(name, 'hostname') or name}
+                  'hostname': hostname}
         config.update(('%s_fd' % k, v) for k, v in fds.items())
         env = {'PATH': '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin',
                'LC_ALL': 'C.UTF-8', 'COCKER_ALIVE_PIPE': str(alive_r),
@@ -1151,10 +1159,8 @@ def boot_child(name, init, exec_cmd, ready_w, log_w, alive_r):
         close_fds_except({0, 1, 2} | set(fds.values()))
         os.execve(sys.executable, [sys.executable, '-I', '-S', init, '--container', name], env)
     except BaseException as e:
-        text = e.message if isinstance(e, CockerError) else describe_oserror(e) \
-            if isinstance(e, OSError) else '%s: %s' % (type(e).__name__, e)
         try:
-            os.write(ready_w, ('boot %s: %s' % (name, text)).encode('utf-8', 'replace'))
+            os.write(ready_w, ('boot %s: %s' % (name, error_text(e))).encode('utf-8', 'replace'))
         except OSError:
             pass
     os._exit(1)
