@@ -2,7 +2,7 @@
 # Run as a program, sh executes the next line: Python loads this file through the import
 # system, which keeps its compiled form in __pycache__ (compiling all of it at every start
 # would cost more than Python's own start-up).  Read by Python, the line is only a string.
-"exec" "${COCKER_PYTHON:-python3}" "-c" "import sys;from importlib.machinery import SourceFileLoader as L;from importlib.util import spec_from_loader as S,module_from_spec as M;l=L('cocker',sys.argv[1]);m=M(S('cocker',l));l.exec_module(m);sys.exit(m.main(sys.argv[2:]))" "$0" "$@"
+"exec" "${COCKER_PYTHON:-python3}" "-c" "import sys;from importlib.machinery import SourceFileLoader as L;p=sys.argv[1];m=sys.modules['cocker']=type(sys)('cocker');m.__file__=p;exec(L('cocker',p).get_code('cocker'),m.__dict__);sys.exit(m.main(sys.argv[2:]))" "$0" "$@"
 """cocker: a container engine for Linux servers that manages containers like virtual hosts.
 
 A successor of the C cocker, written for the Python standard library only (3.6 and newer),

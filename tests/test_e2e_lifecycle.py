@@ -398,3 +398,24 @@ def test_a_create_killed_half_way_leaves_nothing_visible(cocker, test_image, nam
     assert name not in cocker('-s', 'containers').out
     assert cocker('-a', 'create', '-m', 'test', '-c', name).rc == 0
     assert not os.path.exists(staging), 'create must sweep what a killed create left'
+
+
+def test_cocker_runs_as_a_program_and_as_a_plain_copy(cocker, test_image, names, home, tmp_path):
+    import shutil
+    from conftest import COCKER, COCKERINIT, PYTHON
+    bindir = tmp_path / 'bin'
+    bindir.mkdir()
+    shutil.copy(COCKER, str(bindir / 'cocker'))          # copied alone, without .py
+    shutil.copy(COCKERINIT, str(bindir))
+    env = dict(os.environ, COCKER_HOME=home, COCKER_PYTHON=PYTHON)
+    env.pop('PYTHONDONTWRITEBYTECODE', None)
+    for program in (COCKER, str(bindir / 'cocker')):
+        out = subprocess.check_output([program, '-v'], env=env).decode()
+        assert out.startswith('cocker v'), out
+    assert os.listdir(str(bindir / '__pycache__')), 'the compiled form should be cached'
+    name = names('copy')
+    out = subprocess.check_output([str(bindir / 'cocker'), '-a', 'create', '-m', 'test', '-c', name,
+                                   '-b', '-e', 'sleep 60'], env=env).decode()
+    assert out == 'OK\n'
+    r = cocker('-a', 'run', '-c', name, '--cmd', 'cat /proc/1/cmdline')
+    assert str(bindir / 'cockerinit.py') in r.out, 'cockerinit must come from beside the copy'
