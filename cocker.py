@@ -33,7 +33,7 @@ import struct
 import sys
 import time
 
-# Heavier modules (ctypes, subprocess, json, socket, select, termios, shutil, hashlib) are
+# Heavier modules (ctypes, subprocess, socket, select, termios, shutil, hashlib) are
 # imported inside the functions that need them: every command pays Python start-up, and
 # `cocker -v` or a listing should not pay for namespaces and sockets it never touches.
 
@@ -962,13 +962,36 @@ def cockerinit_path():
     raise CockerError("cockerinit.py not found beside %s" % os.path.realpath(__file__))
 
 
+def cockerinit_program():
+    """What the boot child executes: cockerinit's compiled form, kept fresh beside it in
+    __pycache__, so PID 1 need not compile it at every boot; the source where bytecode may
+    not be written."""
+    source = cockerinit_path()
+    if sys.dont_write_bytecode or os.environ.get('PYTHONDONTWRITEBYTECODE'):
+        return source
+    compiled = os.path.join(os.path.dirname(source), '__pycache__',
+                            'cockerinit.%s.pyc' % sys.implementation.cache_tag)
+    try:
+        if os.stat(compiled).st_mtime >= os.stat(source).st_mtime:
+            return compiled
+    except OSError:
+        pass
+    import py_compile
+    try:
+        py_compile.compile(source, cfile=compiled, doraise=True)
+    except (OSError, py_compile.PyCompileError):
+        return source
+    debug('compiled %s', compiled)
+    return compiled
+
+
 def start_container(name, exec_cmd=None):
     """Boot a stopped container; return when cockerinit serves, or raise with the cause."""
     import select
     setup_network(name)
     layers = container_layers(name)
     debug('layers of %s, bottom first: %s', name, ' '.join(layers) or '(rwlayer only)')
-    init = cockerinit_path()
+    init = cockerinit_program()
     mount_root(name, layers)
     monitor = None
     try:
@@ -1130,7 +1153,6 @@ def monitor_container(name, init, exec_cmd, ready_w):
 
 def boot_child(name, init, exec_cmd, ready_w, log_w, alive_r):
     """PID 1 of the new pid namespace, before it becomes cockerinit: never returns."""
-    import json
     try:
         prctl(PR_SET_PDEATHSIG, 9)       # the monitor's death takes the container with it
         merged = container_file(name, 'merged')
@@ -1148,12 +1170,13 @@ def boot_child(name, init, exec_cmd, ready_w, log_w, alive_r):
         fds = {'ready': ready_w, 'log': log_w, 'alive': alive_r, 'console': console}
         for fd in fds.values():
             os.set_inheritable(fd, True)
-        config = {'root': merged, 'sockdir': container_dir(name), 'exec': exec_cmd,
-                  'hostname': hostname}
-        config.update(('%s_fd' % k, v) for k, v in fds.items())
         env = {'PATH': '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin',
                'LC_ALL': 'C.UTF-8', 'COCKER_ALIVE_PIPE': str(alive_r),
-               'COCKER_INIT': json.dumps(config)}
+               'COCKER_ROOT': merged, 'COCKER_SOCKDIR': container_dir(name),
+               'COCKER_HOSTNAME': hostname}
+        env.update(('COCKER_%s_FD' % k.upper(), str(v)) for k, v in fds.items())
+        if exec_cmd is not None:
+            env['COCKER_EXEC'] = exec_cmd
         os.dup2(log_w, 1)
         os.dup2(log_w, 2)
         close_fds_except({0, 1, 2} | set(fds.values()))
@@ -1170,8 +1193,9 @@ def boot_child(name, init, exec_cmd, ready_w, log_w, alive_r):
 # Talking to cockerinit
 # =============================================================================
 # Frames on the control socket: 1 type byte, 4-byte big-endian length, payload.
-#   client -> init: R request (JSON), I input bytes, C input closed, W window size (4 x u16)
-#   init -> client: O stdout bytes, E stderr bytes, X exit status (JSON), M error text
+#   client -> init: R request (fields), I input bytes, C input closed, W window size (4 x u16)
+#   init -> client: O stdout bytes, E stderr bytes, X exit status (fields), M error text
+# Fields are 'key=value' strings separated by NUL bytes (no JSON: it costs `re` at start-up).
 
 FRAME = struct.Struct('>cI')
 FRAME_MAX = 1 << 20
@@ -1179,6 +1203,17 @@ FRAME_MAX = 1 << 20
 
 def send_frame(sock, kind, payload=b''):
     sock.sendall(FRAME.pack(kind, len(payload)) + payload)
+
+
+def pack_fields(fields):
+    return b'\0'.join(('%s=%s' % (k, v)).encode('utf-8', 'surrogateescape')
+                       for k, v in fields.items() if v is not None)
+
+
+def unpack_fields(payload):
+    pairs = (item.decode('utf-8', 'surrogateescape').partition('=')
+             for item in payload.split(b'\0') if item)
+    return dict((k, v) for k, _, v in pairs)
 
 
 def split_frames(buf):
@@ -1223,10 +1258,9 @@ def window_size(fd):
 
 def session(name, sock, request, stdin_fd=None, tty=False):
     """Run one attach or run session; relay until cockerinit reports the exit status."""
-    import json
     import select
     import signal
-    send_frame(sock, b'R', json.dumps(request).encode('utf-8'))
+    send_frame(sock, b'R', pack_fields(request))
     out = sys.stdout.buffer
     err = sys.stderr.buffer
     resized = []
@@ -1275,7 +1309,7 @@ def session(name, sock, request, stdin_fd=None, tty=False):
                     elif kind == b'M':
                         raise CockerError(payload.decode('utf-8', 'replace'))
                     elif kind == b'X':
-                        status = json.loads(payload.decode('utf-8'))['status']
+                        status = int(unpack_fields(payload)['status'])
                         return status
     finally:
         sock.close()
@@ -1292,7 +1326,7 @@ def run_in_container(name, cmd):
             stdin_fd = 0
         except OSError:
             stdin_fd = None
-    request = {'tty': False, 'cmd': cmd, 'stdin': stdin_fd is not None}
+    request = {'cmd': cmd, 'stdin': '1' if stdin_fd is not None else None}
     return session(name, connect_container(name), request, stdin_fd=stdin_fd)
 
 
@@ -1303,7 +1337,7 @@ def attach_container(name):
     if not os.isatty(0):
         raise CockerError('attach needs a terminal on stdin (use -a run for scripts)')
     rows, cols, xpix, ypix = window_size(0)
-    request = {'tty': True, 'cmd': None, 'term': os.environ.get('TERM', 'xterm'),
+    request = {'tty': '1', 'term': os.environ.get('TERM', 'xterm'),
                'LANG': os.environ.get('LANG'),
                'rows': rows, 'cols': cols, 'xpix': xpix, 'ypix': ypix}
     saved = termios.tcgetattr(0)

@@ -26,9 +26,7 @@ VERSION = '1.0.0'
 import ctypes
 import errno
 import fcntl
-import json
 import os
-import platform
 import select
 import shlex
 import signal
@@ -43,8 +41,11 @@ import tty
 # Constants
 # =============================================================================
 
-CONFIG_ENV = 'COCKER_INIT'            #: JSON set by cocker: root, sockdir, the fds, exec
-ALIVE_ENV = 'COCKER_ALIVE_PIPE'       #: the C cocker's name for the alive pipe's fd
+#: set by cocker's boot child: the root, the socket's directory, the hostname, the -e
+#: command and the descriptors it hands over (COCKER_ALIVE_PIPE is the C cocker's name)
+CONFIG_ENV = ('COCKER_ROOT', 'COCKER_SOCKDIR', 'COCKER_HOSTNAME', 'COCKER_EXEC',
+              'COCKER_READY_FD', 'COCKER_LOG_FD', 'COCKER_CONSOLE_FD', 'COCKER_ALIVE_PIPE',
+              'COCKER_ALIVE_FD')
 SOCKET_NAME = 'cocker.sock'
 READY = b'READY'
 STOP_GRACE = 5                        #: seconds between SIGTERM and SIGKILL at shutdown
@@ -127,7 +128,7 @@ def prctl(option, arg2=0, arg3=0):
 
 
 def pivot_root(new_root, put_old):
-    number = SYS_PIVOT_ROOT.get(platform.machine())
+    number = SYS_PIVOT_ROOT.get(os.uname().machine)
     if number is None:
         _check(_libc.pivot_root(new_root.encode(), put_old.encode()), 'pivot_root')
     else:
@@ -151,8 +152,9 @@ def capset(mask):
 # Protocol
 # =============================================================================
 # Frames: 1 type byte, 4-byte big-endian length, payload (the same as in cocker.py).
-#   client -> init: R request (JSON), I input bytes, C input closed, W window size (4 x u16)
-#   init -> client: O stdout bytes, E stderr bytes, X exit status (JSON), M error text
+#   client -> init: R request (fields), I input bytes, C input closed, W window size (4 x u16)
+#   init -> client: O stdout bytes, E stderr bytes, X exit status (fields), M error text
+# Fields are 'key=value' strings separated by NUL bytes.
 
 FRAME = struct.Struct('>cI')
 FRAME_MAX = 1 << 20
@@ -160,6 +162,17 @@ FRAME_MAX = 1 << 20
 
 def send_frame(sock, kind, payload=b''):
     sock.sendall(FRAME.pack(kind, len(payload)) + payload)
+
+
+def pack_fields(fields):
+    return b'\0'.join(('%s=%s' % (k, v)).encode('utf-8', 'surrogateescape')
+                       for k, v in fields.items() if v is not None)
+
+
+def unpack_fields(payload):
+    pairs = (item.decode('utf-8', 'surrogateescape').partition('=')
+             for item in payload.split(b'\0') if item)
+    return dict((k, v) for k, _, v in pairs)
 
 
 def split_frames(buf):
@@ -280,7 +293,7 @@ def read_request(conn):
             conn.settimeout(None)
             # input frames that came with the request stay queued for the relay
             queued = b''.join(FRAME.pack(k, len(p)) + p for k, p in frames[1:])
-            return json.loads(payload.decode('utf-8')), queued + rest
+            return unpack_fields(payload), queued + rest
         data = conn.recv(BUFSIZE)
         if not data:
             raise ValueError('client closed before its request')
@@ -316,8 +329,8 @@ def start_command(request, argv, env):
     """Fork the session's command -> (pid, {fd: frame kind}, input fd or None, pty master)."""
     if request.get('tty'):
         master, slave = os.openpty()
-        size = struct.pack('HHHH', request.get('rows') or 24, request.get('cols') or 80,
-                           request.get('xpix') or 0, request.get('ypix') or 0)
+        size = struct.pack('HHHH', *(int(request.get(k) or d) for k, d in
+                                     (('rows', 24), ('cols', 80), ('xpix', 0), ('ypix', 0))))
         fcntl.ioctl(slave, termios.TIOCSWINSZ, size)
         pid = os.fork()
         if pid == 0:
@@ -415,7 +428,7 @@ def relay(conn, request, argv, env, buf):
                 done, wait_status = pid, 0
             if done:
                 status = exit_status(wait_status)
-    send_frame(conn, b'X', json.dumps({'status': status}).encode())
+    send_frame(conn, b'X', pack_fields({'status': status}))
     return 0
 
 
@@ -499,21 +512,21 @@ def main(argv):
     if len(argv) != 2 or argv[0] != '--container':
         sys.stderr.write("*** ERROR : '--container' need for running\n")
         return 249
-    if os.getpid() != 1 or CONFIG_ENV not in os.environ:
+    if os.getpid() != 1 or 'COCKER_ROOT' not in os.environ:
         sys.stderr.write('*** ERROR : please run me by cocker\n')
         return 1
     prctl(PR_SET_DUMPABLE, 0)
-    config = json.loads(os.environ.pop(CONFIG_ENV))
-    os.environ.pop(ALIVE_ENV, None)
-    ready, alive, console = config['ready_fd'], config['alive_fd'], config['console_fd']
-    for fd in (ready, alive, console, config['log_fd']):
+    config = dict((key, os.environ.pop(key, None)) for key in CONFIG_ENV)
+    ready, alive, console, log_fd = (int(config['COCKER_%s_FD' % k])
+                                     for k in ('READY', 'ALIVE', 'CONSOLE', 'LOG'))
+    for fd in (ready, alive, console, log_fd):
         os.set_inheritable(fd, False)
     try:
         with open('/proc/sys/kernel/cap_last_cap') as f:
             last_cap = int(f.read())
         time.localtime()                             # load the time zone while the host's is here
-        listener = bind_control_socket(config['sockdir'])
-        enter_root(config['root'])
+        listener = bind_control_socket(config['COCKER_SOCKDIR'])
+        enter_root(config['COCKER_ROOT'])
         drop_capabilities(last_cap)
         # stdin came from the host (/dev/null of the monitor): use the container's own
         null = os.open('/dev/null', os.O_RDWR)
@@ -531,7 +544,7 @@ def main(argv):
     signal.signal(signal.SIGCHLD, lambda s, f: None)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     signal.set_wakeup_fd(wake_w)
-    main_pid = start_main_command(config['exec']) if config.get('exec') else None
+    main_pid = start_main_command(config['COCKER_EXEC']) if config['COCKER_EXEC'] else None
     os.write(ready, READY)
     os.close(ready)
     log('--- cockerinit ready: container %s ---' % argv[1])
@@ -575,7 +588,7 @@ def main(argv):
                 listener.close()
                 for fd in (alive, wake_r, wake_w, console, console_slave):
                     os.close(fd)
-                serve_session(conn, config.get('hostname', ''))
+                serve_session(conn, config['COCKER_HOSTNAME'] or '')
             conn.close()
 
 

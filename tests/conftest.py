@@ -78,7 +78,7 @@ def cockerinit_processes(home_path):
                 cmd = f.read()
         except OSError:
             continue
-        if b'cockerinit.py' in cmd and b'--container' in cmd:
+        if b'cockerinit' in cmd and b'--container' in cmd:
             found.append(int(pid))
     return found
 

@@ -418,4 +418,5 @@ def test_cocker_runs_as_a_program_and_as_a_plain_copy(cocker, test_image, names,
                                    '-b', '-e', 'sleep 60'], env=env).decode()
     assert out == 'OK\n'
     r = cocker('-a', 'run', '-c', name, '--cmd', 'cat /proc/1/cmdline')
-    assert str(bindir / 'cockerinit.py') in r.out, 'cockerinit must come from beside the copy'
+    assert str(bindir / '__pycache__' / 'cockerinit.') in r.out, \
+        'cockerinit must come from beside the copy, compiled once: %r' % r.out

@@ -171,3 +171,10 @@ def test_open_in_root_keeps_symlinks_inside_the_root(tmp_path):
     finally:
         os.close(fd)
     assert os.listdir(str(outside)) == [], 'a symlink made cocker create a directory outside'
+
+
+def test_request_fields_round_trip_between_the_two_scripts():
+    request = {'cmd': 'echo a=b; echo "数据" | tr = :', 'tty': '1', 'rows': 33, 'stdin': None}
+    assert init.unpack_fields(cocker.pack_fields(request)) == {
+        'cmd': 'echo a=b; echo "数据" | tr = :', 'tty': '1', 'rows': '33'}
+    assert cocker.unpack_fields(init.pack_fields({'status': 137})) == {'status': '137'}
