@@ -1319,6 +1319,9 @@ def session(name, sock, request, stdin_fd=None, tty=False):
 
 def run_in_container(name, cmd):
     """-a run: stdout and stderr kept apart, the command's exit status returned."""
+    import signal
+    # a reader that stops early (cocker -a run ... | head) ends us quietly, like cat
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     stdin_fd = None
     if not os.isatty(0):
         try:

@@ -68,17 +68,20 @@ def home():
 
 
 def cockerinit_processes(home_path):
-    """Host pids of cockerinit processes whose environment started in this COCKER_HOME."""
+    """Host pids of cockerinit processes started for containers of this COCKER_HOME."""
     found = []
+    mark = ('COCKER_SOCKDIR=%s/' % home_path).encode()
     for pid in os.listdir('/proc'):
         if not pid.isdigit():
             continue
         try:
             with open('/proc/%s/cmdline' % pid, 'rb') as f:
                 cmd = f.read()
+            with open('/proc/%s/environ' % pid, 'rb') as f:
+                env = f.read()
         except OSError:
             continue
-        if b'cockerinit' in cmd and b'--container' in cmd:
+        if b'cockerinit' in cmd and b'--container' in cmd and mark in env:
             found.append(int(pid))
     return found
 

@@ -97,7 +97,7 @@ def test_attach_restores_the_terminal_mode(running, terminal, cocker):
     assert r.rc == 255 and 'terminal' in r.err and 'Traceback' not in r.err
 
 
-def test_run_keeps_stdout_and_stderr_apart_and_returns_the_exit_status(running, cocker):
+def test_run_keeps_stdout_and_stderr_apart_and_returns_the_exit_status(running, cocker, home):
     name = running()
     r = cocker('-a', 'run', '-c', name, '--cmd', 'echo out; echo err >&2; exit 3')
     assert (r.rc, r.out, r.err) == (3, 'out\n', 'err\n')
@@ -108,6 +108,11 @@ def test_run_keeps_stdout_and_stderr_apart_and_returns_the_exit_status(running, 
     r = cocker('-a', 'run', '-c', name, '--cmd', 'tr a-z A-Z', stdin=subprocess.PIPE,
                input=b'piped input\n')
     assert (r.rc, r.out) == (0, 'PIPED INPUT\n')
+    from conftest import COCKER, PYTHON
+    early = subprocess.run('%s %s -a run -c %s --cmd "seq 1 1000000" | head -1' % (PYTHON, COCKER, name),
+                           shell=True, env=dict(os.environ, COCKER_HOME=home),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+    assert early.stdout == b'1\n' and early.stderr == b'', early
     big = cocker('-a', 'run', '-c', name, '--cmd', 'seq 1 200000')
     assert big.rc == 0 and big.out.splitlines()[-1] == '200000' and len(big.out.splitlines()) == 200000
 
