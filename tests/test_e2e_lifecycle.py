@@ -425,3 +425,16 @@ def test_cocker_runs_as_a_program_and_as_a_plain_copy(cocker, test_image, names,
     r = cocker('-a', 'run', '-c', name, '--cmd', 'cat /proc/1/cmdline')
     assert str(bindir / '__pycache__' / 'cockerinit.') in r.out, \
         'cockerinit must come from beside the copy, compiled once: %r' % r.out
+
+
+def test_root_is_visible_from_the_host_and_the_socket_is_not_visible_inside(running, cocker, home):
+    import stat
+    name = running()
+    r = cocker('-a', 'run', '-c', name, '--cmd',
+               'echo seen > /root/from-inside; find / -xdev -name "cocker.sock*" | wc -l')
+    assert r.out == '0\n', 'the control socket must not be reachable inside: %r' % r.out
+    root = cocker('-s', 'container_root', '-c', name).out.strip()
+    assert open(os.path.join(root, 'root', 'from-inside')).read() == 'seen\n'
+    sock = os.stat(container_path(home, name, 'cocker.sock'))
+    assert stat.S_ISSOCK(sock.st_mode) and stat.S_IMODE(sock.st_mode) == 0o600 and sock.st_uid == 0
+    assert stat.S_IMODE(os.stat(container_path(home, name)).st_mode) == 0o700
