@@ -1260,7 +1260,7 @@ def session(name, sock, request, stdin_fd=None, tty=False):
     """Run one attach or run session; relay until cockerinit reports the exit status."""
     import select
     import signal
-    send_frame(sock, b'R', pack_fields(request))
+    import socket
     out = sys.stdout.buffer
     err = sys.stderr.buffer
     resized = []
@@ -1270,15 +1270,25 @@ def session(name, sock, request, stdin_fd=None, tty=False):
         signal.signal(signal.SIGWINCH, lambda s, f: resized.append(1))
     else:
         wake_r = None
+    # frames to cockerinit are queued and sent without blocking, so that output is always
+    # read even while cockerinit cannot take more input (no deadlock both ways full)
+    request_bytes = pack_fields(request)
+    outgoing = bytearray(FRAME.pack(b'R', len(request_bytes)) + request_bytes)
     buf = b''
-    status = EXIT_FAILED
-    readers = [sock] + ([stdin_fd] if stdin_fd is not None else []) + ([wake_r] if wake_r else [])
     try:
         while True:
+            readers = [sock] + ([wake_r] if wake_r else [])
+            if stdin_fd is not None and len(outgoing) < FRAME_MAX:
+                readers.append(stdin_fd)
             try:
-                ready = select.select(readers, [], [])[0]
+                ready, writable, _ = select.select(readers, [sock] if outgoing else [], [])
             except InterruptedError:
                 continue
+            if writable:
+                try:
+                    del outgoing[:sock.send(outgoing, socket.MSG_DONTWAIT)]
+                except BlockingIOError:
+                    pass
             if wake_r in ready:
                 try:
                     os.read(wake_r, 64)
@@ -1286,14 +1296,13 @@ def session(name, sock, request, stdin_fd=None, tty=False):
                     pass
                 if resized:
                     del resized[:]
-                    send_frame(sock, b'W', struct.pack('>HHHH', *window_size(stdin_fd)))
-            if stdin_fd is not None and stdin_fd in ready:
+                    size = struct.pack('>HHHH', *window_size(stdin_fd))
+                    outgoing.extend(FRAME.pack(b'W', len(size)) + size)
+            if stdin_fd in ready:
                 data = os.read(stdin_fd, 65536)
-                if data:
-                    send_frame(sock, b'I', data)
-                else:
-                    send_frame(sock, b'C')
-                    readers.remove(stdin_fd)
+                outgoing.extend(FRAME.pack(b'I' if data else b'C', len(data)) + data)
+                if not data:
+                    stdin_fd = None
             if sock in ready:
                 data = sock.recv(65536)
                 if not data:
@@ -1309,32 +1318,26 @@ def session(name, sock, request, stdin_fd=None, tty=False):
                     elif kind == b'M':
                         raise CockerError(payload.decode('utf-8', 'replace'))
                     elif kind == b'X':
-                        status = int(unpack_fields(payload)['status'])
-                        return status
+                        return int(unpack_fields(payload)['status'])
     finally:
         sock.close()
         if wake_r is not None:
             signal.set_wakeup_fd(-1)
 
 
-def run_in_container(name, cmd):
-    """-a run: stdout and stderr kept apart, the command's exit status returned."""
+def run_in_container(name, cmd, interactive=False):
+    """-a run: stdout and stderr kept apart, the command's exit status returned; with -i
+    cocker's stdin is passed on (else the command reads /dev/null, as ssh -n does)."""
     import signal
     # a reader that stops early (cocker -a run ... | head) ends us quietly, like cat
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    stdin_fd = None
-    if not os.isatty(0):
-        try:
-            os.fstat(0)
-            stdin_fd = 0
-        except OSError:
-            stdin_fd = None
-    request = {'cmd': cmd, 'stdin': '1' if stdin_fd is not None else None}
-    return session(name, connect_container(name), request, stdin_fd=stdin_fd)
+    request = {'cmd': cmd, 'stdin': '1' if interactive else None}
+    return session(name, connect_container(name), request, stdin_fd=0 if interactive else None)
 
 
 def attach_container(name):
     """-a attach: a login shell on a new pty; the terminal is raw until it ends."""
+    import signal
     import termios
     import tty
     if not os.isatty(0):
@@ -1346,6 +1349,9 @@ def attach_container(name):
     saved = termios.tcgetattr(0)
     sock = connect_container(name)              # fail before touching the terminal
     say('connect to container ok')
+    # SIGTERM or SIGHUP must still give the terminal back: end through the finally below
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda s, f: sys.exit(128 + s))
     tty.setraw(0)
     try:
         return session(name, sock, request, stdin_fd=0, tty=True)
@@ -1537,7 +1543,7 @@ def action_attach(o):
 def action_run(o):
     """Run a command in a running container; exit with its status."""
     name = require_container(o.container)
-    return run_in_container(name, o.cmd)
+    return run_in_container(name, o.cmd, o.interactive)
 
 
 def stop_container(name, sig, force=False):
@@ -1723,7 +1729,7 @@ USAGE = """USAGE : cocker -v
                -a create (-m|--image) (image[:version])[,(image[:version])]... [ create options ] [ (-c|--container) (container) ] [ (-b|--boot) [ cgroup options ] [ (-t|--attach) | (-e|--exec) (cmd|"program para1 ...") ] ]
                -a boot (-c|--container) (container) [ cgroup options ] [ (-t|--attach) | (-e|--exec) (cmd|"program para1 ...") ]
                -a attach (-c|--container) (container)
-               -a run (-c|--container) (container) (--cmd) (cmd)
+               -a run (-c|--container) (container) (--cmd) (cmd) [ (-i|--interactive) ]
                -a shutdown (-c|--container) (container) [ (-f|--forcely) ]
                -a kill (-c|--container) (container) [ (-f|--forcely) ]
                -a destroy (-c|--container) (container) [ (-f|--forcely) ] [ (-h|--shutdown) ]
@@ -1751,6 +1757,7 @@ OPTIONS = {
     '-e': ('exec_cmd', True), '--exec': ('exec_cmd', True),
     '-h': ('shutdown', False), '--shutdown': ('shutdown', False),
     '--cmd': ('cmd', True),
+    '-i': ('interactive', False), '--interactive': ('interactive', False),
     '-d': ('debug', False), '--debug': ('debug', False),
     '-f': ('force', False), '--forcely': ('force', False),
 }

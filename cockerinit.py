@@ -50,6 +50,7 @@ SOCKET_NAME = 'cocker.sock'
 READY = b'READY'
 STOP_GRACE = 5                        #: seconds between SIGTERM and SIGKILL at shutdown
 REQUEST_TIMEOUT = 10                  #: a client must send its request within this
+INPUT_LIMIT = 1 << 20                 #: input held for a command before the client must wait
 EXIT_LINGER = 0.2                     #: output still read this long after a command exits
 BUFSIZE = 65536
 SESSION_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
@@ -270,8 +271,14 @@ def exec_child(argv, env, stdio, ctty=None):
         for target, fd in enumerate(stdio):
             os.dup2(fd, target)
         os.closerange(3, 65536)
-        for sig in (signal.SIGPIPE, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
+        # nothing of the host's process state: every signal default, a usual umask
+        for sig in range(1, signal.NSIG):
+            try:
+                signal.signal(sig, signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        os.umask(0o022)
         os.chdir('/root' if os.path.isdir('/root') else '/')
         os.execve(argv[0], [a.encode('utf-8', 'surrogateescape') for a in argv],
                   dict((k.encode(), v.encode('utf-8', 'surrogateescape')) for k, v in env.items()))
@@ -357,16 +364,33 @@ def relay(conn, request, argv, env, buf):
     signal.signal(signal.SIGCHLD, lambda s, f: None)
     signal.set_wakeup_fd(wake_w)
     pid, outputs, input_fd, master = start_command(request, argv, env)
+    status = None
+    try:
+        status = copy_until_exit(conn, pid, outputs, input_fd, master, buf, wake_r)
+    finally:
+        if status is None:          # the client went away or failed: hang up the command
+            try:
+                os.killpg(pid, signal.SIGHUP)
+            except ProcessLookupError:
+                pass
+    if status is None:
+        return 1
+    send_frame(conn, b'X', pack_fields({'status': status}))
+    return 0
+
+
+def copy_until_exit(conn, pid, outputs, input_fd, master, buf, wake_r):
+    """The relay loop: the command's exit status, or None when the client went away."""
     if input_fd is not None:
         os.set_blocking(input_fd, False)
-    pending = b''                # client input not yet taken by the command
+    pending = bytearray()        # client input not yet taken by the command
     close_input = False
     status = None
     while True:
         frames, buf = split_frames(buf)
         for kind, payload in frames:
             if kind == b'I':
-                pending += payload
+                pending.extend(payload)
             elif kind == b'C':
                 close_input = True
             elif kind == b'W' and master is not None:
@@ -379,9 +403,10 @@ def relay(conn, request, argv, env, buf):
             break
         writers = [input_fd] if pending and input_fd is not None else []
         timeout = EXIT_LINGER if status is not None else None
+        # stop reading the client while the command has not taken its input yet
+        readers = ([conn] if len(pending) < INPUT_LIMIT else []) + [wake_r] + list(outputs)
         try:
-            readable, writable, _ = select.select([conn, wake_r] + list(outputs), writers, [],
-                                                  timeout)
+            readable, writable, _ = select.select(readers, writers, [], timeout)
         except InterruptedError:
             continue
         if status is not None and not readable:
@@ -402,19 +427,15 @@ def relay(conn, request, argv, env, buf):
                         os.close(fd)
         if writable:
             try:
-                pending = pending[os.write(input_fd, pending):]
+                del pending[:os.write(input_fd, pending)]
             except BlockingIOError:
                 pass
             except OSError:                         # the command closed its input
-                pending = b''
+                del pending[:]
         if conn in readable:
             data = conn.recv(BUFSIZE)
-            if not data:                            # the client went away: hang up
-                try:
-                    os.killpg(pid, signal.SIGHUP)
-                except ProcessLookupError:
-                    pass
-                return 1
+            if not data:                            # the client went away
+                return None
             buf += data
         if wake_r in readable:
             try:
@@ -428,8 +449,7 @@ def relay(conn, request, argv, env, buf):
                 done, wait_status = pid, 0
             if done:
                 status = exit_status(wait_status)
-    send_frame(conn, b'X', pack_fields({'status': status}))
-    return 0
+    return status
 
 
 # =============================================================================
@@ -583,7 +603,16 @@ def main(argv):
                 conn, _ = listener.accept()
             except OSError:
                 continue
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError as e:            # e.g. the pids limit: refuse this session only
+                log('cannot start a session: %s' % e, 'WARN')
+                try:
+                    send_frame(conn, b'M', ('cannot start a session: %s' % e.strerror).encode())
+                except OSError:
+                    pass
+                conn.close()
+                continue
             if pid == 0:
                 listener.close()
                 for fd in (alive, wake_r, wake_w, console, console_slave):

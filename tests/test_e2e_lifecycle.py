@@ -105,9 +105,16 @@ def test_run_keeps_stdout_and_stderr_apart_and_returns_the_exit_status(running, 
     assert (r.rc, r.out) == (0, name + '\n')
     r = cocker('-a', 'run', '-c', name, '--cmd', 'kill -9 $$')
     assert r.rc == 137
-    r = cocker('-a', 'run', '-c', name, '--cmd', 'tr a-z A-Z', stdin=subprocess.PIPE,
+    r = cocker('-a', 'run', '-c', name, '-i', '--cmd', 'tr a-z A-Z', stdin=subprocess.PIPE,
                input=b'piped input\n')
     assert (r.rc, r.out) == (0, 'PIPED INPUT\n')
+    r = cocker('-a', 'run', '-c', name, '--cmd', 'cat; echo end', stdin=subprocess.PIPE,
+               input=b'not for the command\n')
+    assert r.out == 'end\n', 'without -i the caller keeps its stdin (while read ...; do run)'
+    r = cocker('-a', 'run', '-c', name, '-i', '--cmd',
+               'head -c 30000000 /dev/zero & head -c 30000000 >/dev/null; wait',
+               stdin=subprocess.PIPE, input=b'\0' * 30000000)
+    assert r.rc == 0 and len(r.out) == 30000000, 'much input and output at once must not hang'
     from conftest import COCKER, PYTHON
     early = subprocess.run('%s %s -a run -c %s --cmd "seq 1 1000000" | head -1' % (PYTHON, COCKER, name),
                            shell=True, env=dict(os.environ, COCKER_HOME=home),
