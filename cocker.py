@@ -53,6 +53,10 @@ DEFAULT_HOME = '/var/cocker'
 HOME = None                     #: COCKER_HOME, set once by main() (tests may set it directly)
 
 NAME_MAX = 64                   #: longest image, version or container name
+#: characters of names: ASCII only, so a name is the same bytes under every locale and
+#: never carries a path separator, a list separator (',' ':'), a quote or a control code
+NAME_CHARS = ('ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789'
+              '_.-=+@%')
 NO_VERSION = '_'                #: directory name of an image without a version
 NETS = ('HOST', 'CUSTOM', 'BRIDGE')
 BRIDGE_NAME = 'cocker0'
@@ -75,6 +79,9 @@ DEVICES = [
     ('urandom', 1, 9, 0o666),
     ('tty', 5, 0, 0o666),
 ]
+#: /proc entries bound read-only onto themselves in every container
+PROC_READONLY = ('sys', 'sysrq-trigger', 'irq', 'bus', 'fs')
+
 #: (link, target) symlinks in the container's /dev
 DEV_LINKS = [
     ('ptmx', 'pts/ptmx'),
@@ -333,14 +340,15 @@ def check_name(kind, name):
     """Refuse names that could escape their directory or break a listing or a command line."""
     if not name:
         raise usage_error('%s name is empty' % kind)
-    if len(name.encode('utf-8')) > NAME_MAX:
-        raise usage_error("%s name '%s' is longer than %d bytes" % (kind, name[:NAME_MAX], NAME_MAX))
-    bad = [ch for ch in name if ord(ch) < 32 or ord(ch) == 127 or ch.isspace()
-           or ch in '/\\:,\'"`$*?[]{}<>|;&']
+    if len(name) > NAME_MAX:
+        raise usage_error("%s name '%s...' is longer than %d characters"
+                          % (kind, name[:20].encode('unicode_escape').decode('ascii'), NAME_MAX))
+    bad = [ch for ch in name if ch not in NAME_CHARS]
     if bad or name.startswith('.') or name.startswith('-'):
-        raise usage_error("%s name '%s' is invalid (it may not start with '.' or '-' nor contain "
-                          "'/', ':', ',', spaces, quotes or shell characters)"
-                          % (kind, name.encode('unicode_escape').decode('ascii')))
+        raise usage_error("%s name '%s' is invalid (letters, digits and '%s' only, not "
+                          "starting with '.' or '-')"
+                          % (kind, name.encode('unicode_escape').decode('ascii'),
+                             NAME_CHARS[62:]))
     return name
 
 
@@ -695,6 +703,13 @@ def remove_stale_staging():
                 pass
 
 
+def running_users(image, version):
+    """Running containers whose layers include image:version."""
+    ref = '%s:%s' % (image, version)
+    return [n for n in list_containers() if ref in split_list(read_attr(n, 'layers', ''))
+            and container_status(n) == 'RUNNING']
+
+
 def container_layers(name):
     """rlayer paths, bottom first.  Pinned at create (cp/layers) so that importing a newer
     version never changes the layers under an existing container; C cocker containers have
@@ -839,13 +854,22 @@ def bind_volumes(name, merged):
                 if readonly:
                     # the descriptor names the directory under the new mount; its path was
                     # resolved safely and no container process runs yet to swap it
-                    where = os.readlink('/proc/self/fd/%d' % target)
-                    mount(None, where, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+                    remount_readonly(os.readlink('/proc/self/fd/%d' % target))
             finally:
                 os.close(target)
             debug('volume %s on %s', host, inside)
     finally:
         os.close(root_fd)
+
+
+def remount_readonly(path):
+    """Make path and every mount below it read-only (a bind onto itself where needed)."""
+    if not os.path.exists(path):
+        return
+    if path not in mounts_under(path):
+        mount(path, path, None, MS_BIND | MS_REC)
+    for point in mounts_under(path):
+        mount(None, point, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
 def mount_proc(merged):
@@ -855,6 +879,10 @@ def mount_proc(merged):
         raise CockerError('/proc in the image is a symlink')
     os.makedirs(target, exist_ok=True)
     mount('proc', target, 'proc', MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    # the kernel's knobs stay the host's: /proc/sys/kernel/core_pattern alone would let the
+    # container make the host run a program (the hardening issue masks the rest of /proc)
+    for path in PROC_READONLY:
+        remount_readonly(os.path.join(target, path))
 
 
 def mount_dev(merged):
@@ -962,6 +990,22 @@ def cockerinit_path():
     raise CockerError("cockerinit.py not found beside %s" % os.path.realpath(__file__))
 
 
+def compiled_is_fresh(compiled, source):
+    """The .pyc records the source's mtime and size in its header, as the import system
+    checks them: a copy with an older date (cp -p, rsync, tar) is still noticed."""
+    try:
+        st = os.stat(source)
+        with open(compiled, 'rb') as f:
+            header = f.read(16)
+    except OSError:
+        return False
+    fields = header[4:12] if sys.version_info < (3, 7) else header[8:16]
+    if len(fields) != 8:
+        return False
+    return struct.unpack('<II', fields) == (int(st.st_mtime) & 0xFFFFFFFF,
+                                            st.st_size & 0xFFFFFFFF)
+
+
 def cockerinit_program():
     """What the boot child executes: cockerinit's compiled form, kept fresh beside it in
     __pycache__, so PID 1 need not compile it at every boot; the source where bytecode may
@@ -971,11 +1015,8 @@ def cockerinit_program():
         return source
     compiled = os.path.join(os.path.dirname(source), '__pycache__',
                             'cockerinit.%s.pyc' % sys.implementation.cache_tag)
-    try:
-        if os.stat(compiled).st_mtime >= os.stat(source).st_mtime:
-            return compiled
-    except OSError:
-        pass
+    if compiled_is_fresh(compiled, source):
+        return compiled
     import py_compile
     try:
         py_compile.compile(source, cfile=compiled, doraise=True)
@@ -1078,6 +1119,7 @@ def run_monitor(name, init, exec_cmd, ready_w):
     status = 1
     try:
         os.setsid()
+        os.chdir('/')                   # do not pin the caller's working directory
         devnull = os.open('/dev/null', os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
@@ -1458,6 +1500,10 @@ def action_install_test(o):
         if os.path.exists(final) and not o.force:
             raise CockerError("image '%s' exist (add -f to rebuild it)"
                               % image_ref_text('test', version))
+        users = running_users('test', version)
+        if os.path.exists(final) and users:
+            raise CockerError("image '%s' is used by running container(s) %s"
+                              % (image_ref_text('test', version), ', '.join(users)))
         os.makedirs(os.path.join(images_dir(), 'test'), exist_ok=True)
         staging = os.path.join(images_dir(), 'test', '.%s.installing.%d' % (version, os.getpid()))
         os.makedirs(os.path.join(staging, 'rlayer'))
@@ -1837,8 +1883,13 @@ def check_args(o):
             raise usage_error("expect '%s' with action '%s %s'" % (option, kind, word))
     if o.attach and o.exec_cmd is not None:
         raise usage_error("'-t' and '-e' cannot be used together")
-    if o.exec_cmd is not None and not o.exec_cmd.strip():
-        raise usage_error("'-e' needs a command")
+    if o.exec_cmd is not None:
+        import shlex
+        try:
+            if not shlex.split(o.exec_cmd):
+                raise ValueError('it is empty')
+        except ValueError as e:
+            raise usage_error("'-e' value[%s] invalid: %s" % (o.exec_cmd, e))
     if o.container is not None:
         check_name('container', o.container)
 
@@ -1908,6 +1959,10 @@ def main(argv=None):
         return report(e.message, e.status)
     except OSError as e:
         return report(describe_oserror(e), EXIT_FAILED)
+    except BrokenPipeError:
+        # our reader went away (cocker -s containers | head): stop quietly, like cat
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        return 141
     except KeyboardInterrupt:
         return report('interrupted', 130)
     except Exception as e:

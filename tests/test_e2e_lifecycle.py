@@ -136,7 +136,9 @@ def test_container_is_isolated(running, cocker):
     assert int(count) <= 6, 'host processes are visible: %s' % count
     points = [m.split()[1] for m in mounts]
     assert points[0] == '/' and mounts[0].startswith('overlay ')
-    assert set(points) <= {'/', '/proc', '/dev', '/dev/pts', '/dev/shm', '/dev/console'}, points
+    assert set(points) <= {'/', '/proc', '/dev', '/dev/pts', '/dev/shm', '/dev/console',
+                           '/proc/sys', '/proc/sysrq-trigger', '/proc/irq', '/proc/bus',
+                           '/proc/fs'}, points
     r = cocker('-a', 'run', '-c', name, '--cmd', 'ls /dev')
     assert set(r.out.split()) >= {'null', 'zero', 'full', 'random', 'urandom', 'tty', 'console',
                                   'ptmx', 'pts', 'shm'}
@@ -260,6 +262,16 @@ def test_volume_is_shared_and_cannot_be_redirected_by_a_symlink(cocker, test_ima
     assert cocker('-a', 'boot', '-c', name).rc == 0
     r = cocker('-a', 'run', '-c', name, '--cmd', 'cat /data/f; touch /data/g')
     assert r.out == 'from-inside\n' and r.rc != 0 and 'Read-only' in r.err
+    assert cocker('-a', 'shutdown', '-c', name).rc == 0
+    (shared / 'sub').mkdir()
+    subprocess.check_call(['mount', '-t', 'tmpfs', 'cocker-test-sub', str(shared / 'sub')])
+    try:
+        assert cocker('-a', 'boot', '-c', name).rc == 0
+        r = cocker('-a', 'run', '-c', name, '--cmd', 'touch /data/sub/x')
+        assert r.rc != 0 and 'Read-only' in r.err, 'a submount of a :ro volume must be read-only'
+        assert cocker('-a', 'shutdown', '-c', name).rc == 0
+    finally:
+        subprocess.call(['umount', str(shared / 'sub')])
 
 
 def test_failed_boot_is_reported_and_undone(cocker, test_image, names, home):
@@ -445,3 +457,28 @@ def test_root_is_visible_from_the_host_and_the_socket_is_not_visible_inside(runn
     sock = os.stat(container_path(home, name, 'cocker.sock'))
     assert stat.S_ISSOCK(sock.st_mode) and stat.S_IMODE(sock.st_mode) == 0o600 and sock.st_uid == 0
     assert stat.S_IMODE(os.stat(container_path(home, name)).st_mode) == 0o700
+
+
+def test_kernel_settings_stay_read_only_inside(running, cocker):
+    name = running()
+    r = cocker('-a', 'run', '-c', name, '--cmd',
+               'echo core > /proc/sys/kernel/core_pattern; echo "rc=$?"; '
+               'echo h > /proc/sysrq-trigger; echo "rc=$?"; cat /proc/sys/kernel/hostname')
+    assert r.out.count('rc=1') == 2, 'the container must not change the host kernel: %r' % r
+    assert r.out.endswith(name + '\n')
+
+
+def test_rebuilding_an_image_in_use_is_refused(running, cocker, home):
+    name = running()                       # uses the highest version of 'test'
+    version = open(container_path(home, name, 'layers')).read().split(':')[1]
+    args = ['-a', 'install_test', '-f'] + ([] if version == '_' else ['--version', version])
+    r = cocker(*args)
+    assert r.rc == 255 and 'used by running container' in r.err and name in r.err, r
+    assert cocker('-a', 'run', '-c', name, '--cmd', 'test -x /bin/ls').rc == 0
+
+
+def test_bad_exec_quoting_is_refused_before_anything_starts(cocker, test_image, names, home):
+    name = names('q')
+    r = cocker('-a', 'create', '-m', 'test', '-c', name, '-b', '-e', 'sh -c "unbalanced')
+    assert r.rc == 7 and "'-e' value" in r.err
+    assert not os.path.exists(container_path(home, name))

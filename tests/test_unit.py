@@ -11,14 +11,15 @@ init = load_script('cockerinit_under_test', COCKERINIT)
 
 
 @pytest.mark.parametrize('name', ['test', 'calvin=rhel-7.4-x86_64', 'calvin=G6', 'a', 'x' * 64,
-                                  'web_1', 'db+replica', '数据库'])
+                                  'web_1', 'db+replica', 'a.b-c@d%e'])
 def test_good_names_are_accepted(name):
     assert cocker.check_name('container', name) == name
 
 
 @pytest.mark.parametrize('name', ['', '.', '..', '../x', 'a/b', '/abs', 'x' * 65, 'a\nb', 'tab\t',
                                   'sp ace', '-rf', '.hidden', 'a:b', 'a,b', '$(reboot)', 'a;b',
-                                  'back`tick', 'ctl\x01', 'del\x7f', '数' * 22])
+                                  'back`tick', 'ctl\x01', 'del\x7f', '数据库', 'caf\xe9',
+                                  'csi\x9b', 'rtl\u202e', 'bad\udcff'])
 def test_bad_names_are_refused_as_usage_errors(name):
     with pytest.raises(cocker.CockerError) as e:
         cocker.check_name('container', name)
