@@ -787,11 +787,16 @@ def unmount_root(name):
     """Unmount everything at or below cp/merged.  Safe to run twice and after a crash."""
     for point in mounts_under(container_file(name, 'merged')):
         try:
-            umount2(point, MNT_DETACH)
-            debug('unmounted %s', point)
+            umount2(point)
         except OSError as e:
-            if e.errno not in (errno.EINVAL, errno.ENOENT):
+            if e.errno == errno.EBUSY:
+                # a host process still uses it (a shell cd'd into merged): detach it now,
+                # the kernel frees it when that process lets go
+                log('WARN', '%s is busy, detaching it lazily' % point)
+                umount2(point, MNT_DETACH)
+            elif e.errno not in (errno.EINVAL, errno.ENOENT):
                 raise
+        debug('unmounted %s', point)
 
 
 def open_in_root(root_fd, path, make_dir=True):
