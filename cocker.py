@@ -1248,8 +1248,8 @@ FRAME = struct.Struct('>cI')
 FRAME_MAX = 1 << 20
 
 
-def send_frame(sock, kind, payload=b''):
-    sock.sendall(FRAME.pack(kind, len(payload)) + payload)
+def frame(kind, payload=b''):
+    return FRAME.pack(kind, len(payload)) + payload
 
 
 def pack_fields(fields):
@@ -1319,8 +1319,7 @@ def session(name, sock, request, stdin_fd=None, tty=False):
         wake_r = None
     # frames to cockerinit are queued and sent without blocking, so that output is always
     # read even while cockerinit cannot take more input (no deadlock both ways full)
-    request_bytes = pack_fields(request)
-    outgoing = bytearray(FRAME.pack(b'R', len(request_bytes)) + request_bytes)
+    outgoing = bytearray(frame(b'R', pack_fields(request)))
     buf = b''
     try:
         while True:
@@ -1344,10 +1343,10 @@ def session(name, sock, request, stdin_fd=None, tty=False):
                 if resized:
                     del resized[:]
                     size = struct.pack('>HHHH', *window_size(stdin_fd))
-                    outgoing.extend(FRAME.pack(b'W', len(size)) + size)
+                    outgoing.extend(frame(b'W', size))
             if stdin_fd in ready:
                 data = os.read(stdin_fd, 65536)
-                outgoing.extend(FRAME.pack(b'I' if data else b'C', len(data)) + data)
+                outgoing.extend(frame(b'I' if data else b'C', data))
                 if not data:
                     stdin_fd = None
             if sock in ready:

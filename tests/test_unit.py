@@ -130,7 +130,7 @@ def test_frames_round_trip_and_split_at_any_boundary():
         def sendall(self, b):
             self.data += b
     s = Sink()
-    cocker.send_frame(s, b'R', b'{"cmd": "true"}')
+    s.sendall(cocker.frame(b'R', b'cmd=true'))
     init.send_frame(s, b'O', b'x' * 70000)
     init.send_frame(s, b'X', b'{"status": 3}')
     stream = s.data
