@@ -583,7 +583,11 @@ def container_status(name):
     """'RUNNING', 'STOPED', or 'DEAD' (state left behind by a crash, to be repaired)."""
     if monitor_alive(name):
         return 'RUNNING'
-    if os.path.exists(container_file(name, 'pid')) or mounts_under(container_file(name, 'merged')):
+    # ismount is two stats, not a read of the whole mount table: listings stay cheap with
+    # thousands of containers (a crash before the monitor wrote its pid file leaves the
+    # overlay, which ismount sees)
+    if os.path.exists(container_file(name, 'pid')) or os.path.ismount(
+            container_file(name, 'merged')):
         return 'DEAD'
     return 'STOPED'
 
@@ -858,8 +862,10 @@ def bind_volumes(name, merged):
                 mount(host, '/proc/self/fd/%d' % target, None, MS_BIND | MS_REC)
                 if readonly:
                     # the descriptor names the directory under the new mount; its path was
-                    # resolved safely and no container process runs yet to swap it
-                    remount_readonly(os.readlink('/proc/self/fd/%d' % target))
+                    # resolved safely and no container process runs yet to swap it; the
+                    # submounts the recursive bind brought along become read-only too
+                    for point in mounts_under(os.readlink('/proc/self/fd/%d' % target)):
+                        remount_readonly(point)
             finally:
                 os.close(target)
             debug('volume %s on %s', host, inside)
@@ -867,14 +873,8 @@ def bind_volumes(name, merged):
         os.close(root_fd)
 
 
-def remount_readonly(path):
-    """Make path and every mount below it read-only (a bind onto itself where needed)."""
-    if not os.path.exists(path):
-        return
-    if path not in mounts_under(path):
-        mount(path, path, None, MS_BIND | MS_REC)
-    for point in mounts_under(path):
-        mount(None, point, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+def remount_readonly(point):
+    mount(None, point, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
 def mount_proc(merged):
@@ -886,8 +886,11 @@ def mount_proc(merged):
     mount('proc', target, 'proc', MS_NOSUID | MS_NODEV | MS_NOEXEC)
     # the kernel's knobs stay the host's: /proc/sys/kernel/core_pattern alone would let the
     # container make the host run a program (the hardening issue masks the rest of /proc)
-    for path in PROC_READONLY:
-        remount_readonly(os.path.join(target, path))
+    for entry in PROC_READONLY:
+        path = os.path.join(target, entry)
+        if os.path.exists(path):
+            mount(path, path, None, MS_BIND)       # a fresh /proc has no mounts below
+            remount_readonly(path)
 
 
 def mount_dev(merged):
@@ -1504,8 +1507,8 @@ def action_install_test(o):
         if os.path.exists(final) and not o.force:
             raise CockerError("image '%s' exist (add -f to rebuild it)"
                               % image_ref_text('test', version))
-        users = running_users('test', version)
-        if os.path.exists(final) and users:
+        users = running_users('test', version) if os.path.exists(final) else []
+        if users:
             raise CockerError("image '%s' is used by running container(s) %s"
                               % (image_ref_text('test', version), ', '.join(users)))
         os.makedirs(os.path.join(images_dir(), 'test'), exist_ok=True)
