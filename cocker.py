@@ -68,7 +68,7 @@ LOG_ROTATE_BYTES = 8 << 20      #: cocker.log and cockerinit.log are rotated bey
 
 #: files of a container directory (C cocker layout, plus layers, init_pid, running.lock)
 CONTAINER_FILES = ('image', 'layers', 'hostname', 'net', 'netns', 'vip', 'port_mapping',
-                   'volume', 'cpus', 'cpu_quota', 'mem_limit', 'pids_limit', 'version')
+                   'host_eth', 'network.state', 'volume', 'cpus', 'cpu_quota', 'mem_limit', 'pids_limit', 'version')
 
 #: the container's /dev: (name, major, minor, mode); everything else is a fresh tmpfs
 DEVICES = [
@@ -670,6 +670,7 @@ def write_container(staging, o, name):
     if o.net == 'BRIDGE':
         put('vip', o.vip)
         put('port_mapping', o.port_mapping)
+        put('host_eth', o.host_eth)
     if o.volumes:
         put('volume', volume_lines(o.volumes))
 
@@ -926,28 +927,568 @@ def mount_dev(merged):
 # =============================================================================
 # Network
 # =============================================================================
-# HOST shares the host's network.  CUSTOM and BRIDGE (named netns nns<X>, veth pairs, the
-# cocker0 bridge, NAT and port mappings) are parsed and stored now and come with their own
-# issue; setup_network/teardown_network are the hooks the boot sequence already calls.
+# HOST: the host's network.  CUSTOM: a named network namespace nns<X> with only loopback,
+# made at create and kept until destroy, for the operator to furnish (ip netns exec).
+# BRIDGE: at every boot a fresh nns<X>, a veth pair (eth<X> on the bridge, eth0 inside with
+# the VIP and a default route via the bridge), NAT out and DNAT port mappings in iptables
+# chains of cocker's own; all of it goes when the container stops.
+#
+# A boot writes what it is about to set up to cp/network.state *before* doing it, so the
+# teardown removes exactly that (not what the files say today), after a crash too.  The VIPs
+# and host ports of running containers are claimed as symlinks HOME/network/in-use/* ->
+# container, so a conflict check costs a few stats however many containers the host has.
 
-def check_network_supported(name):
-    net = read_attr(name, 'net', 'HOST') or 'HOST'
-    if net != 'HOST':
-        raise CockerError("network model '%s' of container '%s' is not available in this "
-                          "version; use --net HOST" % (net, name))
+NETNS_DIR = '/run/netns'                #: where `ip netns` keeps its named namespaces
+BRIDGE_DEFAULTS = {'bridge': BRIDGE_NAME, 'address': '166.88.0.1/16'}   # the manual's plan
+IFNAME_MAX = 15                         #: IFNAMSIZ - 1
+MS_SHARED = 1 << 20
+
+
+class Bridge(object):
+    """The bridge of BRIDGE containers and the names of its iptables chains."""
+
+    def __init__(self, name, interface):
+        self.name = name
+        self.address = interface.ip             # the containers' gateway
+        self.network = interface.network
+        self.cidr = str(interface)
+        base = 'COCKER' if name == BRIDGE_NAME else 'COCKER-' + name
+        self.dnat_chain = base                  # nat: port mappings (from PREROUTING, OUTPUT)
+        self.post_chain = base + '-POST'        # nat: masquerading (from POSTROUTING)
+        self.forward_chain = base + '-FWD'      # filter: forwarding (from FORWARD)
+
+
+class PortMapping(object):
+    """One '[HOST_IP:]HOST_PORT:PORT[/udp]' item of --port-mapping."""
+
+    def __init__(self, host_ip, host_port, port, proto):
+        self.host_ip, self.host_port, self.port, self.proto = host_ip, host_port, port, proto
+
+    def __str__(self):
+        return '%s%d:%d%s' % (self.host_ip + ':' if self.host_ip else '', self.host_port,
+                              self.port, '/udp' if self.proto == 'udp' else '')
+
+
+def network_config_path():
+    return os.path.join(HOME, 'network.conf')
+
+
+def network_config():
+    """The bridge from HOME/network.conf ('bridge = NAME', 'address = IP/PREFIX'), by
+    default cocker0 166.88.0.1/16 as the manual has it (public address space: sites that
+    route it should set a private range here)."""
+    import ipaddress
+    values = dict(BRIDGE_DEFAULTS)
+    path = network_config_path()
+    for number, line in enumerate(read_small(path, '').splitlines(), 1):
+        line = line.split('#', 1)[0].strip()
+        if not line:
+            continue
+        key, sep, value = line.partition('=')
+        if not sep or key.strip() not in values:
+            raise CockerError("%s line %d: expected 'bridge = NAME' or 'address = IP/PREFIX'"
+                              % (path, number))
+        values[key.strip()] = value.strip()
+    check_ifname(values['bridge'], 'bridge name in %s' % path)
+    try:
+        interface = ipaddress.IPv4Interface(values['address'])
+    except ValueError:
+        interface = None
+    if (interface is None or '/' not in values['address'] or interface.network.prefixlen > 30
+            or interface.ip in (interface.network.network_address,
+                                interface.network.broadcast_address)):
+        raise CockerError("%s: bridge address '%s' is invalid (expected IP/PREFIX, e.g. "
+                          "172.30.0.1/16)" % (path, values['address']))
+    return Bridge(values['bridge'], interface)
+
+
+def check_ifname(name, what):
+    if (not name or len(name) > IFNAME_MAX or name in ('.', '..')
+            or any(ch in '/:' or ord(ch) <= 32 or ord(ch) >= 127 for ch in name)):
+        raise usage_error("%s '%s' is invalid (1 to %d characters, no '/', ':' or spaces)"
+                          % (what, name, IFNAME_MAX))
+    return name
+
+
+def parse_ipv4(text, what):
+    import ipaddress
+    try:
+        return ipaddress.IPv4Address(text)
+    except ValueError:
+        raise usage_error("%s '%s' is not an IPv4 address" % (what, text))
+
+
+def check_vip(vip, bridge):
+    """A VIP must be a host address of the bridge subnet other than the bridge's own."""
+    address = parse_ipv4(vip, 'VIP')
+    network = bridge.network
+    if address not in network:
+        raise CockerError('VIP %s is outside the bridge subnet %s' % (vip, network))
+    for reserved, what in ((network.network_address, 'network'),
+                           (network.broadcast_address, 'broadcast'),
+                           (bridge.address, 'bridge')):
+        if address == reserved:
+            raise CockerError('VIP %s is the %s address of %s' % (vip, what, network))
+    return str(address)
+
+
+def parse_port_mappings(text):
+    """'[HOST_IP:]HOST_PORT:PORT[/tcp|/udp],...' -> [PortMapping]; one host port once."""
+    mappings = []
+    for item in split_list(text or ''):
+        spec, _, proto = item.partition('/')
+        parts = spec.split(':')
+        if proto not in ('', 'tcp', 'udp') or len(parts) not in (2, 3):
+            raise usage_error("port mapping '%s' is invalid (expected "
+                              "[HOST_IP:]HOST_PORT:PORT[/udp])" % item)
+        host_ip = str(parse_ipv4(parts[0], "host address of port mapping '%s'" % item)) \
+            if len(parts) == 3 else None
+        ports = []
+        for port in parts[-2:]:
+            if not port.isdigit() or not 0 < int(port) < 65536:
+                raise usage_error("port mapping '%s' is invalid (ports are 1 to 65535)" % item)
+            ports.append(int(port))
+        mapping = PortMapping(host_ip, ports[0], ports[1], proto or 'tcp')
+        for other in mappings:
+            if other.proto == mapping.proto and other.host_port == mapping.host_port and \
+                    addresses_overlap(other.host_ip, mapping.host_ip):
+                raise usage_error("port mapping '%s' repeats host port %d/%s"
+                                  % (item, mapping.host_port, mapping.proto))
+        mappings.append(mapping)
+    return mappings
+
+
+def addresses_overlap(a, b):
+    """Two listening addresses collide if either is 'every address' or they are equal."""
+    return a in (None, '0.0.0.0') or b in (None, '0.0.0.0') or a == b
+
+
+def veth_name(name):
+    """eth<X>: the host end of a BRIDGE container's veth pair (C cocker name)."""
+    return 'eth' + netns_name(name)[3:]
+
+
+def netns_path(name):
+    return os.path.join(NETNS_DIR, netns_name(name))
+
+
+# ---- named network namespaces (what `ip netns add/del` does, without a process) --------
+
+class in_netns(object):
+    """Run the enclosed code (and the commands it starts) in another network namespace."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        self.home = os.open('/proc/self/ns/net', os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            setns(fd, CLONE_NEWNET)
+        except BaseException:
+            os.close(self.home)
+            raise
+        finally:
+            os.close(fd)
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            setns(self.home, CLONE_NEWNET)
+        finally:
+            os.close(self.home)
+
+
+def add_netns(path):
+    """A new network namespace kept alive by a bind mount on `path`, as `ip netns add` does
+    it (NETNS_DIR a shared mount, so a later `ip netns del` reaches every copy)."""
+    os.makedirs(NETNS_DIR, 0o755, exist_ok=True)
+    try:
+        mount('', NETNS_DIR, 'none', MS_SHARED | MS_REC)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        mount(NETNS_DIR, NETNS_DIR, 'none', MS_BIND | MS_REC)
+        mount('', NETNS_DIR, 'none', MS_SHARED | MS_REC)
+    os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0))
+    try:
+        with in_netns('/proc/self/ns/net'):         # come back here afterwards
+            unshare(CLONE_NEWNET)
+            mount('/proc/self/ns/net', path, 'none', MS_BIND)
+    except BaseException:
+        os.unlink(path)
+        raise
+    with in_netns(path):
+        run(['ip', 'link', 'set', 'lo', 'up'])
+    debug('created network namespace %s', path)
+
+
+def delete_netns(path):
+    """`ip netns del`; quiet when it is already gone."""
+    try:
+        umount2(path, MNT_DETACH)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOENT):
+            raise
+    remove_file(path)
+
+
+def link_exists(ifname):
+    return os.path.exists(os.path.join('/sys/class/net', ifname))
+
+
+def enable_sysctl(path):
+    """Write 1 to a /proc/sys switch that is 0 (IP forwarding, route_localnet)."""
+    with open(path, 'r+') as f:
+        if f.read(1) != '1':
+            f.seek(0)
+            f.write('1')
+            log('INFO', 'switched on %s' % path)
+
+
+# ---- iptables --------------------------------------------------------------------------
+
+def iptables_command():
+    """iptables, or the variant COCKER_IPTABLES names (iptables-legacy, iptables-nft)."""
+    return os.environ.get('COCKER_IPTABLES') or 'iptables'
+
+
+def iptables_restore(iptables, lines):
+    """Apply 'TABLE CHAIN RULE' lines as one transaction (iptables-restore --noflush)."""
+    tables = {}
+    for table, rule in lines:
+        tables.setdefault(table, []).append(rule)
+    text = ''.join('*%s\n%sCOMMIT\n' % (table, ''.join(r + '\n' for r in rules))
+                   for table, rules in sorted(tables.items()))
+    with locked('network', 'iptables'):
+        try:
+            run([iptables + '-restore', '-w', '--noflush'], input=text)
+        except CockerError as e:
+            if 'option' not in e.message:           # iptables < 1.6.2 has no -w
+                raise
+            run([iptables + '-restore', '--noflush'], input=text)
+
+
+def iptables_ok(iptables, table, *args):
+    try:
+        run([iptables, '-w', '-t', table] + list(args))
+        return True
+    except CockerError:
+        return False
+
+
+def bridge_jumps(bridge):
+    """(table, built-in chain, rule) that lead into cocker's chains.  The address-type match
+    keeps port mappings to connections addressed to this host: the host's own connections
+    to the same port of another machine pass untouched."""
+    local = '-m addrtype --dst-type LOCAL -j %s' % bridge.dnat_chain
+    return [('nat', 'PREROUTING', local), ('nat', 'OUTPUT', local),
+            ('nat', 'POSTROUTING', '-j %s' % bridge.post_chain),
+            ('filter', 'FORWARD', '-j %s' % bridge.forward_chain)]
+
+
+def bridge_chains(bridge):
+    """(table, chain, fixed rules) of a bridge."""
+    b, net = bridge.name, bridge.network
+    return [
+        ('nat', bridge.dnat_chain, []),
+        ('nat', bridge.post_chain, [
+            # 127.0.0.1:HOSTPORT reaches the container (route_localnet lets it leave lo)
+            '-s 127.0.0.0/8 -o %s -j MASQUERADE' % b,
+            # a container reaching a mapped port of the host, so the reply comes back the same way
+            '-s %s -o %s -m conntrack --ctstate DNAT -j MASQUERADE' % (net, b)]),
+        ('filter', bridge.forward_chain, [
+            '-o %s -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT' % b,
+            '-o %s -m conntrack --ctstate DNAT -j ACCEPT' % b,
+            '-i %s -j ACCEPT' % b]),
+    ]
+
+
+def ensure_chains(bridge, iptables):
+    """Create whichever of the bridge's chains is missing, and the jumps into them."""
+    for table, chain, rules in bridge_chains(bridge):
+        if not iptables_ok(iptables, table, '-n', '-L', chain):
+            iptables_restore(iptables, [(table, ':%s - [0:0]' % chain)] +
+                             [(table, '-A %s %s' % (chain, r)) for r in rules])
+    for table, chain, rule in bridge_jumps(bridge):
+        if not iptables_ok(iptables, table, '-C', chain, *rule.split()):
+            run([iptables, '-w', '-t', table, '-I', chain, '1'] + rule.split())
+
+
+def container_rules(name, bridge, vip, mappings, host_eth):
+    """(table, 'CHAIN RULE') of one container: DNAT per port mapping, masquerading of its
+    outgoing traffic, each tagged with the container's name for whoever reads iptables-save."""
+    tag = '-m comment --comment cocker:%s' % name
+    rules = []
+    for m in mappings:
+        rules.append(('nat', '%s%s -p %s -m %s --dport %d %s -j DNAT --to-destination %s:%d' % (
+            bridge.dnat_chain, ' -d %s/32' % m.host_ip if m.host_ip else '', m.proto, m.proto,
+            m.host_port, tag, vip, m.port)))
+    out = '-o %s' % host_eth if host_eth else '! -o %s' % bridge.name
+    rules.append(('nat', '%s -s %s/32 %s %s -j MASQUERADE' % (bridge.post_chain, vip, out, tag)))
+    return rules
+
+
+def delete_rules(iptables, rules):
+    """Delete a container's rules: at once, or one by one when some are already gone."""
+    try:
+        iptables_restore(iptables, [(t, '-D ' + r) for t, r in rules])
+    except CockerError:
+        for table, rule in rules:
+            iptables_ok(iptables, table, '-D', *rule.split())
+
+
+# ---- the bridge ------------------------------------------------------------------------
+
+def ensure_bridge(iptables):
+    """The bridge, up, with forwarding on; created (with its chains) on first use."""
+    bridge = network_config()
+    enable_sysctl('/proc/sys/net/ipv4/ip_forward')
+    if not link_exists(bridge.name):
+        with locked('network', 'bridge'):
+            if not link_exists(bridge.name):
+                run(['ip', '-batch', '-'], input='link add %s type bridge\n'
+                    'addr add %s dev %s\nlink set %s up\n'
+                    % (bridge.name, bridge.cidr, bridge.name, bridge.name))
+                log('INFO', 'created bridge %s %s' % (bridge.name, bridge.cidr))
+                ensure_chains(bridge, iptables)
+    enable_sysctl('/proc/sys/net/ipv4/conf/%s/route_localnet' % bridge.name)
+    return bridge
+
+
+def remove_bridge(bridge, iptables):
+    """Remove the bridge and cocker's chains of it (nothing else's)."""
+    for table, chain, rule in bridge_jumps(bridge):
+        while iptables_ok(iptables, table, '-D', chain, *rule.split()):
+            pass
+    for table, chain, _ in bridge_chains(bridge):
+        if iptables_ok(iptables, table, '-F', chain):
+            iptables_ok(iptables, table, '-X', chain)
+    if link_exists(bridge.name):
+        run(['ip', 'link', 'del', bridge.name])
+
+
+# ---- VIPs and host ports: allocation and claims ----------------------------------------
+
+def network_path(*parts):
+    return os.path.join(HOME, 'network', *parts)
+
+
+def symlink_owner(path):
+    try:
+        return os.readlink(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def set_symlink(path, target):
+    """Point `path` at `target` atomically (replacing what was there)."""
+    os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
+    tmp = '%s.tmp%d' % (path, os.getpid())
+    remove_file(tmp)
+    os.symlink(target, tmp)
+    os.rename(tmp, path)
+
+
+def holds_claim(owner, name):
+    """Is `owner` (not `name`) running, booting or stopping, so its claims stand?"""
+    if owner is None or owner == name:
+        return False
+    if monitor_alive(owner):
+        return True
+    with locked('container', owner, wait=False) as held:
+        return held is None
+
+
+def allocate_vip(name, bridge):
+    """The lowest host address of the bridge subnet no container has been given."""
+    with locked('network', 'claims'):
+        for address in bridge.network.hosts():
+            if address == bridge.address:
+                continue
+            path = network_path('addresses', str(address))
+            owner = symlink_owner(path)
+            if owner is None or not os.path.isdir(container_dir(owner)):
+                set_symlink(path, name)
+                return str(address)
+    raise CockerError('no free address left in %s' % bridge.network)
+
+
+def note_vip(name, vip):
+    """Record a VIP given by hand, so that automatic choices avoid it."""
+    with locked('network', 'claims'):
+        path = network_path('addresses', vip)
+        owner = symlink_owner(path)
+        if owner is None or not os.path.isdir(container_dir(owner)):
+            set_symlink(path, name)
+
+
+def forget_vip(name, vip):
+    if vip:
+        with locked('network', 'claims'):
+            path = network_path('addresses', vip)
+            if symlink_owner(path) == name:
+                remove_file(path)
+
+
+def host_port_text(host_ip, port, proto):
+    return '%s%d/%s' % (host_ip + ':' if host_ip else '', port, proto)
+
+
+def port_claim_dir(mapping):
+    return network_path('in-use', '%s-%d' % (mapping.proto, mapping.host_port))
+
+
+def check_port_free(mapping):
+    """Refuse a host port that a host process listens on (a bind test, as the kernel sees it)."""
+    import socket
+    kind = socket.SOCK_DGRAM if mapping.proto == 'udp' else socket.SOCK_STREAM
+    s = socket.socket(socket.AF_INET, kind)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((mapping.host_ip or '0.0.0.0', mapping.host_port))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise CockerError('host port %s is in use by a process of the host' % host_port_text(
+                mapping.host_ip, mapping.host_port, mapping.proto))
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise CockerError('%s is not an address of this host (port mapping %s)'
+                              % (mapping.host_ip, mapping))
+        raise
+    finally:
+        s.close()
+
+
+def claim_network(name, vip, mappings):
+    """Claim the VIP and the host ports for `name`, or raise naming their holder."""
+    claims = [network_path('in-use', vip)]
+    with locked('network', 'claims'):
+        owner = symlink_owner(claims[0])
+        if holds_claim(owner, name):
+            raise CockerError("VIP %s is in use by container '%s'" % (vip, owner))
+        for m in mappings:
+            directory = port_claim_dir(m)
+            try:
+                taken = os.listdir(directory)
+            except FileNotFoundError:
+                taken = []
+            for address in taken:
+                owner = symlink_owner(os.path.join(directory, address))
+                if addresses_overlap(address, m.host_ip) and holds_claim(owner, name):
+                    raise CockerError("host port %s is in use by container '%s'" % (
+                        host_port_text(m.host_ip, m.host_port, m.proto), owner))
+            check_port_free(m)
+            claims.append(os.path.join(directory, m.host_ip or '0.0.0.0'))
+        for path in claims:
+            set_symlink(path, name)
+    return claims
+
+
+def release_claims(name, claims):
+    with locked('network', 'claims'):
+        for path in claims:
+            if symlink_owner(path) == name:
+                remove_file(path)
+                if os.path.dirname(path) != network_path('in-use'):
+                    try:
+                        os.rmdir(os.path.dirname(path))
+                    except OSError:
+                        pass
+
+
+# ---- per container ---------------------------------------------------------------------
+
+def container_net(name):
+    return read_attr(name, 'net', 'HOST') or 'HOST'
+
+
+def read_network_state(name):
+    import json
+    text = read_attr(name, 'network.state')
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        log('WARN', 'container %s: unreadable network.state ignored' % name)
+        return None
 
 
 def setup_network(name):
-    """Host side of the container's network before it boots (HOST: nothing to do)."""
-    check_network_supported(name)
+    """Host side of the container's network before it boots."""
+    net = container_net(name)
+    if net == 'CUSTOM' and not os.path.exists(netns_path(name)):
+        add_netns(netns_path(name))             # gone with a reboot: /run is a tmpfs
+    elif net == 'BRIDGE':
+        setup_bridge_network(name)
+
+
+def setup_bridge_network(name):
+    import json
+    iptables = iptables_command()
+    bridge = ensure_bridge(iptables)
+    vip = read_attr(name, 'vip')
+    if not vip:
+        vip = allocate_vip(name, bridge)
+        write_attr(name, 'vip', vip)
+    vip = check_vip(vip, bridge)
+    mappings = parse_port_mappings(read_attr(name, 'port_mapping', ''))
+    host_eth = read_attr(name, 'host_eth')
+    if host_eth and not link_exists(host_eth):
+        raise CockerError("host interface '%s' (--host-eth) does not exist" % host_eth)
+    veth, path = veth_name(name), netns_path(name)
+    rules = container_rules(name, bridge, vip, mappings, host_eth)
+    claims = claim_network(name, vip, mappings)
+    write_attr(name, 'network.state', json.dumps({
+        'veth': veth, 'netns': path, 'claims': claims, 'iptables': iptables, 'rules': rules},
+        indent=1))
+    if link_exists(veth):                       # left by the C cocker, which never removed it
+        run(['ip', 'link', 'del', veth])
+    delete_netns(path)
+    add_netns(path)
+    run(['ip', '-batch', '-'], input='link add %s type veth peer name eth0 netns %s\n'
+        'link set %s master %s up\n' % (veth, netns_name(name), veth, bridge.name))
+    with in_netns(path):
+        run(['ip', '-batch', '-'], input='addr add %s/%d dev eth0\nlink set eth0 up\n'
+            'route add default via %s dev eth0\n'
+            % (vip, bridge.network.prefixlen, bridge.address))
+    added = [(table, '-A ' + rule) for table, rule in rules]
+    try:
+        iptables_restore(iptables, added)
+    except CockerError:
+        ensure_chains(bridge, iptables)         # flushed by someone (a firewall reload)
+        iptables_restore(iptables, added)
+    debug('%s: %s on %s, eth0 %s, %d port mapping(s)', name, veth, bridge.name, vip,
+          len(mappings))
 
 
 def teardown_network(name):
-    """Undo setup_network; safe after a crash (HOST: nothing to do)."""
+    """Undo setup_network from cp/network.state; safe to repeat and after a crash."""
+    state = read_network_state(name)
+    if state is None:
+        return
+    if state.get('rules'):
+        delete_rules(state.get('iptables') or 'iptables', [tuple(r) for r in state['rules']])
+    if state.get('veth') and link_exists(state['veth']):
+        run(['ip', 'link', 'del', state['veth']])
+    if state.get('netns'):
+        delete_netns(state['netns'])
+    release_claims(name, state.get('claims') or [])
+    write_attr(name, 'network.state', None)
+
+
+def forget_network(name):
+    """At destroy: the CUSTOM namespace (or one the C cocker left) and the VIP's record."""
+    delete_netns(netns_path(name))
+    forget_vip(name, read_attr(name, 'vip'))
 
 
 def enter_network(name):
     """In the boot child: join the container's network namespace (HOST: stay)."""
+    if container_net(name) in ('BRIDGE', 'CUSTOM'):
+        fd = os.open(netns_path(name), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            setns(fd, CLONE_NEWNET)
+        finally:
+            os.close(fd)
 
 
 # =============================================================================
@@ -1037,13 +1578,13 @@ def cockerinit_program():
 def start_container(name, exec_cmd=None):
     """Boot a stopped container; return when cockerinit serves, or raise with the cause."""
     import select
-    setup_network(name)
     layers = container_layers(name)
     debug('layers of %s, bottom first: %s', name, ' '.join(layers) or '(rwlayer only)')
     init = cockerinit_program()
-    mount_root(name, layers)
     monitor = None
     try:
+        setup_network(name)
+        mount_root(name, layers)
         ready_r, ready_w = os.pipe()
         monitor = os.fork()
         if monitor == 0:
@@ -1533,8 +2074,6 @@ def action_install_test(o):
 
 def action_create(o):
     """Create a container from one or more stacked images (first is lowest)."""
-    if o.vip is not None and o.net != 'BRIDGE':
-        debug('--vip is ignored for --net %s', o.net)
     refs = split_list(o.image)
     if not refs:
         raise usage_error("expect '--image' with action '-a create'")
@@ -1546,19 +2085,35 @@ def action_create(o):
         check_hostname(o.host)
     for v in o.volumes:
         parse_volume(v)
+    if o.net == 'BRIDGE' and o.vip is not None:
+        check_vip(o.vip, network_config())
+    elif o.net != 'BRIDGE' and (o.vip or o.port_mapping or o.host_eth):
+        debug('--vip, --port-mapping and --host-eth are ignored for --net %s', o.net)
     with locked('container', name):
         remove_stale_staging()
-        create_container(o, name)
-        record_limits(name, o)
-        log('INFO', "created container '%s' from '%s'" % (name, o.image))
+        if os.path.lexists(container_dir(name)):
+            raise CockerError("container '%s' exist" % name)
+        if o.net == 'BRIDGE':
+            if o.vip is None:
+                o.vip = allocate_vip(name, network_config())
+            else:
+                note_vip(name, o.vip)
+        try:
+            create_container(o, name)
+            if o.net == 'CUSTOM':
+                add_netns(netns_path(name))
+            record_limits(name, o)
+            log('INFO', "created container '%s' from '%s'" % (name, o.image))
+            if o.boot:
+                start_container(name, o.exec_cmd)
+        except BaseException:
+            forget_network(name)
+            if os.path.isdir(container_dir(name)):
+                remove_tree(container_dir(name))
+            raise
         if not o.boot:
             say('OK')
             return EXIT_OK
-        try:
-            start_container(name, o.exec_cmd)
-        except BaseException:
-            remove_tree(container_dir(name))
-            raise
     return after_boot(name, o)
 
 
@@ -1582,6 +2137,8 @@ def action_boot(o):
         if is_running(name):
             raise CockerError("container '%s' is already running" % name)
         record_limits(name, o)
+        if o.host_eth is not None:
+            write_attr(name, 'host_eth', o.host_eth)
         start_container(name, o.exec_cmd)
         log('INFO', "booted container '%s'" % name)
     return after_boot(name, o)
@@ -1649,6 +2206,7 @@ def action_destroy(o):
                 raise CockerError("container '%s' is running (add -h to stop it first)" % name)
             stop_container(name, 15, o.force)
         teardown_container(name)
+        forget_network(name)
         # rename first: the container disappears at once, a crash leaves only hidden rubbish
         doomed = os.path.join(containers_dir(), '.%s.destroying.%d' % (name, os.getpid()))
         os.rename(container_dir(name), doomed)
@@ -1675,14 +2233,37 @@ def action_volume(o):
 
 def action_vip(o):
     """Change the VIP of a stopped container (used from its next boot)."""
-    return change_stopped_container(require_container(o.container), 'vip', o.vip,
-                                    'the VIP can be changed on')
+    name = require_container(o.container)
+    if container_net(name) == 'BRIDGE':
+        check_vip(o.vip, network_config())
+    with locked('container', name):
+        require_stopped(name, 'the VIP can be changed on')
+        forget_vip(name, read_attr(name, 'vip'))
+        write_attr(name, 'vip', o.vip)
+        note_vip(name, o.vip)
+    say('OK')
+    return EXIT_OK
 
 
 def action_port_mapping(o):
     """Change the port mappings of a stopped container (used from its next boot)."""
     return change_stopped_container(require_container(o.container), 'port_mapping',
                                     o.port_mapping, 'port mappings can be changed on')
+
+
+def action_del_bridge(o):
+    """Remove the bridge and cocker's iptables chains (no BRIDGE container may run)."""
+    bridge = network_config()
+    with locked('network', 'bridge'):
+        users = [n for n in list_containers()
+                 if container_net(n) == 'BRIDGE' and container_status(n) == 'RUNNING']
+        if users:
+            raise CockerError('bridge %s is used by running container(s) %s'
+                              % (bridge.name, ', '.join(users)))
+        remove_bridge(bridge, iptables_command())
+        log('INFO', 'removed bridge %s and its iptables chains' % bridge.name)
+    say('OK')
+    return EXIT_OK
 
 
 ACTIONS = {
@@ -1697,6 +2278,7 @@ ACTIONS = {
     'volume': action_volume,
     'vip': action_vip,
     'port_mapping': action_port_mapping,
+    'del_bridge': action_del_bridge,
 }
 
 
@@ -1780,20 +2362,22 @@ USAGE = """USAGE : cocker -v
                -s containers
                -s container_root (-c|--container) (container)
                -a create (-m|--image) (image[:version])[,(image[:version])]... [ create options ] [ (-c|--container) (container) ] [ (-b|--boot) [ cgroup options ] [ (-t|--attach) | (-e|--exec) (cmd|"program para1 ...") ] ]
-               -a boot (-c|--container) (container) [ cgroup options ] [ (-t|--attach) | (-e|--exec) (cmd|"program para1 ...") ]
+               -a boot (-c|--container) (container) [ --host-eth (eth) ] [ cgroup options ] [ (-t|--attach) | (-e|--exec) (cmd|"program para1 ...") ]
                -a attach (-c|--container) (container)
                -a run (-c|--container) (container) (--cmd) (cmd) [ (-i|--interactive) ]
                -a shutdown (-c|--container) (container) [ (-f|--forcely) ]
                -a kill (-c|--container) (container) [ (-f|--forcely) ]
                -a destroy (-c|--container) (container) [ (-f|--forcely) ] [ (-h|--shutdown) ]
                -a vip (-c|--container) (container) --vip (ip)
-               -a port_mapping (-c|--container) (container) --port-mapping (src_port:dst_port)
+               -a port_mapping (-c|--container) (container) --port-mapping ([host_ip:]src_port:dst_port[/udp])[,...]
                -a volume (-c|--container) (container) --volume (host_path[:container_path[:ro]])[ ...]
                -a install_test [ --version (version) ] [ (-f|--forcely) ]
-create options : [ --volume (host_path:container_path[:ro]) ][ --volume ... ] [ --host (hostname) ] [ --net (BRIDGE|HOST|CUSTOM) ] [ --host-eth (eth) ] [ --vip (ip) ] [ --port-mapping (src_port:dst_port) ]
+               -a del_bridge
+create options : [ --volume (host_path:container_path[:ro]) ][ --volume ... ] [ --host (hostname) ] [ --net (BRIDGE|HOST|CUSTOM) ] [ --host-eth (eth) ] [ --vip (ip) ] [ --port-mapping ([host_ip:]src_port:dst_port[/udp])[,...] ]
 cgroup options : [ --cpus [(cpu_num,...)|(cpu_num-cpu_num2)] ] [ --cpu-quota (percent%) ] [ --mem-limit (num|numM) ] [ --pids-limit (num) ]
   enable debug : [ (-d|--debug) ]
-   environment : COCKER_HOME (default /var/cocker)"""
+   environment : COCKER_HOME (default /var/cocker), COCKER_IPTABLES (default iptables)
+ bridge config : COCKER_HOME/network.conf: bridge = cocker0, address = 166.88.0.1/16"""
 
 #: option -> (attribute, takes a value)
 OPTIONS = {
@@ -1899,6 +2483,12 @@ def check_args(o):
             raise usage_error("'-e' value[%s] invalid: %s" % (o.exec_cmd, e))
     if o.container is not None:
         check_name('container', o.container)
+    if o.vip is not None:
+        parse_ipv4(o.vip, '--vip')
+    if o.port_mapping is not None:
+        parse_port_mappings(o.port_mapping)
+    if o.host_eth is not None:
+        check_ifname(o.host_eth, '--host-eth')
 
 
 def ensure_environment():
