@@ -1446,6 +1446,10 @@ def setup_bridge_network(name):
     add_netns(path)
     run(['ip', '-batch', '-'], input='link add %s type veth peer name eth0 netns %s\n'
         'link set %s master %s up\n' % (veth, netns_name(name), veth, bridge.name))
+    # where br_netfilter is loaded, a container reaching its own mapped port is bridged
+    # back out of the port it came in by: let it (Docker does the same)
+    with open('/sys/class/net/%s/brport/hairpin_mode' % veth, 'w') as f:
+        f.write('1')
     with in_netns(path):
         run(['ip', '-batch', '-'], input='addr add %s/%d dev eth0\nlink set eth0 up\n'
             'route add default via %s dev eth0\n'

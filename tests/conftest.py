@@ -47,24 +47,59 @@ def needs_root():
         pytest.skip('needs root')
 
 
+def free_test_subnet():
+    """A 10.x.0.0/16 that no route of the host touches, for this session's bridge."""
+    routes = subprocess.check_output(['ip', '-4', 'route', 'show', 'table', 'all']).decode()
+    for _ in range(100):
+        second = 100 + int(uuid.uuid4().hex[:4], 16) % 150
+        if ' 10.%d.' % second not in ' ' + routes.replace('\n', ' '):
+            return second
+    raise RuntimeError('no free 10.x.0.0/16 for the test bridge')
+
+
+def network_objects():
+    """Named network namespaces, links and iptables lines (both backends) of the host."""
+    def out(argv):
+        try:
+            return subprocess.check_output(argv, stderr=subprocess.DEVNULL).decode()
+        except (OSError, subprocess.CalledProcessError):
+            return ''
+    netns = set(n.split()[0] for n in out(['ip', 'netns', 'list']).splitlines() if n.strip())
+    links = set(l.split()[0].split('@')[0] for l in out(['ip', '-br', 'link']).splitlines())
+    rules = set(l for argv in (['iptables-save'], ['iptables-legacy-save'])
+                for l in out(argv).splitlines() if l.startswith('-A '))
+    return netns, links, rules
+
+
 @pytest.fixture(scope='session')
 def home():
-    """A temporary COCKER_HOME for the whole session, removed only if it carries our marker."""
+    """A temporary COCKER_HOME for the whole session, removed only if it carries our marker.
+    Its BRIDGE containers use a bridge and a subnet of their own (network.conf), never the
+    host's cocker0; at the end nothing of it may be left: mount, process, netns, link, rule."""
     needs_root()
     path = tempfile.mkdtemp(prefix='cocker-test-')
     open(os.path.join(path, MARKER), 'w').close()
+    bridge = 'ckt%s' % uuid.uuid4().hex[:8]
+    with open(os.path.join(path, 'network.conf'), 'w') as f:
+        f.write('bridge = %s\naddress = 10.%d.0.1/16\n' % (bridge, free_test_subnet()))
+    before = network_objects()
     yield path
     for name in os.listdir(os.path.join(path, 'containers')) if os.path.isdir(
             os.path.join(path, 'containers')) else []:
         if not name.startswith('.'):
             run_cocker(path, '-a', 'destroy', '-c', name, '-h', '-f')
+    removed = run_cocker(path, '-a', 'del_bridge')
     left = [line for line in open('/proc/mounts') if path in line]
     procs = cockerinit_processes(path)
+    after = network_objects()
+    new = [sorted(a - b) for a, b in zip(after, before)]
     if os.environ.get('COCKER_TEST_KEEP') != '1' and os.path.exists(os.path.join(path, MARKER)):
         if not left:
             shutil.rmtree(path)
+    assert removed.rc == 0, removed
     assert not left, 'mounts left behind under %s: %s' % (path, left)
     assert not procs, 'cockerinit processes left behind: %s' % procs
+    assert new == [[], [], []], 'network namespaces, links, iptables rules left: %s' % new
 
 
 def cockerinit_processes(home_path):

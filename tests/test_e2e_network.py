@@ -1,0 +1,523 @@
+"""Networks end to end: HOST, CUSTOM and BRIDGE with real namespaces, veth pairs, the bridge
+and iptables rules.  Traffic goes only to loopback, to the containers and to an "outside"
+network namespace this file makes itself (a client host wired to this host by a veth pair).
+
+Servers inside containers are busybox nc, bind-mounted read-only at /bb.
+"""
+
+import os
+import random
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+
+from conftest import container_path, free_test_subnet, load_script, COCKER, wait_for
+
+PY = sys.executable
+
+SERVER = r'''
+import socket, sys
+kind = socket.SOCK_DGRAM if sys.argv[4] == 'udp' else socket.SOCK_STREAM
+s = socket.socket(socket.AF_INET, kind)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+if kind == socket.SOCK_STREAM:
+    s.listen(16)
+print('ready', flush=True)
+while True:
+    if kind == socket.SOCK_DGRAM:
+        data, peer = s.recvfrom(100)
+        s.sendto(('%s %s\n' % (sys.argv[3], peer[0])).encode(), peer)
+        continue
+    c, peer = s.accept()
+    c.sendall(('%s %s\n' % (sys.argv[3], peer[0])).encode())
+    c.close()
+'''
+
+CLIENT = r'''
+import socket, sys, time
+host, port, proto = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+end = time.time() + float(sys.argv[4])
+while True:
+    try:
+        if proto == 'udp':
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.settimeout(0.5)
+            s.sendto(b'ping', (host, port))
+            data = s.recv(100)
+        else:
+            s = socket.create_connection((host, port), timeout=2)
+            data = b''
+            while True:
+                chunk = s.recv(100)
+                if not chunk:
+                    break
+                data += chunk
+        if data:
+            sys.stdout.write(data.decode())
+            break
+    except OSError as e:
+        if time.time() > end:
+            sys.stdout.write('ERROR %s\n' % e)
+            break
+        time.sleep(0.05)
+'''
+
+
+def fetch(host, port, netns=None, proto='tcp', timeout=5.0):
+    """What a server at host:port answers, asked from this host or from a named netns."""
+    argv = [PY, '-c', CLIENT, host, str(port), proto, str(timeout)]
+    if netns:
+        argv = ['ip', 'netns', 'exec', netns] + argv
+    return subprocess.check_output(argv, timeout=timeout + 10).decode().strip()
+
+
+def bridge_plan(home):
+    text = open(os.path.join(home, 'network.conf')).read()
+    conf = dict(line.split(' = ') for line in text.splitlines())
+    return conf['bridge'], conf['address'].split('/')[0]
+
+
+def free_port(proto='tcp'):
+    kind = socket.SOCK_DGRAM if proto == 'udp' else socket.SOCK_STREAM
+    while True:
+        port = random.randint(20000, 29999)
+        s = socket.socket(socket.AF_INET, kind)
+        try:
+            s.bind(('0.0.0.0', port))
+            return port
+        except OSError:
+            continue
+        finally:
+            s.close()
+
+
+def netns_name(name):
+    return load_script('cocker_names', COCKER).netns_name(name)
+
+
+def leftovers(name):
+    """Network objects of container `name` still on the host (netns, veth, rules)."""
+    x = netns_name(name)[3:]
+    found = []
+    if os.path.exists('/run/netns/nns' + x):
+        found.append('netns nns' + x)
+    if os.path.exists('/sys/class/net/eth' + x):
+        found.append('link eth' + x)
+    for argv in (['iptables-save'], ['iptables-legacy-save']):
+        try:
+            out = subprocess.check_output(argv, stderr=subprocess.DEVNULL).decode()
+        except (OSError, subprocess.CalledProcessError):
+            continue
+        found += [l for l in out.splitlines() if 'cocker:%s"' % name in l or
+                  'cocker:%s ' % name in l]
+    return found
+
+
+@pytest.fixture(scope='session')
+def busybox(home):
+    """A directory with a static busybox, to be bind-mounted read-only at /bb."""
+    path = shutil.which('busybox')
+    if path is None:
+        pytest.fail('busybox (busybox-static) is not installed: tests/run.sh installs it')
+    directory = os.path.join(home, 'bb')
+    os.makedirs(directory, exist_ok=True)
+    shutil.copy(path, os.path.join(directory, 'busybox'))
+    return '%s:/bb:ro' % directory
+
+
+@pytest.fixture
+def server(cocker, test_image, names, busybox):
+    """server(*create_options) -> name of a booted BRIDGE container whose PID 1 is busybox nc
+    on port 80 answering '<name>'."""
+    def make(*options, **kw):
+        name = names(kw.get('prefix', 'br'))
+        r = cocker('-a', 'create', '-m', test_image, '-c', name, '--net', 'BRIDGE',
+                   '--volume', busybox, *options)
+        assert r.rc == 0, r
+        r = cocker('-a', 'boot', '-c', name,
+                   '-e', '/bb/busybox nc -ll -p 80 -e /bb/busybox echo %s' % name)
+        assert r.rc == 0 and r.out == 'OK\n', r
+        return name
+    return make
+
+
+class Outside(object):
+    """A client host: a network namespace wired to this host by its own veth pair."""
+
+    def __init__(self):
+        tag = uuid.uuid4().hex[:8]
+        self.netns, self.link = 'ckx' + tag, 'cx' + tag
+        second = free_test_subnet()
+        self.host_ip, self.ip = '10.%d.0.1' % second, '10.%d.0.2' % second
+        self.servers = []
+        for argv in (['ip', 'netns', 'add', self.netns],
+                     ['ip', 'link', 'add', self.link, 'type', 'veth', 'peer', 'name', 'eth0',
+                      'netns', self.netns],
+                     ['ip', 'addr', 'add', self.host_ip + '/24', 'dev', self.link],
+                     ['ip', 'link', 'set', self.link, 'up'],
+                     ['ip', '-n', self.netns, 'addr', 'add', self.ip + '/24', 'dev', 'eth0'],
+                     ['ip', '-n', self.netns, 'link', 'set', 'eth0', 'up'],
+                     ['ip', '-n', self.netns, 'link', 'set', 'lo', 'up']):
+            subprocess.check_call(argv)
+
+    def serve(self, port, answer, proto='tcp'):
+        p = subprocess.Popen(['ip', 'netns', 'exec', self.netns, PY, '-c', SERVER, '0.0.0.0',
+                              str(port), answer, proto], stdout=subprocess.PIPE)
+        self.servers.append(p)
+        assert p.stdout.readline() == b'ready\n'
+
+    def remove(self):
+        for p in self.servers:
+            p.kill()
+            p.wait()
+        subprocess.call(['ip', 'link', 'del', self.link], stderr=subprocess.DEVNULL)
+        subprocess.check_call(['ip', 'netns', 'del', self.netns])
+
+
+@pytest.fixture
+def outside():
+    o = Outside()
+    yield o
+    o.remove()
+
+
+@pytest.fixture
+def host_server():
+    """host_server(address, port, answer[, proto]): a server in the host's own namespace."""
+    procs = []
+
+    def start(address, port, answer, proto='tcp'):
+        p = subprocess.Popen([PY, '-c', SERVER, address, str(port), answer, proto],
+                             stdout=subprocess.PIPE)
+        procs.append(p)
+        assert p.stdout.readline() == b'ready\n'
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def iptables_save(command='iptables-save'):
+    return subprocess.check_output([command], stderr=subprocess.DEVNULL)
+
+
+def vip_of(home, name):
+    return open(container_path(home, name, 'vip')).read().strip()
+
+
+# ---- BRIDGE: reachable -----------------------------------------------------------------
+
+def test_bridge_container_answers_on_its_vip_and_mapped_ports(server, cocker, home, outside):
+    bridge, gateway = bridge_plan(home)
+    port = free_port()
+    name = server('--port-mapping', '%d:80' % port)
+    vip = vip_of(home, name)
+    assert vip.startswith(gateway.rsplit('.', 2)[0] + '.'), 'VIP chosen from the bridge subnet'
+    # the VIP from the host, the mapped port through the bridge address and on loopback
+    assert fetch(vip, 80).startswith(name)
+    assert fetch(gateway, port).startswith(name)
+    assert fetch('127.0.0.1', port).startswith(name)
+    # another machine reaches it through this host's address: PREROUTING
+    assert fetch(outside.host_ip, port, netns=outside.netns) == name
+    # the container reaches its own mapped port through the host (hairpin)
+    r = cocker('-a', 'run', '-c', name, '--cmd', '/bb/busybox nc -w 5 %s %d' % (gateway, port))
+    assert r.rc == 0 and r.out.startswith(name), r
+    # inside: eth0 with the VIP on the bridge subnet, default route via the bridge, lo up
+    r = cocker('-a', 'run', '-c', name, '--cmd', 'ip -o -4 addr; ip route')
+    addresses = sorted(tuple(line.split()[1:4:2]) for line in r.out.splitlines() if ' inet ' in line)
+    assert addresses == [('eth0', '%s/16' % vip), ('lo', '127.0.0.1/8')], r
+    assert 'default via %s dev eth0' % gateway in r.out, r
+    # operators find it under the C cocker's names
+    x = netns_name(name)
+    assert cocker('-s', 'containers').out.count(x) == 1
+    assert subprocess.check_output(['ip', 'netns', 'exec', x, 'ip', '-o', 'link', 'show',
+                                    'eth0']).decode().startswith('2: eth0')
+    master = os.path.realpath('/sys/class/net/eth%s/master' % x[3:])
+    assert os.path.basename(master) == bridge
+
+
+def test_container_reaches_the_host_and_beyond_through_nat(server, cocker, home, outside,
+                                                          host_server):
+    bridge, gateway = bridge_plan(home)
+    name = server()
+    vip = vip_of(home, name)
+    port = free_port()
+    host_server(gateway, port, 'host')
+    r = cocker('-a', 'run', '-c', name, '--cmd', '/bb/busybox nc -w 5 %s %d' % (gateway, port))
+    assert r.out == 'host %s\n' % vip, r
+    # a machine outside sees the host's address, not the VIP: masquerading
+    outside.serve(port, 'outside')
+    r = cocker('-a', 'run', '-c', name, '--cmd', '/bb/busybox nc -w 5 %s %d' % (outside.ip, port))
+    assert r.out == 'outside %s\n' % outside.host_ip, r
+    assert open('/proc/sys/net/ipv4/ip_forward').read().strip() == '1'
+
+
+def test_mapping_catches_only_traffic_addressed_to_this_host(server, outside):
+    port = free_port()
+    name = server('--port-mapping', '%d:80' % port)
+    outside.serve(port, 'outside')
+    # the same port number on another machine is that machine's (the C cocker hijacked it)
+    assert fetch(outside.ip, port) == 'outside %s' % outside.host_ip
+    assert fetch('127.0.0.1', port).startswith(name)
+
+
+def test_mapping_bound_to_one_host_address(server, outside):
+    port = free_port()
+    name = server('--port-mapping', '127.0.0.1:%d:80' % port)
+    assert fetch('127.0.0.1', port).startswith(name)
+    r = fetch(outside.host_ip, port, netns=outside.netns, timeout=1)
+    assert r.startswith('ERROR'), 'a loopback-only mapping must not be reachable from outside'
+
+
+def test_udp_mapping(cocker, test_image, names, home):
+    name = names('udp')
+    port = free_port('udp')
+    r = cocker('-a', 'create', '-m', test_image, '-c', name, '--net', 'BRIDGE',
+               '--port-mapping', '%d:5353/udp' % port, '-b')
+    assert r.rc == 0, r
+    # a UDP echo server in the container's network namespace (busybox nc has no UDP)
+    p = subprocess.Popen(['ip', 'netns', 'exec', netns_name(name), PY, '-c', SERVER, '0.0.0.0',
+                          '5353', 'udp-' + name, 'udp'], stdout=subprocess.PIPE)
+    try:
+        assert p.stdout.readline() == b'ready\n'
+        assert fetch('127.0.0.1', port, proto='udp').startswith('udp-' + name)
+        assert fetch(bridge_plan(home)[1], port, proto='udp').startswith('udp-' + name)
+    finally:
+        p.kill()
+        p.wait()
+
+
+# ---- CUSTOM and HOST -------------------------------------------------------------------
+
+def test_custom_has_only_loopback_and_keeps_its_namespace_until_destroy(cocker, test_image,
+                                                                       names):
+    name = names('cu')
+    assert cocker('-a', 'create', '-m', test_image, '-c', name, '--net', 'CUSTOM').rc == 0
+    x = netns_name(name)
+    assert os.path.exists('/run/netns/' + x), 'the operator can furnish it before the boot'
+    subprocess.check_call(['ip', 'netns', 'exec', x, 'ip', 'link', 'add', 'cv0', 'type',
+                           'veth', 'peer', 'name', 'cv1'])
+    assert cocker('-a', 'boot', '-c', name).rc == 0
+    r = cocker('-a', 'run', '-c', name, '--cmd', 'ip -o link')
+    links = sorted(l.split(':')[1].strip().split('@')[0] for l in r.out.splitlines())
+    assert links == ['cv0', 'cv1', 'lo'], r
+    assert 'LOOPBACK,UP' in r.out
+    assert cocker('-a', 'shutdown', '-c', name).rc == 0
+    assert os.path.exists('/run/netns/' + x)
+    assert cocker('-a', 'destroy', '-c', name).rc == 0
+    assert not os.path.exists('/run/netns/' + x)
+
+
+def test_host_sees_the_host_interfaces(running, cocker):
+    name = running()
+    inside = cocker('-a', 'run', '-c', name, '--cmd', 'ip -o link').out
+    host = subprocess.check_output(['ip', '-o', 'link']).decode()
+    names_of = lambda text: sorted(l.split(':')[1].strip().split('@')[0]
+                                   for l in text.splitlines())
+    assert names_of(inside) == names_of(host)
+
+
+# ---- changes, conflicts, bad values ----------------------------------------------------
+
+def test_vip_and_port_mapping_changes_apply_at_the_next_boot(server, cocker, home):
+    _, gateway = bridge_plan(home)
+    old_port, new_port = free_port(), free_port()
+    name = server('--port-mapping', '%d:80' % old_port)
+    new_vip = gateway.rsplit('.', 1)[0] + '.%d' % random.randint(200, 250)
+    r = cocker('-a', 'vip', '-c', name, '--vip', new_vip)
+    assert r.rc == 255 and 'running' in r.err, r
+    assert cocker('-a', 'shutdown', '-c', name).rc == 0
+    assert cocker('-a', 'vip', '-c', name, '--vip', new_vip).out == 'OK\n'
+    assert cocker('-a', 'port_mapping', '-c', name, '--port-mapping',
+                  '%d:80' % new_port).out == 'OK\n'
+    r = cocker('-a', 'boot', '-c', name, '-e', '/bb/busybox nc -ll -p 80 -e /bb/busybox echo new')
+    assert r.rc == 0, r
+    assert fetch(new_vip, 80) == 'new'
+    r = cocker('-a', 'run', '-c', name, '--cmd', 'ip -o -4 addr show eth0')
+    assert ' %s/16 ' % new_vip in r.out, r
+    assert fetch('127.0.0.1', new_port).startswith('new')
+    assert fetch('127.0.0.1', old_port, timeout=0.5).startswith('ERROR')
+
+
+def test_conflicts_and_bad_values_are_refused_before_anything_is_set_up(
+        server, cocker, test_image, names, home, host_server):
+    bridge, gateway = bridge_plan(home)
+    port = free_port()
+    holder = server('--port-mapping', '%d:80' % port)
+    vip = vip_of(home, holder)
+    net = gateway.rsplit('.', 2)[0]
+    listened = free_port()
+    host_server('0.0.0.0', listened, 'host')
+    name = names('cf')
+    assert cocker('-a', 'create', '-m', test_image, '-c', name, '--net', 'BRIDGE').rc == 0
+    before = iptables_save().decode().count('\n-A ')
+    at_boot = [
+        (['--vip', vip], "VIP %s is in use by container '%s'" % (vip, holder)),
+        (['--port-mapping', '%d:81' % port],
+         "host port %d/tcp is in use by container '%s'" % (port, holder)),
+        (['--port-mapping', '127.0.0.1:%d:81' % port],
+         "host port 127.0.0.1:%d/tcp is in use by container '%s'" % (port, holder)),
+        (['--port-mapping', '%d:81' % listened],
+         'host port %d/tcp is in use by a process of the host' % listened),
+        (['--port-mapping', '192.0.2.254:%d:81' % listened],
+         '192.0.2.254 is not an address of this host (port mapping 192.0.2.254:%d:81)' % listened),
+    ]
+    for option, message in at_boot:
+        change = cocker('-a', option[0][2:].replace('-', '_'), '-c', name, *option)
+        assert change.rc == 0, change
+        r = cocker('-a', 'boot', '-c', name)
+        assert r.rc == 255 and r.err == '*** ERROR : %s\n' % message, (option, r)
+        assert leftovers(name) == [] and not os.path.exists(container_path(home, name, 'pid'))
+        assert cocker('-a', 'port_mapping', '-c', name, '--port-mapping', '%d:80' %
+                      free_port()).rc == 0
+        assert cocker('-a', 'vip', '-c', name, '--vip', '%s.7.7' % net).rc == 0
+    assert iptables_save().decode().count('\n-A ') == before
+    bad = [
+        (['--vip', '%s.0.0' % net], 255, 'is the network address'),
+        (['--vip', gateway], 255, 'is the bridge address'),
+        (['--vip', '%s.255.255' % net], 255, 'is the broadcast address'),
+        (['--vip', '192.0.2.77'], 255, 'is outside the bridge subnet'),
+        (['--vip', '10.1.2'], 7, "--vip '10.1.2' is not an IPv4 address"),
+        (['--vip', '1.2.3.4; reboot'], 7, 'is not an IPv4 address'),
+        (['--port-mapping', '80'], 7, "port mapping '80' is invalid"),
+        (['--port-mapping', '70000:80'], 7, 'ports are 1 to 65535'),
+        (['--port-mapping', 'a:b'], 7, 'ports are 1 to 65535'),
+        (['--port-mapping', '1:2/sctp'], 7, 'is invalid'),
+        (['--port-mapping', '1.2.3:1:2'], 7, 'is not an IPv4 address'),
+        (['--port-mapping', '8080:80,8080:81'], 7, 'repeats host port 8080/tcp'),
+        (['--host-eth', 'a/b'], 7, "--host-eth 'a/b' is invalid"),
+    ]
+    for option, rc, message in bad:
+        other = names('bad')
+        r = cocker('-a', 'create', '-m', test_image, '-c', other, '--net', 'BRIDGE', *option)
+        assert r.rc == rc and message in r.err and r.err.count('\n') == 1, (option, r)
+        assert not os.path.exists(container_path(home, other))
+    r = cocker('-a', 'create', '-m', test_image, '-c', names('bad'), '--net', 'BRIDGE',
+               '--host-eth', 'nosuch0', '-b')
+    assert r.rc == 255 and "host interface 'nosuch0' (--host-eth) does not exist" in r.err, r
+    assert fetch('127.0.0.1', port).startswith(holder), 'the holder is untouched'
+
+
+# ---- nothing left behind ---------------------------------------------------------------
+
+@pytest.mark.parametrize('how', ['shutdown', 'kill', 'destroy -h', 'main process exits',
+                                 'kill -9 PID 1', 'kill -9 monitor'])
+def test_nothing_of_a_stopped_container_is_left(how, server, cocker, home):
+    port = free_port()
+    name = server('--port-mapping', '%d:80,%d:81/udp' % (port, free_port('udp')))
+    assert fetch('127.0.0.1', port).startswith(name)
+    assert len(leftovers(name)) == 2 + 3, 'netns, veth, 2 DNAT rules and a MASQUERADE rule'
+    cp = container_path(home, name)
+    if how in ('shutdown', 'kill', 'destroy -h'):
+        verb, _, flag = how.partition(' ')
+        r = cocker('-a', verb, '-c', name, *([flag] if flag else []))
+        assert r.rc == 0, r
+    else:
+        if how == 'main process exits':
+            init_pid = open(os.path.join(cp, 'init_pid')).read()
+            children = open('/proc/%s/task/%s/children' % (init_pid, init_pid)).read().split()
+            assert len(children) == 1
+            os.kill(int(children[0]), 15)
+        else:
+            pid = open(os.path.join(cp, 'init_pid' if 'PID 1' in how else 'pid')).read()
+            os.kill(int(pid), 9)
+        # the monitor cleans up after its PID 1; a dead monitor is found by the next command
+        wait_for(lambda: not os.path.exists(os.path.join(cp, 'init_pid'))
+                 or 'monitor' in how, what='the container to stop')
+        if 'monitor' in how:
+            listing = cocker('-s', 'containers').out.splitlines()
+            assert [l.split()[-1] for l in listing if l.startswith(name + ' ')] == ['STOPED']
+    assert leftovers(name) == []
+    claims = os.path.join(home, 'network', 'in-use')
+    assert [f for f in os.listdir(claims) if os.path.islink(os.path.join(claims, f)) and
+            os.readlink(os.path.join(claims, f)) == name] == []
+    assert fetch('127.0.0.1', port, timeout=0.3).startswith('ERROR')
+
+
+def test_twenty_bridge_containers_booted_at_once_all_answer(cocker, test_image, names, busybox,
+                                                           home):
+    made = [(names('many'), free_port()) for _ in range(20)]
+    for name, port in made:
+        r = cocker('-a', 'create', '-m', test_image, '-c', name, '--net', 'BRIDGE',
+                   '--volume', busybox, '--port-mapping', '%d:80' % port)
+        assert r.rc == 0, r
+    results = {}
+
+    def boot(name):
+        results[name] = cocker('-a', 'boot', '-c', name, '-e',
+                               '/bb/busybox nc -ll -p 80 -e /bb/busybox echo %s' % name)
+    threads = [threading.Thread(target=boot, args=(name,)) for name, _ in made]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r.rc == 0 for r in results.values()), results
+    vips = set()
+    for name, port in made:
+        vip = vip_of(home, name)
+        vips.add(vip)
+        assert fetch(vip, 80).startswith(name)
+        assert fetch('127.0.0.1', port).startswith(name)
+    assert len(vips) == 20, 'every container got an address of its own'
+
+
+def test_the_iptables_legacy_backend_works_too(cocker, test_image, names, busybox, home):
+    if shutil.which('iptables-legacy') is None or subprocess.call(
+            ['iptables-legacy', '-t', 'nat', '-n', '-L'], stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL) != 0:
+        pytest.skip('no iptables-legacy on this host (or no legacy tables in its kernel)')
+    legacy = {'COCKER_IPTABLES': 'iptables-legacy'}
+    name = names('leg')
+    port = free_port()
+    r = cocker('-a', 'create', '-m', test_image, '-c', name, '--net', 'BRIDGE', '--volume',
+               busybox, '--port-mapping', '%d:80' % port, env=legacy)
+    assert r.rc == 0, r
+    r = cocker('-a', 'boot', '-c', name, '-e', '/bb/busybox nc -ll -p 80 -e /bb/busybox echo '
+               'legacy', env=legacy)
+    assert r.rc == 0, r
+    saved = iptables_save('iptables-legacy-save').decode()
+    assert 'cocker:%s' % name in saved
+    assert 'cocker:%s' % name not in iptables_save().decode()
+    assert fetch('127.0.0.1', port).startswith('legacy')
+    # the teardown uses the backend the boot used, whatever this command's environment says
+    assert cocker('-a', 'destroy', '-c', name, '-h').rc == 0
+    assert leftovers(name) == []
+    assert cocker('-a', 'del_bridge', env=legacy).rc == 0
+    assert 'COCKER' not in iptables_save('iptables-legacy-save').decode()
+
+
+def test_the_manual_address_plan_by_default(cocker, test_image, names, tmp_path):
+    """No network.conf: bridge cocker0 with 166.88.0.1/16 and chains named COCKER."""
+    if os.path.exists('/sys/class/net/cocker0'):
+        pytest.skip('this host already has a cocker0 bridge, which is not ours to remove')
+    from conftest import run_cocker
+    home = str(tmp_path / 'home')
+    os.makedirs(home)
+    assert run_cocker(home, '-a', 'install_test').rc == 0
+    try:
+        r = run_cocker(home, '-a', 'create', '-m', 'test', '-c', 'test', '--net', 'BRIDGE',
+                       '--port-mapping', '%d:9527' % free_port(), '-b')
+        assert r.rc == 0, r
+        addr = subprocess.check_output(['ip', '-o', '-4', 'addr', 'show', 'cocker0']).decode()
+        assert ' 166.88.0.1/16 ' in addr
+        assert os.path.exists('/run/netns/nns098F6BCD46')
+        assert os.path.exists('/sys/class/net/eth098F6BCD46/master')
+        r = run_cocker(home, '-a', 'run', '-c', 'test', '--cmd', 'ip -o -4 addr show eth0')
+        assert ' 166.88.0.2/16 ' in r.out, r
+        saved = iptables_save().decode()
+        assert '-A PREROUTING -m addrtype --dst-type LOCAL -j COCKER' in saved
+        assert '-A COCKER -p tcp -m tcp --dport' in saved
+    finally:
+        assert run_cocker(home, '-a', 'destroy', '-c', 'test', '-h', '-f').rc == 0
+        assert run_cocker(home, '-a', 'del_bridge').rc == 0
+    assert not os.path.exists('/sys/class/net/cocker0')
+    default_chains = re.compile(r'(^|[\s:])COCKER(-POST|-FWD)?(\s|$)', re.M)
+    assert not default_chains.search(iptables_save().decode())
