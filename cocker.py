@@ -1118,8 +1118,6 @@ def add_netns(path):
     except BaseException:
         os.unlink(path)
         raise
-    with in_netns(path):
-        run(['ip', 'link', 'set', 'lo', 'up'])
     debug('created network namespace %s', path)
 
 
@@ -1416,9 +1414,16 @@ def setup_network(name):
     """Host side of the container's network before it boots."""
     net = container_net(name)
     if net == 'CUSTOM' and not os.path.exists(netns_path(name)):
-        add_netns(netns_path(name))             # gone with a reboot: /run is a tmpfs
+        add_custom_netns(name)                  # gone with a reboot: /run is a tmpfs
     elif net == 'BRIDGE':
         setup_bridge_network(name)
+
+
+def add_custom_netns(name):
+    path = netns_path(name)
+    add_netns(path)
+    with in_netns(path):
+        run(['ip', 'link', 'set', 'lo', 'up'])
 
 
 def setup_bridge_network(name):
@@ -1451,7 +1456,8 @@ def setup_bridge_network(name):
     with open('/sys/class/net/%s/brport/hairpin_mode' % veth, 'w') as f:
         f.write('1')
     with in_netns(path):
-        run(['ip', '-batch', '-'], input='addr add %s/%d dev eth0\nlink set eth0 up\n'
+        run(['ip', '-batch', '-'], input='link set lo up\naddr add %s/%d dev eth0\n'
+            'link set eth0 up\n'
             'route add default via %s dev eth0\n'
             % (vip, bridge.network.prefixlen, bridge.address))
     added = [(table, '-A ' + rule) for table, rule in rules]
@@ -2105,7 +2111,7 @@ def action_create(o):
         try:
             create_container(o, name)
             if o.net == 'CUSTOM':
-                add_netns(netns_path(name))
+                add_custom_netns(name)
             record_limits(name, o)
             log('INFO', "created container '%s' from '%s'" % (name, o.image))
             if o.boot:

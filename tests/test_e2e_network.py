@@ -400,9 +400,13 @@ def test_conflicts_and_bad_values_are_refused_before_anything_is_set_up(
         r = cocker('-a', 'create', '-m', test_image, '-c', other, '--net', 'BRIDGE', *option)
         assert r.rc == rc and message in r.err and r.err.count('\n') == 1, (option, r)
         assert not os.path.exists(container_path(home, other))
-    r = cocker('-a', 'create', '-m', test_image, '-c', names('bad'), '--net', 'BRIDGE',
+    other = names('bad')
+    r = cocker('-a', 'create', '-m', test_image, '-c', other, '--net', 'BRIDGE',
                '--host-eth', 'nosuch0', '-b')
     assert r.rc == 255 and "host interface 'nosuch0' (--host-eth) does not exist" in r.err, r
+    assert not os.path.exists(container_path(home, other)), 'create -b is rolled back'
+    assert not any(os.readlink(os.path.join(home, 'network', 'addresses', a)) == other
+                   for a in os.listdir(os.path.join(home, 'network', 'addresses')))
     assert fetch('127.0.0.1', port).startswith(holder), 'the holder is untouched'
 
 

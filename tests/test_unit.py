@@ -179,3 +179,92 @@ def test_request_fields_round_trip_between_the_two_scripts():
     assert init.unpack_fields(cocker.pack_fields(request)) == {
         'cmd': 'echo a=b; echo "数据" | tr = :', 'tty': '1', 'rows': '33'}
     assert cocker.unpack_fields(init.pack_fields({'status': 137})) == {'status': '137'}
+
+
+# ---- network values --------------------------------------------------------------------
+
+def test_port_mappings_parse_with_host_address_and_protocol():
+    parse = cocker.parse_port_mappings
+    assert [str(m) for m in parse('19527:9527,5142:5142')] == ['19527:9527', '5142:5142']
+    m, = parse('127.0.0.1:8080:80/udp')
+    assert (m.host_ip, m.host_port, m.port, m.proto) == ('127.0.0.1', 8080, 80, 'udp')
+    assert parse('8080:80/tcp')[0].proto == 'tcp'
+    assert parse('') == [] and parse(',,') == []
+    # the same port number over two protocols, or on two distinct addresses, is fine
+    assert len(parse('53:53,53:53/udp,127.0.0.1:80:80,127.0.0.2:80:81')) == 4
+
+
+@pytest.mark.parametrize('text', ['80', '80:', ':80', '0:80', '80:65536', '-1:80', 'a:80',
+                                  '80:80/sctp', '1.2.3:80:80', 'localhost:80:80', '1:2:3:4',
+                                  '80:80,80:81', '127.0.0.1:80:80,80:81', ' 80:80'])
+def test_bad_port_mappings_are_usage_errors(text):
+    with pytest.raises(cocker.CockerError) as e:
+        cocker.parse_port_mappings(text)
+    assert e.value.status == cocker.EXIT_USAGE and '\n' not in e.value.message
+
+
+def bridge(address='166.88.0.1/16', name='cocker0'):
+    import ipaddress
+    return cocker.Bridge(name, ipaddress.IPv4Interface(address))
+
+
+def test_vip_must_be_a_host_address_of_the_bridge_subnet():
+    b = bridge()
+    assert cocker.check_vip('166.88.0.2', b) == '166.88.0.2'
+    assert cocker.check_vip('166.88.1.0', b) == '166.88.1.0'
+    for vip, text in (('166.88.0.0', 'network'), ('166.88.255.255', 'broadcast'),
+                      ('166.88.0.1', 'bridge'), ('166.89.0.2', 'outside the bridge subnet')):
+        with pytest.raises(cocker.CockerError) as e:
+            cocker.check_vip(vip, b)
+        assert text in e.value.message
+    with pytest.raises(cocker.CockerError) as e:
+        cocker.check_vip('166.88.0.2/16', b)
+    assert e.value.status == cocker.EXIT_USAGE
+
+
+def test_chain_names_follow_the_bridge():
+    assert (bridge().dnat_chain, bridge().post_chain, bridge().forward_chain) == (
+        'COCKER', 'COCKER-POST', 'COCKER-FWD')
+    long_bridge = bridge('10.9.0.1/16', 'b' * 15)
+    assert long_bridge.post_chain == 'COCKER-%s-POST' % ('b' * 15)
+    assert max(len(long_bridge.post_chain), len(long_bridge.forward_chain)) <= 28
+
+
+def test_container_rules_match_only_its_own_traffic():
+    b = bridge()
+    maps = cocker.parse_port_mappings('8080:80,127.0.0.1:5353:53/udp')
+    rules = cocker.container_rules('web', b, '166.88.0.5', maps, None)
+    assert rules == [
+        ('nat', 'COCKER -p tcp -m tcp --dport 8080 -m comment --comment cocker:web '
+                '-j DNAT --to-destination 166.88.0.5:80'),
+        ('nat', 'COCKER -d 127.0.0.1/32 -p udp -m udp --dport 5353 -m comment --comment '
+                'cocker:web -j DNAT --to-destination 166.88.0.5:53'),
+        ('nat', 'COCKER-POST -s 166.88.0.5/32 ! -o cocker0 -m comment --comment cocker:web '
+                '-j MASQUERADE')]
+    with_eth = cocker.container_rules('web', b, '166.88.0.5', [], 'bond0')
+    assert with_eth == [('nat', 'COCKER-POST -s 166.88.0.5/32 -o bond0 -m comment --comment '
+                                'cocker:web -j MASQUERADE')]
+    # the jumps keep DNAT to connections addressed to this host
+    assert ('nat', 'OUTPUT', '-m addrtype --dst-type LOCAL -j COCKER') in cocker.bridge_jumps(b)
+
+
+def test_network_config_defaults_and_errors(tmp_path, monkeypatch):
+    monkeypatch.setattr(cocker, 'HOME', str(tmp_path))
+    b = cocker.network_config()
+    assert (b.name, str(b.address), str(b.network)) == ('cocker0', '166.88.0.1', '166.88.0.0/16')
+    conf = tmp_path / 'network.conf'
+    conf.write_text('# private range\nbridge = br-ck\naddress = 172.30.0.1/24  # lab\n')
+    b = cocker.network_config()
+    assert (b.name, str(b.address), str(b.network)) == ('br-ck', '172.30.0.1', '172.30.0.0/24')
+    for text in ('bridge = a/b\n', 'address = 172.30.0.1\n', 'address = 172.30.0.0/24\n',
+                 'address = 10.0.0.1/31\n', 'color = blue\n', 'bridge\n',
+                 'bridge = waytoolongbridgename\n'):
+        conf.write_text(text)
+        with pytest.raises(cocker.CockerError) as e:
+            cocker.network_config()
+        assert '\n' not in e.value.message, text
+
+
+def test_veth_and_netns_names_are_the_c_cocker_ones():
+    assert cocker.veth_name('test') == 'eth098F6BCD46'
+    assert cocker.netns_path('calvin=G6') == '/run/netns/nns2513F44178'
