@@ -213,6 +213,7 @@ MS_REMOUNT = 32
 MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
+MS_SHARED = 1 << 20
 
 MNT_DETACH = 2
 
@@ -941,7 +942,6 @@ def mount_dev(merged):
 NETNS_DIR = '/run/netns'                #: where `ip netns` keeps its named namespaces
 BRIDGE_DEFAULTS = {'bridge': BRIDGE_NAME, 'address': '166.88.0.1/16'}   # the manual's plan
 IFNAME_MAX = 15                         #: IFNAMSIZ - 1
-MS_SHARED = 1 << 20
 
 
 class Bridge(object):
