@@ -63,12 +63,13 @@ BRIDGE_NAME = 'cocker0'
 
 BOOT_TIMEOUT = 60               #: seconds boot waits for cockerinit to report ready
 STOP_TIMEOUT = 10               #: seconds shutdown waits before it kills
+INIT_OOM_SCORE_ADJ = -999       #: PID 1 is the last the OOM killer picks in its container
 READY = b'READY'                #: what cockerinit writes on the ready pipe once it serves
 LOG_ROTATE_BYTES = 8 << 20      #: cocker.log and cockerinit.log are rotated beyond this
 
 #: files of a container directory (C cocker layout, plus layers, init_pid, running.lock)
 CONTAINER_FILES = ('image', 'layers', 'hostname', 'net', 'netns', 'vip', 'port_mapping',
-                   'host_eth', 'network.state', 'volume', 'cpus', 'cpu_quota', 'mem_limit', 'pids_limit', 'version')
+                   'host_eth', 'network.state', 'cgroups', 'volume', 'cpus', 'cpu_quota', 'mem_limit', 'pids_limit', 'version')
 
 #: the container's /dev: (name, major, minor, mode); everything else is a fresh tmpfs
 DEVICES = [
@@ -1504,11 +1505,121 @@ def enter_network(name):
 # =============================================================================
 # Cgroups
 # =============================================================================
-# --cpus, --cpu-quota, --mem-limit and --pids-limit are recorded per container now; their
-# enforcement (cgroup v1 and v2) comes with its own issue through these hooks.
+# Each container gets a cgroup named after it under a 'cocker' parent: in each cgroup-v1
+# hierarchy it uses (/sys/fs/cgroup/CONTROLLER/cocker/NAME), or once in the unified cgroup-v2
+# tree (/sys/fs/cgroup/cocker/NAME), whichever the host has, looked at at every boot.  The
+# CLI creates them and writes the limits before it forks; PID 1 joins them as its very first
+# step, so nothing of the container ever runs outside.  Their paths go to cp/cgroups before
+# they are made, and the teardown removes exactly those.  Limits given at create or boot are
+# recorded (cp/cpus, cpu_quota, mem_limit, pids_limit) and apply to later boots; 'none'
+# removes one.
 
+CGROUP_ROOT = '/sys/fs/cgroup'
+CGROUP_PARENT = 'cocker'
+CFS_PERIOD_US = 100000              #: the CFS period a --cpu-quota percentage is a share of
+MIN_MEMORY = 4 << 20                #: below this not even cockerinit starts
+SIZE_UNITS = {'': 1, 'K': 1 << 10, 'M': 1 << 20, 'G': 1 << 30, 'T': 1 << 40}
+#: cgroup-v1 controllers a container always gets (accounting), and the one it gets for --cpus
+V1_CONTROLLERS = ('cpu', 'cpuacct', 'memory', 'pids')
+
+#: (option attribute, state file); the C cocker stored none of them
 LIMITS = (('cpus', 'cpus'), ('cpu_quota', 'cpu_quota'), ('mem_limit', 'mem_limit'),
           ('pids_limit', 'pids_limit'))
+
+
+class Limits(object):
+    """A container's limits, parsed: None where there is none."""
+
+    def __init__(self, cpus=None, cpu_quota=None, mem_limit=None, pids_limit=None):
+        self.cpus, self.cpu_quota = cpus, cpu_quota
+        self.mem_limit, self.pids_limit = mem_limit, pids_limit
+
+    def quota_us(self):
+        return int(round(self.cpu_quota * CFS_PERIOD_US / 100.0))
+
+
+def parse_cpu_list(text):
+    """'0,2-3' -> [0, 2, 3]; ValueError if malformed."""
+    cpus = set()
+    for part in text.split(','):
+        first, sep, last = part.partition('-')
+        if not is_decimal(first) or (sep and not is_decimal(last)):
+            raise ValueError(text)
+        low, high = int(first), int(last if sep else first)
+        if high < low:
+            raise ValueError(text)
+        cpus.update(range(low, high + 1))
+    return sorted(cpus)
+
+
+def is_decimal(text):
+    return bool(text) and all(ch in '0123456789' for ch in text)
+
+
+def online_cpus():
+    return parse_cpu_list(read_small('/sys/devices/system/cpu/online', '0'))
+
+
+def parse_cpus(text):
+    try:
+        cpus = parse_cpu_list(text)
+    except ValueError:
+        raise usage_error("--cpus value '%s' is invalid (e.g. 0, 0,1, 1-3, 0,2-3)" % text)
+    missing = sorted(set(cpus) - set(online_cpus()))
+    if missing:
+        raise usage_error("--cpus value '%s': this host has no CPU %d (online: %s)" % (
+            text, missing[0], read_small('/sys/devices/system/cpu/online')))
+    return ','.join(map(str, cpus))
+
+
+def parse_cpu_quota(text):
+    """'30%' -> 30.0, a percentage of one CPU (above 100%: several CPUs)."""
+    number = text[:-1] if text.endswith('%') else ''
+    whole, _, fraction = number.partition('.')
+    limit = 100 * len(online_cpus())
+    if not is_decimal(whole) or (fraction and not is_decimal(fraction)):
+        raise usage_error("--cpu-quota value '%s' is invalid (a percentage of one CPU, "
+                          "e.g. 30%%)" % text)
+    value = float(number)
+    if not 0 < value <= limit or int(round(value * CFS_PERIOD_US / 100.0)) < 1000:
+        raise usage_error("--cpu-quota value '%s' is out of range (1%% to %d%%, this host's "
+                          "CPUs)" % (text, limit))
+    return value
+
+
+def parse_size(text):
+    """'100M' -> bytes: a number with K, M, G or T (powers of 1024), an optional B."""
+    upper = text.upper()
+    digits = upper[:-1] if upper.endswith('B') else upper
+    unit = digits[-1:] if digits[-1:] in ('K', 'M', 'G', 'T') else ''
+    digits = digits[:len(digits) - len(unit)]
+    if not is_decimal(digits):
+        raise usage_error("--mem-limit value '%s' is invalid (bytes, or a number with K, M "
+                          "or G, e.g. 100M)" % text)
+    size = int(digits) * SIZE_UNITS[unit]
+    if size < MIN_MEMORY:
+        raise usage_error("--mem-limit value '%s' is too small (at least %dM)"
+                          % (text, MIN_MEMORY >> 20))
+    return size
+
+
+def parse_pids_limit(text):
+    if not is_decimal(text) or int(text) < 1:
+        raise usage_error("--pids-limit value '%s' is invalid (a number of processes, "
+                          "at least 1)" % text)
+    return int(text)
+
+
+LIMIT_PARSERS = {'cpus': parse_cpus, 'cpu_quota': parse_cpu_quota, 'mem_limit': parse_size,
+                 'pids_limit': parse_pids_limit}
+
+
+def check_limit_options(o):
+    """Refuse bad limit values before anything starts ('none' drops a recorded limit)."""
+    for option, _ in LIMITS:
+        value = getattr(o, option)
+        if value is not None and value != 'none':
+            LIMIT_PARSERS[option](value)
 
 
 def record_limits(name, o):
@@ -1516,15 +1627,218 @@ def record_limits(name, o):
     for option, key in LIMITS:
         value = getattr(o, option)
         if value is not None:
-            write_attr(name, key, value)
+            write_attr(name, key, None if value == 'none' else value)
 
 
-def setup_cgroups(name):
-    """Create the container's cgroups before its first process runs (own issue)."""
+def container_limits(name):
+    """The recorded limits of a container, parsed (a bad file is refused at boot)."""
+    values = {}
+    for option, key in LIMITS:
+        text = read_attr(name, key)
+        values[option] = None if not text else LIMIT_PARSERS[option](text)
+    return Limits(**values)
+
+
+def cgroup_version(root=CGROUP_ROOT):
+    """2 on a unified (cgroup v2) host, 1 where controllers have v1 hierarchies."""
+    return 2 if os.path.exists(os.path.join(root, 'cgroup.controllers')) else 1
+
+
+def v2_plan(root, name, limits):
+    """(controllers to enable, [(directory, [(file, value)])]) on a cgroup-v2 host."""
+    files = []
+    controllers = ['memory', 'pids']            # always, for accounting
+    if limits.cpus:
+        controllers.append('cpuset')
+        files.append(('cpuset.cpus', limits.cpus))
+    if limits.cpu_quota:
+        controllers.append('cpu')
+        files.append(('cpu.max', '%d %d' % (limits.quota_us(), CFS_PERIOD_US)))
+    if limits.mem_limit:
+        # no swap beyond the limit, so that the limit really limits
+        files += [('memory.max', str(limits.mem_limit)), ('memory.swap.max', '0')]
+    if limits.pids_limit:
+        files.append(('pids.max', str(limits.pids_limit)))
+    return controllers, [(os.path.join(root, CGROUP_PARENT, name), files)]
+
+
+def v1_plan(root, name, limits):
+    """([], [(directory, [(file, value)])]) on a cgroup-v1 host, one per hierarchy."""
+    files = {'cpu': [], 'cpuacct': [], 'memory': [], 'pids': []}
+    if limits.cpus:
+        files['cpuset'] = [('cpuset.cpus', limits.cpus)]
+    if limits.cpu_quota:
+        files['cpu'] = [('cpu.cfs_period_us', str(CFS_PERIOD_US)),
+                        ('cpu.cfs_quota_us', str(limits.quota_us()))]
+    if limits.mem_limit:
+        # memsw (memory + swap) first unlimited, so the order of the writes never matters
+        files['memory'] = [('memory.memsw.limit_in_bytes', '-1'),
+                           ('memory.limit_in_bytes', str(limits.mem_limit)),
+                           ('memory.memsw.limit_in_bytes', str(limits.mem_limit))]
+    if limits.pids_limit:
+        files['pids'] = [('pids.max', str(limits.pids_limit))]
+    plan, seen = [], set()
+    for controller in ('cpuset',) + V1_CONTROLLERS:
+        hierarchy = os.path.join(root, controller)
+        if controller not in files:
+            continue
+        if not os.path.isdir(hierarchy):
+            if files[controller]:
+                raise CockerError("this host has no cgroup '%s' controller for the limits of "
+                                  "container '%s'" % (controller, name))
+            continue
+        real = os.path.realpath(hierarchy)      # cpu and cpuacct may share a hierarchy
+        if real in seen:
+            plan[-1][1].extend(files[controller])
+            continue
+        seen.add(real)
+        plan.append((os.path.join(hierarchy, CGROUP_PARENT, name), files[controller]))
+    return [], plan
+
+
+#: files a kernel may lack (no swap accounting): skipped, with a fallback where one exists
+OPTIONAL_FILES = {'memory.memsw.limit_in_bytes': ('memory.swappiness', '0'),
+                  'memory.swap.max': None}
+
+
+def write_cgroup_file(directory, filename, value):
+    path = os.path.join(directory, filename)
+    try:
+        with open(path, 'w') as f:
+            f.write(value)
+    except FileNotFoundError:
+        if filename not in OPTIONAL_FILES:
+            raise CockerError('cgroup file %s does not exist (controller not enabled?)' % path)
+        debug('no %s on this host', path)
+        if OPTIONAL_FILES[filename]:
+            write_cgroup_file(directory, *OPTIONAL_FILES[filename])
+    except OSError as e:
+        raise CockerError('cannot set %s to %s: %s' % (path, value, e.strerror))
+
+
+def make_cgroup(path):
+    """mkdir a cgroup; a v1 cpuset takes its CPUs and memory nodes from its parent, as
+    it cannot hold a process with none."""
+    try:
+        os.mkdir(path, 0o755)
+    except FileExistsError:
+        pass
+    for key in ('cpuset.mems', 'cpuset.cpus'):
+        mine = os.path.join(path, key)
+        if os.path.exists(mine) and not read_small(mine, '').strip() and \
+                not os.path.exists(os.path.join(path, 'cgroup.controllers')):
+            write_cgroup_file(path, key, read_small(os.path.join(os.path.dirname(path), key)))
+
+
+def enable_controllers(root, controllers, limits):
+    """cgroup v2: enable the controllers in subtree_control on the way down to cocker/."""
+    available = read_small(os.path.join(root, 'cgroup.controllers'), '').split()
+    needed = {'cpuset': limits.cpus, 'cpu': limits.cpu_quota, 'memory': limits.mem_limit,
+              'pids': limits.pids_limit}
+    wanted = []
+    for c in controllers:
+        if c in available:
+            wanted.append(c)
+        elif needed.get(c):
+            raise CockerError("this host's cgroup v2 tree has no '%s' controller" % c)
+    make_cgroup(os.path.join(root, CGROUP_PARENT))
+    for directory in (root, os.path.join(root, CGROUP_PARENT)):
+        enabled = read_small(os.path.join(directory, 'cgroup.subtree_control'), '').split()
+        for c in wanted:
+            if c not in enabled:
+                write_cgroup_file(directory, 'cgroup.subtree_control', '+' + c)
+
+
+def cgroup_plan(root, name, limits):
+    """(v2 controllers to enable, [(directory, [(file, value)])]) for this host."""
+    if cgroup_version(root) == 2:
+        return v2_plan(root, name, limits)
+    return v1_plan(root, name, limits)
+
+
+def apply_cgroup_plan(root, controllers, limits, plan):
+    if controllers:
+        enable_controllers(root, controllers, limits)
+    for directory, files in plan:
+        make_cgroup(os.path.dirname(directory))
+        make_cgroup(directory)
+        for filename, value in files:
+            write_cgroup_file(directory, filename, value)
+
+
+def setup_cgroups(name, root=CGROUP_ROOT):
+    """Create the container's cgroups with its limits; PID 1 joins them (enter_cgroups)."""
+    import json
+    limits = container_limits(name)
+    controllers, plan = cgroup_plan(root, name, limits)
+    write_attr(name, 'cgroups', json.dumps([directory for directory, _ in plan]))
+    apply_cgroup_plan(root, controllers, limits, plan)
+    debug('cgroups of %s: %s', name, ' '.join(d for d, _ in plan))
+
+
+def container_cgroups(name):
+    import json
+    text = read_attr(name, 'cgroups')
+    try:
+        return json.loads(text) if text else []
+    except ValueError:
+        log('WARN', 'container %s: unreadable cgroups file ignored' % name)
+        return []
+
+
+def enter_cgroups(name):
+    """In PID 1, before anything else: join the container's cgroups."""
+    for directory in container_cgroups(name):
+        write_cgroup_file(directory, 'cgroup.procs', '0')
 
 
 def teardown_cgroups(name):
-    """Remove the container's cgroups (own issue)."""
+    """Remove the container's cgroups; processes still in one are killed, and reported."""
+    for directory in reversed(container_cgroups(name)):
+        remove_cgroup(directory)
+    write_attr(name, 'cgroups', None)
+
+
+def remove_cgroup(directory, timeout=5.0):
+    deadline = time.time() + timeout
+    killed = []
+    while True:
+        try:
+            os.rmdir(directory)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                raise
+        # normally empty: PID 1 is gone and the kernel killed the rest of its namespace
+        pids = read_small(os.path.join(directory, 'cgroup.procs'), '').split()
+        for pid in pids:
+            if pid not in killed:
+                killed.append(pid)
+                log('WARN', 'process %s was still in %s: killed' % (pid, directory))
+            try:
+                os.kill(int(pid), 9)
+            except (ProcessLookupError, ValueError):
+                pass
+        if time.time() > deadline:
+            raise CockerError('cgroup %s cannot be removed: processes %s are still in it'
+                              % (directory, ' '.join(pids) or '(none listed)'))
+        time.sleep(0.02)
+
+
+def cgroup_usage(name):
+    """(memory bytes, process count) of a running container, None where unknown."""
+    memory = pids = None
+    for directory in container_cgroups(name):
+        for filename in ('memory.current', 'memory.usage_in_bytes'):
+            value = read_small(os.path.join(directory, filename))
+            if value is not None and value.strip().isdigit():
+                memory = int(value)
+        value = read_small(os.path.join(directory, 'pids.current'))
+        if value is not None and value.strip().isdigit():
+            pids = int(value)
+    return memory, pids
 
 
 # =============================================================================
@@ -1594,6 +1908,7 @@ def start_container(name, exec_cmd=None):
     monitor = None
     try:
         setup_network(name)
+        setup_cgroups(name)
         mount_root(name, layers)
         ready_r, ready_w = os.pipe()
         monitor = os.fork()
@@ -1752,10 +2067,22 @@ def monitor_container(name, init, exec_cmd, ready_w):
     os.close(alive_w)
 
 
+def shield_from_oom_killer():
+    """Out of memory, the kernel kills anything in the container before its PID 1
+    (cockerinit sets its children back to 0).  Needs CAP_SYS_RESOURCE: best effort."""
+    try:
+        with open('/proc/self/oom_score_adj', 'w') as f:
+            f.write(str(INIT_OOM_SCORE_ADJ))
+    except PermissionError:
+        pass
+
+
 def boot_child(name, init, exec_cmd, ready_w, log_w, alive_r):
     """PID 1 of the new pid namespace, before it becomes cockerinit: never returns."""
     try:
+        enter_cgroups(name)              # first: nothing of the container runs outside
         prctl(PR_SET_PDEATHSIG, 9)       # the monitor's death takes the container with it
+        shield_from_oom_killer()
         merged = container_file(name, 'merged')
         hostname = read_attr(name, 'hostname') or name
         unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC)
@@ -1766,7 +2093,6 @@ def boot_child(name, init, exec_cmd, ready_w, log_w, alive_r):
         bind_volumes(name, merged)
         mount_proc(merged)
         console = mount_dev(merged)
-        setup_cgroups(name)
         # (hardening issue: masked /proc paths, read-only /sys, device list, seccomp go here)
         fds = {'ready': ready_w, 'log': log_w, 'alive': alive_r, 'console': console}
         for fd in fds.values():
@@ -2347,6 +2673,26 @@ def show_containers(o):
     return EXIT_OK
 
 
+def show_container_limits(o):
+    """Recorded limits of one container (-c) or all, with memory and process use when running."""
+    rows = []
+    for name in [require_container(o.container)] if o.container else list_containers():
+        values = [read_attr(name, key) or '-' for _, key in LIMITS]
+        memory = pids = None
+        if container_status(name) == 'RUNNING':
+            memory, pids = cgroup_usage(name)
+        rows.append('%-20s %-10s %-10s %-10s %-10s %-10s %s' % tuple(
+            [name] + values + [size_text(memory) if memory is not None else '-',
+                               pids if pids is not None else '-']))
+    if rows:
+        say('%-20s %-10s %-10s %-10s %-10s %-10s %s' % (
+            'container_id', 'cpus', 'cpu_quota', 'mem_limit', 'pids_limit', 'mem_usage', 'pids'))
+        say('-' * 84)
+        for row in rows:
+            say(row)
+    return EXIT_OK
+
+
 def show_container_root(o):
     """Print the host path of a container's root directory."""
     name = require_container(o.container)
@@ -2358,6 +2704,7 @@ SHOWS = {
     'images': show_images,
     'containers': show_containers,
     'container_root': show_container_root,
+    'container_limits': show_container_limits,
 }
 
 
@@ -2371,6 +2718,7 @@ USAGE = """USAGE : cocker -v
                -s images
                -s containers
                -s container_root (-c|--container) (container)
+               -s container_limits [ (-c|--container) (container) ]
                -a create (-m|--image) (image[:version])[,(image[:version])]... [ create options ] [ (-c|--container) (container) ] [ (-b|--boot) [ cgroup options ] [ (-t|--attach) | (-e|--exec) (cmd|"program para1 ...") ] ]
                -a boot (-c|--container) (container) [ --host-eth (eth) ] [ cgroup options ] [ (-t|--attach) | (-e|--exec) (cmd|"program para1 ...") ]
                -a attach (-c|--container) (container)
@@ -2384,7 +2732,7 @@ USAGE = """USAGE : cocker -v
                -a install_test [ --version (version) ] [ (-f|--forcely) ]
                -a del_bridge
 create options : [ --volume (host_path:container_path[:ro]) ][ --volume ... ] [ --host (hostname) ] [ --net (BRIDGE|HOST|CUSTOM) ] [ --host-eth (eth) ] [ --vip (ip) ] [ --port-mapping ([host_ip:]src_port:dst_port[/udp])[,...] ]
-cgroup options : [ --cpus [(cpu_num,...)|(cpu_num-cpu_num2)] ] [ --cpu-quota (percent%) ] [ --mem-limit (num|numM) ] [ --pids-limit (num) ]
+cgroup options : [ --cpus [(cpu_num,...)|(cpu_num-cpu_num2)] ] [ --cpu-quota (percent%) ] [ --mem-limit (num|numK|numM|numG) ] [ --pids-limit (num) ]  ('none' drops a recorded limit)
   enable debug : [ (-d|--debug) ]
    environment : COCKER_HOME (default /var/cocker), COCKER_IPTABLES (default iptables)
  bridge config : COCKER_HOME/network.conf: bridge = cocker0, address = 166.88.0.1/16"""
@@ -2499,6 +2847,7 @@ def check_args(o):
         parse_port_mappings(o.port_mapping)
     if o.host_eth is not None:
         check_ifname(o.host_eth, '--host-eth')
+    check_limit_options(o)
 
 
 def ensure_environment():

@@ -262,6 +262,15 @@ def session_env(request, hostname, shell):
     return env
 
 
+def reset_oom_score():
+    """PID 1 is shielded from the OOM killer (cocker sets that); its children are not."""
+    try:
+        with open('/proc/self/oom_score_adj', 'w') as f:
+            f.write('0')
+    except OSError:
+        pass
+
+
 def exec_child(argv, env, stdio, ctty=None):
     """In a forked child: new session, stdio, clean descriptors, exec; never returns."""
     try:
@@ -278,6 +287,7 @@ def exec_child(argv, env, stdio, ctty=None):
             except (OSError, ValueError):
                 pass
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        reset_oom_score()
         os.umask(0o022)
         os.chdir('/root' if os.path.isdir('/root') else '/')
         os.execve(argv[0], [a.encode('utf-8', 'surrogateescape') for a in argv],

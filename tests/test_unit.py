@@ -268,3 +268,135 @@ def test_network_config_defaults_and_errors(tmp_path, monkeypatch):
 def test_veth_and_netns_names_are_the_c_cocker_ones():
     assert cocker.veth_name('test') == 'eth098F6BCD46'
     assert cocker.netns_path('calvin=G6') == '/run/netns/nns2513F44178'
+
+
+# ---- cgroup limits ---------------------------------------------------------------------
+
+def test_cpu_lists_sizes_and_quotas_parse(monkeypatch):
+    monkeypatch.setattr(cocker, 'online_cpus', lambda: [0, 1, 2, 3])
+    assert cocker.parse_cpu_list('0,2-3') == [0, 2, 3]
+    assert cocker.parse_cpus('1-3') == '1,2,3' and cocker.parse_cpus('0') == '0'
+    assert cocker.parse_cpu_quota('25%') == 25.0 and cocker.parse_cpu_quota('250%') == 250.0
+    assert cocker.parse_cpu_quota('12.5%') == 12.5
+    assert cocker.Limits(cpu_quota=12.5).quota_us() == 12500
+    assert cocker.parse_size('100M') == 100 << 20 and cocker.parse_size('1g') == 1 << 30
+    assert cocker.parse_size('4096K') == 4 << 20 and cocker.parse_size('8MB') == 8 << 20
+    assert cocker.parse_size(str(5 << 20)) == 5 << 20
+    assert cocker.parse_pids_limit('20') == 20
+
+
+@pytest.mark.parametrize('parser, text', [
+    ('parse_cpus', '4'), ('parse_cpus', '0-4'), ('parse_cpus', ''), ('parse_cpus', '1,'),
+    ('parse_cpus', '3-1'), ('parse_cpus', 'x'), ('parse_cpus', '\u0661'),
+    ('parse_cpu_quota', '0%'), ('parse_cpu_quota', '401%'), ('parse_cpu_quota', '30'),
+    ('parse_cpu_quota', '-1%'), ('parse_cpu_quota', 'nan%'), ('parse_cpu_quota', '0.5%'),
+    ('parse_size', '-1M'), ('parse_size', '1.5G'), ('parse_size', 'M'), ('parse_size', '3M'),
+    ('parse_size', '10X'), ('parse_pids_limit', '0'), ('parse_pids_limit', '-3'),
+    ('parse_pids_limit', '1e3')])
+def test_bad_limits_are_usage_errors(parser, text, monkeypatch):
+    monkeypatch.setattr(cocker, 'online_cpus', lambda: [0, 1, 2, 3])
+    with pytest.raises(cocker.CockerError) as e:
+        getattr(cocker, parser)(text)
+    assert e.value.status == cocker.EXIT_USAGE and '\n' not in e.value.message
+
+
+def recording_writes(monkeypatch):
+    """Record every cgroup file write as (path relative to the root, value)."""
+    writes = []
+    real = cocker.write_cgroup_file
+
+    def record(directory, filename, value):
+        writes.append((os.path.join(directory, filename), value))
+        real(directory, filename, value)
+    monkeypatch.setattr(cocker, 'write_cgroup_file', record)
+    return writes
+
+
+def test_cgroup_v2_tree_gets_the_kernel_files_and_values(tmp_path, monkeypatch):
+    """A temporary directory laid out like the root of a cgroup2 mount."""
+    root = str(tmp_path)
+    (tmp_path / 'cgroup.controllers').write_text('cpuset cpu io memory hugetlb pids rdma\n')
+    (tmp_path / 'cgroup.subtree_control').write_text('memory\n')
+    assert cocker.cgroup_version(root) == 2
+    writes = recording_writes(monkeypatch)
+    limits = cocker.Limits(cpus='0,1', cpu_quota=30.0, mem_limit=64 << 20, pids_limit=20)
+    controllers, plan = cocker.cgroup_plan(root, 'web', limits)
+    cocker.apply_cgroup_plan(root, controllers, limits, plan)
+    base = os.path.join(root, 'cocker', 'web')
+    assert [d for d, _ in plan] == [base]
+    rel = [(os.path.relpath(p, root), v) for p, v in writes]
+    assert rel == [
+        # memory was already enabled at the root; the rest is enabled on the way down
+        ('cgroup.subtree_control', '+pids'), ('cgroup.subtree_control', '+cpuset'),
+        ('cgroup.subtree_control', '+cpu'),
+        ('cocker/cgroup.subtree_control', '+memory'), ('cocker/cgroup.subtree_control', '+pids'),
+        ('cocker/cgroup.subtree_control', '+cpuset'), ('cocker/cgroup.subtree_control', '+cpu'),
+        ('cocker/web/cpuset.cpus', '0,1'), ('cocker/web/cpu.max', '30000 100000'),
+        ('cocker/web/memory.max', '67108864'), ('cocker/web/memory.swap.max', '0'),
+        ('cocker/web/pids.max', '20')]
+    # no limits: the container still gets its cgroup (accounting), nothing is written in it
+    del writes[:]
+    controllers, plan = cocker.cgroup_plan(root, 'idle', cocker.Limits())
+    cocker.apply_cgroup_plan(root, controllers, cocker.Limits(), plan)
+    assert plan == [(os.path.join(root, 'cocker', 'idle'), [])]
+    assert not [w for w in writes if '/idle/' in w[0]]
+
+
+def test_cgroup_v2_without_a_needed_controller_is_refused(tmp_path):
+    (tmp_path / 'cgroup.controllers').write_text('memory pids\n')
+    (tmp_path / 'cgroup.subtree_control').write_text('')
+    limits = cocker.Limits(cpu_quota=50.0)
+    controllers, plan = cocker.cgroup_plan(str(tmp_path), 'web', limits)
+    with pytest.raises(cocker.CockerError) as e:
+        cocker.apply_cgroup_plan(str(tmp_path), controllers, limits, plan)
+    assert "no 'cpu' controller" in e.value.message
+
+
+def test_cgroup_v1_hierarchies_one_directory_each(tmp_path, monkeypatch):
+    """RHEL 7 style: cpu and cpuacct share one hierarchy behind two symlinks."""
+    for d in ('cpuset', 'cpu,cpuacct', 'memory', 'pids'):
+        (tmp_path / d).mkdir()
+    (tmp_path / 'cpu').symlink_to('cpu,cpuacct')
+    (tmp_path / 'cpuacct').symlink_to('cpu,cpuacct')
+    (tmp_path / 'cpuset' / 'cpuset.cpus').write_text('0-3\n')
+    (tmp_path / 'cpuset' / 'cpuset.mems').write_text('0\n')
+    root = str(tmp_path)
+    assert cocker.cgroup_version(root) == 1
+    writes = recording_writes(monkeypatch)
+    limits = cocker.Limits(cpus='2', cpu_quota=150.0, mem_limit=100 << 20, pids_limit=64)
+    controllers, plan = cocker.cgroup_plan(root, 'db', limits)
+    assert controllers == []
+    assert [os.path.relpath(d, root) for d, _ in plan] == [
+        'cpuset/cocker/db', 'cpu/cocker/db', 'memory/cocker/db', 'pids/cocker/db']
+    # a fake directory has no kernel files: create the empty cpuset files mkdir would make
+    real_make = cocker.make_cgroup
+
+    def make(path):
+        if not os.path.isdir(path):
+            os.mkdir(path)
+            if '/cpuset/' in path + '/':
+                for key in ('cpuset.cpus', 'cpuset.mems'):
+                    open(os.path.join(path, key), 'w').close()
+        real_make(path)
+    monkeypatch.setattr(cocker, 'make_cgroup', make)
+    cocker.apply_cgroup_plan(root, controllers, limits, plan)
+    rel = [(os.path.relpath(p, root), v) for p, v in writes]
+    assert rel == [
+        ('cpuset/cocker/cpuset.mems', '0'), ('cpuset/cocker/cpuset.cpus', '0-3'),
+        ('cpuset/cocker/db/cpuset.mems', '0'), ('cpuset/cocker/db/cpuset.cpus', '0-3'),
+        ('cpuset/cocker/db/cpuset.cpus', '2'),
+        ('cpu/cocker/db/cpu.cfs_period_us', '100000'), ('cpu/cocker/db/cpu.cfs_quota_us', '150000'),
+        ('memory/cocker/db/memory.memsw.limit_in_bytes', '-1'),
+        ('memory/cocker/db/memory.limit_in_bytes', str(100 << 20)),
+        ('memory/cocker/db/memory.memsw.limit_in_bytes', str(100 << 20)),
+        ('pids/cocker/db/pids.max', '64')]
+
+
+def test_cgroup_v1_without_pids_controller_refuses_only_a_pids_limit(tmp_path):
+    for d in ('cpu', 'cpuacct', 'memory'):
+        (tmp_path / d).mkdir()
+    _, plan = cocker.cgroup_plan(str(tmp_path), 'old', cocker.Limits(mem_limit=64 << 20))
+    assert len(plan) == 3
+    with pytest.raises(cocker.CockerError) as e:
+        cocker.cgroup_plan(str(tmp_path), 'old', cocker.Limits(pids_limit=10))
+    assert "no cgroup 'pids' controller" in e.value.message
