@@ -314,18 +314,20 @@ def remove_file(path):
 
 
 class locked(object):
-    """Hold an exclusive flock on HOME/locks/KIND=NAME: commands on one object never interleave."""
+    """Hold an exclusive flock on HOME/locks/KIND=NAME: commands on one object never
+    interleave (shared=True: many holders at once, none while someone holds it exclusively)."""
 
-    def __init__(self, kind, name, wait=True):
+    def __init__(self, kind, name, wait=True, shared=False):
         self.path = os.path.join(locks_dir(), '%s=%s' % (kind, name))
         self.wait = wait
+        self.mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         self.fd = None
 
     def __enter__(self):
         os.makedirs(locks_dir(), 0o700, exist_ok=True)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
+            fcntl.flock(self.fd, self.mode | (0 if self.wait else fcntl.LOCK_NB))
         except BlockingIOError:
             os.close(self.fd)
             self.fd = None
@@ -588,7 +590,9 @@ def container_status(name):
     # ismount is two stats, not a read of the whole mount table: listings stay cheap with
     # thousands of containers (a crash before the monitor wrote its pid file leaves the
     # overlay, which ismount sees)
-    if os.path.exists(container_file(name, 'pid')) or os.path.ismount(
+    # (and a boot killed half-way leaves its network.state or cgroups file)
+    if any(os.path.exists(container_file(name, key))
+           for key in ('pid', 'network.state', 'cgroups')) or os.path.ismount(
             container_file(name, 'merged')):
         return 'DEAD'
     return 'STOPED'
@@ -672,7 +676,7 @@ def write_container(staging, o, name):
     if o.net == 'BRIDGE':
         put('vip', o.vip)
         put('port_mapping', o.port_mapping)
-        put('host_eth', o.host_eth)
+        put('host_eth', None if o.host_eth == 'none' else o.host_eth)
     if o.volumes:
         put('volume', volume_lines(o.volumes))
 
@@ -957,6 +961,7 @@ class Bridge(object):
         self.dnat_chain = base                  # nat: port mappings (from PREROUTING, OUTPUT)
         self.post_chain = base + '-POST'        # nat: masquerading (from POSTROUTING)
         self.forward_chain = base + '-FWD'      # filter: forwarding (from FORWARD)
+        self.input_chain = base + '-IN'         # filter: guard of 127/8 (from INPUT)
 
 
 class PortMapping(object):
@@ -1003,17 +1008,24 @@ def network_config():
     return Bridge(values['bridge'], interface)
 
 
+IFNAME_CHARS = NAME_CHARS[:62] + '_.-'
+
+
 def check_ifname(name, what):
     if (not name or len(name) > IFNAME_MAX or name in ('.', '..')
-            or any(ch in '/:' or ord(ch) <= 32 or ord(ch) >= 127 for ch in name)):
-        raise usage_error("%s '%s' is invalid (1 to %d characters, no '/', ':' or spaces)"
+            or any(ch not in IFNAME_CHARS for ch in name)):
+        raise usage_error("%s '%s' is invalid (1 to %d letters, digits, '_', '.' or '-')"
                           % (what, name, IFNAME_MAX))
     return name
 
 
 def parse_ipv4(text, what):
+    """An IPv4Address in dotted-decimal; leading zeros are refused on every Python (3.6 to
+    3.8 would accept them, and 010 means 8 to some tools)."""
     import ipaddress
     try:
+        if any(len(part) > 1 and part.startswith('0') for part in text.split('.')):
+            raise ValueError(text)
         return ipaddress.IPv4Address(text)
     except ValueError:
         raise usage_error("%s '%s' is not an IPv4 address" % (what, text))
@@ -1044,9 +1056,11 @@ def parse_port_mappings(text):
                               "[HOST_IP:]HOST_PORT:PORT[/udp])" % item)
         host_ip = str(parse_ipv4(parts[0], "host address of port mapping '%s'" % item)) \
             if len(parts) == 3 else None
+        if host_ip == '0.0.0.0':
+            host_ip = None                      # every address, as without one
         ports = []
         for port in parts[-2:]:
-            if not port.isdigit() or not 0 < int(port) < 65536:
+            if not is_decimal(port) or not 0 < int(port) < 65536:
                 raise usage_error("port mapping '%s' is invalid (ports are 1 to 65535)" % item)
             ports.append(int(port))
         mapping = PortMapping(host_ip, ports[0], ports[1], proto or 'tcp')
@@ -1181,9 +1195,11 @@ def bridge_jumps(bridge):
     keeps port mappings to connections addressed to this host: the host's own connections
     to the same port of another machine pass untouched."""
     local = '-m addrtype --dst-type LOCAL -j %s' % bridge.dnat_chain
-    return [('nat', 'PREROUTING', local), ('nat', 'OUTPUT', local),
+    # from other machines never to 127/8: a mapping bound to 127.0.0.1 stays the host's own
+    return [('nat', 'PREROUTING', '! -d 127.0.0.0/8 ' + local), ('nat', 'OUTPUT', local),
             ('nat', 'POSTROUTING', '-j %s' % bridge.post_chain),
-            ('filter', 'FORWARD', '-j %s' % bridge.forward_chain)]
+            ('filter', 'FORWARD', '-j %s' % bridge.forward_chain),
+            ('filter', 'INPUT', '-j %s' % bridge.input_chain)]
 
 
 def bridge_chains(bridge):
@@ -1200,11 +1216,22 @@ def bridge_chains(bridge):
             '-o %s -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT' % b,
             '-o %s -m conntrack --ctstate DNAT -j ACCEPT' % b,
             '-i %s -j ACCEPT' % b]),
+        # route_localnet would let a container reach the host's 127.0.0.1 services with a
+        # crafted packet (CVE-2020-8558): only replies and mapped connections get in
+        ('filter', bridge.input_chain, [
+            '-i %s -d 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP'
+            % b]),
     ]
 
 
 def ensure_chains(bridge, iptables):
-    """Create whichever of the bridge's chains is missing, and the jumps into them."""
+    """Create whichever of the bridge's chains is missing, and the jumps into them.  Under
+    a lock: declaring a chain that exists (iptables-restore ':CHAIN') would empty it."""
+    with locked('network', 'chains'):
+        create_missing_chains(bridge, iptables)
+
+
+def create_missing_chains(bridge, iptables):
     for table, chain, rules in bridge_chains(bridge):
         if not iptables_ok(iptables, table, '-n', '-L', chain):
             iptables_restore(iptables, [(table, ':%s - [0:0]' % chain)] +
@@ -1230,6 +1257,8 @@ def container_rules(name, bridge, vip, mappings, host_eth):
 
 def delete_rules(iptables, rules):
     """Delete a container's rules: at once, or one by one when some are already gone."""
+    if not rules:
+        return
     try:
         iptables_restore(iptables, [(t, '-D ' + r) for t, r in rules])
     except CockerError:
@@ -1239,20 +1268,20 @@ def delete_rules(iptables, rules):
 
 # ---- the bridge ------------------------------------------------------------------------
 
-def ensure_bridge(iptables):
-    """The bridge, up, with forwarding on; created (with its chains) on first use."""
-    bridge = network_config()
+def create_bridge(bridge, iptables):
+    """Create the bridge and its chains on first use (under the exclusive bridge lock)."""
+    with locked('network', 'bridge'):
+        if not link_exists(bridge.name):
+            run(['ip', '-batch', '-'], input='link add %s type bridge\n'
+                'addr add %s dev %s\nlink set %s up\n'
+                % (bridge.name, bridge.cidr, bridge.name, bridge.name))
+            log('INFO', 'created bridge %s %s' % (bridge.name, bridge.cidr))
+            ensure_chains(bridge, iptables)
+
+
+def switch_on_forwarding(bridge):
     enable_sysctl('/proc/sys/net/ipv4/ip_forward')
-    if not link_exists(bridge.name):
-        with locked('network', 'bridge'):
-            if not link_exists(bridge.name):
-                run(['ip', '-batch', '-'], input='link add %s type bridge\n'
-                    'addr add %s dev %s\nlink set %s up\n'
-                    % (bridge.name, bridge.cidr, bridge.name, bridge.name))
-                log('INFO', 'created bridge %s %s' % (bridge.name, bridge.cidr))
-                ensure_chains(bridge, iptables)
     enable_sysctl('/proc/sys/net/ipv4/conf/%s/route_localnet' % bridge.name)
-    return bridge
 
 
 def remove_bridge(bridge, iptables):
@@ -1289,14 +1318,24 @@ def set_symlink(path, target):
     os.rename(tmp, path)
 
 
+def container_busy(name):
+    """Does a command hold the container's lock (creating, booting, stopping it)?"""
+    with locked('container', name, wait=False) as held:
+        return held is None
+
+
 def holds_claim(owner, name):
     """Is `owner` (not `name`) running, booting or stopping, so its claims stand?"""
     if owner is None or owner == name:
         return False
-    if monitor_alive(owner):
-        return True
-    with locked('container', owner, wait=False) as held:
-        return held is None
+    return monitor_alive(owner) or container_busy(owner)
+
+
+def address_taken(owner, name):
+    """Is an address record of `owner` still good (its container exists or is being made)?"""
+    if owner is None or owner == name:
+        return False
+    return os.path.isdir(container_dir(owner)) or container_busy(owner)
 
 
 def allocate_vip(name, bridge):
@@ -1306,8 +1345,7 @@ def allocate_vip(name, bridge):
             if address == bridge.address:
                 continue
             path = network_path('addresses', str(address))
-            owner = symlink_owner(path)
-            if owner is None or not os.path.isdir(container_dir(owner)):
+            if not address_taken(symlink_owner(path), name):
                 set_symlink(path, name)
                 return str(address)
     raise CockerError('no free address left in %s' % bridge.network)
@@ -1317,8 +1355,7 @@ def note_vip(name, vip):
     """Record a VIP given by hand, so that automatic choices avoid it."""
     with locked('network', 'claims'):
         path = network_path('addresses', vip)
-        owner = symlink_owner(path)
-        if owner is None or not os.path.isdir(container_dir(owner)):
+        if not address_taken(symlink_owner(path), name):
             set_symlink(path, name)
 
 
@@ -1344,7 +1381,8 @@ def check_port_free(mapping):
     kind = socket.SOCK_DGRAM if mapping.proto == 'udp' else socket.SOCK_STREAM
     s = socket.socket(socket.AF_INET, kind)
     try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if kind == socket.SOCK_STREAM:      # TIME_WAIT leftovers are no listeners
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((mapping.host_ip or '0.0.0.0', mapping.host_port))
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
@@ -1358,8 +1396,25 @@ def check_port_free(mapping):
         s.close()
 
 
+def repair_dead_holders(name, vip, mappings):
+    """A container that died holding our VIP or ports, and that no command has repaired yet,
+    still has its address and rules on the host: repair it now, so it cannot shadow us."""
+    paths = [network_path('in-use', vip)]
+    for m in mappings:
+        try:
+            paths += [os.path.join(port_claim_dir(m), a) for a in os.listdir(port_claim_dir(m))]
+        except FileNotFoundError:
+            pass
+    for owner in set(symlink_owner(p) for p in paths) - {None, name}:
+        if os.path.isdir(container_dir(owner)) and container_status(owner) == 'DEAD':
+            with locked('container', owner, wait=False) as held:
+                if held:
+                    repair_if_dead(owner)
+
+
 def claim_network(name, vip, mappings):
     """Claim the VIP and the host ports for `name`, or raise naming their holder."""
+    repair_dead_holders(name, vip, mappings)
     claims = [network_path('in-use', vip)]
     with locked('network', 'claims'):
         owner = symlink_owner(claims[0])
@@ -1428,9 +1483,11 @@ def add_custom_netns(name):
 
 
 def setup_bridge_network(name):
+    """Everything is checked and claimed before the first change to the host; then the
+    bridge (on first use), the namespace, the veth pair and the rules."""
     import json
     iptables = iptables_command()
-    bridge = ensure_bridge(iptables)
+    bridge = network_config()
     vip = read_attr(name, 'vip')
     if not vip:
         vip = allocate_vip(name, bridge)
@@ -1442,10 +1499,26 @@ def setup_bridge_network(name):
         raise CockerError("host interface '%s' (--host-eth) does not exist" % host_eth)
     veth, path = veth_name(name), netns_path(name)
     rules = container_rules(name, bridge, vip, mappings, host_eth)
+    if read_attr(name, 'network.state'):
+        teardown_network(name)                  # a boot killed half-way left it
     claims = claim_network(name, vip, mappings)
     write_attr(name, 'network.state', json.dumps({
         'veth': veth, 'netns': path, 'claims': claims, 'iptables': iptables, 'rules': rules},
         indent=1))
+    if not link_exists(bridge.name):
+        create_bridge(bridge, iptables)
+    # shared: boots go on side by side, del_bridge waits for them (and they for it)
+    with locked('network', 'bridge', shared=True):
+        if not link_exists(bridge.name):
+            raise CockerError('bridge %s was removed while booting; boot again' % bridge.name)
+        switch_on_forwarding(bridge)
+        wire_container(name, bridge, vip, veth, path, iptables, rules)
+    debug('%s: %s on %s, eth0 %s, %d port mapping(s)', name, veth, bridge.name, vip,
+          len(mappings))
+
+
+def wire_container(name, bridge, vip, veth, path, iptables, rules):
+    """The namespace, the veth pair, eth0's address and route, the container's rules."""
     if link_exists(veth):                       # left by the C cocker, which never removed it
         run(['ip', 'link', 'del', veth])
     delete_netns(path)
@@ -1467,22 +1540,35 @@ def setup_bridge_network(name):
     except CockerError:
         ensure_chains(bridge, iptables)         # flushed by someone (a firewall reload)
         iptables_restore(iptables, added)
-    debug('%s: %s on %s, eth0 %s, %d port mapping(s)', name, veth, bridge.name, vip,
-          len(mappings))
 
 
 def teardown_network(name):
     """Undo setup_network from cp/network.state; safe to repeat and after a crash."""
     state = read_network_state(name)
     if state is None:
+        write_attr(name, 'network.state', None)
         return
-    if state.get('rules'):
-        delete_rules(state.get('iptables') or 'iptables', [tuple(r) for r in state['rules']])
-    if state.get('veth') and link_exists(state['veth']):
-        run(['ip', 'link', 'del', state['veth']])
-    if state.get('netns'):
-        delete_netns(state['netns'])
-    release_claims(name, state.get('claims') or [])
+    def remove_rules():
+        delete_rules(state.get('iptables') or 'iptables',
+                     [tuple(r) for r in state.get('rules') or []])
+
+    def remove_veth():                          # its peer, eth0, goes with it
+        if state.get('veth') and link_exists(state['veth']):
+            run(['ip', 'link', 'del', state['veth']])
+
+    def remove_netns():
+        if state.get('netns'):
+            delete_netns(state['netns'])
+
+    problems = []
+    for step in (remove_rules, remove_veth, remove_netns,
+                 lambda: release_claims(name, state.get('claims') or [])):
+        try:
+            step()
+        except (OSError, CockerError) as e:
+            problems.append(e)
+    if problems:        # keep the state: the next command tries again
+        raise problems[0]
     write_attr(name, 'network.state', None)
 
 
@@ -1933,9 +2019,13 @@ def start_container(name, exec_cmd=None):
                               % (name, container_file(name, 'cockerinit.log')))
         debug('cockerinit of %s is ready', name)
     except BaseException:
-        if monitor:
-            stop_monitor(name, monitor)
-        teardown_container(name)
+        try:
+            if monitor:
+                stop_monitor(name, monitor)
+            teardown_container(name)
+        except (OSError, CockerError) as e:
+            # report why the boot failed; the leftovers are logged and repaired later
+            log('ERROR', 'cleaning up after the failed boot of %s: %s' % (name, error_text(e)))
         raise
 
 
@@ -2212,9 +2302,13 @@ def session(name, sock, request, stdin_fd=None, tty=False):
                 continue
             if writable:
                 try:
-                    del outgoing[:sock.send(outgoing, socket.MSG_DONTWAIT)]
+                    del outgoing[:sock.send(outgoing, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)]
                 except BlockingIOError:
                     pass
+                except (BrokenPipeError, ConnectionResetError):
+                    # the command ended before taking all its input: its status follows
+                    del outgoing[:]
+                    stdin_fd = None
             if wake_r in ready:
                 try:
                     os.read(wake_r, 64)
@@ -2422,7 +2516,7 @@ def action_create(o):
     for v in o.volumes:
         parse_volume(v)
     if o.net == 'BRIDGE' and o.vip is not None:
-        check_vip(o.vip, network_config())
+        o.vip = check_vip(o.vip, network_config())
     elif o.net != 'BRIDGE' and (o.vip or o.port_mapping or o.host_eth):
         debug('--vip, --port-mapping and --host-eth are ignored for --net %s', o.net)
     with locked('container', name):
@@ -2474,7 +2568,7 @@ def action_boot(o):
             raise CockerError("container '%s' is already running" % name)
         record_limits(name, o)
         if o.host_eth is not None:
-            write_attr(name, 'host_eth', o.host_eth)
+            write_attr(name, 'host_eth', None if o.host_eth == 'none' else o.host_eth)
         start_container(name, o.exec_cmd)
         log('INFO', "booted container '%s'" % name)
     return after_boot(name, o)
@@ -2570,6 +2664,7 @@ def action_volume(o):
 def action_vip(o):
     """Change the VIP of a stopped container (used from its next boot)."""
     name = require_container(o.container)
+    o.vip = str(parse_ipv4(o.vip, '--vip'))
     if container_net(name) == 'BRIDGE':
         check_vip(o.vip, network_config())
     with locked('container', name):
@@ -2590,9 +2685,16 @@ def action_port_mapping(o):
 def action_del_bridge(o):
     """Remove the bridge and cocker's iptables chains (no BRIDGE container may run)."""
     bridge = network_config()
-    with locked('network', 'bridge'):
-        users = [n for n in list_containers()
-                 if container_net(n) == 'BRIDGE' and container_status(n) == 'RUNNING']
+    with locked('network', 'bridge'):               # waits for boots setting up
+        users = []
+        for n in list_containers():
+            if container_net(n) != 'BRIDGE':
+                continue
+            with locked('container', n, wait=False) as held:
+                if held:
+                    repair_if_dead(n)
+            if container_status(n) != 'STOPED':
+                users.append(n)
         if users:
             raise CockerError('bridge %s is used by running container(s) %s'
                               % (bridge.name, ', '.join(users)))
@@ -2654,7 +2756,10 @@ def show_containers(o):
         if status == 'DEAD':
             with locked('container', name, wait=False) as held:
                 if held:
-                    repair_if_dead(name)
+                    try:
+                        repair_if_dead(name)
+                    except (OSError, CockerError) as e:
+                        log('ERROR', 'repair of %s: %s' % (name, error_text(e)))
             status = container_status(name)
         if status == 'RUNNING':
             status = 'RUNNING(%s)' % (read_attr(name, 'pid') or '')
@@ -2845,7 +2950,7 @@ def check_args(o):
         parse_ipv4(o.vip, '--vip')
     if o.port_mapping is not None:
         parse_port_mappings(o.port_mapping)
-    if o.host_eth is not None:
+    if o.host_eth is not None and o.host_eth != 'none':
         check_ifname(o.host_eth, '--host-eth')
     check_limit_options(o)
 

@@ -517,7 +517,8 @@ def test_the_manual_address_plan_by_default(cocker, test_image, names, tmp_path)
         r = run_cocker(home, '-a', 'run', '-c', 'test', '--cmd', 'ip -o -4 addr show eth0')
         assert ' 166.88.0.2/16 ' in r.out, r
         saved = iptables_save().decode()
-        assert '-A PREROUTING -m addrtype --dst-type LOCAL -j COCKER' in saved
+        assert '-A PREROUTING ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j COCKER' in saved
+        assert '-A INPUT -j COCKER-IN' in saved
         assert '-A COCKER -p tcp -m tcp --dport' in saved
     finally:
         assert run_cocker(home, '-a', 'destroy', '-c', 'test', '-h', '-f').rc == 0
@@ -525,3 +526,45 @@ def test_the_manual_address_plan_by_default(cocker, test_image, names, tmp_path)
     assert not os.path.exists('/sys/class/net/cocker0')
     default_chains = re.compile(r'(^|[\s:])COCKER(-POST|-FWD)?(\s|$)', re.M)
     assert not default_chains.search(iptables_save().decode())
+
+
+def test_a_boot_killed_after_its_network_setup_is_repaired(cocker, test_image, names, home):
+    """What a cocker killed -9 right after wiring the network leaves: netns, veth, rules,
+    claims and network.state, no pid file, nothing mounted."""
+    name = names('halfnet')
+    port = free_port()
+    assert cocker('-a', 'create', '-m', test_image, '-c', name, '--net', 'BRIDGE',
+                  '--port-mapping', '%d:80' % port).rc == 0
+    script = ('import os, sys; sys.path.insert(0, %r); import conftest; '
+              'm = conftest.load_script("cocker_killed", %r); m.HOME = %r; '
+              'm.setup_network(%r); os._exit(9)' % (os.path.dirname(COCKER) + '/tests', COCKER,
+                                                    home, name))
+    assert subprocess.call([PY, '-c', script]) == 9
+    assert len(leftovers(name)) == 4, 'netns, veth, DNAT and MASQUERADE rules are there'
+    listing = cocker('-s', 'containers').out.splitlines()
+    assert [l.split()[-1] for l in listing if l.startswith(name + ' ')] == ['STOPED']
+    assert leftovers(name) == [] and not os.path.exists(container_path(home, name,
+                                                                       'network.state'))
+    r = cocker('-a', 'boot', '-c', name)
+    assert r.rc == 0, r
+    assert len(leftovers(name)) == 4, 'exactly one set of rules after the boot'
+
+
+def test_concurrent_creates_get_distinct_vips(cocker, test_image, names, home):
+    made = [names('vip') for _ in range(8)]
+    results = []
+    threads = [threading.Thread(target=lambda n=n: results.append(cocker(
+        '-a', 'create', '-m', test_image, '-c', n, '--net', 'BRIDGE'))) for n in made]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r.rc == 0 for r in results), results
+    vips = [vip_of(home, n) for n in made]
+    assert len(set(vips)) == 8, vips
+    records = os.path.join(home, 'network', 'addresses')
+    assert sorted(os.readlink(os.path.join(records, v)) for v in vips) == sorted(made)
+    for n in made:
+        assert cocker('-a', 'destroy', '-c', n).rc == 0
+    assert not any(os.path.lexists(os.path.join(records, v)) for v in vips), \
+        'destroy gives the addresses back'

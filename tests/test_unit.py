@@ -246,6 +246,8 @@ def test_container_rules_match_only_its_own_traffic():
                                 'cocker:web -j MASQUERADE')]
     # the jumps keep DNAT to connections addressed to this host
     assert ('nat', 'OUTPUT', '-m addrtype --dst-type LOCAL -j COCKER') in cocker.bridge_jumps(b)
+    assert ('nat', 'PREROUTING', '! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j COCKER') \
+        in cocker.bridge_jumps(b), 'other machines never reach a mapping bound to 127.0.0.1'
 
 
 def test_network_config_defaults_and_errors(tmp_path, monkeypatch):
@@ -400,3 +402,23 @@ def test_cgroup_v1_without_pids_controller_refuses_only_a_pids_limit(tmp_path):
     with pytest.raises(cocker.CockerError) as e:
         cocker.cgroup_plan(str(tmp_path), 'old', cocker.Limits(pids_limit=10))
     assert "no cgroup 'pids' controller" in e.value.message
+
+
+def test_network_values_are_strict_on_every_python():
+    for text in ('166.88.00.5', '010.1.1.1', '1.2.3.4 ', '1.2.3.4\n'):
+        with pytest.raises(cocker.CockerError):
+            cocker.parse_ipv4(text, '--vip')
+    assert cocker.parse_port_mappings('0.0.0.0:80:80')[0].host_ip is None
+    with pytest.raises(cocker.CockerError):
+        cocker.parse_port_mappings('\u00b2:80')
+    for bad in ('eth0#x', 'a"b', "a'b", 'a\\b', 'a b', 'a:1'):
+        with pytest.raises(cocker.CockerError):
+            cocker.check_ifname(bad, '--host-eth')
+    assert cocker.check_ifname('bond0.100', '--host-eth') == 'bond0.100'
+
+
+def test_containers_cannot_reach_the_hosts_loopback_services():
+    chains = dict((chain, rules) for _, chain, rules in cocker.bridge_chains(bridge()))
+    assert chains['COCKER-IN'] == [
+        '-i cocker0 -d 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP']
+    assert ('filter', 'INPUT', '-j COCKER-IN') in cocker.bridge_jumps(bridge())
