@@ -1843,11 +1843,19 @@ def cgroup_plan(root, name, limits):
 
 
 def apply_cgroup_plan(root, controllers, limits, plan):
-    if controllers:
-        enable_controllers(root, controllers, limits)
+    for attempt in range(5):
+        try:
+            if controllers:
+                enable_controllers(root, controllers, limits)
+            for directory, _ in plan:
+                make_cgroup(os.path.dirname(directory))
+                make_cgroup(directory)
+            break
+        except FileNotFoundError:
+            # the last container of a parent removed it between our mkdirs: again
+            if attempt == 4:
+                raise
     for directory, files in plan:
-        make_cgroup(os.path.dirname(directory))
-        make_cgroup(directory)
         for filename, value in files:
             write_cgroup_file(directory, filename, value)
 
@@ -1882,6 +1890,10 @@ def teardown_cgroups(name):
     """Remove the container's cgroups; processes still in one are killed, and reported."""
     for directory in reversed(container_cgroups(name)):
         remove_cgroup(directory)
+        try:
+            os.rmdir(os.path.dirname(directory))    # the cocker parent, once empty
+        except OSError:
+            pass
     write_attr(name, 'cgroups', None)
 
 

@@ -312,7 +312,12 @@ def test_custom_has_only_loopback_and_keeps_its_namespace_until_destroy(cocker, 
     assert 'LOOPBACK,UP' in r.out
     assert cocker('-a', 'shutdown', '-c', name).rc == 0
     assert os.path.exists('/run/netns/' + x)
-    assert cocker('-a', 'destroy', '-c', name).rc == 0
+    # a reboot empties /run: the next boot makes the namespace again
+    subprocess.check_call(['ip', 'netns', 'del', x])
+    assert cocker('-a', 'boot', '-c', name).rc == 0
+    r = cocker('-a', 'run', '-c', name, '--cmd', 'ip -o link')
+    assert [l.split(':')[1].strip() for l in r.out.splitlines()] == ['lo'], r
+    assert cocker('-a', 'destroy', '-c', name, '-h').rc == 0
     assert not os.path.exists('/run/netns/' + x)
 
 
