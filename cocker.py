@@ -2737,6 +2737,16 @@ ACTIONS = {
 # =============================================================================
 # The columns and widths of the C cocker: runbooks parse them.
 
+def print_table(header, rule_width, rows):
+    """A header, a rule of dashes and the rows, as the C cocker prints them; nothing at all
+    when there is no row."""
+    if rows:
+        say(header)
+        say('-' * rule_width)
+        for row in rows:
+            say(row)
+
+
 def show_images(o):
     """List images and their versions."""
     rows = []
@@ -2752,11 +2762,8 @@ def show_images(o):
             mtime = time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(os.stat(path).st_mtime))
             rows.append('%-30s %-10s %-19s %s' % (name, version, mtime,
                                                  size_text(tree_size(os.path.join(path, 'rlayer')))))
-    if rows:
-        say('%-30s %-10s %-19s %-10s' % ('image_id', 'version', 'modify_datetime', 'size'))
-        say('-' * 68)
-        for row in rows:
-            say(row)
+    print_table('%-30s %-10s %-19s %-10s' % ('image_id', 'version', 'modify_datetime', 'size'),
+                68, rows)
     return EXIT_OK
 
 
@@ -2781,12 +2788,8 @@ def show_containers(o):
             name, read_attr(name, 'image', ''), read_attr(name, 'hostname', ''),
             read_attr(name, 'net', ''), read_attr(name, 'netns', ''),
             size_text(tree_size(container_file(name, 'rwlayer'))), status))
-    if rows:
-        say('%-20s %-20s %-10s %-10s %-16s %-10s %s' % (
-            'container_id', 'image', 'hostname', 'net', 'netns', 'size', 'status'))
-        say('-' * 107)
-        for row in rows:
-            say(row)
+    print_table('%-20s %-20s %-10s %-10s %-16s %-10s %s' % (
+        'container_id', 'image', 'hostname', 'net', 'netns', 'size', 'status'), 107, rows)
     return EXIT_OK
 
 
@@ -2801,12 +2804,9 @@ def show_container_limits(o):
         rows.append('%-20s %-10s %-10s %-10s %-10s %-10s %s' % tuple(
             [name] + values + [size_text(memory) if memory is not None else '-',
                                pids if pids is not None else '-']))
-    if rows:
-        say('%-20s %-10s %-10s %-10s %-10s %-10s %s' % (
-            'container_id', 'cpus', 'cpu_quota', 'mem_limit', 'pids_limit', 'mem_usage', 'pids'))
-        say('-' * 84)
-        for row in rows:
-            say(row)
+    print_table('%-20s %-10s %-10s %-10s %-10s %-10s %s' % (
+        'container_id', 'cpus', 'cpu_quota', 'mem_limit', 'pids_limit', 'mem_usage', 'pids'),
+        84, rows)
     return EXIT_OK
 
 

@@ -24,7 +24,6 @@ alive pipe).  Standard library only, Python 3.6 and newer; it never imports cock
 VERSION = '1.0.0'
 
 import ctypes
-import errno
 import fcntl
 import os
 import select

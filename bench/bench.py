@@ -399,25 +399,29 @@ def main(argv=None):
             sys.stderr.write('bench.py: %s not found on PATH\n' % tool)
             return 1
     signal.signal(signal.SIGTERM, on_sigterm)
+    return run_benchmark('bench.py', lambda python: Bench(python, args.repeat), args.python)
 
+
+def run_benchmark(program, make_bench, python=None):
+    """Set up, measure, always clean up, then report; return the exit status (2 when
+    something was left behind).  make_bench(python) builds the benchmark object."""
     bench = None
     status = 0
     try:
-        python = real_interpreter(args.python or os.environ.get('COCKER_PYTHON')
-                                  or sys.executable)
-        bench = Bench(python, args.repeat)
+        python = real_interpreter(python or os.environ.get('COCKER_PYTHON') or sys.executable)
+        bench = make_bench(python)
         bench.setup()
         bench.measure()
     except BenchError as e:
-        sys.stderr.write('\nbench.py: ERROR: %s\n' % e)
+        sys.stderr.write('\n%s: ERROR: %s\n' % (program, e))
         status = 1
     except KeyboardInterrupt:
-        sys.stderr.write('\nbench.py: interrupted\n')
+        sys.stderr.write('\n%s: interrupted\n' % program)
         status = 130
     finally:
         problems = bench.cleanup() if bench is not None else []
         for p in problems:
-            sys.stderr.write('bench.py: LEFT BEHIND: %s\n' % p)
+            sys.stderr.write('%s: LEFT BEHIND: %s\n' % (program, p))
         if problems:
             status = status or 2
     if status == 0:

@@ -34,8 +34,7 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import (BenchError, COCKER, REPO, command_text, median, mounts_under,  # noqa: E402
-                   on_sigterm, processes_using, python_version, real_interpreter,
-                   run_checked)
+                   on_sigterm, processes_using, python_version, run_benchmark, run_checked)
 
 
 def network_objects():
@@ -192,27 +191,8 @@ def main(argv=None):
         sys.stderr.write('bench_network.py: cocker needs root\n')
         return 1
     signal.signal(signal.SIGTERM, on_sigterm)
-    bench, status = None, 0
-    try:
-        python = real_interpreter(args.python or os.environ.get('COCKER_PYTHON')
-                                  or sys.executable)
-        bench = NetworkBench(python, args.repeat, levels)
-        bench.setup()
-        bench.measure()
-    except BenchError as e:
-        sys.stderr.write('\nbench_network.py: ERROR: %s\n' % e)
-        status = 1
-    except KeyboardInterrupt:
-        status = 130
-    finally:
-        problems = bench.cleanup() if bench is not None else []
-        for p in problems:
-            sys.stderr.write('bench_network.py: LEFT BEHIND: %s\n' % p)
-        if problems:
-            status = status or 2
-    if status == 0:
-        bench.report()
-    return status
+    return run_benchmark('bench_network.py',
+                         lambda python: NetworkBench(python, args.repeat, levels), args.python)
 
 
 if __name__ == '__main__':

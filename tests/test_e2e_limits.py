@@ -8,7 +8,6 @@ import glob
 import json
 import os
 import subprocess
-import time
 
 import pytest
 
