@@ -508,6 +508,97 @@ def split_list(text):
     return [item for item in text.split(',') if item]
 
 
+def image_users(name, version):
+    """Containers whose layers include name:version (pinned, or a C cocker image list)."""
+    users = []
+    for c in list_containers():
+        refs = split_list(read_attr(c, 'layers') or read_attr(c, 'image', '') or '')
+        for ref in refs:
+            n, v = ref.partition(':')[::2]
+            if n == name and (v or highest_version(n)) == version:
+                users.append(c)
+                break
+    return users
+
+
+def refuse_if_used(name, version, force, what):
+    users = image_users(name, version)
+    if users and not force:
+        raise CockerError("image '%s' is used by container(s) %s; %s (add -f to do it anyway)"
+                          % (image_ref_text(name, version), ', '.join(users), what))
+    running = [c for c in users if container_status(c) == 'RUNNING']
+    if running:
+        raise CockerError("image '%s' is used by running container(s) %s"
+                          % (image_ref_text(name, version), ', '.join(running)))
+
+
+def copy_tree(source, target, link=False):
+    """cp -a: modes, owners, times, hard links, devices (overlay whiteouts) and xattrs
+    (overlay opaque markers) kept; with link, files are hard-linked, not copied (instant),
+    falling back to a copy across file systems."""
+    try:
+        run(['cp', '-a'] + (['-l'] if link else []) + ['--', source, target])
+    except CockerError:
+        if not link:
+            raise
+        if os.path.lexists(target):
+            remove_tree(target)
+        run(['cp', '-a', '--', source, target])
+
+
+def new_image_staging(name):
+    """A hidden directory in images/NAME to build a version in; renamed into place when
+    complete (install_image), removed by remove_stale_image_staging after a crash."""
+    os.makedirs(os.path.join(images_dir(), name), 0o755, exist_ok=True)
+    staging = os.path.join(images_dir(), name, '.staging.%d.%s' % (
+        os.getpid(), os.urandom(4).hex()))
+    os.mkdir(staging, 0o755)
+    return staging
+
+
+def install_image(staging, name, version, replace=False):
+    """Rename a complete staging directory to images/NAME/VERSION (replacing it with -f)."""
+    final = image_dir(name, version)
+    if os.path.exists(final):
+        if not replace:
+            raise CockerError("image '%s' exist (add -f to replace it)"
+                              % image_ref_text(name, version))
+        old = os.path.join(images_dir(), name, '.old.%d.%s' % (os.getpid(), os.urandom(4).hex()))
+        os.rename(final, old)
+        os.rename(staging, final)
+        remove_tree(old)
+    else:
+        os.rename(staging, final)
+
+
+def remove_image(name, version):
+    """Delete images/NAME/VERSION (renamed away first), and images/NAME once empty."""
+    doomed = os.path.join(images_dir(), name, '.deleting.%d.%s' % (os.getpid(),
+                                                                  os.urandom(4).hex()))
+    os.rename(image_dir(name, version), doomed)
+    remove_tree(doomed)
+    try:
+        os.rmdir(os.path.join(images_dir(), name))
+    except OSError:
+        pass
+
+
+def remove_stale_image_staging(name):
+    """Hidden leftovers of an import, copy or delete killed half-way (their pid is gone)."""
+    try:
+        entries = os.listdir(os.path.join(images_dir(), name))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        parts = entry.split('.')
+        if entry.startswith('.') and len(parts) == 4 and parts[2].isdigit() \
+                and not pid_alive(int(parts[2])):
+            try:
+                remove_tree(os.path.join(images_dir(), name, entry))
+            except (OSError, CockerError):
+                pass
+
+
 # =============================================================================
 # Container store
 # =============================================================================
@@ -681,8 +772,9 @@ def write_container(staging, o, name):
         put('volume', volume_lines(o.volumes))
 
 
-def create_container(o, name):
-    """Make C/NAME atomically: built in a hidden staging directory, renamed when complete."""
+def create_container(o, name, fill=None):
+    """Make C/NAME atomically: built in a hidden staging directory, renamed when complete
+    (fill(staging) adds to it first, e.g. an rwlayer taken from an image)."""
     final = container_dir(name)
     if os.path.lexists(final):
         raise CockerError("container '%s' exist" % name)
@@ -690,6 +782,8 @@ def create_container(o, name):
     os.mkdir(staging, 0o700)
     try:
         write_container(staging, o, name)
+        if fill is not None:
+            fill(staging)
         os.rename(staging, final)
     except BaseException:
         remove_tree(staging)
@@ -2392,6 +2486,379 @@ def attach_container(name):
 
 
 # =============================================================================
+# Image archives
+# =============================================================================
+# A .cockerimage is what the C cocker writes: a gzip-compressed tar of the contents of
+# rlayer, member names relative (bin, etc/passwd), owners by name and id, devices and
+# overlay whiteouts stored natively.  We add the top-level dot-files the C cocker's shell
+# glob lost, the overlay and capability xattrs (as PAX records, which tar without --xattrs
+# skips), and a NAME.sha256 beside it in sha256sum's format.
+#
+# GNU tar does the filing (it is as fast as it gets); cocker does the compression, the hash
+# and the progress in between, and on import it reads every tar header before tar sees it:
+# absolute names, '..', members below a symlink of the archive and hard links out of it are
+# refused, device nodes other than whiteouts skipped.  Extraction goes to a staging
+# directory, renamed into the store only when complete and checked.
+
+ARCHIVE_SUFFIX = '.cockerimage'
+CHUNK = 1 << 20
+#: xattrs kept in archives: user data, overlay markers (opaque dirs), file capabilities
+ARCHIVE_XATTRS = ('user.*', 'trusted.overlay.*', 'security.capability')
+TAR_BLOCK = 512
+
+
+def tar_xattr_options():
+    return ['--xattrs'] + ['--xattrs-include=%s' % x for x in ARCHIVE_XATTRS]
+
+
+class Progress(object):
+    """'what: 12.3 MB of 45.6 MB, 30.1 MB/s, 0:01 left' on a terminal; nothing otherwise."""
+
+    def __init__(self, what, total=None):
+        self.what, self.total, self.done = what, total, 0
+        self.start = self.shown = time.time()
+        self.on = sys.stderr.isatty()
+
+    def add(self, n):
+        self.done += n
+        now = time.time()
+        if self.on and now - self.shown >= 0.2:
+            self.shown = now
+            self.show(now)
+
+    def show(self, now):
+        rate = self.done / max(now - self.start, 1e-6)
+        text = '%s: %s' % (self.what, size_text(self.done))
+        if self.total:
+            left = max(self.total - self.done, 0) / rate if rate else 0
+            text += ' of %s, %s/s, %d:%02d left' % (size_text(self.total), size_text(int(rate)),
+                                                   left // 60, left % 60)
+        else:
+            text += ', %s/s' % size_text(int(rate))
+        sys.stderr.write('\r%-78s' % text[:78])
+        sys.stderr.flush()
+
+    def finish(self):
+        if self.on:
+            self.show(time.time())
+            sys.stderr.write('\n')
+
+
+def archive_name(name, version):
+    return image_ref_text(name, version) + ARCHIVE_SUFFIX
+
+
+def sha256_line(digest, filename):
+    return '%s  %s\n' % (digest, filename)
+
+
+def write_archive(rlayer, write, progress):
+    """Stream the gzip tar of rlayer's contents to write(bytes); return its sha256 hex."""
+    import hashlib
+    import subprocess
+    import tempfile
+    import zlib
+    digest = hashlib.sha256()
+    packer = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)     # gzip's default
+
+    def emit(data):
+        if data:
+            digest.update(data)
+            write(data)
+    entries = sorted(os.listdir(rlayer))
+    if not entries:                     # tar refuses to make an empty archive: two zero blocks
+        emit(packer.compress(b'\0' * 2 * TAR_BLOCK))
+    else:
+        with tempfile.TemporaryFile() as errors:
+            tar = subprocess.Popen(['tar', '-C', rlayer] + tar_xattr_options() +
+                                   ['-cf', '-', '--'] + entries,
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=errors)
+            try:
+                for chunk in iter(lambda: tar.stdout.read(CHUNK), b''):
+                    emit(packer.compress(chunk))
+                    progress.add(len(chunk))
+            finally:
+                tar.stdout.close()
+                status = tar.wait()
+            if status != 0:
+                raise CockerError('tar failed on %s: %s' % (rlayer, last_line(errors)))
+    emit(packer.flush())
+    progress.finish()
+    return digest.hexdigest()
+
+
+def last_line(f):
+    f.seek(0)
+    lines = f.read().decode('utf-8', 'replace').strip().splitlines()
+    return lines[-1] if lines else 'no message'
+
+
+def tar_number(field):
+    """A numeric tar header field: octal text, or GNU base-256."""
+    if field[:1] and field[0] & 0x80:
+        value = int.from_bytes(field[1:], 'big')
+        return value - (1 << (8 * len(field) - 8)) if field[0] & 0x40 else value
+    text = field.split(b'\0', 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+class ArchiveGuard(object):
+    """Reads a tar stream header by header and passes on only what is safe to extract.
+
+    feed(bytes) -> bytes for `tar -x`.  Raises CockerError on a hostile or broken member."""
+
+    MEMBER_TYPES = b'01234567S\0'
+
+    def __init__(self):
+        self.buf = b''
+        self.forward = 0            # data bytes of the current member still to pass on
+        self.skip = False           # ... or to drop (a skipped device has none, but be exact)
+        self.extension = None       # (type, header, size, padded) of a PAX/GNU header read
+        self.held = []              # extension headers waiting for the member they describe
+        self.pax, self.long_name, self.long_link = {}, None, None
+        self.symlinks = set()
+        self.skipped = []
+        self.ended = False
+
+    def feed(self, data):
+        buf = self.buf + data if self.buf else data
+        pos, out = 0, []
+        while True:
+            if self.forward:
+                n = min(self.forward, len(buf) - pos)
+                if n <= 0:
+                    break
+                if not self.skip:
+                    out.append(buf[pos:pos + n])
+                pos += n
+                self.forward -= n
+                continue
+            if self.extension:
+                padded = self.extension[3]
+                if len(buf) - pos < padded:
+                    break
+                self.read_extension(buf[pos:pos + padded])
+                pos += padded
+                continue
+            if len(buf) - pos < TAR_BLOCK:
+                break
+            out.append(self.header(buf[pos:pos + TAR_BLOCK]))
+            pos += TAR_BLOCK
+        self.buf = buf[pos:]
+        return b''.join(out)
+
+    def finish(self):
+        if self.forward or self.extension or self.buf.strip(b'\0') or not self.ended:
+            raise CockerError('the archive is truncated')
+
+    def header(self, block):
+        if block == b'\0' * TAR_BLOCK:
+            self.ended = True
+            return block
+        stored = tar_number(block[148:156])
+        if stored != sum(block[:148]) + 8 * 32 + sum(block[156:]):
+            raise CockerError('the archive is not a tar archive (bad header checksum)')
+        self.ended = False
+        kind = block[156:157]
+        size = tar_number(block[124:136])
+        padded = (size + TAR_BLOCK - 1) // TAR_BLOCK * TAR_BLOCK
+        if kind in (b'x', b'g', b'L', b'K'):
+            if size > 1 << 20:
+                raise CockerError('the archive has an oversized extension header')
+            self.extension = (kind, block, size, padded)
+            return b''
+        if kind not in self.MEMBER_TYPES:
+            raise CockerError("the archive has a member of unknown type '%s'"
+                              % kind.decode('latin-1'))
+        name = self.pax.get('path') or self.long_name or self.ustar_name(block)
+        link = self.pax.get('linkpath') or self.long_link or \
+            block[157:257].split(b'\0', 1)[0].decode('utf-8', 'surrogateescape')
+        keep = self.judge(kind, name, link, block)
+        out = b''.join(self.held) + block if keep else b''
+        self.held, self.pax, self.long_name, self.long_link = [], {}, None, None
+        self.forward, self.skip = padded, not keep
+        return out
+
+    @staticmethod
+    def ustar_name(block):
+        name = block[0:100].split(b'\0', 1)[0]
+        if block[257:262] == b'ustar':
+            prefix = block[345:500].split(b'\0', 1)[0]
+            if prefix:
+                name = prefix + b'/' + name
+        return name.decode('utf-8', 'surrogateescape')
+
+    def read_extension(self, data):
+        kind, block, size, _ = self.extension
+        self.extension = None
+        body = data[:size]
+        if kind in (b'L', b'K'):
+            text = body.split(b'\0', 1)[0].decode('utf-8', 'surrogateescape')
+            if kind == b'L':
+                self.long_name = text
+            else:
+                self.long_link = text
+        else:
+            records = parse_pax(body)
+            if kind == b'g':
+                if 'path' in records or 'linkpath' in records:
+                    raise CockerError('the archive renames members in a global header')
+                self.held.append(block + data)
+                return
+            self.pax.update(records)
+        self.held.append(block + data)
+
+    def judge(self, kind, name, link, block):
+        """True to extract the member, False to skip it; CockerError to refuse the archive."""
+        path = self.checked_path(name)
+        if kind == b'2':
+            self.symlinks.add(path)
+            return True
+        self.symlinks.discard(path)
+        if kind == b'1':
+            target = self.checked_path(link)
+            if target in self.symlinks:
+                self.symlinks.add(path)
+        if kind in (b'3', b'4'):
+            major, minor = tar_number(block[329:337]), tar_number(block[337:345])
+            if kind == b'3' and major == 0 and minor == 0:
+                return True                     # an overlay whiteout: a deleted file
+            self.skipped.append(path)
+            return False
+        return True
+
+    def checked_path(self, name):
+        path = name
+        while path.startswith('./'):
+            path = path[2:]
+        path = path.rstrip('/')
+        if name.startswith('/'):
+            raise CockerError("the archive has an absolute member name '%s'" % name)
+        parts = path.split('/') if path not in ('', '.') else []
+        if '..' in parts:
+            raise CockerError("the archive has a member name with '..': '%s'" % name)
+        for i in range(1, len(parts)):
+            if '/'.join(parts[:i]) in self.symlinks:
+                raise CockerError("the archive writes '%s' through its own symbolic link '%s'"
+                                  % (name, '/'.join(parts[:i])))
+        return '/'.join(parts)
+
+
+def parse_pax(body):
+    """PAX extended header records ('LEN key=value\\n') -> dict."""
+    records = {}
+    pos = 0
+    while pos < len(body) and body[pos:pos + 1] != b'\0':
+        space = body.find(b' ', pos)
+        try:
+            length = int(body[pos:space])
+        except ValueError:
+            raise CockerError('the archive has a malformed PAX header')
+        key, _, value = body[space + 1:pos + length - 1].partition(b'=')
+        records[key.decode('utf-8', 'replace')] = value.decode('utf-8', 'surrogateescape')
+        if length <= 0:
+            raise CockerError('the archive has a malformed PAX header')
+        pos += length
+    return records
+
+
+def read_archive(read, rlayer, progress):
+    """Unpack a gzip tar stream (read(n) -> bytes) into rlayer through ArchiveGuard; return
+    the sha256 hex of the compressed bytes."""
+    import hashlib
+    import subprocess
+    import tempfile
+    import zlib
+    digest = hashlib.sha256()
+    guard = ArchiveGuard()
+    unpacker = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    fresh = True                # no byte given to the current gzip member yet
+    with tempfile.TemporaryFile() as errors:
+        tar = subprocess.Popen(['tar', '-x', '-p', '--numeric-owner'] + tar_xattr_options() +
+                               ['-C', rlayer, '-f', '-'], stdin=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL, stderr=errors)
+        try:
+            try:
+                while True:
+                    chunk = read(CHUNK)
+                    if not chunk:
+                        break
+                    digest.update(chunk)
+                    progress.add(len(chunk))
+                    while chunk:
+                        data = unpacker.decompress(chunk)
+                        fresh = False
+                        chunk = b''
+                        if unpacker.eof:            # gzip members may follow one another
+                            chunk = unpacker.unused_data
+                            unpacker = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                            fresh = True
+                        tar.stdin.write(guard.feed(data))
+                if not fresh:
+                    raise CockerError('the archive is truncated')
+                guard.finish()
+            except zlib.error as e:
+                raise CockerError('the archive is not a complete gzip file (%s)' % e)
+            except BrokenPipeError:
+                pass                            # tar stopped: its status says why
+            finally:
+                try:
+                    tar.stdin.close()
+                except BrokenPipeError:
+                    pass
+        except BaseException:
+            tar.kill()
+            tar.wait()
+            raise
+        if tar.wait() != 0:
+            raise CockerError('tar could not unpack the archive: %s' % last_line(errors))
+    progress.finish()
+    for path in guard.skipped:
+        log('WARN', 'device node %s in the archive was skipped' % path)
+        sys.stderr.write('cocker: warning: device node %s skipped\n' % path)
+    return digest.hexdigest()
+
+
+def expected_sha256(path):
+    """The digest recorded in PATH.sha256, or None when there is none."""
+    text = read_small(path + '.sha256')
+    if text is None:
+        return None
+    digest = text.split()[0].lower() if text.split() else ''
+    if len(digest) != 64 or any(c not in '0123456789abcdef' for c in digest):
+        raise CockerError('%s.sha256 is not a sha256sum line' % path)
+    return digest
+
+
+def import_archive(read, total, name, version, force, expected, what):
+    """Unpack into a staging directory of images/NAME, check, then install as NAME:VERSION."""
+    with locked('image', name):
+        remove_stale_image_staging(name)
+        if os.path.exists(image_dir(name, version)):
+            if not force:
+                raise CockerError("image '%s' exist (add -f to replace it)"
+                                  % image_ref_text(name, version))
+            refuse_if_used(name, version, True, 'it cannot be replaced')
+        staging = new_image_staging(name)
+        try:
+            os.mkdir(os.path.join(staging, 'rlayer'), 0o755)
+            digest = read_archive(read, os.path.join(staging, 'rlayer'), Progress(what, total))
+            if expected is not None and digest != expected:
+                raise CockerError('sha256 of the archive is %s, not %s as recorded: refused'
+                                  % (digest, expected))
+            install_image(staging, name, version, replace=force)
+        except BaseException:
+            if os.path.exists(staging):
+                remove_tree(staging)
+            try:
+                os.rmdir(os.path.join(images_dir(), name))
+            except OSError:
+                pass
+            raise
+
+
+# =============================================================================
 # Test image
 # =============================================================================
 # -a install_test: a small image made of this host's own binaries and the libraries ldd
@@ -2519,9 +2986,23 @@ def action_create(o):
     refs = split_list(o.image)
     if not refs:
         raise usage_error("expect '--image' with action '-a create'")
-    resolved = [resolve_image(ref) for ref in refs]
-    o.layers = ','.join('%s:%s' % (n, v) for n, v in resolved)
+    resolved = pin_layers(o)
     name = o.container or resolved[-1][0]
+    status = make_container(o, name)
+    return status if status is not None else after_boot(name, o)
+
+
+def pin_layers(o):
+    """Resolve the -m list (highest versions where none is given) into o.layers."""
+    resolved = [resolve_image(ref) for ref in split_list(o.image or '')]
+    o.layers = ','.join('%s:%s' % (n, v) for n, v in resolved) or None
+    return resolved
+
+
+def make_container(o, name, fill=None):
+    """Check the create options, make the container (its VIP, CUSTOM namespace, limits),
+    boot it with -b; everything undone on failure.  Returns EXIT_OK when done without a
+    boot, None after a boot (the caller prints or attaches)."""
     check_name('container', name)
     if o.host is not None:
         check_hostname(o.host)
@@ -2541,7 +3022,7 @@ def action_create(o):
             else:
                 note_vip(name, o.vip)
         try:
-            create_container(o, name)
+            create_container(o, name, fill)
             if o.net == 'CUSTOM':
                 add_custom_netns(name)
             record_limits(name, o)
@@ -2556,7 +3037,7 @@ def action_create(o):
         if not o.boot:
             say('OK')
             return EXIT_OK
-    return after_boot(name, o)
+    return None
 
 
 def check_hostname(host):
@@ -2647,15 +3128,20 @@ def action_destroy(o):
             if not o.shutdown:
                 raise CockerError("container '%s' is running (add -h to stop it first)" % name)
             stop_container(name, 15, o.force)
-        teardown_container(name)
-        forget_network(name)
-        # rename first: the container disappears at once, a crash leaves only hidden rubbish
-        doomed = os.path.join(containers_dir(), '.%s.destroying.%d' % (name, os.getpid()))
-        os.rename(container_dir(name), doomed)
-        remove_tree(doomed)
+        remove_container(name)
         log('INFO', "destroyed container '%s'" % name)
     say('OK')
     return EXIT_OK
+
+
+def remove_container(name):
+    """Delete a stopped container (under its lock) with what it holds on the host."""
+    teardown_container(name)
+    forget_network(name)
+    # rename first: the container disappears at once, a crash leaves only hidden rubbish
+    doomed = os.path.join(containers_dir(), '.%s.destroying.%d' % (name, os.getpid()))
+    os.rename(container_dir(name), doomed)
+    remove_tree(doomed)
 
 
 def change_stopped_container(name, key, value, what):
@@ -2716,6 +3202,187 @@ def action_del_bridge(o):
     return EXIT_OK
 
 
+# ---- images ----------------------------------------------------------------------------
+
+def image_or_unversioned(ref):
+    """NAME[:VERSION] -> (name, version), '_' when none is given (as the C cocker has it)."""
+    name, version = parse_image_ref(ref)
+    return name, version or NO_VERSION
+
+
+def require_image(ref):
+    name, version = image_or_unversioned(ref)
+    if not os.path.isdir(os.path.join(image_dir(name, version), 'rlayer')):
+        raise CockerError("image '%s' not found" % ref)
+    return name, version
+
+
+class locked_images(object):
+    """The locks of several images, taken in name order (no deadlock between commands)."""
+
+    def __init__(self, *names):
+        self.locks = [locked('image', n) for n in sorted(set(names))]
+
+    def __enter__(self):
+        for lock in self.locks:
+            lock.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for lock in reversed(self.locks):
+            lock.__exit__(*exc)
+
+
+def action_version(o):
+    """Rename an image version (no --version: to '_'); -f takes its containers along."""
+    name, old = require_image(o.image)
+    new = check_name('version', o.version or NO_VERSION)
+    if new == old:
+        raise CockerError('version equal')
+    with locked('image', name):
+        require_image(o.image)
+        if os.path.exists(image_dir(name, new)):
+            raise CockerError("image '%s' exist" % image_ref_text(name, new))
+        users = image_users(name, old)
+        refuse_if_used(name, old, o.force, 'it would be taken away from them')
+        os.rename(image_dir(name, old), image_dir(name, new))
+        for c in users:                 # -f: the stopped users follow the new version
+            with locked('container', c):
+                layers = split_list(read_attr(c, 'layers') or '')
+                write_attr(c, 'layers', ','.join(
+                    '%s:%s' % (name, new) if ref == '%s:%s' % (name, old) else ref
+                    for ref in layers))
+    say('OK')
+    return EXIT_OK
+
+
+def action_copy_image(o):
+    """Copy an image version, everything kept (owners, xattrs, whiteouts, hard links)."""
+    source = require_image(o.from_image)
+    name, version = image_or_unversioned(o.to_image)
+    with locked_images(source[0], name):
+        require_image(o.from_image)
+        if os.path.exists(image_dir(name, version)):
+            raise CockerError("image '%s' exist" % o.to_image)
+        remove_stale_image_staging(name)
+        staging = new_image_staging(name)
+        try:
+            copy_tree(os.path.join(image_dir(*source), 'rlayer'), os.path.join(staging, 'rlayer'))
+            install_image(staging, name, version)
+        except BaseException:
+            remove_tree(staging)
+            raise
+    say('OK')
+    return EXIT_OK
+
+
+def action_del_image(o):
+    """Delete an image version; refused while a container uses it, unless -f."""
+    name, version = require_image(o.image)
+    with locked('image', name):
+        require_image(o.image)
+        refuse_if_used(name, version, o.force, 'destroy them first')
+        remove_image(name, version)
+    say('OK')
+    return EXIT_OK
+
+
+def action_to_image(o):
+    """A stopped container's own layer (its changes, whiteouts included) becomes an image;
+    the container is used up, as with the C cocker."""
+    cname = require_container(o.from_container)
+    name, given = parse_image_ref(o.to_image)
+    version = check_name('version', o.version or given or read_attr(cname, 'version')
+                         or NO_VERSION)
+    with locked('container', cname):
+        require_stopped(cname, 'to_image converts only')
+        with locked('image', name):
+            if os.path.exists(image_dir(name, version)):
+                raise CockerError("image '%s' exist" % image_ref_text(name, version))
+            remove_stale_image_staging(name)
+            staging = new_image_staging(name)
+            try:
+                copy_tree(container_file(cname, 'rwlayer'), os.path.join(staging, 'rlayer'),
+                          link=True)
+                install_image(staging, name, version)
+            except BaseException:
+                remove_tree(staging)
+                raise
+        remove_container(cname)
+    log('INFO', "container '%s' became image '%s'" % (cname, image_ref_text(name, version)))
+    say('OK')
+    return EXIT_OK
+
+
+def action_to_container(o):
+    """An image becomes a container whose own layer is the image's content (over the -m
+    base images, if any), to be edited and made an image again; the image is used up."""
+    name, version = resolve_image(o.from_image)
+    rlayer = os.path.join(image_dir(name, version), 'rlayer')
+    o.boot = False
+    pin_layers(o)
+
+    def take_image_layer(staging):
+        os.rmdir(os.path.join(staging, 'rwlayer', 'etc'))
+        os.rmdir(os.path.join(staging, 'rwlayer'))
+        copy_tree(rlayer, os.path.join(staging, 'rwlayer'), link=True)
+        write_small(os.path.join(staging, 'version'), version)
+    with locked('image', name):
+        resolve_image(o.from_image)
+        refuse_if_used(name, version, o.force, 'it would be taken away from them')
+        make_container(o, o.to_container, fill=take_image_layer)
+        remove_image(name, version)
+    log('INFO', "image '%s' became container '%s'" % (image_ref_text(name, version),
+                                                     o.to_container))
+    return EXIT_OK
+
+
+def action_export(o):
+    """Write IMAGE[:VERSION].cockerimage (and its .sha256) in the current directory."""
+    name, version = require_image(o.image)
+    filename = archive_name(name, version)
+    rlayer = os.path.join(image_dir(name, version), 'rlayer')
+    with locked('image', name):
+        require_image(o.image)
+        total = tree_size(rlayer) if sys.stderr.isatty() else None
+        tmp = '.%s.tmp%d' % (filename, os.getpid())
+        try:
+            with open(tmp, 'wb') as f:
+                digest = write_archive(rlayer, f.write, Progress('export ' + filename, total))
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, filename)
+        except BaseException:
+            remove_file(tmp)
+            raise
+        write_small(filename + '.sha256', sha256_line(digest, filename))
+    say('OK')
+    return EXIT_OK
+
+
+def action_import(o):
+    """Read an image archive; its name and version come from the file name, or from -m."""
+    path = o.image_file
+    base = os.path.basename(path)
+    if o.image:
+        name, version = image_or_unversioned(o.image)
+    elif base.endswith(ARCHIVE_SUFFIX) and len(base) > len(ARCHIVE_SUFFIX):
+        name, version = image_or_unversioned(base[:-len(ARCHIVE_SUFFIX)])
+    else:
+        raise CockerError("image file name[%s] invalid (expected NAME[:VERSION]%s, or give -m)"
+                          % (base, ARCHIVE_SUFFIX))
+    try:
+        f = open(path, 'rb')
+    except OSError as e:
+        raise CockerError("image file '%s': %s" % (path, e.strerror))
+    with f:
+        import_archive(f.read, os.fstat(f.fileno()).st_size, name, version, o.force,
+                       expected_sha256(path), 'import ' + base)
+    log('INFO', "imported '%s' as '%s'" % (path, image_ref_text(name, version)))
+    say('OK')
+    return EXIT_OK
+
+
 ACTIONS = {
     'install_test': action_install_test,
     'create': action_create,
@@ -2729,6 +3396,13 @@ ACTIONS = {
     'vip': action_vip,
     'port_mapping': action_port_mapping,
     'del_bridge': action_del_bridge,
+    'version': action_version,
+    'copy_image': action_copy_image,
+    'del_image': action_del_image,
+    'to_image': action_to_image,
+    'to_container': action_to_container,
+    'export': action_export,
+    'import': action_import,
 }
 
 
@@ -2846,6 +3520,13 @@ USAGE = """USAGE : cocker -v
                -a vip (-c|--container) (container) --vip (ip)
                -a port_mapping (-c|--container) (container) --port-mapping ([host_ip:]src_port:dst_port[/udp])[,...]
                -a volume (-c|--container) (container) --volume (host_path[:container_path[:ro]])[ ...]
+               -a version (-m|--image) (image[:version]) [ --version (version) ] [ (-f|--forcely) ]
+               -a to_image --from-container (container) [ --version (version) ] --to-image (image)
+               -a to_container --from-image (image[:version]) [ (-m|--image) (image[:version])[,(image[:version])]... ] [ create options ] --to-container (container) [ (-f|--forcely) ]
+               -a copy_image --from-image (image[:version]) --to-image (image[:version])
+               -a del_image (-m|--image) (image[:version]) [ (-f|--forcely) ]
+               -a import --image-file (file) [ (-m|--image) (image[:version]) ] [ (-f|--forcely) ]
+               -a export (-m|--image) (image[:version])
                -a install_test [ --version (version) ] [ (-f|--forcely) ]
                -a del_bridge
 create options : [ --volume (host_path:container_path[:ro]) ][ --volume ... ] [ --host (hostname) ] [ --net (BRIDGE|HOST|CUSTOM) ] [ --host-eth (eth) ] [ --vip (ip) ] [ --port-mapping ([host_ip:]src_port:dst_port[/udp])[,...] ]
@@ -2869,6 +3550,10 @@ OPTIONS = {
     '-e': ('exec_cmd', True), '--exec': ('exec_cmd', True),
     '-h': ('shutdown', False), '--shutdown': ('shutdown', False),
     '--cmd': ('cmd', True),
+    '--from-image': ('from_image', True), '--to-image': ('to_image', True),
+    '--from-container': ('from_container', True), '--to-container': ('to_container', True),
+    '--image-file': ('image_file', True),
+    '--srepo': ('srepo', True), '--match': ('match', True),
     '-i': ('interactive', False), '--interactive': ('interactive', False),
     '-d': ('debug', False), '--debug': ('debug', False),
     '-f': ('force', False), '--forcely': ('force', False),
@@ -2886,6 +3571,13 @@ REQUIRED = {
     'vip': [('container', '--container'), ('vip', '--vip')],
     'port_mapping': [('container', '--container'), ('port_mapping', '--port-mapping')],
     'volume': [('container', '--container'), ('volumes', '--volume')],
+    'version': [('image', '--image')],
+    'copy_image': [('from_image', '--from-image'), ('to_image', '--to-image')],
+    'del_image': [('image', '--image')],
+    'to_image': [('from_container', '--from-container'), ('to_image', '--to-image')],
+    'to_container': [('from_image', '--from-image'), ('to_container', '--to-container')],
+    'export': [('image', '--image')],
+    'import': [('image_file', '--image-file')],
     'container_root': [('container', '--container')],
 }
 
