@@ -3383,6 +3383,167 @@ def action_import(o):
     return EXIT_OK
 
 
+# ---- the ssh image repository ----------------------------------------------------------
+# A directory reached by ssh (the account's home) holding .cockerimage files and their
+# .sha256.  Uploads go to a hidden temporary name, renamed once complete.  ssh never asks:
+# BatchMode, and COCKER_HOME/ssh_config (if present) as its only configuration.
+
+SSH_TIMEOUT = 10            #: seconds to connect
+
+
+def srepo_path():
+    return os.path.join(HOME, 'srepo')
+
+
+def parse_srepo(text):
+    """'USER@HOST[:PORT]' -> (USER@HOST, port or None)."""
+    user, at, rest = text.partition('@')
+    host, colon, port = rest.partition(':')
+    allowed = NAME_CHARS[:62] + '_.-'
+    if (not at or not user or not host or any(c not in allowed for c in user + host)
+            or user.startswith('-') or host.startswith('-')
+            or (colon and not (is_decimal(port) and 0 < int(port) < 65536))):
+        raise usage_error("--srepo value '%s' is invalid (expected USER@HOST[:PORT])" % text)
+    return '%s@%s' % (user, host), port or None
+
+
+def repository(o):
+    """The repository of --srepo (then saved for later commands), else the saved one."""
+    if o.srepo:
+        parse_srepo(o.srepo)
+        write_small(srepo_path(), o.srepo)
+    text = read_small(srepo_path())
+    if not text:
+        raise CockerError('no image repository yet: give --srepo USER@HOST[:PORT] '
+                          '(-s ssearch saves it)')
+    return parse_srepo(text)
+
+
+def ssh_command(repo, command):
+    destination, port = repo
+    argv = ['ssh', '-o', 'BatchMode=yes', '-o', 'ConnectTimeout=%d' % SSH_TIMEOUT]
+    config = os.path.join(HOME, 'ssh_config')
+    if os.path.exists(config):
+        argv += ['-F', config]
+    if port:
+        argv += ['-p', port]
+    return argv + ['--', destination, command]
+
+
+def ssh_run(repo, command, input=None, ok=(0,)):
+    """Run a shell command in the repository; return (status, stdout).  ssh's own failure
+    (255: refused, unreachable, key not accepted) is an error naming the cause."""
+    import subprocess
+    argv = ssh_command(repo, command)
+    debug('run %s', ' '.join(shell_quote(a) for a in argv))
+    p = subprocess.Popen(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = p.communicate(input)
+    check_ssh_status(repo, p.returncode, err, ok)
+    return p.returncode, out.decode('utf-8', 'replace')
+
+
+def check_ssh_status(repo, status, err, ok=(0,)):
+    if status in ok:
+        return
+    lines = err.decode('utf-8', 'replace').strip().splitlines() if err else []
+    cause = lines[-1] if lines else 'exit status %d' % status
+    if status == 255:
+        raise CockerError('ssh to %s failed: %s' % (repo[0], cause))
+    raise CockerError('command in repository %s failed: %s' % (repo[0], cause))
+
+
+def show_ssearch(o):
+    """List the image archives in the repository (--match: those whose name contains it)."""
+    repo = repository(o)
+    _, out = ssh_run(repo, 'LC_ALL=C ls -l --full-time')
+    rows = []
+    for line in out.splitlines():
+        fields = line.split(None, 8)
+        if len(fields) < 9 or not fields[8].endswith(ARCHIVE_SUFFIX):
+            continue
+        image_id = fields[8][:-len(ARCHIVE_SUFFIX)]
+        if o.match and o.match not in image_id:
+            continue
+        stamp = '%sT%s' % (fields[5], fields[6].split('.')[0])
+        rows.append('%-45s %-19s %s' % (image_id, stamp, size_text(int(fields[4]))))
+    print_table('%-45s %-19s %-10s' % ('image_id', 'modify_datetime', 'size'), 70, rows)
+    return EXIT_OK
+
+
+def action_spush(o):
+    """Upload an image archive (and its sha256) to the repository."""
+    import subprocess
+    name, version = require_image(o.image)
+    repo = repository(o)
+    filename = archive_name(name, version)
+    target, tmp = shell_quote(filename), shell_quote('.%s.tmp%d' % (filename, os.getpid()))
+    status, _ = ssh_run(repo, 'test -e %s' % target, ok=(0, 1))
+    if status == 0 and not o.force:
+        raise CockerError("image '%s' exist in srepo (add -f to replace it)" % filename)
+    rlayer = os.path.join(image_dir(name, version), 'rlayer')
+    with locked('image', name):
+        require_image(o.image)
+        upload = subprocess.Popen(ssh_command(repo, 'cat > %s' % tmp), stdin=subprocess.PIPE,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            try:
+                digest = write_archive(rlayer, upload.stdin.write, Progress(
+                    'spush ' + filename, tree_size(rlayer) if sys.stderr.isatty() else None))
+            finally:
+                try:
+                    upload.stdin.close()
+                except BrokenPipeError:
+                    pass
+            check_ssh_status(repo, upload.wait(), upload.stderr.read())
+            ssh_run(repo, 'printf %%s %s > %s.sha256 && mv -f %s %s && mv -f %s.sha256 %s.sha256'
+                    % (shell_quote(sha256_line(digest, filename)), tmp, tmp, target, tmp,
+                       target))
+        except BaseException:
+            if upload.poll() is None:
+                upload.kill()
+                upload.wait()
+            try:
+                ssh_run(repo, 'rm -f %s %s.sha256' % (tmp, tmp))
+            except CockerError:
+                pass
+            raise
+    log('INFO', "pushed '%s' to %s" % (filename, repo[0]))
+    say('OK')
+    return EXIT_OK
+
+
+def action_spull(o):
+    """Download an image archive from the repository and import it (sha256 checked)."""
+    import subprocess
+    name, version = image_or_unversioned(o.image)
+    repo = repository(o)
+    filename = archive_name(name, version)
+    source = shell_quote(filename)
+    status, out = ssh_run(repo, 'test -f %s || exit 3; wc -c < %s; cat %s.sha256 2>/dev/null; '
+                          'exit 0' % (source, source, source), ok=(0, 3))
+    if status == 3:
+        raise CockerError("image '%s' not found in srepo" % filename)
+    lines = out.split('\n', 1)
+    size = int(lines[0]) if lines[0].strip().isdigit() else None
+    digest = lines[1].split()[0].lower() if len(lines) > 1 and lines[1].split() else None
+    download = subprocess.Popen(ssh_command(repo, 'cat %s' % source), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        import_archive(download.stdout.read, size, name, version, o.force, digest,
+                       'spull ' + filename)
+    except BaseException:
+        download.kill()
+        download.wait()
+        raise
+    finally:
+        download.stdout.close()
+    check_ssh_status(repo, download.wait(), download.stderr.read())
+    log('INFO', "pulled '%s' from %s" % (filename, repo[0]))
+    say('OK')
+    return EXIT_OK
+
+
 ACTIONS = {
     'install_test': action_install_test,
     'create': action_create,
@@ -3403,6 +3564,8 @@ ACTIONS = {
     'to_container': action_to_container,
     'export': action_export,
     'import': action_import,
+    'spush': action_spush,
+    'spull': action_spull,
 }
 
 
@@ -3496,6 +3659,7 @@ SHOWS = {
     'containers': show_containers,
     'container_root': show_container_root,
     'container_limits': show_container_limits,
+    'ssearch': show_ssearch,
 }
 
 
@@ -3527,6 +3691,9 @@ USAGE = """USAGE : cocker -v
                -a del_image (-m|--image) (image[:version]) [ (-f|--forcely) ]
                -a import --image-file (file) [ (-m|--image) (image[:version]) ] [ (-f|--forcely) ]
                -a export (-m|--image) (image[:version])
+               -s ssearch [ --srepo (user@host[:port]) ] [ --match (text) ]
+               -a spush (-m|--image) (image[:version]) [ --srepo (user@host[:port]) ] [ (-f|--forcely) ]
+               -a spull (-m|--image) (image[:version]) [ --srepo (user@host[:port]) ] [ (-f|--forcely) ]
                -a install_test [ --version (version) ] [ (-f|--forcely) ]
                -a del_bridge
 create options : [ --volume (host_path:container_path[:ro]) ][ --volume ... ] [ --host (hostname) ] [ --net (BRIDGE|HOST|CUSTOM) ] [ --host-eth (eth) ] [ --vip (ip) ] [ --port-mapping ([host_ip:]src_port:dst_port[/udp])[,...] ]
@@ -3578,6 +3745,8 @@ REQUIRED = {
     'to_container': [('from_image', '--from-image'), ('to_container', '--to-container')],
     'export': [('image', '--image')],
     'import': [('image_file', '--image-file')],
+    'spush': [('image', '--image')],
+    'spull': [('image', '--image')],
     'container_root': [('container', '--container')],
 }
 
@@ -3657,6 +3826,8 @@ def check_args(o):
     if o.host_eth is not None and o.host_eth != 'none':
         check_ifname(o.host_eth, '--host-eth')
     check_limit_options(o)
+    if o.srepo is not None:
+        parse_srepo(o.srepo)
 
 
 def ensure_environment():

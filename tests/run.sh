@@ -10,10 +10,12 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 # System packages: ldd, ps, ip, stty/tput go into the test image; unshare is used by bench/;
-# iptables for BRIDGE networks; a static busybox serves (nc) inside test containers.
+# iptables for BRIDGE networks; a static busybox serves (nc) inside test containers; sshd
+# (and useradd) for the image repository tests.
 if command -v apt-get >/dev/null 2>&1; then
     missing=""
-    for p in libc-bin procps iproute2 util-linux ncurses-bin coreutils iptables busybox-static; do
+    for p in libc-bin procps iproute2 util-linux ncurses-bin coreutils iptables busybox-static \
+             openssh-server openssh-client passwd tar gzip; do
         dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
     done
     if [ -n "$missing" ]; then
@@ -21,7 +23,8 @@ if command -v apt-get >/dev/null 2>&1; then
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
     fi
 elif command -v dnf >/dev/null 2>&1; then
-    dnf install -y -q glibc-common procps-ng iproute util-linux ncurses coreutils iptables busybox
+    dnf install -y -q glibc-common procps-ng iproute util-linux ncurses coreutils iptables busybox \
+        openssh-server openssh-clients shadow-utils tar gzip
 fi
 
 # A real interpreter, never a pyenv shim (it adds ~100 ms to every cocker command).
