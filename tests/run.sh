@@ -1,6 +1,6 @@
 #!/bin/sh
 # The test command (README.md, .ci/run): install what the tests need, then run them.
-# Unit and end-to-end tests run with this machine's Python; the lifecycle and network tests run a second
+# Unit and end-to-end tests run with this machine's Python; the end-to-end tests run a second
 # time with cocker under Python 3.6 (RHEL 8's platform python) where pyenv has it.
 set -eu
 cd "$(dirname "$0")/.."
@@ -35,6 +35,6 @@ PY=${PYTHON:-$(python3 -c 'import sys; print(sys.executable)')}
 
 PY36=$(ls /root/.pyenv/versions/3.6*/bin/python3.6 2>/dev/null | head -n 1 || true)
 if [ -n "$PY36" ]; then
-    echo "--- lifecycle and network tests again with cocker under $PY36"
-    COCKER_PYTHON="$PY36" "$PY" -m pytest -q tests/test_e2e_lifecycle.py tests/test_e2e_network.py "$@"
+    echo "--- end-to-end tests again with cocker under $PY36"
+    COCKER_PYTHON="$PY36" "$PY" -m pytest -q tests/test_e2e_*.py "$@"
 fi
