@@ -68,6 +68,7 @@ class ImageBench(object):
         self.rlayer = os.path.join(self.home, 'images', 'big', '_', 'rlayer')
         os.makedirs(self.rlayer)
         self.bytes = fill_tree(self.rlayer, self.size)
+        self.files = sum(len(f) for _, _, f in os.walk(self.rlayer))
         self.work = os.path.join(self.home, 'work')
         os.mkdir(self.work)
         os.chdir(self.work)
@@ -105,8 +106,7 @@ class ImageBench(object):
         ms = dict((k, median(v) * 1000.0) for k, v in self.times.items())
         lines = ['python %s (%s), %d repetitions, image of %d MB (%d files of /usr)' % (
             self.python, python_version(self.python), self.repeat, self.bytes >> 20,
-            sum(len(f) for _, _, f in os.walk(self.rlayer)) if os.path.isdir(self.rlayer)
-            else 0), '',
+            self.files), '',
             '%-36s %9s %9s %9s' % ('measure', 'median ms', 'min ms', 'max ms')]
         for key in ('tar czf', 'export', 'tar xzf', 'import'):
             v = self.times[key]

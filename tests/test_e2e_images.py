@@ -7,6 +7,7 @@ Hostile archives are made with tarfile and must change nothing, in the store or 
 
 import io
 import os
+import stat
 import subprocess
 import tarfile
 import uuid
@@ -64,6 +65,9 @@ def edited_image(cocker, test_image, names, image_names, home):
         r = cocker('-a', 'run', '-c', c, '--cmd', EDIT)
         assert r.rc == 0, r
         assert cocker('-a', 'shutdown', '-c', c).rc == 0
+        # a device node in the container's layer (the test image has no mknod)
+        os.mknod(container_path(home, c, 'rwlayer', 'root', 'null'), stat.S_IFCHR | 0o666,
+                 os.makedev(1, 3))
         image = image_names('app')
         r = cocker('-a', 'to_image', '-m', 'x', '--from-container', c, '--version', version,
                    '--to-image', image)
@@ -88,6 +92,9 @@ def test_to_image_keeps_every_kind_of_change(edited_image, cocker, names, home):
     assert os.getxattr(os.path.join(rlayer, 'mnt'), 'trusted.overlay.opaque') == b'y'
     st = os.lstat(os.path.join(rlayer, 'bin', 'true'))
     assert (st.st_mode & 0o170000, st.st_rdev) == (0o020000, 0), 'a whiteout'
+    st = os.lstat(os.path.join(rlayer, 'root', 'null'))
+    assert (st.st_mode & 0o170000, os.major(st.st_rdev), os.minor(st.st_rdev)) == \
+        (0o020000, 1, 3), 'a device node made in the container'
     boot_and_check(cocker, names, 'test,%s:1.0' % image)
 
 
@@ -105,6 +112,7 @@ def test_export_delete_import_boot(edited_image, cocker, names, home, tmp_path, 
     assert cocker('-a', 'del_image', '-m', '%s:2.1' % image).rc == 0
     r = cocker('-a', 'import', '--image-file', archive)
     assert r.rc == 0 and r.out == 'OK\n', r
+    assert 'device node root/null skipped' in r.err, 'archives never bring device nodes in'
     boot_and_check(cocker, names, 'test,%s:2.1' % image)
     r = cocker('-a', 'import', '--image-file', archive)
     assert r.rc == 255 and "image '%s:2.1' exist" % image in r.err
