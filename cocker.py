@@ -2662,6 +2662,14 @@ class ArchiveGuard(object):
         self.ended = False
         kind = block[156:157]
         size = tar_number(block[124:136])
+        if kind not in (b'x', b'g', b'L', b'K') and 'size' in self.pax:
+            # tar reads as many data bytes as the PAX record says: so must we, or a
+            # crafted archive would have us judge data as headers and pass headers as data
+            if not is_decimal(self.pax['size']):
+                raise CockerError('the archive has a malformed PAX size')
+            size = int(self.pax['size'])
+        if size < 0:
+            raise CockerError('the archive has a member of negative size')
         padded = (size + TAR_BLOCK - 1) // TAR_BLOCK * TAR_BLOCK
         if kind in (b'x', b'g', b'L', b'K'):
             if size > 1 << 20:
@@ -2671,6 +2679,10 @@ class ArchiveGuard(object):
         if kind not in self.MEMBER_TYPES:
             raise CockerError("the archive has a member of unknown type '%s'"
                               % kind.decode('latin-1'))
+        if size and kind not in b'07S\0':
+            # links, directories, devices and FIFOs carry no data: any would be read
+            # differently by different tars
+            raise CockerError('the archive has data on a member that has none')
         name = self.pax.get('path') or self.long_name or self.ustar_name(block)
         link = self.pax.get('linkpath') or self.long_link or \
             block[157:257].split(b'\0', 1)[0].decode('utf-8', 'surrogateescape')

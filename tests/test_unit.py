@@ -422,3 +422,45 @@ def test_containers_cannot_reach_the_hosts_loopback_services():
     assert chains['COCKER-IN'] == [
         '-i cocker0 -d 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP']
     assert ('filter', 'INPUT', '-j COCKER-IN') in cocker.bridge_jumps(bridge())
+
+
+# ---- archive guard ---------------------------------------------------------------------
+
+def tar_stream(members, fmt=None):
+    import io
+    import tarfile
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode='w', format=fmt or tarfile.PAX_FORMAT) as t:
+        for info, data in members:
+            t.addfile(info, io.BytesIO(data) if data is not None else None)
+    return raw.getvalue()
+
+
+def test_archive_guard_follows_the_pax_size_as_tar_does():
+    import tarfile
+    # a member whose PAX size (what tar reads) differs from its header size: the data hide a
+    # header that the guard must not take for one, nor pass on unjudged
+    hidden = tar_stream([(tarfile.TarInfo('/etc/evil'), b'')])[:512]
+    info = tarfile.TarInfo('innocent')
+    info.size = 0
+    info.pax_headers = {'size': '512'}
+    raw = tar_stream([(info, None)])
+    assert b'size=512' in raw[512:1024], 'a PAX header, then the member header'
+    # the 512 data bytes tar will read for 'innocent' are the hidden header
+    guard = cocker.ArchiveGuard()
+    out = guard.feed(raw[:1536] + hidden + b'\0' * 1024)
+    guard.finish()
+    assert hidden in out, 'passed on as the data of innocent, not judged as a member'
+
+
+def test_archive_guard_refuses_data_on_links_and_directories():
+    import tarfile
+    info = tarfile.TarInfo('d')
+    info.type = tarfile.DIRTYPE
+    block = bytearray(info.tobuf(tarfile.USTAR_FORMAT))
+    block[124:136] = b'%011o\0' % 512
+    block[148:156] = b' ' * 8
+    block[148:156] = b'%06o\0 ' % sum(block)
+    with pytest.raises(cocker.CockerError) as e:
+        cocker.ArchiveGuard().feed(bytes(block) + b'\0' * 512)
+    assert 'data on a member' in e.value.message
