@@ -3257,6 +3257,9 @@ def action_version(o):
             raise CockerError("image '%s' exist" % image_ref_text(name, new))
         users = image_users(name, old)
         refuse_if_used(name, old, o.force, 'it would be taken away from them')
+        for c in users:                 # a C cocker container gets its versions pinned now
+            with locked('container', c):
+                container_layers(c)
         os.rename(image_dir(name, old), image_dir(name, new))
         for c in users:                 # -f: the stopped users follow the new version
             with locked('container', c):
