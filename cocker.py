@@ -2608,7 +2608,8 @@ class ArchiveGuard(object):
 
     feed(bytes) -> bytes for `tar -x`.  Raises CockerError on a hostile or broken member."""
 
-    MEMBER_TYPES = b'01234567S\0'
+    MEMBER_TYPES = b'01234567\0'       # old GNU sparse ('S') has blocks its size omits
+    HELD_MAX = 4 << 20                  #: extension headers waiting for their member
 
     def __init__(self):
         self.buf = b''
@@ -2679,13 +2680,15 @@ class ArchiveGuard(object):
         if kind not in self.MEMBER_TYPES:
             raise CockerError("the archive has a member of unknown type '%s'"
                               % kind.decode('latin-1'))
-        if size and kind not in b'07S\0':
+        if size and kind not in b'07\0':
             # links, directories, devices and FIFOs carry no data: any would be read
             # differently by different tars
             raise CockerError('the archive has data on a member that has none')
         name = self.pax.get('path') or self.long_name or self.ustar_name(block)
         link = self.pax.get('linkpath') or self.long_link or \
             block[157:257].split(b'\0', 1)[0].decode('utf-8', 'surrogateescape')
+        if kind in b'07\0' and name.endswith('/'):
+            raise CockerError("the archive has a file named like a directory: '%s'" % name)
         keep = self.judge(kind, name, link, block)
         out = b''.join(self.held) + block if keep else b''
         self.held, self.pax, self.long_name, self.long_link = [], {}, None, None
@@ -2695,7 +2698,7 @@ class ArchiveGuard(object):
     @staticmethod
     def ustar_name(block):
         name = block[0:100].split(b'\0', 1)[0]
-        if block[257:262] == b'ustar':
+        if block[257:263] == b'ustar\0':      # POSIX ustar only: old GNU has no prefix
             prefix = block[345:500].split(b'\0', 1)[0]
             if prefix:
                 name = prefix + b'/' + name
@@ -2714,12 +2717,18 @@ class ArchiveGuard(object):
         else:
             records = parse_pax(body)
             if kind == b'g':
-                if 'path' in records or 'linkpath' in records:
-                    raise CockerError('the archive renames members in a global header')
-                self.held.append(block + data)
-                return
-            self.pax.update(records)
+                # tar applies global records to every later member: only a comment is harmless
+                if set(records) - {'comment'}:
+                    raise CockerError('the archive has a global header that changes members')
+            elif self.pax:
+                raise CockerError('the archive has two extended headers for one member')
+            else:
+                self.pax = records
+        if any(key.startswith('GNU.sparse') for key in self.pax):
+            raise CockerError('the archive has a sparse member (not supported)')
         self.held.append(block + data)
+        if sum(len(h) for h in self.held) > self.HELD_MAX:
+            raise CockerError('the archive has too many extension headers in a row')
 
     def judge(self, kind, name, link, block):
         """True to extract the member, False to skip it; CockerError to refuse the archive."""
@@ -2741,13 +2750,9 @@ class ArchiveGuard(object):
         return True
 
     def checked_path(self, name):
-        path = name
-        while path.startswith('./'):
-            path = path[2:]
-        path = path.rstrip('/')
         if name.startswith('/'):
             raise CockerError("the archive has an absolute member name '%s'" % name)
-        parts = path.split('/') if path not in ('', '.') else []
+        parts = [p for p in name.split('/') if p not in ('', '.')]     # a//b, ./a/./b
         if '..' in parts:
             raise CockerError("the archive has a member name with '..': '%s'" % name)
         for i in range(1, len(parts)):
@@ -2768,7 +2773,10 @@ def parse_pax(body):
         except ValueError:
             raise CockerError('the archive has a malformed PAX header')
         key, _, value = body[space + 1:pos + length - 1].partition(b'=')
-        records[key.decode('utf-8', 'replace')] = value.decode('utf-8', 'surrogateescape')
+        key = key.decode('utf-8', 'replace')
+        if b'\0' in value and key in ('path', 'linkpath', 'size'):   # xattr values may have
+            raise CockerError('the archive has a NUL in a PAX header')   # NULs, names not
+        records[key] = value.decode('utf-8', 'surrogateescape')
         if length <= 0:
             raise CockerError('the archive has a malformed PAX header')
         pos += length
@@ -2799,9 +2807,9 @@ def read_archive(read, rlayer, progress):
                     digest.update(chunk)
                     progress.add(len(chunk))
                     while chunk:
-                        data = unpacker.decompress(chunk)
+                        data = unpacker.decompress(chunk, CHUNK)     # bounded: no bomb
                         fresh = False
-                        chunk = b''
+                        chunk = unpacker.unconsumed_tail
                         if unpacker.eof:            # gzip members may follow one another
                             chunk = unpacker.unused_data
                             unpacker = zlib.decompressobj(16 + zlib.MAX_WBITS)
@@ -2813,7 +2821,8 @@ def read_archive(read, rlayer, progress):
             except zlib.error as e:
                 raise CockerError('the archive is not a complete gzip file (%s)' % e)
             except BrokenPipeError:
-                pass                            # tar stopped: its status says why
+                if tar.wait() == 0:
+                    raise CockerError('tar stopped reading the archive early')
             finally:
                 try:
                     tar.stdin.close()
@@ -2826,10 +2835,21 @@ def read_archive(read, rlayer, progress):
         if tar.wait() != 0:
             raise CockerError('tar could not unpack the archive: %s' % last_line(errors))
     progress.finish()
+    refuse_device_nodes(rlayer)
     for path in guard.skipped:
         log('WARN', 'device node %s in the archive was skipped' % path)
         sys.stderr.write('cocker: warning: device node %s skipped\n' % path)
     return digest.hexdigest()
+
+
+def refuse_device_nodes(rlayer):
+    """Whatever tar made of the stream: no device node but overlay whiteouts (0:0)."""
+    for dirpath, dirnames, filenames in os.walk(rlayer):
+        for name in filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            if (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)) and st.st_rdev != 0:
+                raise CockerError('the archive made a device node %s'
+                                  % os.path.relpath(os.path.join(dirpath, name), rlayer))
 
 
 def expected_sha256(path):

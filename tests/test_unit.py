@@ -464,3 +464,45 @@ def test_archive_guard_refuses_data_on_links_and_directories():
     with pytest.raises(cocker.CockerError) as e:
         cocker.ArchiveGuard().feed(bytes(block) + b'\0' * 512)
     assert 'data on a member' in e.value.message
+
+
+def guard_refuses(data, text):
+    with pytest.raises(cocker.CockerError) as e:
+        guard = cocker.ArchiveGuard()
+        guard.feed(data + b'\0' * 1024)
+        guard.finish()
+    assert text in e.value.message, e.value.message
+
+
+def test_archive_guard_refuses_what_tar_would_read_differently():
+    import tarfile
+
+    def info(name, kind=tarfile.REGTYPE, size=0, link='', pax=None):
+        i = tarfile.TarInfo(name)
+        i.type, i.size, i.linkname = kind, size, link
+        if pax:
+            i.pax_headers = pax
+        return i
+
+    def buf(i, fmt=tarfile.PAX_FORMAT):
+        return i.tobuf(fmt, 'utf-8', 'surrogateescape')
+    data = b'\0' * 1024
+    # a file named like a directory: tar would not read its data
+    guard_refuses(buf(info('d/', size=1024)) + data, 'named like a directory')
+    # a global header that changes every later member
+    glob = tarfile.TarInfo._create_pax_generic_header({'size': '1024'}, tarfile.XGLTYPE,
+                                                       'utf-8')
+    guard_refuses(glob + buf(info('f')), 'global header')
+    # two extended headers for one member: tar keeps only the last
+    x_only = buf(info('a', pax={'size': '1024'}))[:-512]
+    guard_refuses(x_only + buf(info('b', pax={'mtime': '1'})), 'two extended headers')
+    # sparse members, whose data tar lays out its own way
+    guard_refuses(buf(info('s', pax={'GNU.sparse.name': 'l'})), 'sparse')
+    sparse = bytearray(buf(info('s'), tarfile.USTAR_FORMAT))
+    sparse[156:157] = b'S'
+    sparse[148:156] = b' ' * 8
+    sparse[148:156] = b'%06o\0 ' % sum(sparse)
+    guard_refuses(bytes(sparse), "unknown type 'S'")
+    # a.//l/f is written through the symlink l
+    guard_refuses(buf(info('l', tarfile.SYMTYPE, link='/')) + buf(info('.//l/./f')),
+                  "through its own symbolic link 'l'")
