@@ -563,7 +563,9 @@ def install_image(staging, name, version, replace=False):
         if not replace:
             raise CockerError("image '%s' exist (add -f to replace it)"
                               % image_ref_text(name, version))
-        old = os.path.join(images_dir(), name, '.old.%d.%s' % (os.getpid(), os.urandom(4).hex()))
+        # the old one keeps its version in its name: a crash before the second rename
+        # is undone by remove_stale_image_staging
+        old = os.path.join(images_dir(), name, '.old.%d.%s' % (os.getpid(), version))
         os.rename(final, old)
         os.rename(staging, final)
         remove_tree(old)
@@ -590,13 +592,18 @@ def remove_stale_image_staging(name):
     except (FileNotFoundError, NotADirectoryError):
         return
     for entry in entries:
-        parts = entry.split('.')
-        if entry.startswith('.') and len(parts) == 4 and parts[2].isdigit() \
-                and not pid_alive(int(parts[2])):
-            try:
-                remove_tree(os.path.join(images_dir(), name, entry))
-            except (OSError, CockerError):
-                pass
+        parts = entry.split('.', 3)         # '', staging|old|deleting, PID, random|version
+        if not (entry.startswith('.') and len(parts) == 4 and parts[2].isdigit()
+                and not pid_alive(int(parts[2]))):
+            continue
+        path = os.path.join(images_dir(), name, entry)
+        try:
+            if parts[1] == 'old' and not os.path.exists(image_dir(name, parts[3])):
+                os.rename(path, image_dir(name, parts[3]))      # the replacement never came
+            else:
+                remove_tree(path)
+        except (OSError, CockerError):
+            pass
 
 
 # =============================================================================
@@ -2093,8 +2100,15 @@ def cockerinit_program():
 
 def start_container(name, exec_cmd=None):
     """Boot a stopped container; return when cockerinit serves, or raise with the cause."""
+    images = [ref.split(':')[0] for ref in
+              split_list(read_attr(name, 'layers') or read_attr(name, 'image') or '')]
+    with locked_images(*images, shared=True):       # del_image waits, then sees us running
+        layers = container_layers(name)
+        boot_with_layers(name, layers, exec_cmd)
+
+
+def boot_with_layers(name, layers, exec_cmd):
     import select
-    layers = container_layers(name)
     debug('layers of %s, bottom first: %s', name, ' '.join(layers) or '(rwlayer only)')
     init = cockerinit_program()
     monitor = None
@@ -2863,8 +2877,9 @@ def expected_sha256(path):
     return digest
 
 
-def import_archive(read, total, name, version, force, expected, what):
-    """Unpack into a staging directory of images/NAME, check, then install as NAME:VERSION."""
+def import_archive(read, total, name, version, force, expected, what, check=None):
+    """Unpack into a staging directory of images/NAME, check (the digest, and check() if
+    given: e.g. that the download ended well), then install as NAME:VERSION."""
     with locked('image', name):
         remove_stale_image_staging(name)
         if os.path.exists(image_dir(name, version)):
@@ -2879,6 +2894,8 @@ def import_archive(read, total, name, version, force, expected, what):
             if expected is not None and digest != expected:
                 raise CockerError('sha256 of the archive is %s, not %s as recorded: refused'
                                   % (digest, expected))
+            if check is not None:
+                check()
             install_image(staging, name, version, replace=force)
         except BaseException:
             if os.path.exists(staging):
@@ -3018,9 +3035,11 @@ def action_create(o):
     refs = split_list(o.image)
     if not refs:
         raise usage_error("expect '--image' with action '-a create'")
-    resolved = pin_layers(o)
-    name = o.container or resolved[-1][0]
-    status = make_container(o, name)
+    names = [parse_image_ref(ref)[0] for ref in refs]
+    with locked_images(*names, shared=True):        # no image goes while we use it
+        resolved = pin_layers(o)
+        name = o.container or resolved[-1][0]
+        status = make_container(o, name)
     return status if status is not None else after_boot(name, o)
 
 
@@ -3250,10 +3269,12 @@ def require_image(ref):
 
 
 class locked_images(object):
-    """The locks of several images, taken in name order (no deadlock between commands)."""
+    """The locks of several images, taken in name order (no deadlock between commands);
+    shared: many boots at once, but no delete, rename or replace meanwhile."""
 
-    def __init__(self, *names):
-        self.locks = [locked('image', n) for n in sorted(set(names))]
+    def __init__(self, *names, **kw):
+        self.locks = [locked('image', n, shared=kw.get('shared', False))
+                      for n in sorted(set(names))]
 
     def __enter__(self):
         for lock in self.locks:
@@ -3277,16 +3298,16 @@ def action_version(o):
             raise CockerError("image '%s' exist" % image_ref_text(name, new))
         users = image_users(name, old)
         refuse_if_used(name, old, o.force, 'it would be taken away from them')
+        # no container lock here: a boot holds its container's and waits for our image lock
+        # (atomic file writes; the boot reads the layers once it has the image lock)
         for c in users:                 # a C cocker container gets its versions pinned now
-            with locked('container', c):
-                container_layers(c)
+            container_layers(c)
         os.rename(image_dir(name, old), image_dir(name, new))
         for c in users:                 # -f: the stopped users follow the new version
-            with locked('container', c):
-                layers = split_list(read_attr(c, 'layers') or '')
-                write_attr(c, 'layers', ','.join(
-                    '%s:%s' % (name, new) if ref == '%s:%s' % (name, old) else ref
-                    for ref in layers))
+            layers = split_list(read_attr(c, 'layers') or '')
+            write_attr(c, 'layers', ','.join(
+                '%s:%s' % (name, new) if ref == '%s:%s' % (name, old) else ref
+                for ref in layers))
     say('OK')
     return EXIT_OK
 
@@ -3329,20 +3350,22 @@ def action_to_image(o):
     name, given = parse_image_ref(o.to_image)
     version = check_name('version', o.version or given or read_attr(cname, 'version')
                          or NO_VERSION)
-    with locked('container', cname):
+    # images before containers; a boot of this container may hold its lock and wait for ours
+    with locked('image', name), locked('container', cname, wait=False) as held:
+        if not held:
+            raise CockerError("container '%s' is busy (booting or stopping)" % cname)
         require_stopped(cname, 'to_image converts only')
-        with locked('image', name):
-            if os.path.exists(image_dir(name, version)):
-                raise CockerError("image '%s' exist" % image_ref_text(name, version))
-            remove_stale_image_staging(name)
-            staging = new_image_staging(name)
-            try:
-                copy_tree(container_file(cname, 'rwlayer'), os.path.join(staging, 'rlayer'),
-                          link=True)
-                install_image(staging, name, version)
-            except BaseException:
-                remove_tree(staging)
-                raise
+        if os.path.exists(image_dir(name, version)):
+            raise CockerError("image '%s' exist" % image_ref_text(name, version))
+        remove_stale_image_staging(name)
+        staging = new_image_staging(name)
+        try:
+            copy_tree(container_file(cname, 'rwlayer'), os.path.join(staging, 'rlayer'),
+                      link=True)
+            install_image(staging, name, version)
+        except BaseException:
+            remove_tree(staging)
+            raise
         remove_container(cname)
     log('INFO', "container '%s' became image '%s'" % (cname, image_ref_text(name, version)))
     say('OK')
@@ -3382,7 +3405,9 @@ def action_export(o):
         total = tree_size(rlayer) if sys.stderr.isatty() else None
         tmp = '.%s.tmp%d' % (filename, os.getpid())
         try:
-            with open(tmp, 'wb') as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
+                         os.O_CLOEXEC, 0o644)
+            with os.fdopen(fd, 'wb') as f:
                 digest = write_archive(rlayer, f.write, Progress('export ' + filename, total))
                 f.flush()
                 os.fsync(f.fileno())
@@ -3495,7 +3520,8 @@ def show_ssearch(o):
     rows = []
     for line in out.splitlines():
         fields = line.split(None, 8)
-        if len(fields) < 9 or not fields[8].endswith(ARCHIVE_SUFFIX):
+        if len(fields) < 9 or not fields[8].endswith(ARCHIVE_SUFFIX) or \
+                not is_decimal(fields[4]):
             continue
         image_id = fields[8][:-len(ARCHIVE_SUFFIX)]
         if o.match and o.match not in image_id:
@@ -3506,9 +3532,15 @@ def show_ssearch(o):
     return EXIT_OK
 
 
+def read_all(f):
+    f.seek(0)
+    return f.read()
+
+
 def action_spush(o):
     """Upload an image archive (and its sha256) to the repository."""
     import subprocess
+    import tempfile
     name, version = require_image(o.image)
     repo = repository(o)
     filename = archive_name(name, version)
@@ -3517,10 +3549,10 @@ def action_spush(o):
     if status == 0 and not o.force:
         raise CockerError("image '%s' exist in srepo (add -f to replace it)" % filename)
     rlayer = os.path.join(image_dir(name, version), 'rlayer')
-    with locked('image', name):
+    with locked('image', name), tempfile.TemporaryFile() as errors:
         require_image(o.image)
         upload = subprocess.Popen(ssh_command(repo, 'cat > %s' % tmp), stdin=subprocess.PIPE,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                  stdout=subprocess.DEVNULL, stderr=errors)
         try:
             try:
                 digest = write_archive(rlayer, upload.stdin.write, Progress(
@@ -3530,10 +3562,11 @@ def action_spush(o):
                     upload.stdin.close()
                 except BrokenPipeError:
                     pass
-            check_ssh_status(repo, upload.wait(), upload.stderr.read())
-            ssh_run(repo, 'printf %%s %s > %s.sha256 && mv -f %s %s && mv -f %s.sha256 %s.sha256'
-                    % (shell_quote(sha256_line(digest, filename)), tmp, tmp, target, tmp,
-                       target))
+            check_ssh_status(repo, upload.wait(), read_all(errors))
+            # the old .sha256 goes first: an archive is never beside a digest not its own
+            ssh_run(repo, 'printf %%s %s > %s.sha256 && rm -f %s.sha256 && mv -f %s %s && '
+                    'mv -f %s.sha256 %s.sha256' % (shell_quote(sha256_line(digest, filename)),
+                                                    tmp, target, tmp, target, tmp, target))
         except BaseException:
             if upload.poll() is None:
                 upload.kill()
@@ -3551,6 +3584,7 @@ def action_spush(o):
 def action_spull(o):
     """Download an image archive from the repository and import it (sha256 checked)."""
     import subprocess
+    import tempfile
     name, version = image_or_unversioned(o.image)
     repo = repository(o)
     filename = archive_name(name, version)
@@ -3560,20 +3594,28 @@ def action_spull(o):
     if status == 3:
         raise CockerError("image '%s' not found in srepo" % filename)
     lines = out.split('\n', 1)
-    size = int(lines[0]) if lines[0].strip().isdigit() else None
+    size = int(lines[0]) if is_decimal(lines[0].strip()) else None
     digest = lines[1].split()[0].lower() if len(lines) > 1 and lines[1].split() else None
-    download = subprocess.Popen(ssh_command(repo, 'cat %s' % source), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        import_archive(download.stdout.read, size, name, version, o.force, digest,
-                       'spull ' + filename)
-    except BaseException:
-        download.kill()
-        download.wait()
-        raise
-    finally:
-        download.stdout.close()
-    check_ssh_status(repo, download.wait(), download.stderr.read())
+    if digest is None:
+        sys.stderr.write('cocker: warning: %s has no .sha256 in the repository: not checked\n'
+                         % filename)
+    elif len(digest) != 64 or any(c not in '0123456789abcdef' for c in digest):
+        raise CockerError('%s.sha256 in the repository is not a sha256sum line' % filename)
+    with tempfile.TemporaryFile() as errors:
+        download = subprocess.Popen(ssh_command(repo, 'cat %s' % source),
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=errors)
+        try:
+            # the download must have ended well before the image is installed
+            import_archive(download.stdout.read, size, name, version, o.force, digest,
+                           'spull ' + filename, check=lambda: check_ssh_status(
+                               repo, download.wait(), read_all(errors)))
+        except BaseException:
+            download.kill()
+            download.wait()
+            raise
+        finally:
+            download.stdout.close()
     log('INFO', "pulled '%s' from %s" % (filename, repo[0]))
     say('OK')
     return EXIT_OK
@@ -3866,12 +3908,15 @@ def check_args(o):
 
 
 def ensure_environment():
-    """HOME, images/, containers/ and cocker.log exist (created on first use)."""
-    for path in (HOME, images_dir(), containers_dir()):
+    """HOME, images/, containers/ and cocker.log exist (created on first use).  images/ and
+    containers/ are root's alone: they hold setuid programs and files owned by container
+    uids, which no host user may run or edit through them."""
+    for path, mode in ((HOME, 0o755), (images_dir(), 0o700), (containers_dir(), 0o700)):
         try:
-            os.makedirs(path, 0o755)
+            os.makedirs(path, mode)
         except FileExistsError:
-            pass
+            if path != HOME and os.stat(path).st_mode & 0o077:
+                os.chmod(path, mode)        # a store made by the C cocker or an older cocker
         except OSError as e:
             raise CockerError('cannot create %s: %s' % (path, e.strerror), EXIT_ENV)
     if not os.path.exists(log_path()):
