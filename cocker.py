@@ -2797,9 +2797,9 @@ def parse_pax(body):
     return records
 
 
-def read_archive(read, rlayer, progress):
-    """Unpack a gzip tar stream (read(n) -> bytes) into rlayer through ArchiveGuard; return
-    the sha256 hex of the compressed bytes."""
+def read_archive(read, rlayer, progress, compressed=True):
+    """Unpack a gzip tar stream (read(n) -> bytes; a plain one if not compressed) into
+    rlayer through ArchiveGuard; return the sha256 hex of the bytes read."""
     import hashlib
     import subprocess
     import tempfile
@@ -2820,6 +2820,9 @@ def read_archive(read, rlayer, progress):
                         break
                     digest.update(chunk)
                     progress.add(len(chunk))
+                    if not compressed:
+                        tar.stdin.write(guard.feed(chunk))
+                        continue
                     while chunk:
                         data = unpacker.decompress(chunk, CHUNK)     # bounded: no bomb
                         fresh = False
@@ -2829,7 +2832,7 @@ def read_archive(read, rlayer, progress):
                             unpacker = zlib.decompressobj(16 + zlib.MAX_WBITS)
                             fresh = True
                         tar.stdin.write(guard.feed(data))
-                if not fresh:
+                if compressed and not fresh:
                     raise CockerError('the archive is truncated')
                 guard.finish()
             except zlib.error as e:
@@ -3621,6 +3624,219 @@ def action_spull(o):
     return EXIT_OK
 
 
+# ---- files in containers ---------------------------------------------------------------
+# Every path inside a container is resolved by a child process that stands where the
+# container's processes stand: in a running container's mount namespace (its volumes
+# included), or chrooted into the root of a stopped one, mounted for the time of the
+# command.  A symlink in the container, even one swapped while the copy runs, can only
+# lead to another file of the container (Docker's CVE-2018-15664 cannot happen).  Files
+# travel between the host and that child as a tar stream on a pipe; what comes out of a
+# container is unpacked on the host through the ArchiveGuard, like an image archive.
+
+def in_container(name, work, host_side=None):
+    """Run work() in a child inside the container's file system view while this process
+    runs host_side(); raise the child's error, if any.  The caller holds the container
+    lock."""
+    import tarfile          # noqa: F401  (loaded now: the child cannot import after chroot)
+    running = container_status(name) == 'RUNNING'
+    if not running:
+        mount_root(name, container_layers(name))
+    try:
+        result_r, result_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(result_r)
+            try:
+                enter_container_files(name, running)
+                work()
+                os._exit(0)
+            except BaseException as e:
+                os.write(result_w, error_text(e).encode('utf-8', 'replace'))
+            os._exit(1)
+        os.close(result_w)
+        try:
+            if host_side is not None:
+                host_side()
+        finally:
+            with os.fdopen(result_r, 'rb') as f:
+                error = f.read()
+            _, status = os.waitpid(pid, 0)
+    finally:
+        if not running:
+            unmount_root(name)
+    if status != 0:
+        raise CockerError(error.decode('utf-8', 'replace') or 'the copy failed')
+
+
+def enter_container_files(name, running):
+    if running:
+        fd = os.open('/proc/%d/ns/mnt' % read_pid(name, 'init_pid'), os.O_RDONLY | os.O_CLOEXEC)
+        setns(fd, CLONE_NEWNS)          # root and cwd become the container's
+        os.close(fd)
+    else:
+        os.chroot(container_file(name, 'merged'))
+    os.chdir('/')
+
+
+def container_path_arg(path, what):
+    if not path.startswith('/') or '\0' in path:
+        raise usage_error("%s '%s' must be an absolute path in the container" % (what, path))
+    return path
+
+
+def parse_mapping(path):
+    """rplfile's mapping file: 'KEY VALUE' per line, the value the rest of the line (it may
+    hold blanks), bytes as they are (UTF-8 keys and values)."""
+    try:
+        with open(path, 'rb') as f:
+            data = f.read()
+    except OSError as e:
+        raise CockerError("mapping file '%s': %s" % (path, e.strerror))
+    pairs = []
+    for number, line in enumerate(data.replace(b'\r', b'\n').split(b'\n'), 1):
+        line = line.lstrip(b' \t')
+        if not line:
+            continue
+        key = line.replace(b'\t', b' ').split(b' ', 1)[0]
+        if len(key) == len(line):
+            raise CockerError("mapping file '%s' line %d: a key without a value"
+                              % (path, number))
+        pairs.append((key, line[len(key):].lstrip(b' \t')))
+    return pairs
+
+
+def replace_in_file(template, instance, pairs):
+    """In the container: apply the pairs in order to the template and write the instance
+    whole (no old tail), atomically, keeping its mode and owner (a new one: the template's)."""
+    with open(template, 'rb') as f:
+        text = f.read()
+        st = os.fstat(f.fileno())
+    for key, value in pairs:
+        text = text.replace(key, value)
+    if os.path.exists(instance):
+        st = os.stat(instance)
+    tmp = '%s.cocker%d' % (instance, os.getpid())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, text)
+        os.fchown(fd, st.st_uid, st.st_gid)
+        os.fchmod(fd, stat.S_IMODE(st.st_mode))
+        os.close(fd)
+        os.rename(tmp, instance)
+    except BaseException:
+        remove_file(tmp)
+        raise
+
+
+def action_rplfile(o):
+    """Instantiate a template in the container with the KEY VALUE pairs of a host file."""
+    name = require_container(o.container)
+    template = container_path_arg(o.template_file, '--template-file')
+    instance = container_path_arg(o.instance_file or template, '--instance-file')
+    pairs = parse_mapping(o.mapping_file)
+    with locked('container', name):
+        in_container(name, lambda: replace_in_file(template, instance, pairs))
+    say('OK')
+    return EXIT_OK
+
+
+def landing(destination, source_name, is_directory):
+    """(directory, name) a copy lands as: into DEST when it ends in '/' or is a directory,
+    else as DEST itself."""
+    if destination.endswith('/') or is_directory(destination):
+        return destination, source_name
+    return os.path.dirname(destination) or '.', os.path.basename(destination)
+
+
+def pack_tree(path, arcname, fd):
+    """Write path (a file or a whole tree, links kept as links) to fd as a tar stream."""
+    import tarfile
+    with os.fdopen(fd, 'wb') as out:
+        with tarfile.open(fileobj=out, mode='w|', format=tarfile.PAX_FORMAT) as t:
+            t.add(path, arcname=arcname, recursive=True)
+
+
+def unpack_tree(fd, directory, name, arcname):
+    """In the container: extract a tar stream whose top member is arcname into directory,
+    as name; owners and modes kept."""
+    import tarfile
+    if not os.path.isdir(directory):
+        raise CockerError("'%s' is not a directory in the container" % directory)
+    target = directory
+    if name != arcname:                 # land under the new name: unpack aside, rename
+        target = os.path.join(directory, '.cocker-put.%d' % os.getpid())
+        os.mkdir(target, 0o700)
+    try:
+        with os.fdopen(fd, 'rb') as source:
+            with tarfile.open(fileobj=source, mode='r|') as t:
+                trusted = {'filter': 'fully_trusted'} if hasattr(
+                    tarfile, 'fully_trusted_filter') else {}
+                t.extractall(target, numeric_owner=True, **trusted)
+        if target != directory:
+            os.rename(os.path.join(target, arcname), os.path.join(directory, name))
+    finally:
+        if target != directory:
+            shutil_rmtree(target)
+
+
+def shutil_rmtree(path):
+    import shutil
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def action_putfile(o):
+    """Copy a host file or directory into a container (running or stopped)."""
+    name = require_container(o.container)
+    source = o.src_file
+    destination = container_path_arg(o.dst_file, '--dst-file')
+    if not os.path.lexists(source):
+        raise CockerError("src file '%s' not found" % source)
+    arcname = os.path.basename(os.path.normpath(source))
+    data_r, data_w = os.pipe()
+
+    def receive():                      # in the container
+        os.close(data_w)
+        directory, final = landing(destination, arcname, os.path.isdir)
+        unpack_tree(data_r, directory, final, arcname)
+
+    def send():                         # on the host
+        os.close(data_r)
+        try:
+            pack_tree(source, arcname, data_w)
+        except BrokenPipeError:
+            pass                        # the child stopped: its error says why
+    with locked('container', name):
+        in_container(name, receive, send)
+    say('OK')
+    return EXIT_OK
+
+
+def action_getfile(o):
+    """Copy a file or directory of a container (running or stopped) to the host."""
+    name = require_container(o.container)
+    source = container_path_arg(o.src_file, '--src-file')
+    directory, final = landing(o.dst_file, os.path.basename(os.path.normpath(source)),
+                               os.path.isdir)
+    if not os.path.isdir(directory):
+        raise CockerError("'%s' is not a directory" % directory)
+    data_r, data_w = os.pipe()
+
+    def send():                         # in the container
+        os.close(data_r)
+        if not os.path.lexists(source):
+            raise CockerError("src file '%s' not found in the container" % source)
+        pack_tree(source, final, data_w)
+
+    def receive():                      # on the host: what a container hands out is untrusted
+        os.close(data_w)
+        with os.fdopen(data_r, 'rb') as stream:
+            read_archive(stream.read, directory, Progress('getfile'), compressed=False)
+    with locked('container', name):
+        in_container(name, send, receive)
+    say('OK')
+    return EXIT_OK
+
+
 ACTIONS = {
     'install_test': action_install_test,
     'create': action_create,
@@ -3643,6 +3859,9 @@ ACTIONS = {
     'import': action_import,
     'spush': action_spush,
     'spull': action_spull,
+    'rplfile': action_rplfile,
+    'putfile': action_putfile,
+    'getfile': action_getfile,
 }
 
 
@@ -3754,6 +3973,9 @@ USAGE = """USAGE : cocker -v
                -a create (-m|--image) (image[:version])[,(image[:version])]... [ create options ] [ (-c|--container) (container) ] [ (-b|--boot) [ cgroup options ] [ (-t|--attach) | (-e|--exec) (cmd|"program para1 ...") ] ]
                -a boot (-c|--container) (container) [ --host-eth (eth) ] [ cgroup options ] [ (-t|--attach) | (-e|--exec) (cmd|"program para1 ...") ]
                -a attach (-c|--container) (container)
+               -a rplfile (-c|--container) (container) (--template-file) (template_file) (--mapping-file) (mapping_file) [ (--instance-file) (instance_file) ]
+               -a putfile (-c|--container) (container) (--src-file) (host_path) (--dst-file) (container_path)
+               -a getfile (-c|--container) (container) (--src-file) (container_path) (--dst-file) (host_path)
                -a run (-c|--container) (container) (--cmd) (cmd) [ (-i|--interactive) ]
                -a shutdown (-c|--container) (container) [ (-f|--forcely) ]
                -a kill (-c|--container) (container) [ (-f|--forcely) ]
@@ -3798,6 +4020,9 @@ OPTIONS = {
     '--from-container': ('from_container', True), '--to-container': ('to_container', True),
     '--image-file': ('image_file', True),
     '--srepo': ('srepo', True), '--match': ('match', True),
+    '--template-file': ('template_file', True), '--mapping-file': ('mapping_file', True),
+    '--instance-file': ('instance_file', True),
+    '--src-file': ('src_file', True), '--dst-file': ('dst_file', True),
     '-i': ('interactive', False), '--interactive': ('interactive', False),
     '-d': ('debug', False), '--debug': ('debug', False),
     '-f': ('force', False), '--forcely': ('force', False),
@@ -3824,6 +4049,12 @@ REQUIRED = {
     'import': [('image_file', '--image-file')],
     'spush': [('image', '--image')],
     'spull': [('image', '--image')],
+    'rplfile': [('container', '--container'), ('template_file', '--template-file'),
+                ('mapping_file', '--mapping-file')],
+    'putfile': [('container', '--container'), ('src_file', '--src-file'),
+                ('dst_file', '--dst-file')],
+    'getfile': [('container', '--container'), ('src_file', '--src-file'),
+                ('dst_file', '--dst-file')],
     'container_root': [('container', '--container')],
 }
 
