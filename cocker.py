@@ -3654,18 +3654,22 @@ def in_container(name, work, host_side=None):
                 os.write(result_w, error_text(e).encode('utf-8', 'replace'))
             os._exit(1)
         os.close(result_w)
+        host_error = None
         try:
             if host_side is not None:
                 host_side()
-        finally:
-            with os.fdopen(result_r, 'rb') as f:
-                error = f.read()
-            _, status = os.waitpid(pid, 0)
+        except (OSError, CockerError) as e:
+            host_error = e              # the child's error, if any, is the cause
+        with os.fdopen(result_r, 'rb') as f:
+            error = f.read()
+        _, status = os.waitpid(pid, 0)
     finally:
         if not running:
             unmount_root(name)
     if status != 0:
         raise CockerError(error.decode('utf-8', 'replace') or 'the copy failed')
+    if host_error is not None:
+        raise host_error
 
 
 def enter_container_files(name, running):
