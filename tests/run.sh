@@ -15,7 +15,7 @@ fi
 if command -v apt-get >/dev/null 2>&1; then
     missing=""
     for p in libc-bin procps iproute2 util-linux ncurses-bin coreutils iptables busybox-static \
-             openssh-server openssh-client passwd tar gzip; do
+             openssh-server openssh-client passwd tar gzip debootstrap groff-base bash; do
         dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
     done
     if [ -n "$missing" ]; then
@@ -24,7 +24,16 @@ if command -v apt-get >/dev/null 2>&1; then
     fi
 elif command -v dnf >/dev/null 2>&1; then
     dnf install -y -q glibc-common procps-ng iproute util-linux ncurses coreutils iptables busybox \
-        openssh-server openssh-clients shadow-utils tar gzip
+        openssh-server openssh-clients shadow-utils tar gzip debootstrap groff bash
+fi
+
+# The Debian tree the debootstrap image test packs, downloaded here, once, and kept between
+# runs: the tests themselves send nothing beyond loopback and their own namespaces.
+CACHE=${COCKER_TEST_DEBOOTSTRAP_CACHE:-/var/cache/cocker-test}
+if [ ! -f "$CACHE/bookworm/etc/debian_version" ]; then
+    warm=$(mktemp -d)
+    (cd "$warm" && sh "$OLDPWD/shbin/cocker_create_image_debian.sh" -c "$CACHE" warmup >/dev/null)
+    rm -rf "$warm"
 fi
 
 # A real interpreter, never a pyenv shim (it adds ~100 ms to every cocker command).
