@@ -2852,7 +2852,6 @@ def read_archive(read, rlayer, progress, compressed=True):
         if tar.wait() != 0:
             raise CockerError('tar could not unpack the archive: %s' % last_line(errors))
     progress.finish()
-    refuse_device_nodes(rlayer)
     for path in guard.skipped:
         log('WARN', 'device node %s in the archive was skipped' % path)
         sys.stderr.write('cocker: warning: device node %s skipped\n' % path)
@@ -2894,6 +2893,7 @@ def import_archive(read, total, name, version, force, expected, what, check=None
         try:
             os.mkdir(os.path.join(staging, 'rlayer'), 0o755)
             digest = read_archive(read, os.path.join(staging, 'rlayer'), Progress(what, total))
+            refuse_device_nodes(os.path.join(staging, 'rlayer'))
             if expected is not None and digest != expected:
                 raise CockerError('sha256 of the archive is %s, not %s as recorded: refused'
                                   % (digest, expected))

@@ -140,3 +140,26 @@ def test_symlinks_never_lead_to_the_host(running, cocker, workdir, tmp_path):
     r = cocker('-a', 'run', '-c', name, '--cmd', 'mkdir -p /x && ln -s %s /x/l' % marker)
     assert cocker('-a', 'getfile', '-c', name, '--src-file', '/x', '--dst-file', 'x').rc == 0
     assert os.path.islink(str(workdir / 'x' / 'l')) and os.listdir(marker) == []
+
+
+def test_a_link_swapped_during_copies_never_reaches_the_host(cocker, test_image, names,
+                                                            workdir, tmp_path):
+    """Docker CVE-2018-15664: a container process swaps a directory for a symlink to a
+    host-looking path while putfile and getfile run through it."""
+    secret_dir = tmp_path / 'secret'
+    secret_dir.mkdir()
+    (secret_dir / 'key').write_text('host secret\n')
+    name = names('race')
+    loop = ('sh -c "while :; do rm -rf /root/d; mkdir -p /root/d; echo container > /root/d/key; '
+            'rm -rf /root/d; ln -s %s /root/d; done"' % secret_dir)
+    r = cocker('-a', 'create', '-m', test_image, '-c', name, '-b', '-e', loop)
+    assert r.rc == 0, r
+    (workdir / 'payload').write_text('payload\n')
+    for i in range(30):
+        r = cocker('-a', 'getfile', '-c', name, '--src-file', '/root/d/key',
+                   '--dst-file', 'got%d' % i)
+        if r.rc == 0:
+            assert (workdir / ('got%d' % i)).read_text() == 'container\n'
+        cocker('-a', 'putfile', '-c', name, '--src-file', 'payload', '--dst-file', '/root/d/')
+    assert os.listdir(str(secret_dir)) == ['key']
+    assert (secret_dir / 'key').read_text() == 'host secret\n'
