@@ -3,6 +3,7 @@
 import os
 import shutil
 import subprocess
+import sys
 import uuid
 
 import pytest
@@ -122,3 +123,26 @@ def test_every_action_and_option_is_in_the_man_page_and_the_usage():
         assert option in page, option
     out = subprocess.check_output([PYTHON, COCKER, '--help']).decode()
     assert out == cocker.USAGE + '\n'
+
+
+def test_pip_install_puts_the_scripts_beside_cocker(tmp_path):
+    """pip install . (from a copy of the project: the build must not write into the tree)."""
+    src = tmp_path / 'src'
+    src.mkdir()
+    for part in ('setup.cfg', 'pyproject.toml', 'README.md', 'cocker.py', 'cockerinit.py'):
+        shutil.copy(os.path.join(REPO, part), str(src / part))
+    for part in ('shbin', 'man'):
+        shutil.copytree(os.path.join(REPO, part), str(src / part))
+    prefix = tmp_path / 'prefix'
+    # offline: no build isolation, no index (tests/run.sh installed setuptools and wheel)
+    p = subprocess.Popen([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps',
+                          '--no-build-isolation', '--no-index',
+                          '--prefix', str(prefix), str(src)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out.decode()[-2000:]
+    installed = set(os.listdir(str(prefix / 'bin')))
+    scripts = set(f for f in os.listdir(SHBIN) if f.endswith('.sh'))
+    assert scripts | {'cocker', 'cockerinit'} <= installed
+    assert os.path.exists(str(prefix / 'share' / 'cocker' / 'cocker.bash-completion'))
+    assert os.path.exists(str(prefix / 'share' / 'man' / 'man1' / 'cocker.1'))
