@@ -244,15 +244,7 @@ class Bench(object):
         return run_checked(argv, self.env, 'python cocker.py -v')[0]
 
     def setup(self):
-        self.home = tempfile.mkdtemp(prefix='cocker-bench-', dir='/tmp')
-        self.env = dict(os.environ)
-        self.env['COCKER_HOME'] = self.home
-        self.env['COCKER_PYTHON'] = self.python
-        self.env.pop('PYTHONDONTWRITEBYTECODE', None)
-        # install as an operator does: copy the two files side by side
-        os.mkdir(os.path.join(self.home, 'bin'))
-        shutil.copy2(COCKER, os.path.join(self.home, 'bin', 'cocker'))
-        shutil.copy2(os.path.join(REPO, 'cockerinit.py'), os.path.join(self.home, 'bin'))
+        self.home, self.env = bench_home('cocker-bench-', self.python)
         sys.stderr.write('COCKER_HOME %s\n' % self.home)
         _, out = self.run_cocker('-a', 'install_test')
         if 'OK' not in out:
@@ -362,6 +354,18 @@ class Bench(object):
         lines.append('%-*s %6.2f' % (width, 'ratio -a run / python -c pass',
                                      ms['run'] / ms['pass']))
         print('\n'.join(lines))
+
+
+def bench_home(prefix, python, parent='/tmp'):
+    """A temporary COCKER_HOME with cocker installed as operators do (the two files copied
+    into its bin/), and the environment to run it: (home, env)."""
+    home = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    env = dict(os.environ, COCKER_HOME=home, COCKER_PYTHON=python)
+    env.pop('PYTHONDONTWRITEBYTECODE', None)      # keep bytecode, as on a host
+    os.mkdir(os.path.join(home, 'bin'))
+    shutil.copy2(COCKER, os.path.join(home, 'bin', 'cocker'))
+    shutil.copy2(os.path.join(REPO, 'cockerinit.py'), os.path.join(home, 'bin'))
+    return home, env
 
 
 def python_version(python):

@@ -16,10 +16,9 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import (COCKER, REPO, median, on_sigterm, python_version,  # noqa: E402
+from bench import (bench_home, median, on_sigterm, python_version,  # noqa: E402
                    run_benchmark, run_checked)
 
 
@@ -59,12 +58,7 @@ class ImageBench(object):
         return run_checked(argv, self.env, what)[0]
 
     def setup(self):
-        self.home = tempfile.mkdtemp(prefix='cocker-bench-img-', dir='/var/tmp')
-        self.env = dict(os.environ, COCKER_HOME=self.home, COCKER_PYTHON=self.python)
-        self.env.pop('PYTHONDONTWRITEBYTECODE', None)
-        os.mkdir(os.path.join(self.home, 'bin'))
-        shutil.copy2(COCKER, os.path.join(self.home, 'bin', 'cocker'))
-        shutil.copy2(os.path.join(REPO, 'cockerinit.py'), os.path.join(self.home, 'bin'))
+        self.home, self.env = bench_home('cocker-bench-img-', self.python, '/var/tmp')
         self.rlayer = os.path.join(self.home, 'images', 'big', '_', 'rlayer')
         os.makedirs(self.rlayer)
         self.bytes = fill_tree(self.rlayer, self.size)

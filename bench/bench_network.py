@@ -29,11 +29,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import (BenchError, COCKER, REPO, command_text, median, mounts_under,  # noqa: E402
+from bench import (BenchError, bench_home, command_text, median, mounts_under,  # noqa: E402
                    on_sigterm, processes_using, python_version, run_benchmark, run_checked)
 
 
@@ -88,12 +87,7 @@ class NetworkBench(object):
         return name
 
     def setup(self):
-        self.home = tempfile.mkdtemp(prefix='cocker-bench-net-', dir='/tmp')
-        self.env = dict(os.environ, COCKER_HOME=self.home, COCKER_PYTHON=self.python)
-        self.env.pop('PYTHONDONTWRITEBYTECODE', None)
-        os.mkdir(os.path.join(self.home, 'bin'))
-        shutil.copy2(COCKER, os.path.join(self.home, 'bin', 'cocker'))
-        shutil.copy2(os.path.join(REPO, 'cockerinit.py'), os.path.join(self.home, 'bin'))
+        self.home, self.env = bench_home('cocker-bench-net-', self.python)
         with open(os.path.join(self.home, 'network.conf'), 'w') as f:
             f.write('bridge = ckb%s\naddress = %s\n' % (uuid.uuid4().hex[:8], free_subnet()))
         sys.stderr.write('COCKER_HOME %s\n' % self.home)
