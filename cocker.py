@@ -3637,7 +3637,8 @@ def in_container(name, work, host_side=None):
     """Run work() in a child inside the container's file system view while this process
     runs host_side(); raise the child's error, if any.  The caller holds the container
     lock."""
-    import tarfile          # noqa: F401  (loaded now: the child cannot import after chroot)
+    # loaded now, into sys.modules: after its chroot the child could not find the module
+    import tarfile  # noqa: F401
     running = container_status(name) == 'RUNNING'
     if not running:
         mount_root(name, container_layers(name))
@@ -3780,12 +3781,8 @@ def unpack_tree(fd, directory, name, arcname):
             os.rename(os.path.join(target, arcname), os.path.join(directory, name))
     finally:
         if target != directory:
-            shutil_rmtree(target)
-
-
-def shutil_rmtree(path):
-    import shutil
-    shutil.rmtree(path, ignore_errors=True)
+            import shutil
+            shutil.rmtree(target, ignore_errors=True)
 
 
 def action_putfile(o):
