@@ -2602,9 +2602,14 @@ def write_archive(rlayer, write, progress):
     return digest.hexdigest()
 
 
-def last_line(f):
+def read_all(f):
+    """Everything written so far to a temporary file (a child's stderr)."""
     f.seek(0)
-    lines = f.read().decode('utf-8', 'replace').strip().splitlines()
+    return f.read()
+
+
+def last_line(f):
+    lines = read_all(f).decode('utf-8', 'replace').strip().splitlines()
     return lines[-1] if lines else 'no message'
 
 
@@ -3533,11 +3538,6 @@ def show_ssearch(o):
         rows.append('%-45s %-19s %s' % (image_id, stamp, size_text(int(fields[4]))))
     print_table('%-45s %-19s %-10s' % ('image_id', 'modify_datetime', 'size'), 70, rows)
     return EXIT_OK
-
-
-def read_all(f):
-    f.seek(0)
-    return f.read()
 
 
 def action_spush(o):
