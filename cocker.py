@@ -1429,14 +1429,16 @@ def holds_claim(owner, name):
     """Is `owner` (not `name`) running, booting or stopping, so its claims stand?"""
     if owner is None or owner == name:
         return False
-    return monitor_alive(owner) or container_busy(owner)
+    # busy first: a boot that ends between the two checks is running by the second
+    return container_busy(owner) or monitor_alive(owner)
 
 
 def address_taken(owner, name):
     """Is an address record of `owner` still good (its container exists or is being made)?"""
     if owner is None or owner == name:
         return False
-    return os.path.isdir(container_dir(owner)) or container_busy(owner)
+    # busy first: a create that ends between the two checks has its directory by the second
+    return container_busy(owner) or os.path.isdir(container_dir(owner))
 
 
 def allocate_vip(name, bridge):
