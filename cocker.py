@@ -69,7 +69,9 @@ LOG_ROTATE_BYTES = 8 << 20      #: cocker.log and cockerinit.log are rotated bey
 
 #: files of a container directory (C cocker layout, plus layers, init_pid, running.lock)
 CONTAINER_FILES = ('image', 'layers', 'hostname', 'net', 'netns', 'vip', 'port_mapping',
-                   'host_eth', 'network.state', 'cgroups', 'volume', 'cpus', 'cpu_quota', 'mem_limit', 'pids_limit', 'version')
+                   'host_eth', 'network.state', 'cgroups', 'volume', 'cpus', 'cpu_quota',
+                   'mem_limit', 'pids_limit', 'version', 'seccomp', 'no_new_privs',
+                   'file_action')
 
 #: the container's /dev: (name, major, minor, mode); everything else is a fresh tmpfs
 DEVICES = [
@@ -80,8 +82,22 @@ DEVICES = [
     ('urandom', 1, 9, 0o666),
     ('tty', 5, 0, 0o666),
 ]
+#: device cgroup allow list: (type, major, minor or None for all) of what the container
+#: may open: the nodes above, /dev/ptmx (its devpts's) and the ptys (pts/*, console)
+ALLOWED_DEVICES = [('c', major, minor) for _, major, minor, _ in DEVICES] + [
+    ('c', 5, 2), ('c', 136, None)]
+
 #: /proc entries bound read-only onto themselves in every container
 PROC_READONLY = ('sys', 'sysrq-trigger', 'irq', 'bus', 'fs')
+#: what Docker and Podman hide: files behind /dev/null, directories behind an empty
+#: read-only tmpfs (key, timer and interrupt state of the host, firmware, sensors)
+PROC_MASKED_FILES = ('interrupts', 'kcore', 'keys', 'latency_stats', 'sched_debug',
+                     'timer_list', 'timer_stats')
+PROC_MASKED_DIRS = ('acpi', 'asound', 'scsi')
+SYS_MASKED_DIRS = ('firmware', 'fs/selinux', 'devices/virtual/powercap',
+                   'devices/system/cpu/cpu*/thermal_throttle')
+DEFAULT_PIDS_LIMIT = 4096       #: without --pids-limit: a fork bomb stays in its container
+RPLFILE_MAX = 64 << 20          #: the largest template rplfile reads
 
 #: (link, target) symlinks in the container's /dev
 DEV_LINKS = [
@@ -135,12 +151,16 @@ class CockerError(Exception):
         self.status = status
 
 
+class Interrupted(CockerError):
+    """A file action that shutdown, kill or destroy stopped (SIGTERM)."""
+
+
 def usage_error(message):
     return CockerError(message, EXIT_USAGE)
 
 
 def say(text=''):
-    sys.stdout.write(text + '\n')
+    sys.stdout.write(printable(text, keep='\n') + '\n')
     sys.stdout.flush()
 
 
@@ -148,7 +168,7 @@ def debug(fmt, *args):
     """Trace one step on stderr under -d, and in the log."""
     if DEBUG:
         text = fmt % args if args else fmt
-        sys.stderr.write('cocker: %s\n' % text)
+        sys.stderr.write('cocker: %s\n' % printable(text))
         sys.stderr.flush()
         log('DEBUG', text, depth=2)
 
@@ -162,7 +182,7 @@ def log(level, text, depth=1):
         now = time.time()
         record = '%s.%06d | %-5s | %d:cocker.py:%d | %s\n' % (
             time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now)), int(now % 1 * 1e6),
-            level, os.getpid(), frame.f_lineno, text.rstrip('\n'))
+            level, os.getpid(), frame.f_lineno, printable(text.rstrip('\n')))
         append_log(log_path(), record.encode('utf-8', 'replace'))
     except (OSError, ValueError):
         pass
@@ -211,6 +231,8 @@ MS_NOSUID = 2
 MS_NODEV = 4
 MS_NOEXEC = 8
 MS_REMOUNT = 32
+#: flags a bind remount must repeat (statvfs's ST_* bits are the same numbers)
+MS_KEPT_BY_REMOUNT = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC | 1024 | 2048  # NOATIME, NODIRATIME
 MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
@@ -219,6 +241,7 @@ MS_SHARED = 1 << 20
 MNT_DETACH = 2
 
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 PR_SET_NAME = 15
 
 TIOCGPTN = 0x80045430
@@ -272,6 +295,20 @@ def sethostname(name):
     _check(libc().sethostname(data, len(data)), 'sethostname')
 
 
+SYS_BPF = {'x86_64': 321, 'aarch64': 280, 'ppc64le': 361, 's390x': 351, 'riscv64': 280}
+
+
+def bpf(command, attr):
+    """The bpf system call with `attr` (bytes of union bpf_attr); returns its result."""
+    import ctypes
+    number = SYS_BPF.get(os.uname().machine)
+    if number is None:
+        raise OSError(errno.ENOSYS, 'bpf: not known on %s' % os.uname().machine)
+    buf = ctypes.create_string_buffer(attr, len(attr))
+    return _check(libc().syscall(ctypes.c_long(number), ctypes.c_int(command), buf,
+                                 ctypes.c_uint(len(attr))), 'bpf')
+
+
 def prctl(option, arg2=0):
     """prctl with an integer or a bytes (pointer) second argument."""
     import ctypes
@@ -295,9 +332,12 @@ def read_small(path, default=None):
 
 
 def write_small(path, text):
-    """Write a state file atomically: a crash leaves the old value or the new, never half."""
-    tmp = '%s.tmp%d' % (path, os.getpid())
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    """Write a state file atomically: a crash leaves the old value or the new, never half.
+    The temporary file is new (O_EXCL, a name no one can guess), so a link planted beside
+    a user's file (the export's .sha256) is never written through."""
+    tmp = '%s.tmp%d.%s' % (path, os.getpid(), os.urandom(4).hex())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o644)
     try:
         os.write(fd, text.encode('utf-8'))
         os.fsync(fd)
@@ -397,23 +437,72 @@ def close_fds_except(keep):
 
 
 def tree_size(path):
-    """Bytes of the regular files under path, by lstat (symlinks are not followed)."""
+    """Bytes of the regular files under path.  Walked by descriptors, each directory opened
+    O_NOFOLLOW from its parent's: a directory that a running container swaps for a symlink
+    is never followed (to the host's / or anywhere else)."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        top = os.open(path, flags)
+    except OSError:
+        return 0
     total = 0
-    stack = [path]
+    stack = [(top, directory_entries(top))]        # (descriptor, entries left), depth-first
     while stack:
-        try:
-            entries = list(os.scandir(stack.pop()))
-        except OSError:
+        fd, entries = stack[-1]
+        if not entries:
+            os.close(fd)
+            stack.pop()
             continue
-        for e in entries:
-            try:
-                if e.is_dir(follow_symlinks=False):
-                    stack.append(e.path)
-                elif e.is_file(follow_symlinks=False):
-                    total += e.stat(follow_symlinks=False).st_size
-            except OSError:
-                pass
+        name = entries.pop()
+        try:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+            elif stat.S_ISDIR(st.st_mode):
+                child = os.open(name, flags, dir_fd=fd)
+                stack.append((child, directory_entries(child)))
+        except OSError:
+            pass                    # gone meanwhile, or swapped for a link: not counted
     return total
+
+
+def directory_entries(fd):
+    try:
+        return os.listdir(fd)
+    except OSError:
+        return []
+
+
+def printable(text, keep=''):
+    """text with control characters (C0, DEL, C1, undecodable bytes) written as \\xNN, so
+    that names from archives, repositories and containers never drive the terminal."""
+    if text.isprintable():
+        return text                     # the usual case, at C speed
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in keep or not (code < 32 or 127 <= code < 160 or 0xdc80 <= code <= 0xdcff):
+            out.append(ch)
+        else:
+            out.append('\\x%02x' % (code - 0xdc00 if code >= 0xdc80 else code))
+    return ''.join(out)
+
+
+def warn(text):
+    """A warning on stderr (escaped) and in the log."""
+    log('WARN', text)
+    sys.stderr.write('cocker: warning: %s\n' % printable(text))
+
+
+def process_start_time(pid):
+    """The start time of a process in clock ticks since boot (field 22 of /proc/PID/stat),
+    or None when there is no such process: a pid with its start time names one process."""
+    try:
+        with open('/proc/%d/stat' % pid, 'rb') as f:
+            fields = f.read().rsplit(b')', 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[19])
 
 
 def size_text(n):
@@ -887,9 +976,11 @@ def mount_root(name, layers):
         if len(data) > 4000:
             raise CockerError('too many image layers for one overlay mount')
         os.makedirs(os.path.join(cp, 'workdir'), exist_ok=True)
-        mount('overlay', merged, 'overlay', 0, data)
+        # nodev: a device node in an image or made by the container never opens
+        mount('overlay', merged, 'overlay', MS_NODEV, data)
     else:
         mount(os.path.join(cp, 'rwlayer'), merged, None, MS_BIND)
+        remount_bind(merged, MS_NODEV)
     # keep it out of other namespaces' propagation groups: it is this container's alone
     mount(None, merged, None, MS_PRIVATE)
     debug('mounted root on %s', merged)
@@ -968,12 +1059,12 @@ def bind_volumes(name, merged):
             target = open_in_root(root_fd, inside, make_dir=os.path.isdir(host))
             try:
                 mount(host, '/proc/self/fd/%d' % target, None, MS_BIND | MS_REC)
-                if readonly:
-                    # the descriptor names the directory under the new mount; its path was
-                    # resolved safely and no container process runs yet to swap it; the
-                    # submounts the recursive bind brought along become read-only too
-                    for point in mounts_under(os.readlink('/proc/self/fd/%d' % target)):
-                        remount_readonly(point)
+                # the descriptor names the directory under the new mount; its path was
+                # resolved safely and no container process runs yet to swap it; the
+                # submounts the recursive bind brought along become nodev (and read-only) too
+                extra = MS_NODEV | (MS_RDONLY | MS_NOSUID if readonly else 0)
+                for point in mounts_under(os.readlink('/proc/self/fd/%d' % target)):
+                    remount_bind(point, extra)
             finally:
                 os.close(target)
             debug('volume %s on %s', host, inside)
@@ -981,24 +1072,74 @@ def bind_volumes(name, merged):
         os.close(root_fd)
 
 
+def remount_bind(point, flags):
+    """Add flags to a bind mount, keeping those it has (a remount sets them all anew)."""
+    kept = os.statvfs(point).f_flag & MS_KEPT_BY_REMOUNT
+    mount(None, point, None, MS_BIND | MS_REMOUNT | kept | flags)
+
+
 def remount_readonly(point):
-    mount(None, point, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    remount_bind(point, MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
-def mount_proc(merged):
-    """A fresh /proc for the new pid namespace."""
-    target = os.path.join(merged, 'proc')
+def kernel_fs_target(merged, name):
+    """merged/NAME for /proc or /sys: an ordinary directory of the image, never a link
+    (runc CVE-2019-19921)."""
+    target = os.path.join(merged, name)
     if os.path.islink(target):
-        raise CockerError('/proc in the image is a symlink')
+        raise CockerError('/%s in the image is a symlink' % name)
     os.makedirs(target, exist_ok=True)
+    return target
+
+
+def mount_proc(merged, devnull):
+    """A fresh /proc for the new pid namespace, its kernel knobs read-only, the host's
+    state masked."""
+    target = kernel_fs_target(merged, 'proc')
     mount('proc', target, 'proc', MS_NOSUID | MS_NODEV | MS_NOEXEC)
     # the kernel's knobs stay the host's: /proc/sys/kernel/core_pattern alone would let the
-    # container make the host run a program (the hardening issue masks the rest of /proc)
+    # container make the host run a program
     for entry in PROC_READONLY:
         path = os.path.join(target, entry)
         if os.path.exists(path):
             mount(path, path, None, MS_BIND)       # a fresh /proc has no mounts below
             remount_readonly(path)
+    mask_paths(target, PROC_MASKED_FILES, PROC_MASKED_DIRS, devnull)
+
+
+def mount_sys(merged):
+    """A read-only sysfs (of the container's network namespace: it is mounted from it),
+    firmware, sensors and SELinux masked."""
+    target = kernel_fs_target(merged, 'sys')
+    mount('sysfs', target, 'sysfs', MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    mask_paths(target, (), SYS_MASKED_DIRS, None)
+
+
+def open_host_devnull():
+    """An O_PATH descriptor of the host's /dev/null, checked to be the real character
+    device 1:3: what masks are bound from can never be a file of the container's choice
+    (runc CVE-2025-31133)."""
+    fd = os.open('/dev/null', os.O_PATH | os.O_CLOEXEC)
+    st = os.fstat(fd)
+    if not stat.S_ISCHR(st.st_mode) or st.st_rdev != os.makedev(1, 3):
+        os.close(fd)
+        raise CockerError('/dev/null of the host is not the character device 1:3')
+    return fd
+
+
+def mask_paths(base, files, directories, devnull):
+    """Bind /dev/null over each file and an empty read-only tmpfs over each directory
+    (glob patterns allowed) that exists below base, a kernel file system."""
+    import glob
+    for pattern, is_dir in [(f, False) for f in files] + [(d, True) for d in directories]:
+        for path in glob.glob(os.path.join(glob.escape(base), pattern)):
+            if os.path.isdir(path) != is_dir:
+                continue
+            if is_dir:
+                mount('tmpfs', path, 'tmpfs', MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                      'mode=555')
+            else:
+                mount('/proc/self/fd/%d' % devnull, path, None, MS_BIND)
 
 
 def mount_dev(merged):
@@ -1060,6 +1201,7 @@ class Bridge(object):
         self.cidr = str(interface)
         base = 'COCKER' if name == BRIDGE_NAME else 'COCKER-' + name
         self.dnat_chain = base                  # nat: port mappings (from PREROUTING, OUTPUT)
+        self.vip_chain = base + '-VIP'          # nat: the host to VIP:HOST_PORT (from OUTPUT)
         self.post_chain = base + '-POST'        # nat: masquerading (from POSTROUTING)
         self.forward_chain = base + '-FWD'      # filter: forwarding (from FORWARD)
         self.input_chain = base + '-IN'         # filter: guard of 127/8 (from INPUT)
@@ -1251,13 +1393,14 @@ def link_exists(ifname):
     return os.path.exists(os.path.join('/sys/class/net', ifname))
 
 
-def enable_sysctl(path):
-    """Write 1 to a /proc/sys switch that is 0 (IP forwarding, route_localnet)."""
+def set_sysctl(path, value):
+    """Write a one-digit /proc/sys switch (IP forwarding, route_localnet, accept_ra) that
+    has another value."""
     with open(path, 'r+') as f:
-        if f.read(1) != '1':
+        if f.read(1) != value:
             f.seek(0)
-            f.write('1')
-            log('INFO', 'switched on %s' % path)
+            f.write(value)
+            log('INFO', 'set %s to %s' % (path, value))
 
 
 # ---- iptables --------------------------------------------------------------------------
@@ -1298,6 +1441,7 @@ def bridge_jumps(bridge):
     local = '-m addrtype --dst-type LOCAL -j %s' % bridge.dnat_chain
     # from other machines never to 127/8: a mapping bound to 127.0.0.1 stays the host's own
     return [('nat', 'PREROUTING', '! -d 127.0.0.0/8 ' + local), ('nat', 'OUTPUT', local),
+            ('nat', 'OUTPUT', '-d %s -j %s' % (bridge.network, bridge.vip_chain)),
             ('nat', 'POSTROUTING', '-j %s' % bridge.post_chain),
             ('filter', 'FORWARD', '-j %s' % bridge.forward_chain),
             ('filter', 'INPUT', '-j %s' % bridge.input_chain)]
@@ -1308,15 +1452,19 @@ def bridge_chains(bridge):
     b, net = bridge.name, bridge.network
     return [
         ('nat', bridge.dnat_chain, []),
+        ('nat', bridge.vip_chain, []),
         ('nat', bridge.post_chain, [
             # 127.0.0.1:HOSTPORT reaches the container (route_localnet lets it leave lo)
             '-s 127.0.0.0/8 -o %s -j MASQUERADE' % b,
             # a container reaching a mapped port of the host, so the reply comes back the same way
             '-s %s -o %s -m conntrack --ctstate DNAT -j MASQUERADE' % (net, b)]),
+        # routed in: only replies and published ports (a neighbour routing the subnet via
+        # this host reaches nothing else); out, and container to container: everything
         ('filter', bridge.forward_chain, [
             '-o %s -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT' % b,
             '-o %s -m conntrack --ctstate DNAT -j ACCEPT' % b,
-            '-i %s -j ACCEPT' % b]),
+            '-i %s -j ACCEPT' % b,
+            '-o %s -j DROP' % b]),
         # route_localnet would let a container reach the host's 127.0.0.1 services with a
         # crafted packet (CVE-2020-8558): only replies and mapped connections get in
         ('filter', bridge.input_chain, [
@@ -1326,10 +1474,12 @@ def bridge_chains(bridge):
 
 
 def ensure_chains(bridge, iptables):
-    """Create whichever of the bridge's chains is missing, and the jumps into them.  Under
-    a lock: declaring a chain that exists (iptables-restore ':CHAIN') would empty it."""
+    """Create whichever of the bridge's chains, rules and jumps is missing.  Under a lock:
+    declaring a chain that exists (iptables-restore ':CHAIN') would empty it."""
     with locked('network', 'chains'):
         create_missing_chains(bridge, iptables)
+        os.makedirs(network_path(), 0o700, exist_ok=True)
+        write_small(chains_marker(bridge), chains_layout(bridge))
 
 
 def create_missing_chains(bridge, iptables):
@@ -1337,9 +1487,27 @@ def create_missing_chains(bridge, iptables):
         if not iptables_ok(iptables, table, '-n', '-L', chain):
             iptables_restore(iptables, [(table, ':%s - [0:0]' % chain)] +
                              [(table, '-A %s %s' % (chain, r)) for r in rules])
+            continue
+        for rule in rules:          # a chain of an older cocker gets the rules it lacks
+            if not iptables_ok(iptables, table, '-C', chain, *rule.split()):
+                run([iptables, '-w', '-t', table, '-A', chain] + rule.split())
     for table, chain, rule in bridge_jumps(bridge):
         if not iptables_ok(iptables, table, '-C', chain, *rule.split()):
             run([iptables, '-w', '-t', table, '-I', chain, '1'] + rule.split())
+
+
+def chains_marker(bridge):
+    return network_path('chains.' + bridge.name)
+
+
+def chains_layout(bridge):
+    """What ensure_chains last set up: the bridge's interface index and a digest of the
+    chain layout.  A boot compares it (two small reads) instead of asking iptables, and so
+    notices a recreated bridge or the chains of an older cocker."""
+    import hashlib
+    layout = repr((bridge_chains(bridge), bridge_jumps(bridge))).encode()
+    return '%s %s' % (read_small('/sys/class/net/%s/ifindex' % bridge.name, ''),
+                      hashlib.sha256(layout).hexdigest()[:16])
 
 
 def container_rules(name, bridge, vip, mappings, host_eth):
@@ -1351,6 +1519,10 @@ def container_rules(name, bridge, vip, mappings, host_eth):
         rules.append(('nat', '%s%s -p %s -m %s --dport %d %s -j DNAT --to-destination %s:%d' % (
             bridge.dnat_chain, ' -d %s/32' % m.host_ip if m.host_ip else '', m.proto, m.proto,
             m.host_port, tag, vip, m.port)))
+        # the manual's `ssh root@VIP -p HOST_PORT` from the host: only to this VIP
+        rules.append(('nat', '%s -d %s/32 -p %s -m %s --dport %d %s -j DNAT --to-destination '
+                      '%s:%d' % (bridge.vip_chain, vip, m.proto, m.proto, m.host_port, tag, vip,
+                                 m.port)))
     out = '-o %s' % host_eth if host_eth else '! -o %s' % bridge.name
     rules.append(('nat', '%s -s %s/32 %s %s -j MASQUERADE' % (bridge.post_chain, vip, out, tag)))
     return rules
@@ -1380,9 +1552,14 @@ def create_bridge(bridge, iptables):
             ensure_chains(bridge, iptables)
 
 
-def switch_on_forwarding(bridge):
-    enable_sysctl('/proc/sys/net/ipv4/ip_forward')
-    enable_sysctl('/proc/sys/net/ipv4/conf/%s/route_localnet' % bridge.name)
+def set_bridge_sysctls(bridge):
+    """IPv4 forwarding and route_localnet on; router advertisements from containers never
+    configure the host (IPv6 forwarding is left as it is)."""
+    set_sysctl('/proc/sys/net/ipv4/ip_forward', '1')
+    set_sysctl('/proc/sys/net/ipv4/conf/%s/route_localnet' % bridge.name, '1')
+    accept_ra = '/proc/sys/net/ipv6/conf/%s/accept_ra' % bridge.name
+    if os.path.exists(accept_ra):               # not on a host without IPv6
+        set_sysctl(accept_ra, '0')
 
 
 def remove_bridge(bridge, iptables):
@@ -1395,6 +1572,7 @@ def remove_bridge(bridge, iptables):
             iptables_ok(iptables, table, '-X', chain)
     if link_exists(bridge.name):
         run(['ip', 'link', 'del', bridge.name])
+    remove_file(chains_marker(bridge))
 
 
 # ---- VIPs and host ports: allocation and claims ----------------------------------------
@@ -1614,7 +1792,9 @@ def setup_bridge_network(name):
     with locked('network', 'bridge', shared=True):
         if not link_exists(bridge.name):
             raise CockerError('bridge %s was removed while booting; boot again' % bridge.name)
-        switch_on_forwarding(bridge)
+        set_bridge_sysctls(bridge)
+        if read_small(chains_marker(bridge)) != chains_layout(bridge):
+            ensure_chains(bridge, iptables)
         wire_container(name, bridge, vip, veth, path, iptables, rules)
     debug('%s: %s on %s, eth0 %s, %d port mapping(s)', name, veth, bridge.name, vip,
           len(mappings))
@@ -1682,13 +1862,17 @@ def forget_network(name):
 
 
 def enter_network(name):
-    """In the boot child: join the container's network namespace (HOST: stay)."""
+    """In the boot child: join the container's network namespace (HOST: stay), where any
+    group may ping through ICMP sockets, as with Podman: the container has no CAP_NET_RAW."""
     if container_net(name) in ('BRIDGE', 'CUSTOM'):
         fd = os.open(netns_path(name), os.O_RDONLY | os.O_CLOEXEC)
         try:
             setns(fd, CLONE_NEWNET)
         finally:
             os.close(fd)
+        # /proc/sys/net is the namespace of whoever opens it: ours now, not the host's
+        with open('/proc/sys/net/ipv4/ping_group_range', 'w') as f:
+            f.write('0 2147483647')
 
 
 # =============================================================================
@@ -1708,8 +1892,11 @@ CGROUP_PARENT = 'cocker'
 CFS_PERIOD_US = 100000              #: the CFS period a --cpu-quota percentage is a share of
 MIN_MEMORY = 4 << 20                #: below this not even cockerinit starts
 SIZE_UNITS = {'': 1, 'K': 1 << 10, 'M': 1 << 20, 'G': 1 << 30, 'T': 1 << 40}
-#: cgroup-v1 controllers a container always gets (accounting), and the one it gets for --cpus
-V1_CONTROLLERS = ('cpu', 'cpuacct', 'memory', 'pids')
+#: cgroup-v1 controllers a container always gets (accounting, devices), and the one it gets
+#: for --cpus
+V1_CONTROLLERS = ('cpu', 'cpuacct', 'memory', 'pids', 'devices')
+#: a v1 host's cgroup2 tree (systemd's hybrid layout): no controllers, but device programs
+HYBRID_V2_TREE = 'unified'
 
 #: (option attribute, state file); the C cocker stored none of them
 LIMITS = (('cpus', 'cpus'), ('cpu_quota', 'cpu_quota'), ('mem_limit', 'mem_limit'),
@@ -1811,12 +1998,24 @@ def check_limit_options(o):
             LIMIT_PARSERS[option](value)
 
 
+SECCOMP_MODES = ('default', 'unconfined')
+
+
+def record_security(name, o):
+    """Store --seccomp and --no-new-privs of this command line; later boots reuse them."""
+    if o.seccomp is not None:
+        write_attr(name, 'seccomp', None if o.seccomp == 'default' else o.seccomp)
+    if o.no_new_privs:
+        write_attr(name, 'no_new_privs', '1')
+
+
 def record_limits(name, o):
-    """Store the limits given on this command line; later boots reuse them."""
+    """Store the limits given on this command line; later boots reuse them.  'none' drops
+    a limit; for the pids limit, which has a default, it is recorded as 'none'."""
     for option, key in LIMITS:
         value = getattr(o, option)
         if value is not None:
-            write_attr(name, key, None if value == 'none' else value)
+            write_attr(name, key, None if value == 'none' and key != 'pids_limit' else value)
 
 
 def container_limits(name):
@@ -1824,8 +2023,26 @@ def container_limits(name):
     values = {}
     for option, key in LIMITS:
         text = read_attr(name, key)
-        values[option] = None if not text else LIMIT_PARSERS[option](text)
+        values[option] = None if not text or text == 'none' else LIMIT_PARSERS[option](text)
     return Limits(**values)
+
+
+def default_pids_limit(name, root):
+    """DEFAULT_PIDS_LIMIT for a container with no pids limit recorded (not even 'none'),
+    where the host has the pids controller."""
+    if read_attr(name, 'pids_limit'):
+        return None
+    if cgroup_version(root) == 2:
+        has_pids = 'pids' in read_small(os.path.join(root, 'cgroup.controllers'), '').split()
+    else:
+        has_pids = os.path.isdir(os.path.join(root, 'pids'))
+    return DEFAULT_PIDS_LIMIT if has_pids else None
+
+
+def pids_limit_text(name):
+    """The pids limit as -s container_limits shows it: recorded, default, or '-' for none."""
+    text = read_attr(name, 'pids_limit')
+    return str(DEFAULT_PIDS_LIMIT) if not text else '-' if text == 'none' else text
 
 
 def cgroup_version(root=CGROUP_ROOT):
@@ -1851,9 +2068,17 @@ def v2_plan(root, name, limits):
     return controllers, [(os.path.join(root, CGROUP_PARENT, name), files)]
 
 
+def device_rules():
+    """The allow list as devices.allow lines ('c 1:3 rwm', 'c 136:* rwm')."""
+    return ['%s %d:%s rwm' % (kind, major, '*' if minor is None else minor)
+            for kind, major, minor in ALLOWED_DEVICES]
+
+
 def v1_plan(root, name, limits):
-    """([], [(directory, [(file, value)])]) on a cgroup-v1 host, one per hierarchy."""
-    files = {'cpu': [], 'cpuacct': [], 'memory': [], 'pids': []}
+    """([], [(directory, [(file, value)])]) on a cgroup-v1 host, one per hierarchy, and the
+    cgroup2 tree of a hybrid host for the device program."""
+    files = {'cpu': [], 'cpuacct': [], 'memory': [], 'pids': [],
+             'devices': [('devices.deny', 'a')] + [('devices.allow', r) for r in device_rules()]}
     if limits.cpus:
         files['cpuset'] = [('cpuset.cpus', limits.cpus)]
     if limits.cpu_quota:
@@ -1872,7 +2097,8 @@ def v1_plan(root, name, limits):
         if controller not in files:
             continue
         if not os.path.isdir(hierarchy):
-            if files[controller]:
+            # missing accounting or devices is no error (nodev still guards the devices)
+            if files[controller] and controller != 'devices':
                 raise CockerError("this host has no cgroup '%s' controller for the limits of "
                                   "container '%s'" % (controller, name))
             continue
@@ -1882,6 +2108,8 @@ def v1_plan(root, name, limits):
             continue
         seen.add(real)
         plan.append((os.path.join(hierarchy, CGROUP_PARENT, name), files[controller]))
+    if cgroup_version(os.path.join(root, HYBRID_V2_TREE)) == 2:
+        plan.append((os.path.join(root, HYBRID_V2_TREE, CGROUP_PARENT, name), []))
     return [], plan
 
 
@@ -1964,13 +2192,91 @@ def apply_cgroup_plan(root, controllers, limits, plan):
 
 
 def setup_cgroups(name, root=CGROUP_ROOT):
-    """Create the container's cgroups with its limits; PID 1 joins them (enter_cgroups)."""
+    """Create the container's cgroups with its limits and its device allow list; PID 1
+    joins them (enter_cgroups)."""
     import json
     limits = container_limits(name)
+    limits.pids_limit = limits.pids_limit or default_pids_limit(name, root)
     controllers, plan = cgroup_plan(root, name, limits)
     write_attr(name, 'cgroups', json.dumps([directory for directory, _ in plan]))
     apply_cgroup_plan(root, controllers, limits, plan)
+    methods = restrict_devices([directory for directory, _ in plan])
     debug('cgroups of %s: %s', name, ' '.join(d for d, _ in plan))
+    debug('devices of %s: %s', name, ', '.join(methods + ['nodev mounts, no CAP_MKNOD']))
+
+
+# ---- the device allow list -------------------------------------------------------------
+# cgroup v1: the devices controller (deny all, allow the list), read back.  cgroup v2 (and
+# the v2 tree of a hybrid host): a BPF_PROG_TYPE_CGROUP_DEVICE program attached to the
+# container's cgroup, which the kernel runs at every open and mknod of a device; it goes
+# with the cgroup.  Either way nodev mounts and the missing CAP_MKNOD hold as well.
+
+BPF_PROG_LOAD, BPF_PROG_ATTACH = 5, 8
+BPF_PROG_TYPE_CGROUP_DEVICE = 15
+BPF_CGROUP_DEVICE = 6                   #: attach type
+BPF_F_ALLOW_MULTI = 2                   #: every program on the way up must allow too
+BPF_DEVCG_DEV = {'b': 1, 'c': 2}        #: device types in bpf_cgroup_dev_ctx
+
+
+def restrict_devices(directories):
+    """Apply the allow list to each cgroup that can take it; the methods used, for -d."""
+    methods = []
+    for directory in directories:
+        if os.path.exists(os.path.join(directory, 'devices.list')):
+            check_device_list(directory)
+            methods.append('cgroup v1 devices controller')
+        elif os.path.exists(os.path.join(directory, 'cgroup.controllers')):
+            try:
+                attach_device_program(directory)
+                methods.append('cgroup v2 device program')
+            except OSError as e:        # a kernel without cgroup BPF: say so, go on
+                log('WARN', 'no device program on %s: %s' % (directory, describe_oserror(e)))
+    return methods
+
+
+def check_device_list(directory):
+    """The kernel's list must be exactly the allow list (the writes were each accepted)."""
+    listed = set(read_small(os.path.join(directory, 'devices.list'), '').splitlines())
+    if listed != set(device_rules()):
+        raise CockerError('device cgroup %s lists %s, not the allow list'
+                          % (directory, ', '.join(sorted(listed)) or 'nothing'))
+
+
+def device_program():
+    """eBPF instructions: 1 (allow) for a device of ALLOWED_DEVICES, else 0.  The context
+    is struct bpf_cgroup_dev_ctx {u32 access_type (access << 16 | type), major, minor}."""
+    def insn(code, dst=0, src=0, off=0, imm=0):
+        return struct.pack('<BBhi', code, dst | src << 4, off, imm)
+    ldx_w, and_k, jne_k, mov_k, exit_ = 0x61, 0x57, 0x55, 0xb7, 0x95
+    prog = [insn(ldx_w, 2, 1, 0), insn(and_k, 2, imm=0xffff),     # r2 = type
+            insn(ldx_w, 4, 1, 4), insn(ldx_w, 5, 1, 8)]            # r4 = major, r5 = minor
+    for kind, major, minor in ALLOWED_DEVICES:
+        tests = [(2, BPF_DEVCG_DEV[kind]), (4, major)] + ([] if minor is None else [(5, minor)])
+        for i, (register, value) in enumerate(tests):   # a mismatch skips to the next rule
+            prog.append(insn(jne_k, register, off=len(tests) - i + 1, imm=value))
+        prog += [insn(mov_k, 0, imm=1), insn(exit_)]
+    prog += [insn(mov_k, 0, imm=0), insn(exit_)]
+    return b''.join(prog)
+
+
+def attach_device_program(directory):
+    """Load the device program and attach it to a cgroup2 directory."""
+    import ctypes
+    code = device_program()
+    insns = ctypes.create_string_buffer(code, len(code))
+    license = ctypes.create_string_buffer(b'GPL')
+    prog_fd = bpf(BPF_PROG_LOAD, struct.pack(
+        '=IIQQIIQII16s', BPF_PROG_TYPE_CGROUP_DEVICE, len(code) // 8, ctypes.addressof(insns),
+        ctypes.addressof(license), 0, 0, 0, 0, 0, b'cocker_devices'))
+    try:
+        cgroup_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            bpf(BPF_PROG_ATTACH, struct.pack('=IIII', cgroup_fd, prog_fd, BPF_CGROUP_DEVICE,
+                                             BPF_F_ALLOW_MULTI))
+        finally:
+            os.close(cgroup_fd)
+    finally:
+        os.close(prog_fd)               # the attachment holds the program
 
 
 def container_cgroups(name):
@@ -1983,9 +2289,9 @@ def container_cgroups(name):
         return []
 
 
-def enter_cgroups(name):
-    """In PID 1, before anything else: join the container's cgroups."""
-    for directory in container_cgroups(name):
+def enter_cgroups(directories):
+    """Join the container's cgroups (PID 1 before anything else, the file helpers)."""
+    for directory in directories:
         write_cgroup_file(directory, 'cgroup.procs', '0')
 
 
@@ -2045,12 +2351,24 @@ def cgroup_usage(name):
 # =============================================================================
 # Boot sequence
 # =============================================================================
-# cocker boot (under the container lock) mounts the root, then forks the monitor:
+# cocker boot (under the container lock) sets up the network, the cgroups (limits, the
+# device allow list) and the nodev overlay root, then forks the monitor:
 #   monitor: setsid, holds running.lock, unshare(CLONE_NEWPID), fork -> PID 1, copies
 #            cockerinit's log, waits for PID 1, tears everything down, exits.
-#   PID 1:   unshare mount/uts/ipc, private propagation, hostname, volumes, /proc, /dev,
-#            then exec cockerinit.py with the host's interpreter; cockerinit pivots into
-#            the root, drops capabilities and reports READY on the ready pipe.
+#   PID 1, in this order, each step checked (a failure ends the boot, which is undone):
+#     1. joins the cgroups: limits and device rules hold before anything else runs
+#     2. dies with the monitor; last for the OOM killer
+#     3. new mount, UTS and IPC namespaces, all mounts private
+#     4. joins the network namespace (BRIDGE, CUSTOM), where ping needs no CAP_NET_RAW
+#     5. hostname
+#     6. volumes, bound nodev on targets resolved inside the root
+#     7. a fresh /proc: knobs read-only, host state masked with the host's real /dev/null
+#     8. a read-only /sys, masked likewise
+#     9. /dev: the allowed nodes, a private devpts, the console
+#    10. exec cockerinit.py with the host's interpreter, which pivots into the root,
+#        shrinks the capability sets to Podman's, installs the seccomp filter (a user
+#        namespace would come first, no_new_privs comes last, before each exec) and
+#        reports READY on the ready pipe.
 # The CLI prints OK only after READY, so a failed boot is reported, and undone, at once.
 
 def cockerinit_path():
@@ -2230,19 +2548,37 @@ def run_monitor(name, init, exec_cmd, ready_w):
         os._exit(status)
 
 
+def fork_in_pid_namespace(proc=None):
+    """fork() with the child in the pid namespace of the process whose /proc directory is
+    `proc`, or in a new one; this process stays in its own."""
+    home = os.open('/proc/self/ns/pid', os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if proc is None:
+            unshare(CLONE_NEWPID)
+        else:
+            fd = os.open('ns/pid', os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc)
+            try:
+                setns(fd, CLONE_NEWPID)
+            finally:
+                os.close(fd)
+        pid = os.fork()
+        if pid != 0:
+            setns(home, CLONE_NEWPID)
+        return pid
+    finally:
+        os.close(home)
+
+
 def monitor_container(name, init, exec_cmd, ready_w):
     """Fork PID 1 in new namespaces, copy its log, wait for it and record its exit status."""
     import signal
     log_r, log_w = os.pipe()
     alive_r, alive_w = os.pipe()
-    host_pidns = os.open('/proc/self/ns/pid', os.O_RDONLY | os.O_CLOEXEC)
-    unshare(CLONE_NEWPID)
-    init_pid = os.fork()
+    # our own later children (ip, iptables at teardown) stay in the host's pid namespace
+    init_pid = fork_in_pid_namespace()
     if init_pid == 0:
         boot_child(name, init, exec_cmd, ready_w, log_w, alive_r)     # never returns
-    # our own later children (ip, iptables at teardown) belong to the host's pid namespace
-    setns(host_pidns, CLONE_NEWPID)
-    for fd in (host_pidns, log_w, alive_r, ready_w):
+    for fd in (log_w, alive_r, ready_w):
         os.close(fd)
     write_attr(name, 'init_pid', str(init_pid))
 
@@ -2290,29 +2626,33 @@ def shield_from_oom_killer():
 
 
 def boot_child(name, init, exec_cmd, ready_w, log_w, alive_r):
-    """PID 1 of the new pid namespace, before it becomes cockerinit: never returns."""
+    """PID 1 of the new pid namespace, before it becomes cockerinit: never returns.  The
+    steps of the boot sequence (chapter comment) up to the exec of cockerinit."""
     try:
-        enter_cgroups(name)              # first: nothing of the container runs outside
-        prctl(PR_SET_PDEATHSIG, 9)       # the monitor's death takes the container with it
+        enter_cgroups(container_cgroups(name))  # 1. nothing of the container runs outside
+        prctl(PR_SET_PDEATHSIG, 9)       # 2. the monitor's death takes the container with it
         shield_from_oom_killer()
         merged = container_file(name, 'merged')
         hostname = read_attr(name, 'hostname') or name
-        unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC)
+        unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC)     # 3.
         # nothing mounted from here on may propagate back to the host
         mount(None, '/', None, MS_REC | MS_PRIVATE)
-        enter_network(name)
-        sethostname(hostname)
-        bind_volumes(name, merged)
-        mount_proc(merged)
-        console = mount_dev(merged)
-        # (hardening issue: masked /proc paths, read-only /sys, device list, seccomp go here)
+        enter_network(name)              # 4.
+        sethostname(hostname)            # 5.
+        bind_volumes(name, merged)       # 6.
+        devnull = open_host_devnull()
+        mount_proc(merged, devnull)      # 7.
+        mount_sys(merged)                # 8.
+        console = mount_dev(merged)      # 9.
         fds = {'ready': ready_w, 'log': log_w, 'alive': alive_r, 'console': console}
         for fd in fds.values():
             os.set_inheritable(fd, True)
         env = {'PATH': '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin',
                'LC_ALL': 'C.UTF-8', 'COCKER_ALIVE_PIPE': str(alive_r),
                'COCKER_ROOT': merged, 'COCKER_SOCKDIR': container_dir(name),
-               'COCKER_HOSTNAME': hostname}
+               'COCKER_HOSTNAME': hostname,
+               'COCKER_SECCOMP': read_attr(name, 'seccomp') or 'default',
+               'COCKER_NO_NEW_PRIVS': read_attr(name, 'no_new_privs') or '0'}
         env.update(('COCKER_%s_FD' % k.upper(), str(v)) for k, v in fds.items())
         if exec_cmd is not None:
             env['COCKER_EXEC'] = exec_cmd
@@ -2544,7 +2884,7 @@ class Progress(object):
 
     def show(self, now):
         rate = self.done / max(now - self.start, 1e-6)
-        text = '%s: %s' % (self.what, size_text(self.done))
+        text = '%s: %s' % (printable(self.what), size_text(self.done))
         if self.total:
             left = max(self.total - self.done, 0) / rate if rate else 0
             text += ' of %s, %s/s, %d:%02d left' % (size_text(self.total), size_text(int(rate)),
@@ -2616,12 +2956,19 @@ def last_line(f):
 
 
 def tar_number(field):
-    """A numeric tar header field: octal text, or GNU base-256."""
-    if field[:1] and field[0] & 0x80:
+    """A numeric tar header field, read only where GNU tar reads the same number: octal
+    digits after optional spaces, then only NULs and spaces; or base-256 (0x80 positive,
+    0xff negative).  Anything else (a blank field, a leading NUL that GNU tar skips but
+    others read as an empty string, stray characters) refuses the archive, so the guard and
+    tar never disagree on where a member ends."""
+    if field[:1] in (b'\x80', b'\xff'):
         value = int.from_bytes(field[1:], 'big')
         return value - (1 << (8 * len(field) - 8)) if field[0] & 0x40 else value
-    text = field.split(b'\0', 1)[0].strip()
-    return int(text, 8) if text else 0
+    digits = field.lstrip(b' ')
+    end = len(digits) - len(digits.lstrip(b'01234567'))
+    if end == 0 or digits[end:].strip(b' \0'):
+        raise CockerError('the archive has a malformed number field in a tar header')
+    return int(digits[:end], 8)
 
 
 class ArchiveGuard(object):
@@ -2860,8 +3207,7 @@ def read_archive(read, rlayer, progress, compressed=True):
             raise CockerError('tar could not unpack the archive: %s' % last_line(errors))
     progress.finish()
     for path in guard.skipped:
-        log('WARN', 'device node %s in the archive was skipped' % path)
-        sys.stderr.write('cocker: warning: device node %s skipped\n' % path)
+        warn('device node %s skipped' % path)
     return digest.hexdigest()
 
 
@@ -2949,13 +3295,15 @@ def find_binary(name):
 
 
 def copy_with_libraries(binaries, root):
-    """Copy each (host path, image path) and every library ldd lists, keeping host paths."""
+    """Copy each (host path, image path) and every library ldd lists, keeping host paths.
+    Contents and modes only: a host file capability (ping's cap_net_raw) would make the
+    program refuse to start in a container that has no such capability."""
     import shutil
     needed = set()
     for src, dst in binaries:
         target = os.path.join(root, dst.lstrip('/'))
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.copy2(os.path.realpath(src), target)
+        shutil.copy(os.path.realpath(src), target)
         out = run(['ldd', src], check=False)
         for line in out.splitlines():
             for word in line.split():
@@ -2965,7 +3313,7 @@ def copy_with_libraries(binaries, root):
         target = os.path.join(root, lib.lstrip('/'))
         if not os.path.exists(target):
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            shutil.copy2(os.path.realpath(lib), target)
+            shutil.copy(os.path.realpath(lib), target)
 
 
 def build_test_rootfs(root):
@@ -3087,6 +3435,7 @@ def make_container(o, name, fill=None):
             if o.net == 'CUSTOM':
                 add_custom_netns(name)
             record_limits(name, o)
+            record_security(name, o)
             log('INFO', "created container '%s' from '%s'" % (name, o.image))
             if o.boot:
                 start_container(name, o.exec_cmd)
@@ -3121,6 +3470,7 @@ def action_boot(o):
         if is_running(name):
             raise CockerError("container '%s' is already running" % name)
         record_limits(name, o)
+        record_security(name, o)
         if o.host_eth is not None:
             write_attr(name, 'host_eth', None if o.host_eth == 'none' else o.host_eth)
         start_container(name, o.exec_cmd)
@@ -3163,7 +3513,7 @@ def stop_container(name, sig, force=False):
 
 def stop_action(o, sig, done):
     name = require_container(o.container)
-    with locked('container', name):
+    with locked_to_stop(name):
         stop_container(name, sig, o.force)
         log('INFO', "%s container '%s'" % (done, name))
     say('OK')
@@ -3183,7 +3533,7 @@ def action_kill(o):
 def action_destroy(o):
     """Remove a stopped container and everything it wrote (-h stops it first)."""
     name = require_container(o.container)
-    with locked('container', name):
+    with locked_to_stop(name):
         require_container(name)
         if is_running(name):
             if not o.shutdown:
@@ -3602,8 +3952,7 @@ def action_spull(o):
     size = int(lines[0]) if is_decimal(lines[0].strip()) else None
     digest = lines[1].split()[0].lower() if len(lines) > 1 and lines[1].split() else None
     if digest is None:
-        sys.stderr.write('cocker: warning: %s has no .sha256 in the repository: not checked\n'
-                         % filename)
+        warn('%s has no .sha256 in the repository: not checked' % filename)
     elif len(digest) != 64 or any(c not in '0123456789abcdef' for c in digest):
         raise CockerError('%s.sha256 in the repository is not a sha256sum line' % filename)
     with tempfile.TemporaryFile() as errors:
@@ -3627,62 +3976,221 @@ def action_spull(o):
 
 
 # ---- files in containers ---------------------------------------------------------------
-# Every path inside a container is resolved by a child process that stands where the
-# container's processes stand: in a running container's mount namespace (its volumes
-# included), or chrooted into the root of a stopped one, mounted for the time of the
-# command.  A symlink in the container, even one swapped while the copy runs, can only
-# lead to another file of the container (Docker's CVE-2018-15664 cannot happen).  Files
-# travel between the host and that child as a tar stream on a pipe; what comes out of a
+# Every path inside a container is resolved by a helper process that stands where the
+# container's processes stand, with no more power than they have:
+#   running: it is forked into the container's pid namespace, joins its cgroups, then its
+#            IPC, UTS, network and mount namespaces (volumes included);
+#   stopped: the root is mounted for the time of the command; the helper gets pid, mount,
+#            network, IPC and UTS namespaces of its own and pivots into the root;
+# then it confines itself with cockerinit's confine() (Podman's capabilities, the seccomp
+# filter; no_new_privs where the container has it).  It has stdio of /dev/null (no terminal
+# to push keys into), is not dumpable, loads no module once it has left the host (imports
+# are shut off first) and never asks for a user or group name (owners go by number): an NSS
+# module or a Python file planted in the container is never loaded, and would gain nothing.
+# A symlink in the container, even one swapped while the copy runs, can only lead to
+# another file of the container (Docker's CVE-2018-15664).  Nothing the helper opens can
+# make it wait (regular files only, O_NONBLOCK, no FIFO or device followed or opened), and
+# shutdown, kill and destroy interrupt a copy in progress rather than wait for it.  Files
+# travel between the host and the helper as a tar stream on a pipe; what comes out of a
 # container is unpacked on the host through the ArchiveGuard, like an image archive.
 
-def in_container(name, work, host_side=None):
-    """Run work() in a child inside the container's file system view while this process
-    runs host_side(); raise the child's error, if any.  The caller holds the container
-    lock."""
-    # loaded now, into sys.modules: after its chroot the child could not find the module
-    import tarfile  # noqa: F401
+def in_container(name, work, host_side=None, keep=()):
+    """Run work() in the confined helper while this process runs host_side(); raise the
+    helper's error, if any.  The caller holds the container lock; `keep` are the
+    descriptors the helper uses."""
+    # everything the helper will run is loaded now, on the host
+    import encodings.ascii, encodings.latin_1, encodings.utf_8, shutil, tarfile  # noqa: F401
+    init = load_cockerinit()
+    settings = {'last_cap': int(read_small('/proc/sys/kernel/cap_last_cap')),
+                'cgroups': container_cgroups(name),
+                'seccomp': read_attr(name, 'seccomp') != 'unconfined',
+                'no_new_privs': read_attr(name, 'no_new_privs') == '1'}
     running = container_status(name) == 'RUNNING'
     if not running:
         mount_root(name, container_layers(name))
     try:
-        result_r, result_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
+        with interruptible(name):
+            error = run_helper(name, running, init, settings, work, host_side, keep)
+    finally:
+        if not running:
+            unmount_root(name)
+    if error is not None:
+        raise error
+
+
+def run_helper(name, running, init, settings, work, host_side, keep):
+    """Fork the helper, run host_side(), wait for the helper: the error to raise, or None."""
+    proc = open_container_init(name) if running else None
+    result_r, result_w = os.pipe()
+    helper = None
+    try:
+        helper = fork_in_pid_namespace(proc)
+        if helper == 0:
             os.close(result_r)
-            try:
-                enter_container_files(name, running)
-                work()
-                os._exit(0)
-            except BaseException as e:
-                os.write(result_w, error_text(e).encode('utf-8', 'replace'))
-            os._exit(1)
+            helper_main(name, proc, init, settings, work, result_w, keep)   # never returns
         os.close(result_w)
         host_error = None
         try:
             if host_side is not None:
                 host_side()
+        except Interrupted:
+            raise
         except (OSError, CockerError) as e:
-            host_error = e              # the child's error, if any, is the cause
+            host_error = e              # the helper's error, if any, is the cause
         with os.fdopen(result_r, 'rb') as f:
-            error = f.read()
-        _, status = os.waitpid(pid, 0)
+            message = f.read()
+        _, status = os.waitpid(helper, 0)
+        helper = None
     finally:
-        if not running:
-            unmount_root(name)
+        if helper:                      # interrupted: the helper goes too
+            os.kill(helper, 9)
+            os.waitpid(helper, 0)
+        if proc is not None:
+            os.close(proc)
     if status != 0:
-        raise CockerError(error.decode('utf-8', 'replace') or 'the copy failed')
-    if host_error is not None:
-        raise host_error
+        return CockerError(message.decode('utf-8', 'replace') or 'the copy failed')
+    return host_error
 
 
-def enter_container_files(name, running):
-    if running:
-        fd = os.open('/proc/%d/ns/mnt' % read_pid(name, 'init_pid'), os.O_RDONLY | os.O_CLOEXEC)
-        setns(fd, CLONE_NEWNS)          # root and cwd become the container's
+def helper_main(name, proc, init, settings, work, result_w, keep):
+    """The helper process: enter, confine, work; never returns."""
+    status = 1
+    try:
+        prctl(PR_SET_DUMPABLE, 0)       # the container's processes see it: no ptrace, no fds
+        devnull = os.open('/dev/null', os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        close_fds_except({0, 1, 2, result_w} | set(keep) | ({proc} if proc else set()))
+        shut_off_imports()
+        if proc is not None:
+            join_container(proc, settings['cgroups'])
+        else:
+            enter_stopped_root(name, init)
+        init.confine(settings['last_cap'], seccomp=settings['seccomp'])
+        if settings['no_new_privs']:
+            prctl(init.PR_SET_NO_NEW_PRIVS, 1)
+        work()
+        status = 0
+    except BaseException as e:
+        try:
+            os.write(result_w, error_text(e).encode('utf-8', 'replace'))
+        except OSError:
+            pass
+    os._exit(status)
+
+
+def load_cockerinit():
+    """cockerinit.py as a module: its confine() is the one confinement of the container's
+    processes and of the file helpers (a host file, read before anything is entered)."""
+    from importlib.machinery import SourceFileLoader
+    path = cockerinit_path()
+    module = type(sys)('cockerinit')
+    module.__file__ = path
+    exec(SourceFileLoader('cockerinit', path).get_code('cockerinit'), module.__dict__)
+    return module
+
+
+def open_container_init(name):
+    """A descriptor of /proc/PID of the container's PID 1, checked to be the child of its
+    live monitor, so that a pid recycled meanwhile is never entered."""
+    pid, monitor = read_pid(name, 'init_pid'), read_pid(name)
+    try:
+        fd = os.open('/proc/%d' % (pid or 0), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        raise CockerError("container '%s' is not running" % name)
+    try:
+        stat_fd = os.open('stat', os.O_RDONLY | os.O_CLOEXEC, dir_fd=fd)
+        with os.fdopen(stat_fd, 'rb') as f:
+            parent = int(f.read().rsplit(b')', 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        parent = None
+    if parent is None or parent != monitor or not monitor_alive(name):
         os.close(fd)
-    else:
-        os.chroot(container_file(name, 'merged'))
+        raise CockerError("container '%s' is not running" % name)
+    return fd
+
+
+def join_container(proc, cgroups):
+    """The container's cgroups (host paths: first), then its namespaces; root and working
+    directory become the container's."""
+    enter_cgroups(cgroups)
+    namespaces = [(os.open('ns/' + ns, os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc), flag)
+                  for ns, flag in (('ipc', CLONE_NEWIPC), ('uts', CLONE_NEWUTS),
+                                   ('net', CLONE_NEWNET), ('mnt', CLONE_NEWNS))]
+    for fd, flag in namespaces:
+        setns(fd, flag)
+        os.close(fd)
     os.chdir('/')
+
+
+def enter_stopped_root(name, init):
+    """Namespaces of our own, nothing of the host's network, and the container root (as
+    cockerinit enters it: pivot_root, the old root detached; a chroot could be left)."""
+    unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS)
+    mount(None, '/', None, MS_REC | MS_PRIVATE)
+    init.enter_root(container_file(name, 'merged'))
+
+
+def shut_off_imports():
+    """No module can be loaded from here on (one found in a container would run with us);
+    those already loaded still are."""
+    from importlib.machinery import BuiltinImporter, FrozenImporter
+    sys.meta_path[:] = [f for f in sys.meta_path if f in (BuiltinImporter, FrozenImporter)]
+    sys.path[:] = []
+    sys.path_hooks[:] = []
+    sys.path_importer_cache.clear()
+
+
+class interruptible(object):
+    """While a file action holds the container lock: its pid and start time in
+    cp/file_action, and SIGTERM ends it, so that shutdown, kill and destroy never wait for a
+    copy (one from a container that keeps writing could last forever)."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __enter__(self):
+        import signal
+
+        def interrupted(signum, frame):
+            raise Interrupted("interrupted: container '%s' is being stopped" % self.name)
+        self.saved = signal.signal(signal.SIGTERM, interrupted)
+        write_attr(self.name, 'file_action', '%d %d' % (os.getpid(),
+                                                       process_start_time(os.getpid())))
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+        write_attr(self.name, 'file_action', None)
+        signal.signal(signal.SIGTERM, self.saved)
+
+
+def interrupt_file_action(name):
+    """SIGTERM to the file action recorded in cp/file_action, if it is still that process."""
+    try:
+        pid, start = [int(x) for x in read_attr(name, 'file_action', '').split()]
+    except ValueError:
+        return
+    if process_start_time(pid) == start and pid != os.getpid():
+        try:
+            os.kill(pid, 15)
+        except ProcessLookupError:
+            pass
+
+
+class locked_to_stop(locked):
+    """The container lock for shutdown, kill and destroy: a file action holding it is
+    interrupted, anything else (a boot, another stop) waited for."""
+
+    def __init__(self, name):
+        locked.__init__(self, 'container', name, wait=False)
+        self.name = name
+
+    def __enter__(self):
+        while locked.__enter__(self) is None:
+            interrupt_file_action(self.name)
+            time.sleep(0.02)
+        return self
 
 
 def container_path_arg(path, what):
@@ -3712,16 +4220,32 @@ def parse_mapping(path):
     return pairs
 
 
+def read_template(path):
+    """In the container: a template's bytes and stat.  Opened so that it cannot make us
+    wait or follow a link (O_NOFOLLOW, O_NONBLOCK), a regular file of RPLFILE_MAX at most."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        why = ' is a symbolic link' if e.errno == errno.ELOOP else ': ' + e.strerror
+        raise CockerError("template '%s'%s" % (path, why))
+    with os.fdopen(fd, 'rb') as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CockerError("template '%s' is not a regular file" % path)
+        data = f.read(RPLFILE_MAX + 1)
+    if len(data) > RPLFILE_MAX:
+        raise CockerError("template '%s' is larger than %d MiB" % (path, RPLFILE_MAX >> 20))
+    return data, st
+
+
 def replace_in_file(template, instance, pairs):
     """In the container: apply the pairs in order to the template and write the instance
     whole (no old tail), atomically, keeping its mode and owner (a new one: the template's)."""
-    with open(template, 'rb') as f:
-        text = f.read()
-        st = os.fstat(f.fileno())
+    text, st = read_template(template)
     for key, value in pairs:
         text = text.replace(key, value)
-    if os.path.exists(instance):
-        st = os.stat(instance)
+    if os.path.lexists(instance):
+        st = os.lstat(instance)
     tmp = '%s.cocker%d' % (instance, os.getpid())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
@@ -3756,16 +4280,73 @@ def landing(destination, source_name, is_directory):
 
 
 def pack_tree(path, arcname, fd):
-    """Write path (a file or a whole tree, links kept as links) to fd as a tar stream."""
+    """Write path (a file or a whole tree; links as links, hard links kept) to fd as a tar
+    stream.  Owners go by number: no user or group name is looked up (in a container that
+    would load its NSS modules).  A regular file is opened without following a link or
+    waiting on a FIFO swapped in since it was listed."""
     import tarfile
+    seen = {}                           # (device, inode) -> name, for hard links
     with os.fdopen(fd, 'wb') as out:
         with tarfile.open(fileobj=out, mode='w|', format=tarfile.PAX_FORMAT) as t:
-            t.add(path, arcname=arcname, recursive=True)
+            for source, name in walk_tree(path, arcname):
+                st = os.lstat(source)
+                info = tar_info(source, name, st, seen)
+                if info is None or not info.isreg():
+                    if info is not None:
+                        t.addfile(info)
+                    continue
+                fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                with os.fdopen(fd, 'rb') as f:
+                    now = os.fstat(fd)
+                    if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                        raise CockerError("'%s' changed while it was copied" % source)
+                    info.size = now.st_size
+                    t.addfile(info, f)
+
+
+def walk_tree(path, arcname):
+    """(path, name in the archive) of path and, if it is a directory, of all below it."""
+    yield path, arcname
+    if not stat.S_ISDIR(os.lstat(path).st_mode):
+        return
+    for directory, dirs, files in os.walk(path):
+        for entry in sorted(dirs + files):
+            full = os.path.join(directory, entry)
+            yield full, os.path.join(arcname, os.path.relpath(full, path))
+
+
+def tar_info(path, name, st, seen):
+    """The TarInfo of one file from its lstat, or None for what tar cannot hold (sockets)."""
+    import tarfile
+    info = tarfile.TarInfo(name)
+    info.mode, info.uid, info.gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+    info.mtime = int(st.st_mtime)
+    mode, key = st.st_mode, (st.st_dev, st.st_ino)
+    if not stat.S_ISDIR(mode) and st.st_nlink > 1 and key in seen:
+        info.type, info.linkname = tarfile.LNKTYPE, seen[key]
+    elif stat.S_ISREG(mode):
+        info.type, info.size = tarfile.REGTYPE, st.st_size
+        seen[key] = name
+    elif stat.S_ISDIR(mode):
+        info.type = tarfile.DIRTYPE
+    elif stat.S_ISLNK(mode):
+        info.type, info.linkname = tarfile.SYMTYPE, os.readlink(path)
+    elif stat.S_ISFIFO(mode):
+        info.type = tarfile.FIFOTYPE
+    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        info.type = tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE
+        info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    else:
+        return None
+    return info
 
 
 def unpack_tree(fd, directory, name, arcname):
-    """In the container: extract a tar stream whose top member is arcname into directory,
-    as name; owners and modes kept."""
+    """In the container: extract a tar stream of pack_tree whose top member is arcname into
+    directory, as name; owners and modes kept.  What is in the way is replaced, never opened
+    or followed (as GNU tar does): files are created O_EXCL|O_NOFOLLOW, so nothing planted
+    there (a FIFO, a link) can make us wait or write anywhere but at the path itself."""
+    import shutil
     import tarfile
     if not os.path.isdir(directory):
         raise CockerError("'%s' is not a directory in the container" % directory)
@@ -3774,17 +4355,59 @@ def unpack_tree(fd, directory, name, arcname):
         target = os.path.join(directory, '.cocker-put.%d' % os.getpid())
         os.mkdir(target, 0o700)
     try:
+        directories = []
         with os.fdopen(fd, 'rb') as source:
             with tarfile.open(fileobj=source, mode='r|') as t:
-                trusted = {'filter': 'fully_trusted'} if hasattr(
-                    tarfile, 'fully_trusted_filter') else {}
-                t.extractall(target, numeric_owner=True, **trusted)
+                for member in t:
+                    path = os.path.join(target, member.name)
+                    extract_member(t, member, path, target)
+                    if member.isdir():
+                        directories.append((member, path))
+                    else:
+                        set_owner_and_mode(member, path)
+        for member, path in reversed(directories):  # after what they hold, as tar does
+            set_owner_and_mode(member, path)
         if target != directory:
             os.rename(os.path.join(target, arcname), os.path.join(directory, name))
     finally:
         if target != directory:
-            import shutil
             shutil.rmtree(target, ignore_errors=True)
+
+
+def extract_member(t, member, path, top):
+    import shutil
+    if member.isdir():
+        if not os.path.isdir(path):
+            make_way(path)
+            os.mkdir(path, 0o700)
+        return
+    make_way(path)
+    if member.isreg():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        with os.fdopen(fd, 'wb') as out:
+            shutil.copyfileobj(t.extractfile(member), out)
+    elif member.issym():
+        os.symlink(member.linkname, path)
+    elif member.islnk():
+        os.link(os.path.join(top, member.linkname), path, follow_symlinks=False)
+    elif member.isfifo():
+        os.mkfifo(path, 0o600)
+    else:
+        raise CockerError("'%s' is a device node: a container cannot have it" % member.name)
+
+
+def make_way(path):
+    """Remove what is at path unless it is a real directory."""
+    if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
+        os.unlink(path)
+
+
+def set_owner_and_mode(member, path):
+    os.chown(path, member.uid, member.gid, follow_symlinks=False)
+    if not member.issym():
+        os.chmod(path, member.mode)
+        os.utime(path, (member.mtime, member.mtime))
 
 
 def action_putfile(o):
@@ -3807,9 +4430,9 @@ def action_putfile(o):
         try:
             pack_tree(source, arcname, data_w)
         except BrokenPipeError:
-            pass                        # the child stopped: its error says why
+            pass                        # the helper stopped: its error says why
     with locked('container', name):
-        in_container(name, receive, send)
+        in_container(name, receive, send, keep=(data_r, data_w))
     say('OK')
     return EXIT_OK
 
@@ -3835,7 +4458,7 @@ def action_getfile(o):
         with os.fdopen(data_r, 'rb') as stream:
             read_archive(stream.read, directory, Progress('getfile'), compressed=False)
     with locked('container', name):
-        in_container(name, send, receive)
+        in_container(name, send, receive, keep=(data_r, data_w))
     say('OK')
     return EXIT_OK
 
@@ -3933,7 +4556,8 @@ def show_container_limits(o):
     """Recorded limits of one container (-c) or all, with memory and process use when running."""
     rows = []
     for name in [require_container(o.container)] if o.container else list_containers():
-        values = [read_attr(name, key) or '-' for _, key in LIMITS]
+        values = [pids_limit_text(name) if key == 'pids_limit' else read_attr(name, key) or '-'
+                  for _, key in LIMITS]
         memory = pids = None
         if container_status(name) == 'RUNNING':
             memory, pids = cgroup_usage(name)
@@ -3974,7 +4598,7 @@ USAGE = """USAGE : cocker -v
                -s container_root (-c|--container) (container)
                -s container_limits [ (-c|--container) (container) ]
                -a create (-m|--image) (image[:version])[,(image[:version])]... [ create options ] [ (-c|--container) (container) ] [ (-b|--boot) [ cgroup options ] [ (-t|--attach) | (-e|--exec) (cmd|"program para1 ...") ] ]
-               -a boot (-c|--container) (container) [ --host-eth (eth) ] [ cgroup options ] [ (-t|--attach) | (-e|--exec) (cmd|"program para1 ...") ]
+               -a boot (-c|--container) (container) [ --host-eth (eth) ] [ cgroup options ] [ security options ] [ (-t|--attach) | (-e|--exec) (cmd|"program para1 ...") ]
                -a attach (-c|--container) (container)
                -a rplfile (-c|--container) (container) (--template-file) (template_file) (--mapping-file) (mapping_file) [ (--instance-file) (instance_file) ]
                -a putfile (-c|--container) (container) (--src-file) (host_path) (--dst-file) (container_path)
@@ -3998,8 +4622,9 @@ USAGE = """USAGE : cocker -v
                -a spull (-m|--image) (image[:version]) [ --srepo (user@host[:port]) ] [ (-f|--forcely) ]
                -a install_test [ --version (version) ] [ (-f|--forcely) ]
                -a del_bridge
-create options : [ --volume (host_path:container_path[:ro]) ][ --volume ... ] [ --host (hostname) ] [ --net (BRIDGE|HOST|CUSTOM) ] [ --host-eth (eth) ] [ --vip (ip) ] [ --port-mapping ([host_ip:]src_port:dst_port[/udp])[,...] ]
-cgroup options : [ --cpus [(cpu_num,...)|(cpu_num-cpu_num2)] ] [ --cpu-quota (percent%) ] [ --mem-limit (num|numK|numM|numG) ] [ --pids-limit (num) ]  ('none' drops a recorded limit)
+create options : [ --volume (host_path:container_path[:ro]) ][ --volume ... ] [ --host (hostname) ] [ --net (BRIDGE|HOST|CUSTOM) ] [ --host-eth (eth) ] [ --vip (ip) ] [ --port-mapping ([host_ip:]src_port:dst_port[/udp])[,...] ] [ security options ]
+cgroup options : [ --cpus [(cpu_num,...)|(cpu_num-cpu_num2)] ] [ --cpu-quota (percent%) ] [ --mem-limit (num|numK|numM|numG) ] [ --pids-limit (num) ]  ('none' drops a recorded limit; without --pids-limit: 4096)
+security options : [ --seccomp (default|unconfined) ] [ --no-new-privs ]  (recorded for later boots)
   enable debug : [ (-d|--debug) ]
    environment : COCKER_HOME (default /var/cocker), COCKER_IPTABLES (default iptables)
  bridge config : COCKER_HOME/network.conf: bridge = cocker0, address = 166.88.0.1/16"""
@@ -4014,6 +4639,7 @@ OPTIONS = {
     '--volume': ('volumes', True),
     '--cpus': ('cpus', True), '--cpu-quota': ('cpu_quota', True),
     '--mem-limit': ('mem_limit', True), '--pids-limit': ('pids_limit', True),
+    '--seccomp': ('seccomp', True), '--no-new-privs': ('no_new_privs', False),
     '-b': ('boot', False), '--boot': ('boot', False),
     '-t': ('attach', False), '--attach': ('attach', False),
     '-e': ('exec_cmd', True), '--exec': ('exec_cmd', True),
@@ -4137,6 +4763,8 @@ def check_args(o):
     if o.host_eth is not None and o.host_eth != 'none':
         check_ifname(o.host_eth, '--host-eth')
     check_limit_options(o)
+    if o.seccomp is not None and o.seccomp not in SECCOMP_MODES:
+        raise usage_error("'--seccomp' value[%s] invalid (default or unconfined)" % o.seccomp)
     if o.srepo is not None:
         parse_srepo(o.srepo)
 
@@ -4171,7 +4799,7 @@ def dispatch(o):
 
 
 def report(message, status):
-    sys.stderr.write('*** ERROR : %s\n' % message)
+    sys.stderr.write('*** ERROR : %s\n' % printable(message))
     sys.stderr.flush()
     log('ERROR', message)
     return status

@@ -9,12 +9,22 @@ ever need is imported here first, because the image may hold no Python at all.  
      container process nothing of the host (CVE-2019-5736);
   2. binds the control socket in the container's directory on the host (reachable by root
      on the host, invisible inside the container);
-  3. pivots into the container root, detaches the old root, and keeps only Docker's default
-     capabilities in its bounding, permitted and effective sets;
-  4. reports READY to cocker on the ready pipe;
-  5. serves attach (a login shell on a pty) and run (a command on pipes, exit status sent
+  3. pivots into the container root and detaches the old root;
+  4. confines itself, and so every process of the container (confine(), each step checked):
+     a. the bounding set shrinks to Podman's default capabilities;
+     b. the seccomp filter is installed (while CAP_SYS_ADMIN still allows it without
+        no_new_privs), unless the container runs with --seccomp unconfined;
+     c. permitted and effective sets become the same capabilities, inheritable and ambient
+        empty;
+     (a user namespace would come before a., no_new_privs is set by each exec with
+     --no-new-privs, last before execve);
+  5. reports READY to cocker on the ready pipe;
+  6. serves attach (a login shell on a pty) and run (a command on pipes, exit status sent
      back) sessions, each in a process of its own, reaps every orphan, and with -e runs the
      main command and stops the container when it ends.
+
+cocker's file helpers (putfile, getfile, rplfile) load this file as a module and call the
+same confine(), so they run with no more power than the container's own processes.
 
 It ends on SIGTERM (from cocker shutdown through the monitor: SIGTERM to everything, SIGKILL
 after a grace period), when the -e command ends, or when the monitor is gone (EOF on the
@@ -41,8 +51,10 @@ import tty
 # =============================================================================
 
 #: set by cocker's boot child: the root, the socket's directory, the hostname, the -e
-#: command and the descriptors it hands over (COCKER_ALIVE_PIPE is the C cocker's name)
+#: command, the confinement and the descriptors it hands over (COCKER_ALIVE_PIPE is the C
+#: cocker's name)
 CONFIG_ENV = ('COCKER_ROOT', 'COCKER_SOCKDIR', 'COCKER_HOSTNAME', 'COCKER_EXEC',
+              'COCKER_SECCOMP', 'COCKER_NO_NEW_PRIVS',
               'COCKER_READY_FD', 'COCKER_LOG_FD', 'COCKER_CONSOLE_FD', 'COCKER_ALIVE_PIPE',
               'COCKER_ALIVE_FD')
 SOCKET_NAME = 'cocker.sock'
@@ -52,10 +64,12 @@ REQUEST_TIMEOUT = 10                  #: a client must send its request within t
 INPUT_LIMIT = 1 << 20                 #: input held for a command before the client must wait
 EXIT_LINGER = 0.2                     #: output still read this long after a command exits
 BUFSIZE = 65536
+NO_NEW_PRIVS = False                  #: --no-new-privs: set by main() from COCKER_NO_NEW_PRIVS
 SESSION_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
 SHELLS = ('/bin/bash', '/bin/sh', '/usr/bin/bash', '/usr/bin/sh')
 
-#: Docker's default capability set: everything else leaves every set, bounding included
+#: Podman's default capability set (Docker's without MKNOD, NET_RAW and AUDIT_WRITE):
+#: everything else leaves every set, bounding included
 KEEP_CAPS = {
     0,   # CHOWN
     1,   # DAC_OVERRIDE
@@ -66,17 +80,19 @@ KEEP_CAPS = {
     7,   # SETUID
     8,   # SETPCAP
     10,  # NET_BIND_SERVICE
-    13,  # NET_RAW
     18,  # SYS_CHROOT
-    27,  # MKNOD
-    29,  # AUDIT_WRITE
     31,  # SETFCAP
 }
 
 PR_SET_DUMPABLE = 4
+PR_GET_SECCOMP = 21
+PR_SET_SECCOMP = 22
+PR_CAPBSET_READ = 23
 PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
+SECCOMP_MODE_FILTER = 2
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 MNT_DETACH = 2
 SYS_PIVOT_ROOT = {'x86_64': 155, 'aarch64': 41, 'ppc64le': 203, 's390x': 217, 'i686': 217,
@@ -141,11 +157,165 @@ def umount2(target, flags):
 
 
 def capset(mask):
+    """Permitted and effective sets = mask; inheritable empty."""
     header = CapHeader(LINUX_CAPABILITY_VERSION_3, 0)
     data = (CapData * 2)()
     data[0].effective = data[0].permitted = mask & 0xffffffff
     data[1].effective = data[1].permitted = mask >> 32
     _check(_libc.capset(ctypes.byref(header), ctypes.byref(data)), 'capset')
+
+
+def capget():
+    """(permitted, effective, inheritable) masks of this process."""
+    header = CapHeader(LINUX_CAPABILITY_VERSION_3, 0)
+    data = (CapData * 2)()
+    _check(_libc.capget(ctypes.byref(header), ctypes.byref(data)), 'capget')
+    return tuple(getattr(data[0], k) | getattr(data[1], k) << 32
+                 for k in ('permitted', 'effective', 'inheritable'))
+
+
+def prctl_value(option, arg2=0):
+    """prctl's own return value (PR_GET_SECCOMP, PR_CAPBSET_READ)."""
+    return _check(_libc.prctl(option, ctypes.c_ulong(arg2), ctypes.c_ulong(0),
+                              ctypes.c_ulong(0), ctypes.c_ulong(0)), 'prctl(%d)' % option)
+
+
+# =============================================================================
+# Confinement
+# =============================================================================
+# What PID 1 applies to itself, and so to every process of the container; cocker's file
+# helpers apply the same to themselves.  The seccomp filter is classic BPF: the
+# architecture first (another ABI must not reach the system calls under other numbers),
+# then one test per denied call, then the calls denied only with some arguments.
+
+SECCOMP_RET_ALLOW = 0x7fff0000
+SECCOMP_RET_ERRNO = 0x00050000
+EPERM, ENOSYS = 1, 38
+AUDIT_ARCH = {'x86_64': 0xc000003e, 'aarch64': 0xc00000b7}
+X32_SYSCALL_BIT = 0x40000000            #: x32 calls arrive on x86_64's arch with this bit
+
+#: name: (x86_64, aarch64) numbers; None where the architecture never had the call
+SYSCALLS = {
+    'acct': (163, 89), 'add_key': (248, 217), 'bpf': (321, 280), 'clone': (56, 220),
+    'clone3': (435, 435), 'create_module': (174, None), 'delete_module': (176, 106),
+    'fanotify_init': (300, 262), 'finit_module': (313, 273), 'fsconfig': (431, 431),
+    'fsmount': (432, 432), 'fsopen': (430, 430), 'fspick': (433, 433),
+    'get_kernel_syms': (177, None), 'init_module': (175, 105), 'io_uring_enter': (426, 426),
+    'io_uring_register': (427, 427), 'io_uring_setup': (425, 425), 'ioperm': (173, None),
+    'iopl': (172, None), 'kcmp': (312, 272), 'kexec_file_load': (320, 294),
+    'kexec_load': (246, 104), 'keyctl': (250, 219), 'lookup_dcookie': (212, 18),
+    'mount': (165, 40), 'mount_setattr': (442, 442), 'move_mount': (429, 429),
+    'nfsservctl': (180, 42), 'open_by_handle_at': (304, 265), 'open_tree': (428, 428),
+    'open_tree_attr': (467, 467), 'perf_event_open': (298, 241), 'personality': (135, 92),
+    'pivot_root': (155, 41), 'query_module': (178, None), 'quotactl': (179, 60),
+    'quotactl_fd': (443, 443), 'reboot': (169, 142), 'request_key': (249, 218),
+    'setns': (308, 268), 'swapoff': (168, 225), 'swapon': (167, 224), 'syslog': (103, 116),
+    'sysfs': (139, None), '_sysctl': (156, None), 'umount2': (166, 39),
+    'unshare': (272, 97), 'userfaultfd': (323, 282), 'uselib': (134, None),
+    'ustat': (136, None), 'vhangup': (153, 58),
+}
+#: never allowed: the kernel surface Docker's default profile keeps from a container
+#: without CAP_SYS_ADMIN (keyrings are not namespaced; the rest reaches past namespaces)
+DENIED = ('acct', 'add_key', 'bpf', 'create_module', 'delete_module', 'fanotify_init',
+          'finit_module', 'fsconfig', 'fsmount', 'fsopen', 'fspick', 'get_kernel_syms',
+          'init_module', 'io_uring_enter', 'io_uring_register', 'io_uring_setup', 'ioperm',
+          'iopl', 'kcmp', 'kexec_file_load', 'kexec_load', 'keyctl', 'lookup_dcookie', 'mount',
+          'mount_setattr', 'move_mount', 'nfsservctl', 'open_by_handle_at', 'open_tree',
+          'open_tree_attr', 'perf_event_open', 'pivot_root', 'query_module', 'quotactl',
+          'quotactl_fd', 'reboot', 'request_key', 'setns', 'swapoff', 'swapon', 'syslog',
+          'sysfs', '_sysctl', 'umount2', 'userfaultfd', 'uselib', 'ustat', 'vhangup')
+#: clone3 passes its flags in memory a filter cannot read: ENOSYS makes libc use clone
+NOT_IMPLEMENTED = ('clone3',)
+#: CLONE_NEW* flags: no new namespace (a user namespace above all) from inside
+NAMESPACE_FLAGS = 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | \
+    0x40000000 | 0x00020000                 # CGROUP UTS IPC USER PID NET NS
+CLONE_NEWTIME = 0x80                        #: in unshare's flags (in clone's, the signal)
+#: personality values Docker allows: Linux, UNAME26, ADDR_NO_RANDOMIZE, both, and a query
+PERSONALITIES = (0x0, 0x8, 0x20000, 0x20008, 0xffffffff)
+
+BPF_LD_W_ABS, BPF_JEQ_K, BPF_JGE_K, BPF_JSET_K, BPF_RET_K = 0x20, 0x15, 0x35, 0x45, 0x06
+SECCOMP_DATA_NR, SECCOMP_DATA_ARCH, SECCOMP_DATA_ARG0 = 0, 4, 16
+
+
+def bpf_stmt(code, k, jt=0, jf=0):
+    return (code, jt, jf, k)
+
+
+def seccomp_program(machine):
+    """The filter for this machine, as (code, jt, jf, k) instructions; None where cocker
+    has no system call table for it."""
+    if machine not in AUDIT_ARCH:
+        return None
+    column = 0 if machine == 'x86_64' else 1
+    number = dict((name, numbers[column]) for name, numbers in SYSCALLS.items())
+    deny = bpf_stmt(BPF_RET_K, SECCOMP_RET_ERRNO | EPERM)
+    allow = bpf_stmt(BPF_RET_K, SECCOMP_RET_ALLOW)
+    prog = [bpf_stmt(BPF_LD_W_ABS, SECCOMP_DATA_ARCH),
+            bpf_stmt(BPF_JEQ_K, AUDIT_ARCH[machine], jt=1), deny,
+            bpf_stmt(BPF_LD_W_ABS, SECCOMP_DATA_NR)]
+    if machine == 'x86_64':
+        prog += [bpf_stmt(BPF_JGE_K, X32_SYSCALL_BIT, jf=1), deny]
+    for names, errno in ((DENIED, EPERM), (NOT_IMPLEMENTED, ENOSYS)):
+        for name in names:
+            if number[name] is not None:
+                prog += [bpf_stmt(BPF_JEQ_K, number[name], jf=1),
+                         bpf_stmt(BPF_RET_K, SECCOMP_RET_ERRNO | errno)]
+    # clone's and unshare's flags are the low word of their first argument (the kernel
+    # reads no more of it); every path of these blocks returns
+    for name, flags in (('clone', NAMESPACE_FLAGS), ('unshare', NAMESPACE_FLAGS | CLONE_NEWTIME)):
+        prog += [bpf_stmt(BPF_JEQ_K, number[name], jf=4),
+                 bpf_stmt(BPF_LD_W_ABS, SECCOMP_DATA_ARG0),
+                 bpf_stmt(BPF_JSET_K, flags, jf=1), deny, allow]
+    prog.append(bpf_stmt(BPF_JEQ_K, number['personality'], jf=len(PERSONALITIES) + 3))
+    prog.append(bpf_stmt(BPF_LD_W_ABS, SECCOMP_DATA_ARG0))
+    for i, value in enumerate(PERSONALITIES):
+        prog.append(bpf_stmt(BPF_JEQ_K, value, jt=len(PERSONALITIES) - i))
+    prog += [deny, allow, allow]
+    return prog
+
+
+class SockFilter(ctypes.Structure):
+    _fields_ = [('code', ctypes.c_ushort), ('jt', ctypes.c_ubyte), ('jf', ctypes.c_ubyte),
+                ('k', ctypes.c_uint32)]
+
+
+class SockFprog(ctypes.Structure):
+    _fields_ = [('len', ctypes.c_ushort), ('filter', ctypes.POINTER(SockFilter))]
+
+
+def install_seccomp(prog):
+    """Load the filter on this process (its children inherit it) and check it holds."""
+    filters = (SockFilter * len(prog))(*[SockFilter(*insn) for insn in prog])
+    fprog = SockFprog(len(prog), filters)
+    prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog))
+    if prctl_value(PR_GET_SECCOMP) != SECCOMP_MODE_FILTER:
+        raise OSError(EPERM, 'the seccomp filter did not take')
+
+
+def confine(last_cap, seccomp=True):
+    """Podman's capabilities in every set and, unless switched off, the seccomp filter;
+    every step is checked.  Needs CAP_SYS_ADMIN on entry (the filter goes in before it
+    leaves), leaves nothing of the host's power."""
+    keep = sum(1 << cap for cap in KEEP_CAPS)
+    for cap in range(last_cap + 1):
+        if cap not in KEEP_CAPS:
+            prctl(PR_CAPBSET_DROP, cap)
+    if any(prctl_value(PR_CAPBSET_READ, cap) for cap in range(last_cap + 1)
+           if cap not in KEEP_CAPS):
+        raise OSError(EPERM, 'a capability stayed in the bounding set')
+    if seccomp:
+        prog = seccomp_program(os.uname().machine)
+        if prog is None:
+            raise OSError(ENOSYS, 'no seccomp filter for %s (--seccomp unconfined runs '
+                          'without one)' % os.uname().machine)
+        install_seccomp(prog)
+    try:
+        prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    except OSError:
+        pass                                        # kernels before 4.3 have no ambient set
+    capset(keep)
+    if capget() != (keep, keep, 0):
+        raise OSError(EPERM, 'the capability sets are not the expected ones')
 
 
 # =============================================================================
@@ -289,6 +459,8 @@ def exec_child(argv, env, stdio, ctty=None):
         reset_oom_score()
         os.umask(0o022)
         os.chdir('/root' if os.path.isdir('/root') else '/')
+        if NO_NEW_PRIVS:            # last: no setuid or file capability raises the command
+            prctl(PR_SET_NO_NEW_PRIVS, 1)
         os.execve(argv[0], [a.encode('utf-8', 'surrogateescape') for a in argv],
                   dict((k.encode(), v.encode('utf-8', 'surrogateescape')) for k, v in env.items()))
     except OSError as e:
@@ -495,19 +667,6 @@ def enter_root(root):
     os.chdir('/')
 
 
-def drop_capabilities(last_cap):
-    """Keep KEEP_CAPS only, in the bounding set as well, so no exec can regain the rest."""
-    for cap in range(last_cap + 1):
-        if cap not in KEEP_CAPS:
-            prctl(PR_CAPBSET_DROP, cap)
-    try:
-        prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
-    except OSError:
-        pass                                        # kernels before 4.3 have no ambient set
-    capset(sum(1 << cap for cap in KEEP_CAPS))
-    prctl(PR_SET_DUMPABLE, 0)
-
-
 def start_main_command(command):
     """-e: the container's main process, output to the container log."""
     argv = shlex.split(command)
@@ -556,7 +715,10 @@ def main(argv):
         time.localtime()                             # load the time zone while the host's is here
         listener = bind_control_socket(config['COCKER_SOCKDIR'])
         enter_root(config['COCKER_ROOT'])
-        drop_capabilities(last_cap)
+        confine(last_cap, seccomp=config['COCKER_SECCOMP'] != 'unconfined')
+        prctl(PR_SET_DUMPABLE, 0)                   # again: credentials changed
+        global NO_NEW_PRIVS
+        NO_NEW_PRIVS = config['COCKER_NO_NEW_PRIVS'] == '1'
         # stdin came from the host (/dev/null of the monitor): use the container's own
         null = os.open('/dev/null', os.O_RDWR)
         os.dup2(null, 0)
