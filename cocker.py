@@ -1519,6 +1519,8 @@ def container_rules(name, bridge, vip, mappings, host_eth):
         rules.append(('nat', '%s%s -p %s -m %s --dport %d %s -j DNAT --to-destination %s:%d' % (
             bridge.dnat_chain, ' -d %s/32' % m.host_ip if m.host_ip else '', m.proto, m.proto,
             m.host_port, tag, vip, m.port)))
+        if m.host_port == m.port:
+            continue
         # the manual's `ssh root@VIP -p HOST_PORT` from the host: only to this VIP
         rules.append(('nat', '%s -d %s/32 -p %s -m %s --dport %d %s -j DNAT --to-destination '
                       '%s:%d' % (bridge.vip_chain, vip, m.proto, m.proto, m.host_port, tag, vip,

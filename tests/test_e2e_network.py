@@ -422,7 +422,8 @@ def test_nothing_of_a_stopped_container_is_left(how, server, cocker, home):
     port = free_port()
     name = server('--port-mapping', '%d:80,%d:81/udp' % (port, free_port('udp')))
     assert fetch('127.0.0.1', port).startswith(name)
-    assert len(leftovers(name)) == 2 + 3, 'netns, veth, 2 DNAT rules and a MASQUERADE rule'
+    assert len(leftovers(name)) == 2 + 5, \
+        'netns, veth, 2 DNAT rules, 2 for the host to VIP:HOST_PORT and a MASQUERADE rule'
     cp = container_path(home, name)
     if how in ('shutdown', 'kill', 'destroy -h'):
         verb, _, flag = how.partition(' ')
@@ -528,7 +529,7 @@ def test_the_manual_address_plan_by_default(cocker, test_image, names, tmp_path)
         assert run_cocker(home, '-a', 'destroy', '-c', 'test', '-h', '-f').rc == 0
         assert run_cocker(home, '-a', 'del_bridge').rc == 0
     assert not os.path.exists('/sys/class/net/cocker0')
-    default_chains = re.compile(r'(^|[\s:])COCKER(-POST|-FWD)?(\s|$)', re.M)
+    default_chains = re.compile(r'(^|[\s:])COCKER(-POST|-FWD|-IN|-VIP)?(\s|$)', re.M)
     assert not default_chains.search(iptables_save().decode())
 
 
@@ -544,14 +545,14 @@ def test_a_boot_killed_after_its_network_setup_is_repaired(cocker, test_image, n
               'm.setup_network(%r); os._exit(9)' % (os.path.dirname(COCKER) + '/tests', COCKER,
                                                     home, name))
     assert subprocess.call([PY, '-c', script]) == 9
-    assert len(leftovers(name)) == 4, 'netns, veth, DNAT and MASQUERADE rules are there'
+    assert len(leftovers(name)) == 5, 'netns, veth, two DNAT and a MASQUERADE rule are there'
     listing = cocker('-s', 'containers').out.splitlines()
     assert [l.split()[-1] for l in listing if l.startswith(name + ' ')] == ['STOPED']
     assert leftovers(name) == [] and not os.path.exists(container_path(home, name,
                                                                        'network.state'))
     r = cocker('-a', 'boot', '-c', name)
     assert r.rc == 0, r
-    assert len(leftovers(name)) == 4, 'exactly one set of rules after the boot'
+    assert len(leftovers(name)) == 5, 'exactly one set of rules after the boot'
 
 
 def test_concurrent_creates_get_distinct_vips(cocker, test_image, names, home):

@@ -146,11 +146,12 @@ def test_exit_status_is_code_or_128_plus_signal():
     assert init.exit_status(9) == 137 and cocker.exit_status(15) == 143
 
 
-def test_docker_default_capabilities_are_kept():
-    # CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID SETUID SETPCAP NET_BIND_SERVICE NET_RAW
-    # SYS_CHROOT MKNOD AUDIT_WRITE SETFCAP; never SYS_ADMIN (21) nor SYS_PTRACE (19)
-    assert sum(1 << c for c in init.KEEP_CAPS) == 0xa80425fb
-    assert 21 not in init.KEEP_CAPS and 19 not in init.KEEP_CAPS
+def test_podman_default_capabilities_are_kept():
+    # CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID SETUID SETPCAP NET_BIND_SERVICE
+    # SYS_CHROOT SETFCAP; never SYS_ADMIN (21) nor SYS_PTRACE (19); not Docker's MKNOD (27),
+    # NET_RAW (13), AUDIT_WRITE (29)
+    assert sum(1 << c for c in init.KEEP_CAPS) == 0x800405fb
+    assert not {21, 19, 27, 13, 29} & init.KEEP_CAPS
 
 
 def test_open_in_root_keeps_symlinks_inside_the_root(tmp_path):
@@ -227,7 +228,8 @@ def test_chain_names_follow_the_bridge():
         'COCKER', 'COCKER-POST', 'COCKER-FWD')
     long_bridge = bridge('10.9.0.1/16', 'b' * 15)
     assert long_bridge.post_chain == 'COCKER-%s-POST' % ('b' * 15)
-    assert max(len(long_bridge.post_chain), len(long_bridge.forward_chain)) <= 28
+    assert max(len(long_bridge.post_chain), len(long_bridge.forward_chain),
+               len(long_bridge.vip_chain)) <= 28
 
 
 def test_container_rules_match_only_its_own_traffic():
@@ -237,8 +239,13 @@ def test_container_rules_match_only_its_own_traffic():
     assert rules == [
         ('nat', 'COCKER -p tcp -m tcp --dport 8080 -m comment --comment cocker:web '
                 '-j DNAT --to-destination 166.88.0.5:80'),
+        # the host reaches VIP:8080 as the manual's `ssh root@VIP -p 2222` does
+        ('nat', 'COCKER-VIP -d 166.88.0.5/32 -p tcp -m tcp --dport 8080 -m comment '
+                '--comment cocker:web -j DNAT --to-destination 166.88.0.5:80'),
         ('nat', 'COCKER -d 127.0.0.1/32 -p udp -m udp --dport 5353 -m comment --comment '
                 'cocker:web -j DNAT --to-destination 166.88.0.5:53'),
+        ('nat', 'COCKER-VIP -d 166.88.0.5/32 -p udp -m udp --dport 5353 -m comment '
+                '--comment cocker:web -j DNAT --to-destination 166.88.0.5:53'),
         ('nat', 'COCKER-POST -s 166.88.0.5/32 ! -o cocker0 -m comment --comment cocker:web '
                 '-j MASQUERADE')]
     with_eth = cocker.container_rules('web', b, '166.88.0.5', [], 'bond0')
