@@ -210,7 +210,7 @@ def error_text(e):
 
 def describe_oserror(e):
     """'mount /x: Device or resource busy' from an OSError raised anywhere."""
-    where = e.filename if e.filename is not None else ''
+    where = str(e.filename) if e.filename is not None else ''
     return '%s%s' % (where + ': ' if where else '', e.strerror or e)
 
 
@@ -4230,10 +4230,11 @@ def read_template(path):
     except OSError as e:
         why = ' is a symbolic link' if e.errno == errno.ELOOP else ': ' + e.strerror
         raise CockerError("template '%s'%s" % (path, why))
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise CockerError("template '%s' is not a regular file" % path)
     with os.fdopen(fd, 'rb') as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise CockerError("template '%s' is not a regular file" % path)
         data = f.read(RPLFILE_MAX + 1)
     if len(data) > RPLFILE_MAX:
         raise CockerError("template '%s' is larger than %d MiB" % (path, RPLFILE_MAX >> 20))
