@@ -59,6 +59,7 @@ NAME_CHARS = ('ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789'
               '_.-=+@%')
 NO_VERSION = '_'                #: directory name of an image without a version
 NETS = ('HOST', 'CUSTOM', 'BRIDGE')
+SECCOMP_MODES = ('default', 'unconfined')       #: --seccomp: the filter, or none
 BRIDGE_NAME = 'cocker0'
 
 BOOT_TIMEOUT = 60               #: seconds boot waits for cockerinit to report ready
@@ -866,6 +867,14 @@ def write_container(staging, o, name):
         put('host_eth', None if o.host_eth == 'none' else o.host_eth)
     if o.volumes:
         put('volume', volume_lines(o.volumes))
+
+
+def record_security(name, o):
+    """Store --seccomp and --no-new-privs of this command line; later boots reuse them."""
+    if o.seccomp is not None:
+        write_attr(name, 'seccomp', None if o.seccomp == 'default' else o.seccomp)
+    if o.no_new_privs:
+        write_attr(name, 'no_new_privs', '1')
 
 
 def create_container(o, name, fill=None):
@@ -1998,17 +2007,6 @@ def check_limit_options(o):
         value = getattr(o, option)
         if value is not None and value != 'none':
             LIMIT_PARSERS[option](value)
-
-
-SECCOMP_MODES = ('default', 'unconfined')
-
-
-def record_security(name, o):
-    """Store --seccomp and --no-new-privs of this command line; later boots reuse them."""
-    if o.seccomp is not None:
-        write_attr(name, 'seccomp', None if o.seccomp == 'default' else o.seccomp)
-    if o.no_new_privs:
-        write_attr(name, 'no_new_privs', '1')
 
 
 def record_limits(name, o):

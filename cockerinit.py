@@ -726,7 +726,7 @@ def main(argv):
         console_slave = os.open('/dev/console', os.O_RDWR | os.O_NOCTTY)
         tty.setraw(console_slave)
     except OSError as e:
-        os.write(ready, ('cockerinit: %s' % e).encode('utf-8', 'replace'))
+        os.write(ready, ('cockerinit: %s' % (e.strerror or e)).encode('utf-8', 'replace'))
         return 1
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK)
     stopping = []

@@ -9,13 +9,16 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
-# System packages: ldd, ps, ip, stty/tput go into the test image; unshare is used by bench/;
-# iptables for BRIDGE networks; a static busybox serves (nc) inside test containers; sshd
-# (and useradd) for the image repository tests.
+# System packages: ldd, ps, ip, stty/tput and ping go into the test image; unshare is used by
+# bench/; iptables for BRIDGE networks; a static busybox serves (nc) inside test containers;
+# sshd (and useradd) for the image repository tests; gcc and the C library's static archive
+# and kernel headers build the attack tests' probe and planted NSS module; losetup and
+# nsenter (util-linux) for the attack tests.
 if command -v apt-get >/dev/null 2>&1; then
     missing=""
     for p in libc-bin procps iproute2 util-linux ncurses-bin coreutils iptables busybox-static \
-             openssh-server openssh-client passwd tar gzip debootstrap groff-base bash; do
+             openssh-server openssh-client passwd tar gzip debootstrap groff-base bash \
+             gcc libc6-dev linux-libc-dev iputils-ping; do
         dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
     done
     if [ -n "$missing" ]; then
@@ -24,7 +27,8 @@ if command -v apt-get >/dev/null 2>&1; then
     fi
 elif command -v dnf >/dev/null 2>&1; then
     dnf install -y -q glibc-common procps-ng iproute util-linux ncurses coreutils iptables busybox \
-        openssh-server openssh-clients shadow-utils tar gzip debootstrap groff bash
+        openssh-server openssh-clients shadow-utils tar gzip debootstrap groff bash \
+        gcc glibc-static kernel-headers iputils
 fi
 
 # The Debian tree the debootstrap image test packs, downloaded here, once, and kept between

@@ -1,6 +1,7 @@
 """Pure helpers of cocker.py and cockerinit.py, imported by path: no root, no kernel state."""
 
 import os
+import struct
 
 import pytest
 
@@ -513,3 +514,154 @@ def test_archive_guard_refuses_what_tar_would_read_differently():
     # a.//l/f is written through the symlink l
     guard_refuses(buf(info('l', tarfile.SYMTYPE, link='/')) + buf(info('.//l/./f')),
                   "through its own symbolic link 'l'")
+
+
+# ---- confinement: the seccomp filter and the device program, run by small interpreters --
+
+def run_seccomp(prog, nr, arch, arg0=0):
+    """The action classic BPF `prog` returns for struct seccomp_data {nr, arch, ip, args}."""
+    data = struct.pack('<iIQ6Q', nr, arch, 0, arg0, 0, 0, 0, 0, 0)
+    a, pc = 0, 0
+    while True:
+        code, jt, jf, k = prog[pc]
+        if code == 0x20:                                    # ld [k]
+            a, pc = struct.unpack_from('<I', data, k)[0], pc + 1
+        elif code in (0x15, 0x35, 0x45):                    # jeq, jge, jset
+            taken = a == k if code == 0x15 else a >= k if code == 0x35 else a & k
+            pc += 1 + (jt if taken else jf)
+        elif code == 0x06:                                  # ret k
+            return k
+        else:
+            raise AssertionError('unexpected instruction %r' % (prog[pc],))
+
+
+ALLOW, EPERM, ENOSYS = 0x7fff0000, 0x50001, 0x50026
+
+
+def test_the_seccomp_filter_decides_as_documented_on_x86_64():
+    prog = init.seccomp_program('x86_64')
+    assert len(prog) < 4096 and all(0 <= jt < 256 and 0 <= jf < 256 for _, jt, jf, _ in prog)
+    arch = 0xc000003e
+    numbers = dict((name, n[0]) for name, n in init.SYSCALLS.items())
+    for name in init.DENIED:
+        if numbers[name] is not None:
+            assert run_seccomp(prog, numbers[name], arch) == EPERM, name
+    assert run_seccomp(prog, 435, arch) == ENOSYS                       # clone3
+    for allowed in (0, 1, 39, 57, 59, 60, 231, 500):                   # read ... exit_group
+        assert run_seccomp(prog, allowed, arch) == ALLOW, allowed
+    assert run_seccomp(prog, 56, arch, 0x01200011) == ALLOW            # fork as glibc does it
+    assert run_seccomp(prog, 56, arch, 0x10000011) == EPERM            # CLONE_NEWUSER
+    assert run_seccomp(prog, 56, arch, 0x40000000 | 17) == EPERM       # CLONE_NEWNET
+    assert run_seccomp(prog, 56, arch, (1 << 32) | 17) == ALLOW        # high word: unused
+    assert run_seccomp(prog, 272, arch, 0x200) == ALLOW                # unshare(CLONE_FS)
+    assert run_seccomp(prog, 272, arch, 0x80) == EPERM                 # CLONE_NEWTIME
+    for persona in init.PERSONALITIES:
+        assert run_seccomp(prog, 135, arch, persona) == ALLOW, persona
+    assert run_seccomp(prog, 135, arch, 0x0400000) == EPERM            # READ_IMPLIES_EXEC
+    assert run_seccomp(prog, 0x40000000 | 39, arch) == EPERM           # x32
+    assert run_seccomp(prog, 39, 0x40000003) == EPERM                  # i386
+    assert run_seccomp(prog, 39, 0xc00000b7) == EPERM                  # another machine
+
+
+def test_the_seccomp_filter_has_the_aarch64_numbers_and_none_for_others():
+    prog = init.seccomp_program('aarch64')
+    arch = 0xc00000b7
+    assert run_seccomp(prog, 219, arch) == EPERM                       # keyctl
+    assert run_seccomp(prog, 39, arch) == EPERM                        # umount2
+    assert run_seccomp(prog, 172, arch) == ALLOW                       # getpid
+    assert run_seccomp(prog, 220, arch, 0x10000011) == EPERM           # clone NEWUSER
+    assert run_seccomp(prog, 0x40000000 | 172, arch) == ALLOW          # no x32 here
+    assert run_seccomp(prog, 172, 0xc000003e) == EPERM
+    assert init.seccomp_program('s390x') is None, 'no table: the boot is refused'
+
+
+def run_device_program(code, kind, major, minor):
+    """What the eBPF device program returns for bpf_cgroup_dev_ctx (read access)."""
+    ctx = struct.pack('<III', 2 << 16 | {'b': 1, 'c': 2}[kind], major, minor)
+    insns = [struct.unpack_from('<BBhi', code, i) for i in range(0, len(code), 8)]
+    regs, pc = [0] * 11, 0
+    while True:
+        op, registers, off, imm = insns[pc]
+        dst, src = registers & 0xf, registers >> 4
+        if op == 0x61:                                      # ldx w
+            assert src == 1 and off in (0, 4, 8)
+            regs[dst] = struct.unpack_from('<I', ctx, off)[0]
+        elif op == 0x57:                                    # and k
+            regs[dst] &= imm
+        elif op == 0x55:                                    # jne k
+            pc += off if regs[dst] != imm else 0
+        elif op == 0xb7:                                    # mov k
+            regs[dst] = imm
+        elif op == 0x95:                                    # exit
+            return regs[0]
+        else:
+            raise AssertionError('unexpected instruction %r' % (insns[pc],))
+        pc += 1
+
+
+def test_the_device_program_allows_exactly_the_allow_list():
+    code = cocker.device_program()
+    for kind, major, minor in (('c', 1, 3), ('c', 1, 5), ('c', 1, 7), ('c', 1, 8), ('c', 1, 9),
+                               ('c', 5, 0), ('c', 5, 2), ('c', 136, 0), ('c', 136, 77)):
+        assert run_device_program(code, kind, major, minor) == 1, (kind, major, minor)
+    for kind, major, minor in (('b', 7, 0), ('b', 8, 0), ('b', 1, 3), ('c', 1, 1),
+                               ('c', 1, 4), ('c', 5, 1), ('c', 10, 229), ('c', 4, 0),
+                               ('c', 137, 0), ('c', 0, 0)):
+        assert run_device_program(code, kind, major, minor) == 0, (kind, major, minor)
+    assert cocker.device_rules() == ['c 1:3 rwm', 'c 1:5 rwm', 'c 1:7 rwm', 'c 1:8 rwm',
+                                     'c 1:9 rwm', 'c 5:0 rwm', 'c 5:2 rwm', 'c 136:* rwm']
+
+
+# ---- text and files from outside --------------------------------------------------------
+
+@pytest.mark.parametrize('field, value', [
+    (b'0000644\0', 0o644), (b'   644 \0', 0o644), (b'00000001130\0', 600),
+    (b'000644\0 ', 0o644), (b'\x80' + b'\0' * 6 + b'\x01', 1),
+    (b'\xff' + b'\xff' * 7, -1)])
+def test_tar_numbers_as_gnu_tar_reads_them(field, value):
+    assert cocker.tar_number(field) == value
+
+
+@pytest.mark.parametrize('field', [b'\x00000644', b'\0' * 8, b' ' * 8, b'0644x\0\0\0',
+                                   b'06 44\0\0\0', b'+0000644', b'0o644\0\0\0', b'\t0644\0\0\0'])
+def test_tar_numbers_gnu_tar_could_read_otherwise_are_refused(field):
+    with pytest.raises(cocker.CockerError) as e:
+        cocker.tar_number(field)
+    assert 'malformed number field' in e.value.message
+
+
+def test_printable_escapes_control_characters_only():
+    assert cocker.printable('plain: 我的树叶 / a-b_c') == 'plain: 我的树叶 / a-b_c'
+    assert cocker.printable('\x1b]0;x\x07\x1b[2J') == '\\x1b]0;x\\x07\\x1b[2J'
+    assert cocker.printable('c1\x9b del\x7f nul\0 tab\t') == 'c1\\x9b del\\x7f nul\\x00 tab\\x09'
+    assert cocker.printable(b'raw\xff'.decode('utf-8', 'surrogateescape')) == 'raw\\xff'
+    assert cocker.printable('two\nlines\n', keep='\n') == 'two\nlines\n'
+    assert cocker.printable('two\nlines') == 'two\\x0alines'
+
+
+def test_tree_size_never_follows_a_link(tmp_path):
+    (tmp_path / 'd').mkdir()
+    (tmp_path / 'd' / 'f').write_bytes(b'x' * 100)
+    (tmp_path / 'big').write_bytes(b'y' * 10000)
+    (tmp_path / 'd' / 'top').symlink_to('/')
+    (tmp_path / 'd' / 'bigfile').symlink_to(tmp_path / 'big')
+    (tmp_path / 'd' / 'bigdir').symlink_to(tmp_path)
+    assert cocker.tree_size(str(tmp_path / 'd')) == 100
+    assert cocker.tree_size(str(tmp_path / 'd' / 'top')) == 0, 'not even at the top'
+
+
+def test_write_small_never_writes_through_a_planted_link(tmp_path, monkeypatch):
+    victim = tmp_path / 'victim'
+    victim.write_text('precious\n')
+    target = tmp_path / 'x.sha256'
+    target.symlink_to(victim)
+    cocker.write_small(str(target), 'digest\n')
+    assert victim.read_text() == 'precious\n' and target.read_text() == 'digest\n'
+    assert not target.is_symlink()
+    # the temporary name is new every time: a link planted there (were it guessed) is refused
+    monkeypatch.setattr(os, 'urandom', lambda n: b'\1' * n)
+    planted = tmp_path / ('x.sha256.tmp%d.%s' % (os.getpid(), '01' * 4))
+    planted.symlink_to(victim)
+    with pytest.raises(FileExistsError):
+        cocker.write_small(str(target), 'again\n')
+    assert victim.read_text() == 'precious\n'
