@@ -3151,9 +3151,10 @@ def parse_pax(body):
     return records
 
 
-def read_archive(read, rlayer, progress, compressed=True):
+def read_archive(read, rlayer, progress, compressed=True, xattrs=True):
     """Unpack a gzip tar stream (read(n) -> bytes; a plain one if not compressed) into
-    rlayer through ArchiveGuard; return the sha256 hex of the bytes read."""
+    rlayer through ArchiveGuard, with the image xattrs or none; return the sha256 hex of
+    the bytes read."""
     import hashlib
     import subprocess
     import tempfile
@@ -3163,7 +3164,8 @@ def read_archive(read, rlayer, progress, compressed=True):
     unpacker = zlib.decompressobj(16 + zlib.MAX_WBITS)
     fresh = True                # no byte given to the current gzip member yet
     with tempfile.TemporaryFile() as errors:
-        tar = subprocess.Popen(['tar', '-x', '-p', '--numeric-owner'] + tar_xattr_options() +
+        tar = subprocess.Popen(['tar', '-x', '-p', '--numeric-owner'] +
+                               (tar_xattr_options() if xattrs else ['--no-xattrs']) +
                                ['-C', rlayer, '-f', '-'], stdin=subprocess.PIPE,
                                stdout=subprocess.DEVNULL, stderr=errors)
         try:
@@ -4020,15 +4022,23 @@ def in_container(name, work, host_side=None, keep=()):
 
 def run_helper(name, running, init, settings, work, host_side, keep):
     """Fork the helper, run host_side(), wait for the helper: the error to raise, or None."""
+    import signal
     proc = open_container_init(name) if running else None
     result_r, result_w = os.pipe()
     helper = None
+    saved = signal.getsignal(signal.SIGCHLD)
     try:
         helper = fork_in_pid_namespace(proc)
         if helper == 0:
             os.close(result_r)
             helper_main(name, proc, init, settings, work, result_w, keep)   # never returns
         os.close(result_w)
+        if proc is not None:
+            os.close(proc)
+            proc = None
+        pid = helper
+        signal.signal(signal.SIGCHLD, lambda signum, frame: refuse_stopped(pid))
+        refuse_stopped(pid)
         host_error = None
         try:
             if host_side is not None:
@@ -4042,6 +4052,7 @@ def run_helper(name, running, init, settings, work, host_side, keep):
         _, status = os.waitpid(helper, 0)
         helper = None
     finally:
+        signal.signal(signal.SIGCHLD, saved)
         if helper:                      # interrupted: the helper goes too
             os.kill(helper, 9)
             os.waitpid(helper, 0)
@@ -4054,13 +4065,17 @@ def run_helper(name, running, init, settings, work, host_side, keep):
 
 def helper_main(name, proc, init, settings, work, result_w, keep):
     """The helper process: enter, confine, work; never returns."""
+    import signal
     status = 1
     try:
         prctl(PR_SET_DUMPABLE, 0)       # the container's processes see it: no ptrace, no fds
+        os.setsid()                     # no controlling terminal to push keys into (TIOCSTI)
         devnull = os.open('/dev/null', os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
         close_fds_except({0, 1, 2, result_w} | set(keep) | ({proc} if proc else set()))
+        for sig in (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
+            signal.signal(sig, signal.SIG_IGN)  # SIGSTOP itself is noticed by run_helper
         shut_off_imports()
         if proc is not None:
             join_container(proc, settings['cgroups'])
@@ -4077,6 +4092,17 @@ def helper_main(name, proc, init, settings, work, result_w, keep):
         except OSError:
             pass
     os._exit(status)
+
+
+def refuse_stopped(helper):
+    """The container's processes may signal the helper (it is in their pid namespace): one
+    that stops it must not stall the command and the container lock."""
+    try:
+        info = os.waitid(os.P_PID, helper, os.WSTOPPED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return                          # reaped already: it ended
+    if info is not None and info.si_code == os.CLD_STOPPED:
+        raise Interrupted("interrupted: a process of the container stopped the copy helper")
 
 
 def load_cockerinit():
@@ -4120,6 +4146,7 @@ def join_container(proc, cgroups):
     for fd, flag in namespaces:
         setns(fd, flag)
         os.close(fd)
+    os.close(proc)                      # a path through it would lead to the host's /proc
     os.chdir('/')
 
 
@@ -4245,8 +4272,8 @@ def replace_in_file(template, instance, pairs):
     text, st = read_template(template)
     for key, value in pairs:
         text = text.replace(key, value)
-    if os.path.lexists(instance):
-        st = os.lstat(instance)
+    if os.path.exists(instance):            # (through a link, inside the container)
+        st = os.stat(instance)
     tmp = '%s.cocker%d' % (instance, os.getpid())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
@@ -4457,11 +4484,74 @@ def action_getfile(o):
     def receive():                      # on the host: what a container hands out is untrusted
         os.close(data_w)
         with os.fdopen(data_r, 'rb') as stream:
-            read_archive(stream.read, directory, Progress('getfile'), compressed=False)
+            receive_tree(stream.read, directory, final)
     with locked('container', name):
         in_container(name, send, receive, keep=(data_r, data_w))
     say('OK')
     return EXIT_OK
+
+
+def receive_tree(read, directory, name):
+    """On the host: unpack a tar stream from a container (its top member `name`) into a new
+    hidden directory beside the destination, through the ArchiveGuard, without xattrs and
+    with setuid and setgid bits cleared; then move it into directory/name.  Nothing already
+    in the destination (a link a former copy brought, above all) is ever written through."""
+    import shutil
+    import tempfile
+    staging = tempfile.mkdtemp(prefix='.cocker-getfile.', dir=directory)
+    try:
+        read_archive(read, staging, Progress('getfile'), compressed=False, xattrs=False)
+        clear_set_id_bits(staging)
+        top = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        source = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            move_into_place(source, top, name)
+        finally:
+            os.close(source)
+            os.close(top)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def clear_set_id_bits(tree):
+    """A container cannot hand the host a setuid or setgid program."""
+    for directory, dirs, files in os.walk(tree):
+        for entry in dirs + files:
+            path = os.path.join(directory, entry)
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o6000:
+                os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o6000)
+
+
+def move_into_place(source, target, name):
+    """Rename source/name (directory descriptors) to target/name.  Where both are
+    directories, merge: each entry of the new one goes in by the same rule; anything else
+    in the way (a file, a link) is replaced, never followed; a directory where a file
+    comes is an error."""
+    new = os.stat(name, dir_fd=source, follow_symlinks=False)
+    try:
+        old = os.stat(name, dir_fd=target, follow_symlinks=False)
+    except FileNotFoundError:
+        old = None
+    if old is not None and stat.S_ISDIR(old.st_mode):
+        if not stat.S_ISDIR(new.st_mode):
+            raise CockerError("'%s' is a directory" % name)
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        inner_source = os.open(name, flags, dir_fd=source)
+        inner_target = os.open(name, flags, dir_fd=target)
+        try:
+            for entry in os.listdir(inner_source):
+                move_into_place(inner_source, inner_target, entry)
+            os.chown(inner_target, new.st_uid, new.st_gid)   # as tar would set the directory
+            os.chmod(inner_target, stat.S_IMODE(new.st_mode))
+            os.utime(inner_target, ns=(new.st_atime_ns, new.st_mtime_ns))
+        finally:
+            os.close(inner_source)
+            os.close(inner_target)
+        return
+    if old is not None and stat.S_ISDIR(new.st_mode):
+        os.unlink(name, dir_fd=target)          # a directory cannot be renamed over a file
+    os.rename(name, name, src_dir_fd=source, dst_dir_fd=target)
 
 
 ACTIONS = {

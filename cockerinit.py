@@ -209,7 +209,7 @@ SYSCALLS = {
     'open_tree_attr': (467, 467), 'perf_event_open': (298, 241), 'personality': (135, 92),
     'pivot_root': (155, 41), 'query_module': (178, None), 'quotactl': (179, 60),
     'quotactl_fd': (443, 443), 'reboot': (169, 142), 'request_key': (249, 218),
-    'setns': (308, 268), 'swapoff': (168, 225), 'swapon': (167, 224), 'syslog': (103, 116),
+    'setns': (308, 268), 'socket': (41, 198), 'swapoff': (168, 225), 'swapon': (167, 224), 'syslog': (103, 116),
     'sysfs': (139, None), '_sysctl': (156, None), 'umount2': (166, 39),
     'unshare': (272, 97), 'userfaultfd': (323, 282), 'uselib': (134, None),
     'ustat': (136, None), 'vhangup': (153, 58),
@@ -230,6 +230,11 @@ NOT_IMPLEMENTED = ('clone3',)
 NAMESPACE_FLAGS = 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | \
     0x40000000 | 0x00020000                 # CGROUP UTS IPC USER PID NET NS
 CLONE_NEWTIME = 0x80                        #: in unshare's flags (in clone's, the signal)
+AF_VSOCK = 40                               #: the hypervisor's sockets: no network namespace
+#: (call, test of its first argument's low word, value): refused when the test holds
+REFUSED_ARGUMENTS = (('clone', 'any of', NAMESPACE_FLAGS),
+                     ('unshare', 'any of', NAMESPACE_FLAGS | CLONE_NEWTIME),
+                     ('socket', 'equal to', AF_VSOCK))
 #: personality values Docker allows: Linux, UNAME26, ADDR_NO_RANDOMIZE, both, and a query
 PERSONALITIES = (0x0, 0x8, 0x20000, 0x20008, 0xffffffff)
 
@@ -260,12 +265,13 @@ def seccomp_program(machine):
             if number[name] is not None:
                 prog += [bpf_stmt(BPF_JEQ_K, number[name], jf=1),
                          bpf_stmt(BPF_RET_K, SECCOMP_RET_ERRNO | errno)]
-    # clone's and unshare's flags are the low word of their first argument (the kernel
+    # the flags and the address family are the low word of the first argument (the kernel
     # reads no more of it); every path of these blocks returns
-    for name, flags in (('clone', NAMESPACE_FLAGS), ('unshare', NAMESPACE_FLAGS | CLONE_NEWTIME)):
+    for name, test, value in REFUSED_ARGUMENTS:
         prog += [bpf_stmt(BPF_JEQ_K, number[name], jf=4),
                  bpf_stmt(BPF_LD_W_ABS, SECCOMP_DATA_ARG0),
-                 bpf_stmt(BPF_JSET_K, flags, jf=1), deny, allow]
+                 bpf_stmt(BPF_JSET_K if test == 'any of' else BPF_JEQ_K, value, jf=1),
+                 deny, allow]
     prog.append(bpf_stmt(BPF_JEQ_K, number['personality'], jf=len(PERSONALITIES) + 3))
     prog.append(bpf_stmt(BPF_LD_W_ABS, SECCOMP_DATA_ARG0))
     for i, value in enumerate(PERSONALITIES):

@@ -225,6 +225,8 @@ def test_seccomp_denies_the_kernel_surface_docker_denies(attacked, cocker):
     assert probe(cocker, name, numbers['clone'], CLONE_NEWUSER | SIGCHLD) == (-1, errno.EPERM)
     assert probe(cocker, name, numbers['personality'], 0x0400000) == (-1, errno.EPERM)
     assert probe(cocker, name, numbers['personality'], 0xffffffff) == (0, 0)
+    assert probe(cocker, name, numbers['socket'], 40, 1, 0) == (-1, errno.EPERM)   # AF_VSOCK
+    assert probe(cocker, name, numbers['socket'], 1, 1, 0)[1] == 0                 # AF_UNIX
     assert probe(cocker, name, numbers['getpid'])[1] == 0, 'the rest works'
     if MACHINE == 'x86_64':
         # another ABI never reaches the calls under other numbers: x32, i386
@@ -448,36 +450,59 @@ def test_fifo_device_and_huge_templates_fail_fast(attacked, cocker, tmp_path, mo
     assert cocker('-a', 'shutdown', '-c', name, timeout=30).rc == 0
 
 
-def test_shutdown_interrupts_a_copy_without_end(attacked, cocker, home, tmp_path):
-    """getfile of a sparse file of a terabyte, the helper slowed by the container's own CPU
-    quota (which it runs under): shutdown gets through at once and the copy stops."""
+@pytest.fixture
+def endless(attacked, cocker, tmp_path):
+    """(container, destination): a container held to 1% of a CPU (its file helpers too) with
+    a sparse file of a terabyte, and a small tmpfs to get it into: a getfile of it runs until
+    something stops it."""
     name = attacked('--cpu-quota', '1%')
     assert inside(cocker, name, '/t/busybox truncate -s %d /root/endless' % (1 << 40)).rc == 0
     target = tmp_path / 'dst'
     target.mkdir()
     subprocess.check_call(['mount', '-t', 'tmpfs', '-o', 'size=512m', 'tmpfs', str(target)])
-    copy = None
     try:
-        copy = subprocess.Popen([PYTHON, COCKER, '-a', 'getfile', '-c', name, '--src-file',
-                                 '/root/endless', '--dst-file', str(target) + '/'],
-                                env=dict(os.environ, COCKER_HOME=home),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        procs = [os.path.join(d, 'cgroup.procs') for d in container_cgroups(home, name)
-                 if os.path.exists(os.path.join(d, 'pids.max'))][0]
+        yield name, str(target) + '/'
+    finally:
+        subprocess.check_call(['umount', str(target)])
 
-        def helper():
-            for pid in open(procs).read().split():
-                try:
-                    if b'getfile' in open('/proc/%s/cmdline' % pid, 'rb').read():
-                        return pid
-                except OSError:
-                    pass
-        wait_for(helper, what='the copy helper to run in the container cgroup')
-        status = open('/proc/%s/status' % helper()).read()
+
+def copy_helper(home, name):
+    """Host pid of the getfile helper, once it runs in the container's cgroup."""
+    procs = [os.path.join(d, 'cgroup.procs') for d in container_cgroups(home, name)
+             if os.path.exists(os.path.join(d, 'pids.max'))][0]
+    found = []
+
+    def running():
+        for pid in open(procs).read().split():
+            try:
+                if b'getfile' in open('/proc/%s/cmdline' % pid, 'rb').read():
+                    found.append(int(pid))
+                    return True
+            except OSError:
+                pass
+    wait_for(running, what='the copy helper to run in the container cgroup')
+    return found[0]
+
+
+def test_shutdown_interrupts_a_copy_without_end(endless, cocker, home):
+    """The helper runs confined, in the container's cgroup and namespaces, holding nothing of
+    the host; shutdown gets through at once and the copy stops."""
+    name, target = endless
+    copy = subprocess.Popen([PYTHON, COCKER, '-a', 'getfile', '-c', name, '--src-file',
+                             '/root/endless', '--dst-file', target],
+                            env=dict(os.environ, COCKER_HOME=home),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        helper = copy_helper(home, name)
+        status = open('/proc/%d/status' % helper).read()
         assert 'CapEff:\t%s' % PODMAN_CAPS in status and 'Seccomp:\t2' in status, status
-        for ns in ('mnt', 'pid', 'net'):
-            assert os.readlink('/proc/%s/ns/%s' % (helper(), ns)) == os.readlink(
+        for ns in ('mnt', 'pid', 'net', 'ipc', 'uts'):
+            assert os.readlink('/proc/%d/ns/%s' % (helper, ns)) == os.readlink(
                 '/proc/%d/ns/%s' % (init_pid(home, name), ns)), ns
+        held = [os.readlink('/proc/%d/fd/%s' % (helper, fd))
+                for fd in os.listdir('/proc/%d/fd' % helper)]
+        assert all(t.startswith('pipe:') or t in ('/dev/null', '/root/endless')
+                   for t in held), 'a host file or directory in the helper: %r' % held
         start = time.time()
         r = cocker('-a', 'shutdown', '-c', name, timeout=60)
         assert r.rc == 0, r
@@ -485,11 +510,80 @@ def test_shutdown_interrupts_a_copy_without_end(attacked, cocker, home, tmp_path
         assert copy.returncode == 255 and b'interrupted' in err, err
         assert time.time() - start < 30
         assert not os.path.exists(container_path(home, name, 'file_action'))
+        assert os.listdir(target) == [], 'no staging directory left behind'
     finally:
-        if copy is not None and copy.poll() is None:
+        if copy.poll() is None:
             copy.kill()
             copy.wait()
-        subprocess.check_call(['umount', str(target)])
+
+
+def test_a_container_that_stops_the_copy_helper_does_not_stall_it(endless, cocker, home,
+                                                                  terminal):
+    """The helper is in the container's pid namespace, so the container may signal it: a
+    SIGSTOP ends the copy with an error instead of holding it and the lock.  It has no
+    controlling terminal either (nothing to push keys into with TIOCSTI)."""
+    name, target = endless
+    t = terminal('-a', 'getfile', '-c', name, '--src-file', '/root/endless', '--dst-file',
+                 target)
+    helper = copy_helper(home, name)
+    helper_stat = open('/proc/%d/stat' % helper).read().rsplit(')', 1)[1].split()
+    cli_stat = open('/proc/%d/stat' % t.pid).read().rsplit(')', 1)[1].split()
+    assert cli_stat[4] != '0' and helper_stat[4] == '0', 'tty_nr: the helper has no terminal'
+    assert helper_stat[3] != cli_stat[3], 'a session of its own'
+    inner = open('/proc/%d/status' % helper).read().split('NSpid:')[1].split('\n')[0].split()[-1]
+    r = inside(cocker, name, 'kill -STOP %s' % inner)
+    assert r.rc == 0, r
+    assert t.wait(timeout=60) == 255
+    assert b'stopped the copy helper' in t.output, t.output
+    assert not os.path.exists('/proc/%d' % helper) or 'zombie' in open(
+        '/proc/%d/status' % helper).read()
+
+
+def test_a_link_an_earlier_getfile_brought_is_never_written_through(attacked, cocker, home,
+                                                                    tmp_path):
+    """A first getfile brings data/m -> a host path; the container then makes m a directory
+    holding passwd.  The next getfile into the same place must not write through the link,
+    whether the stream carries the directory m (as ours does) or not (as a hijacked helper's
+    could)."""
+    victim = tmp_path / 'victim'
+    victim.mkdir()
+    backup = tmp_path / 'backup'
+    backup.mkdir()
+    name = attacked()
+    r = inside(cocker, name, 'mkdir /data; ln -s %s /data/m' % victim)
+    assert r.rc == 0, r
+    assert cocker('-a', 'getfile', '-c', name, '--src-file', '/data', '--dst-file',
+                  str(backup) + '/').rc == 0
+    assert os.readlink(str(backup / 'data' / 'm')) == str(victim)
+    r = inside(cocker, name, 'rm /data/m; mkdir /data/m; echo pwned > /data/m/passwd')
+    assert cocker('-a', 'getfile', '-c', name, '--src-file', '/data', '--dst-file',
+                  str(backup) + '/').rc == 0
+    assert os.listdir(str(victim)) == []
+    assert (backup / 'data' / 'm' / 'passwd').read_text() == 'pwned\n'
+    assert not (backup / 'data' / 'm').is_symlink()
+    # a stream without the directory member, into a destination holding the link again
+    shutil.rmtree(str(backup / 'data' / 'm'))
+    os.symlink(str(victim), str(backup / 'data' / 'm'))
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode='w', format=tarfile.PAX_FORMAT) as t:
+        for info, data in (member('data/m/passwd', data=b'pwned\n'),):
+            t.addfile(info, io.BytesIO(data))
+    cocker_module.HOME = home
+    cocker_module.receive_tree(io.BytesIO(raw.getvalue()).read, str(backup), 'data')
+    assert os.listdir(str(victim)) == []
+    assert (backup / 'data' / 'm' / 'passwd').read_text() == 'pwned\n'
+    assert sorted(os.listdir(str(backup))) == ['data'], 'no staging directory left'
+
+
+def test_getfile_hands_the_host_no_setuid_program(attacked, cocker, tmp_path):
+    name = attacked()
+    r = inside(cocker, name, 'cp /t/busybox /root/suid; chown 0:0 /root/suid; '
+               'chmod 6755 /root/suid; stat -c %a /root/suid')
+    assert r.out == '6755\n', r
+    assert cocker('-a', 'getfile', '-c', name, '--src-file', '/root/suid', '--dst-file',
+                  str(tmp_path) + '/').rc == 0
+    st = os.stat(str(tmp_path / 'suid'))
+    assert stat.S_IMODE(st.st_mode) == 0o755 and st.st_uid == 0, oct(st.st_mode)
 
 
 # ---- network ---------------------------------------------------------------------------

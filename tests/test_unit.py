@@ -555,6 +555,9 @@ def test_the_seccomp_filter_decides_as_documented_on_x86_64():
     assert run_seccomp(prog, 56, arch, (1 << 32) | 17) == ALLOW        # high word: unused
     assert run_seccomp(prog, 272, arch, 0x200) == ALLOW                # unshare(CLONE_FS)
     assert run_seccomp(prog, 272, arch, 0x80) == EPERM                 # CLONE_NEWTIME
+    assert run_seccomp(prog, 41, arch, 40) == EPERM                    # socket(AF_VSOCK)
+    assert run_seccomp(prog, 41, arch, 2) == ALLOW                     # socket(AF_INET)
+    assert run_seccomp(prog, 41, arch, 1) == ALLOW                     # socket(AF_UNIX)
     for persona in init.PERSONALITIES:
         assert run_seccomp(prog, 135, arch, persona) == ALLOW, persona
     assert run_seccomp(prog, 135, arch, 0x0400000) == EPERM            # READ_IMPLIES_EXEC
@@ -570,6 +573,7 @@ def test_the_seccomp_filter_has_the_aarch64_numbers_and_none_for_others():
     assert run_seccomp(prog, 39, arch) == EPERM                        # umount2
     assert run_seccomp(prog, 172, arch) == ALLOW                       # getpid
     assert run_seccomp(prog, 220, arch, 0x10000011) == EPERM           # clone NEWUSER
+    assert run_seccomp(prog, 198, arch, 40) == EPERM                   # socket(AF_VSOCK)
     assert run_seccomp(prog, 0x40000000 | 172, arch) == ALLOW          # no x32 here
     assert run_seccomp(prog, 172, 0xc000003e) == EPERM
     assert init.seccomp_program('s390x') is None, 'no table: the boot is refused'
