@@ -4026,7 +4026,7 @@ def run_helper(name, running, init, settings, work, host_side, keep):
     proc = open_container_init(name) if running else None
     result_r, result_w = os.pipe()
     helper = None
-    saved = signal.getsignal(signal.SIGCHLD)
+    saved = dict((sig, signal.getsignal(sig)) for sig in (signal.SIGCHLD, signal.SIGALRM))
     try:
         helper = fork_in_pid_namespace(proc)
         if helper == 0:
@@ -4036,9 +4036,11 @@ def run_helper(name, running, init, settings, work, host_side, keep):
         if proc is not None:
             os.close(proc)
             proc = None
-        pid = helper
-        signal.signal(signal.SIGCHLD, lambda signum, frame: refuse_stopped(pid))
-        refuse_stopped(pid)
+        watch = stop_watch(helper)
+        for sig in saved:               # at once, and every half second should one be missed
+            signal.signal(sig, watch)
+        signal.setitimer(signal.ITIMER_REAL, 0.5, 0.5)
+        watch()
         host_error = None
         try:
             if host_side is not None:
@@ -4052,7 +4054,9 @@ def run_helper(name, running, init, settings, work, host_side, keep):
         _, status = os.waitpid(helper, 0)
         helper = None
     finally:
-        signal.signal(signal.SIGCHLD, saved)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
         if helper:                      # interrupted: the helper goes too
             os.kill(helper, 9)
             os.waitpid(helper, 0)
@@ -4094,15 +4098,22 @@ def helper_main(name, proc, init, settings, work, result_w, keep):
     os._exit(status)
 
 
-def refuse_stopped(helper):
-    """The container's processes may signal the helper (it is in their pid namespace): one
-    that stops it must not stall the command and the container lock."""
-    try:
-        info = os.waitid(os.P_PID, helper, os.WSTOPPED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:
-        return                          # reaped already: it ended
-    if info is not None and info.si_code == os.CLD_STOPPED:
-        raise Interrupted("interrupted: a process of the container stopped the copy helper")
+def stop_watch(helper):
+    """A signal handler that raises Interrupted, once, when the helper is found stopped: the
+    container's processes may signal it (it is in their pid namespace), and one that stops
+    it must not stall the command and the container lock."""
+    raised = []
+
+    def watch(signum=None, frame=None):
+        try:
+            info = os.waitid(os.P_PID, helper, os.WSTOPPED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return                      # reaped already: it ended
+        if info is not None and info.si_code == os.CLD_STOPPED and not raised:
+            raised.append(True)
+            raise Interrupted("interrupted: a process of the container stopped the copy "
+                              "helper")
+    return watch
 
 
 def load_cockerinit():
