@@ -241,6 +241,8 @@ MS_SHARED = 1 << 20
 
 MNT_DETACH = 2
 
+CLD_STOPPED = 5                 #: waitid's si_code of a stopped child (os has it from 3.9)
+
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_SET_NAME = 15
@@ -4080,6 +4082,8 @@ def helper_main(name, proc, init, settings, work, result_w, keep):
         close_fds_except({0, 1, 2, result_w} | set(keep) | ({proc} if proc else set()))
         for sig in (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(sig, signal.SIG_IGN)  # SIGSTOP itself is noticed by run_helper
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)  # not the command's interruption handlers
         shut_off_imports()
         if proc is not None:
             join_container(proc, settings['cgroups'])
@@ -4109,7 +4113,7 @@ def stop_watch(helper):
             info = os.waitid(os.P_PID, helper, os.WSTOPPED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:
             return                      # reaped already: it ended
-        if info is not None and info.si_code == os.CLD_STOPPED and not raised:
+        if info is not None and info.si_code == CLD_STOPPED and not raised:
             raised.append(True)
             raise Interrupted("interrupted: a process of the container stopped the copy "
                               "helper")
