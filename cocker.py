@@ -1140,10 +1140,9 @@ def open_host_devnull():
 
 def mask_paths(base, files, directories, devnull):
     """Bind /dev/null over each file and an empty read-only tmpfs over each directory
-    (glob patterns allowed) that exists below base, a kernel file system."""
-    import glob
+    that exists below base, a kernel file system."""
     for pattern, is_dir in [(f, False) for f in files] + [(d, True) for d in directories]:
-        for path in glob.glob(os.path.join(glob.escape(base), pattern)):
+        for path in expand_paths(base, pattern):
             if os.path.isdir(path) != is_dir:
                 continue
             if is_dir:
@@ -1151,6 +1150,19 @@ def mask_paths(base, files, directories, devnull):
                       'mode=555')
             else:
                 mount('/proc/self/fd/%d' % devnull, path, None, MS_BIND)
+
+
+def expand_paths(base, pattern):
+    """The existing paths base/pattern, where a component 'x*' stands for every entry
+    starting with x (what the mask tables need, without glob and the re module it loads)."""
+    paths = [base]
+    for part in pattern.split('/'):
+        if part.endswith('*'):
+            paths = [os.path.join(p, e) for p in paths if os.path.isdir(p)
+                     for e in sorted(os.listdir(p)) if e.startswith(part[:-1])]
+        else:
+            paths = [os.path.join(p, part) for p in paths]
+    return [p for p in paths if os.path.lexists(p)]
 
 
 def mount_dev(merged):

@@ -669,3 +669,15 @@ def test_write_small_never_writes_through_a_planted_link(tmp_path, monkeypatch):
     with pytest.raises(FileExistsError):
         cocker.write_small(str(target), 'again\n')
     assert victim.read_text() == 'precious\n'
+
+
+def test_mask_patterns_expand_to_the_existing_paths(tmp_path):
+    for cpu in ('cpu0', 'cpu1', 'cpufreq'):
+        (tmp_path / 'devices' / 'system' / 'cpu' / cpu).mkdir(parents=True)
+    (tmp_path / 'devices' / 'system' / 'cpu' / 'cpu1' / 'thermal_throttle').mkdir()
+    (tmp_path / 'firmware').mkdir()
+    base = str(tmp_path)
+    assert cocker.expand_paths(base, 'devices/system/cpu/cpu*/thermal_throttle') == [
+        os.path.join(base, 'devices/system/cpu/cpu1/thermal_throttle')]
+    assert cocker.expand_paths(base, 'firmware') == [os.path.join(base, 'firmware')]
+    assert cocker.expand_paths(base, 'fs/selinux') == []
