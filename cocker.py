@@ -160,9 +160,16 @@ def usage_error(message):
     return CockerError(message, EXIT_USAGE)
 
 
+class ReaderGone(Exception):
+    """Whoever reads our standard output closed it (cocker -s containers | head)."""
+
+
 def say(text=''):
-    sys.stdout.write(printable(text, keep='\n') + '\n')
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(printable(text, keep='\n') + '\n')
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise ReaderGone()
 
 
 def debug(fmt, *args):
@@ -944,7 +951,9 @@ def container_layers(name):
 # in the container's private mount namespace and vanishes with it.
 
 def mounts_under(path):
-    """Mount points at or below path, deepest first (from /proc/self/mountinfo)."""
+    """Mount points at or below path, deepest first (from /proc/self/mountinfo).  Fails
+    closed: without the mount table nothing can be known to be unmounted, so callers that
+    remove trees or unmount roots get an error, never an empty list."""
     path = os.path.realpath(path)
     prefix = path.rstrip('/') + '/'
     found = []
@@ -954,8 +963,9 @@ def mounts_under(path):
                 point = decode_mount_path(line.split(b' ', 5)[4])
                 if point == path or point.startswith(prefix):
                     found.append(point)
-    except OSError:
-        return []
+    except OSError as e:
+        raise CockerError('cannot read the mount table (/proc/self/mountinfo: %s); not '
+                          'touching %s' % (e.strerror, path))
     return sorted(set(found), key=len, reverse=True)
 
 
@@ -4951,14 +4961,14 @@ def main(argv=None):
         status = dispatch(o)
         log('INFO', '%s returned %d' % (what, status))
         return status
+    except ReaderGone:
+        # our reader went away (cocker -s containers | head): stop quietly, like ls
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        return 141
     except CockerError as e:
         return report(e.message, e.status)
     except OSError as e:
         return report(describe_oserror(e), EXIT_FAILED)
-    except BrokenPipeError:
-        # our reader went away (cocker -s containers | head): stop quietly, like cat
-        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-        return 141
     except KeyboardInterrupt:
         return report('interrupted', 130)
     except Exception as e:

@@ -487,3 +487,20 @@ def test_bad_exec_quoting_is_refused_before_anything_starts(cocker, test_image, 
     r = cocker('-a', 'create', '-m', 'test', '-c', name, '-b', '-e', 'sh -c "unbalanced')
     assert r.rc == 7 and "'-e' value" in r.err
     assert not os.path.exists(container_path(home, name))
+
+
+def test_a_listing_to_a_reader_that_closed_ends_quietly(cocker, test_image, home):
+    """cocker -s images | head -n 0: the first write finds the pipe closed; cocker ends as
+    ls does, with no error line (it used to print '*** ERROR : Broken pipe', status 255)."""
+    from conftest import COCKER, PYTHON
+    for listing in ('images', 'containers'):
+        if listing == 'containers':
+            assert cocker('-a', 'create', '-m', test_image, '-c', 'pipe%s' % os.getpid()).rc == 0
+        read_end, write_end = os.pipe()
+        os.close(read_end)                      # a real pipe whose reader is gone
+        p = subprocess.Popen([PYTHON, COCKER, '-s', listing], stdout=write_end,
+                             stderr=subprocess.PIPE, env=dict(os.environ, COCKER_HOME=home))
+        os.close(write_end)
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 141 and err == b'', (listing, p.returncode, err)
+    assert cocker('-a', 'destroy', '-c', 'pipe%s' % os.getpid()).rc == 0

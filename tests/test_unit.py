@@ -681,3 +681,22 @@ def test_mask_patterns_expand_to_the_existing_paths(tmp_path):
         os.path.join(base, 'devices/system/cpu/cpu1/thermal_throttle')]
     assert cocker.expand_paths(base, 'firmware') == [os.path.join(base, 'firmware')]
     assert cocker.expand_paths(base, 'fs/selinux') == []
+
+
+def test_mounts_under_fails_closed_and_nothing_is_removed(tmp_path, monkeypatch):
+    """Without the mount table nothing can be known to be unmounted: no empty answer."""
+    tree = tmp_path / 'tree'
+    (tree / 'sub').mkdir(parents=True)
+    real_open = open
+
+    def no_mountinfo(path, *args, **kw):
+        if path == '/proc/self/mountinfo':
+            raise PermissionError(13, 'Permission denied')
+        return real_open(path, *args, **kw)
+    monkeypatch.setattr('builtins.open', no_mountinfo)
+    with pytest.raises(cocker.CockerError) as e:
+        cocker.mounts_under(str(tree))
+    assert 'cannot read the mount table' in e.value.message
+    with pytest.raises(cocker.CockerError):
+        cocker.remove_tree(str(tree))
+    assert (tree / 'sub').is_dir(), 'nothing removed'
