@@ -3394,18 +3394,12 @@ def action_install_test(o):
         if users:
             raise CockerError("image '%s' is used by running container(s) %s"
                               % (image_ref_text('test', version), ', '.join(users)))
-        os.makedirs(os.path.join(images_dir(), 'test'), exist_ok=True)
-        staging = os.path.join(images_dir(), 'test', '.%s.installing.%d' % (version, os.getpid()))
-        os.makedirs(os.path.join(staging, 'rlayer'))
+        remove_stale_image_staging('test')
+        staging = new_image_staging('test')
         try:
+            os.mkdir(os.path.join(staging, 'rlayer'), 0o755)
             build_test_rootfs(os.path.join(staging, 'rlayer'))
-            if os.path.exists(final):
-                old = staging + '.old'
-                os.rename(final, old)
-                os.rename(staging, final)
-                remove_tree(old)
-            else:
-                os.rename(staging, final)
+            install_image(staging, 'test', version, replace=True)
         except BaseException:
             if os.path.exists(staging):
                 remove_tree(staging)
