@@ -3175,10 +3175,9 @@ def parse_pax(body):
     return records
 
 
-def read_archive(read, rlayer, progress, compressed=True, xattrs=True):
+def read_archive(read, rlayer, progress, compressed=True):
     """Unpack a gzip tar stream (read(n) -> bytes; a plain one if not compressed) into
-    rlayer through ArchiveGuard, with the image xattrs or none; return the sha256 hex of
-    the bytes read."""
+    rlayer through ArchiveGuard; return the sha256 hex of the bytes read."""
     import hashlib
     import subprocess
     import tempfile
@@ -3188,8 +3187,7 @@ def read_archive(read, rlayer, progress, compressed=True, xattrs=True):
     unpacker = zlib.decompressobj(16 + zlib.MAX_WBITS)
     fresh = True                # no byte given to the current gzip member yet
     with tempfile.TemporaryFile() as errors:
-        tar = subprocess.Popen(['tar', '-x', '-p', '--numeric-owner'] +
-                               (tar_xattr_options() if xattrs else ['--no-xattrs']) +
+        tar = subprocess.Popen(['tar', '-x', '-p', '--numeric-owner'] + tar_xattr_options() +
                                ['-C', rlayer, '-f', '-'], stdin=subprocess.PIPE,
                                stdout=subprocess.DEVNULL, stderr=errors)
         try:
@@ -4131,6 +4129,7 @@ def stop_watch(helper):
             return                      # reaped already: it ended
         if info is not None and info.si_code == CLD_STOPPED and not raised:
             raised.append(True)
+            os.kill(helper, 9)          # so that no write to it can block the cleanup
             raise Interrupted("interrupted: a process of the container stopped the copy "
                               "helper")
     return watch
@@ -4211,16 +4210,21 @@ class interruptible(object):
         import signal
 
         def interrupted(signum, frame):
+            # once: the stop command repeats its signal until it has the lock, and the
+            # cleanup that follows must not be interrupted in turn
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             raise Interrupted("interrupted: container '%s' is being stopped" % self.name)
-        self.saved = signal.signal(signal.SIGTERM, interrupted)
+        signal.signal(signal.SIGTERM, interrupted)
         write_attr(self.name, 'file_action', '%d %d' % (os.getpid(),
                                                        process_start_time(os.getpid())))
         return self
 
     def __exit__(self, *exc):
         import signal
+        # a SIGTERM still on its way is no longer for us: the command ends, its cleanup
+        # (the unmount of a stopped container's root) runs to the end
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         write_attr(self.name, 'file_action', None)
-        signal.signal(signal.SIGTERM, self.saved)
 
 
 def interrupt_file_action(name):
@@ -4338,44 +4342,65 @@ def landing(destination, source_name, is_directory):
     return os.path.dirname(destination) or '.', os.path.basename(destination)
 
 
+def host_directory(path):
+    """Is a host destination a real directory?  A link to one is refused unless the operator
+    writes DEST/: it may be a link a former copy brought from a container."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISLNK(st.st_mode) and os.path.isdir(path):
+        raise CockerError("'%s' is a symbolic link to a directory: give '%s/' to copy into it"
+                          % (path, path))
+    return stat.S_ISDIR(st.st_mode)
+
+
+# ---- tar streams between the host and a helper -----------------------------------------
+# Both ends work by descriptors only: the packer opens each directory O_NOFOLLOW from its
+# parent's descriptor and each file O_NOFOLLOW|O_NONBLOCK, the unpacker creates every entry
+# O_EXCL below directories it opened the same way, in a new hidden directory, and merges it
+# into place.  Whichever end a container can write to (a volume as source or destination),
+# swapping a directory for a link mid-copy makes the copy fail; it never leads elsewhere.
+
+DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 def pack_tree(path, arcname, fd):
     """Write path (a file or a whole tree; links as links, hard links kept) to fd as a tar
     stream.  Owners go by number: no user or group name is looked up (in a container that
-    would load its NSS modules).  A regular file is opened without following a link or
-    waiting on a FIFO swapped in since it was listed."""
+    would load its NSS modules)."""
     import tarfile
+    path = os.path.normpath(path)
+    parent = os.open(os.path.dirname(path) or '.', os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     seen = {}                           # (device, inode) -> name, for hard links
-    with os.fdopen(fd, 'wb') as out:
-        with tarfile.open(fileobj=out, mode='w|', format=tarfile.PAX_FORMAT) as t:
-            for source, name in walk_tree(path, arcname):
-                st = os.lstat(source)
-                info = tar_info(source, name, st, seen)
-                if info is None or not info.isreg():
-                    if info is not None:
-                        t.addfile(info)
-                    continue
-                fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-                with os.fdopen(fd, 'rb') as f:
-                    now = os.fstat(fd)
-                    if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
-                        raise CockerError("'%s' changed while it was copied" % source)
-                    info.size = now.st_size
-                    t.addfile(info, f)
+    try:
+        with os.fdopen(fd, 'wb') as out:
+            with tarfile.open(fileobj=out, mode='w|', format=tarfile.PAX_FORMAT) as t:
+                for directory, entry, name, st in walk_tree(parent, os.path.basename(path),
+                                                            arcname):
+                    add_member(t, directory, entry, name, st, seen)
+    finally:
+        os.close(parent)
 
 
-def walk_tree(path, arcname):
-    """(path, name in the archive) of path and, if it is a directory, of all below it."""
-    yield path, arcname
-    if not stat.S_ISDIR(os.lstat(path).st_mode):
-        return
-    for directory, dirs, files in os.walk(path):
-        for entry in sorted(dirs + files):
-            full = os.path.join(directory, entry)
-            yield full, os.path.join(arcname, os.path.relpath(full, path))
+def walk_tree(parent, entry, name):
+    """(directory descriptor, entry, name in the archive, lstat) of entry and all below it."""
+    st = os.stat(entry, dir_fd=parent, follow_symlinks=False)
+    yield parent, entry, name, st
+    if stat.S_ISDIR(st.st_mode):
+        fd = os.open(entry, DIRECTORY_FLAGS, dir_fd=parent)
+        try:
+            if not os.path.samestat(os.fstat(fd), st):
+                raise CockerError("'%s' changed while it was copied" % name)
+            for child in sorted(os.listdir(fd)):
+                for item in walk_tree(fd, child, name + '/' + child):
+                    yield item
+        finally:
+            os.close(fd)
 
 
-def tar_info(path, name, st, seen):
-    """The TarInfo of one file from its lstat, or None for what tar cannot hold (sockets)."""
+def add_member(t, directory, entry, name, st, seen):
+    """One file into the archive, its data read through a descriptor of that very file."""
     import tarfile
     info = tarfile.TarInfo(name)
     info.mode, info.uid, info.gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
@@ -4384,89 +4409,187 @@ def tar_info(path, name, st, seen):
     if not stat.S_ISDIR(mode) and st.st_nlink > 1 and key in seen:
         info.type, info.linkname = tarfile.LNKTYPE, seen[key]
     elif stat.S_ISREG(mode):
-        info.type, info.size = tarfile.REGTYPE, st.st_size
         seen[key] = name
+        fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=directory)
+        with os.fdopen(fd, 'rb') as f:
+            now = os.fstat(fd)
+            if not os.path.samestat(now, st) or not stat.S_ISREG(now.st_mode):
+                raise CockerError("'%s' changed while it was copied" % name)
+            info.type, info.size = tarfile.REGTYPE, now.st_size
+            t.addfile(info, f)
+        return
     elif stat.S_ISDIR(mode):
         info.type = tarfile.DIRTYPE
     elif stat.S_ISLNK(mode):
-        info.type, info.linkname = tarfile.SYMTYPE, os.readlink(path)
+        info.type, info.linkname = tarfile.SYMTYPE, os.readlink(entry, dir_fd=directory)
     elif stat.S_ISFIFO(mode):
         info.type = tarfile.FIFOTYPE
     elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
         info.type = tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE
         info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
     else:
-        return None
-    return info
+        return                          # a socket: tar cannot hold it
+    t.addfile(info)
 
 
-def unpack_tree(fd, directory, name, arcname):
-    """In the container: extract a tar stream of pack_tree whose top member is arcname into
-    directory, as name; owners and modes kept.  What is in the way is replaced, never opened
-    or followed (as GNU tar does): files are created O_EXCL|O_NOFOLLOW, so nothing planted
-    there (a FIFO, a link) can make us wait or write anywhere but at the path itself."""
+class GuardedStream(object):
+    """A file object for tarfile of what read() delivers and the ArchiveGuard passes."""
+
+    def __init__(self, read, progress):
+        self.raw, self.progress = read, progress
+        self.guard, self.buf, self.ended = ArchiveGuard(), b'', False
+
+    def read(self, n):
+        while len(self.buf) < n and not self.ended:
+            chunk = self.raw(CHUNK)
+            self.progress.add(len(chunk))
+            if chunk:
+                self.buf += self.guard.feed(chunk)
+            else:
+                self.guard.finish()
+                self.ended = True
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+    def drain(self):
+        """Read to the end (the writer pads the archive), checking all of it."""
+        while not self.ended:
+            self.buf = b''
+            self.read(CHUNK)
+
+
+def unpack_tree(read, directory, arcname, name, on_host):
+    """Extract a stream of pack_tree (top member arcname) into a new hidden directory of
+    `directory`, then merge it into directory/name.  On the host (what a container hands
+    out) setuid and setgid bits are cleared; device nodes are never made."""
     import shutil
-    import tarfile
-    if not os.path.isdir(directory):
-        raise CockerError("'%s' is not a directory in the container" % directory)
-    target = directory
-    if name != arcname:                 # land under the new name: unpack aside, rename
-        target = os.path.join(directory, '.cocker-put.%d' % os.getpid())
-        os.mkdir(target, 0o700)
+    top = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    hidden = '.cocker-copy.%d.%s' % (os.getpid(), os.urandom(4).hex())
+    os.mkdir(hidden, 0o700, dir_fd=top)
     try:
-        directories = []
-        with os.fdopen(fd, 'rb') as source:
-            with tarfile.open(fileobj=source, mode='r|') as t:
-                for member in t:
-                    path = os.path.join(target, member.name)
-                    extract_member(t, member, path, target)
-                    if member.isdir():
-                        directories.append((member, path))
-                    else:
-                        set_owner_and_mode(member, path)
-        for member, path in reversed(directories):  # after what they hold, as tar does
-            set_owner_and_mode(member, path)
-        if target != directory:
-            os.rename(os.path.join(target, arcname), os.path.join(directory, name))
+        staging = os.open(hidden, DIRECTORY_FLAGS, dir_fd=top)
+        try:
+            extract_stream(read, staging, on_host)
+            move_into_place(staging, arcname, top, name)
+        finally:
+            os.close(staging)
     finally:
-        if target != directory:
-            shutil.rmtree(target, ignore_errors=True)
+        os.close(top)
+        shutil.rmtree(os.path.join(directory, hidden), ignore_errors=True)
 
 
-def extract_member(t, member, path, top):
+def extract_stream(read, root, on_host):
+    """Every member created O_EXCL below directories opened O_NOFOLLOW from root: nothing is
+    opened or followed that the stream did not make, whatever else changes meanwhile."""
+    import tarfile
+    stream = GuardedStream(read, Progress('getfile' if on_host else 'putfile'))
+    directories = []
+    with tarfile.open(fileobj=stream, mode='r|') as t:
+        for member in t:
+            parts = [p for p in member.name.split('/') if p not in ('', '.')]
+            parent = open_below(root, parts[:-1])
+            try:
+                make_member(t, member, parent, parts[-1], root, on_host)
+            finally:
+                os.close(parent)
+            if member.isdir():
+                directories.append((parts, member))
+    stream.drain()
+    stream.progress.finish()
+    for parts, member in reversed(directories):    # after what they hold, as tar does
+        fd = open_below(root, parts)
+        try:
+            set_attributes(fd, member, on_host)
+        finally:
+            os.close(fd)
+
+
+def open_below(root, parts):
+    """A descriptor of root/parts, every component a real directory (O_NOFOLLOW)."""
+    fd = os.dup(root)
+    for part in parts:
+        try:
+            inner = os.open(part, DIRECTORY_FLAGS, dir_fd=fd)
+        finally:
+            os.close(fd)
+        fd = inner
+    return fd
+
+
+def make_member(t, member, parent, leaf, root, on_host):
     import shutil
     if member.isdir():
-        if not os.path.isdir(path):
-            make_way(path)
-            os.mkdir(path, 0o700)
-        return
-    make_way(path)
-    if member.isreg():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
+        os.mkdir(leaf, 0o700, dir_fd=parent)            # its attributes come at the end
+    elif member.isreg():
+        fd = os.open(leaf, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=parent)
         with os.fdopen(fd, 'wb') as out:
             shutil.copyfileobj(t.extractfile(member), out)
+            out.flush()
+            set_attributes(fd, member, on_host)
     elif member.issym():
-        os.symlink(member.linkname, path)
+        os.symlink(member.linkname, leaf, dir_fd=parent)
+        os.chown(leaf, member.uid, member.gid, dir_fd=parent, follow_symlinks=False)
     elif member.islnk():
-        os.link(os.path.join(top, member.linkname), path, follow_symlinks=False)
+        parts = [p for p in member.linkname.split('/') if p not in ('', '.')]
+        source = open_below(root, parts[:-1])
+        try:
+            os.link(parts[-1], leaf, src_dir_fd=source, dst_dir_fd=parent,
+                    follow_symlinks=False)
+        finally:
+            os.close(source)
     elif member.isfifo():
-        os.mkfifo(path, 0o600)
-    else:
+        os.mkfifo(leaf, 0o600, dir_fd=parent)
+        fd = os.open(leaf, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=parent)
+        try:
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                set_attributes(fd, member, on_host)
+        finally:
+            os.close(fd)
+    elif not on_host:
         raise CockerError("'%s' is a device node: a container cannot have it" % member.name)
+    # device nodes from a container (whiteouts, the guard skipped the rest): not made
 
 
-def make_way(path):
-    """Remove what is at path unless it is a real directory."""
-    if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
-        os.unlink(path)
+def set_attributes(fd, member, on_host):
+    """Owner, mode and time through the descriptor; no setuid or setgid from a container."""
+    os.fchown(fd, member.uid, member.gid)
+    os.fchmod(fd, member.mode & (0o1777 if on_host else 0o7777))
+    os.utime(fd, (member.mtime, member.mtime))
 
 
-def set_owner_and_mode(member, path):
-    os.chown(path, member.uid, member.gid, follow_symlinks=False)
-    if not member.issym():
-        os.chmod(path, member.mode)
-        os.utime(path, (member.mtime, member.mtime))
+def move_into_place(source, name, target, target_name):
+    """Rename source/name (directory descriptors) to target/target_name.  Where both are
+    directories, merge: each entry of the new one goes in by the same rule; anything else
+    in the way (a file, a link) is replaced, never followed; a directory where a file
+    comes is an error."""
+    new = os.stat(name, dir_fd=source, follow_symlinks=False)
+    try:
+        old = os.stat(target_name, dir_fd=target, follow_symlinks=False)
+    except FileNotFoundError:
+        old = None
+    if old is not None and stat.S_ISDIR(old.st_mode):
+        if not stat.S_ISDIR(new.st_mode):
+            raise CockerError("'%s' is a directory" % target_name)
+        inner_source = os.open(name, DIRECTORY_FLAGS, dir_fd=source)
+        try:
+            inner_target = os.open(target_name, DIRECTORY_FLAGS, dir_fd=target)
+            try:
+                for entry in os.listdir(inner_source):
+                    move_into_place(inner_source, entry, inner_target, entry)
+                os.fchown(inner_target, new.st_uid, new.st_gid)   # as tar sets a directory
+                os.fchmod(inner_target, stat.S_IMODE(new.st_mode))
+                os.utime(inner_target, ns=(new.st_atime_ns, new.st_mtime_ns))
+            finally:
+                os.close(inner_target)
+        finally:
+            os.close(inner_source)
+        return
+    if old is not None and stat.S_ISDIR(new.st_mode):
+        os.unlink(target_name, dir_fd=target)   # a directory cannot be renamed over a file
+    os.rename(name, target_name, src_dir_fd=source, dst_dir_fd=target)
 
 
 def action_putfile(o):
@@ -4482,7 +4605,10 @@ def action_putfile(o):
     def receive():                      # in the container
         os.close(data_w)
         directory, final = landing(destination, arcname, os.path.isdir)
-        unpack_tree(data_r, directory, final, arcname)
+        if not os.path.isdir(directory):
+            raise CockerError("'%s' is not a directory in the container" % directory)
+        with os.fdopen(data_r, 'rb') as stream:
+            unpack_tree(stream.read, directory, arcname, final, on_host=False)
 
     def send():                         # on the host
         os.close(data_r)
@@ -4501,7 +4627,7 @@ def action_getfile(o):
     name = require_container(o.container)
     source = container_path_arg(o.src_file, '--src-file')
     directory, final = landing(o.dst_file, os.path.basename(os.path.normpath(source)),
-                               os.path.isdir)
+                               host_directory)
     if not os.path.isdir(directory):
         raise CockerError("'%s' is not a directory" % directory)
     data_r, data_w = os.pipe()
@@ -4515,74 +4641,11 @@ def action_getfile(o):
     def receive():                      # on the host: what a container hands out is untrusted
         os.close(data_w)
         with os.fdopen(data_r, 'rb') as stream:
-            receive_tree(stream.read, directory, final)
+            unpack_tree(stream.read, directory, final, final, on_host=True)
     with locked('container', name):
         in_container(name, send, receive, keep=(data_r, data_w))
     say('OK')
     return EXIT_OK
-
-
-def receive_tree(read, directory, name):
-    """On the host: unpack a tar stream from a container (its top member `name`) into a new
-    hidden directory beside the destination, through the ArchiveGuard, without xattrs and
-    with setuid and setgid bits cleared; then move it into directory/name.  Nothing already
-    in the destination (a link a former copy brought, above all) is ever written through."""
-    import shutil
-    import tempfile
-    staging = tempfile.mkdtemp(prefix='.cocker-getfile.', dir=directory)
-    try:
-        read_archive(read, staging, Progress('getfile'), compressed=False, xattrs=False)
-        clear_set_id_bits(staging)
-        top = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        source = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            move_into_place(source, top, name)
-        finally:
-            os.close(source)
-            os.close(top)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def clear_set_id_bits(tree):
-    """A container cannot hand the host a setuid or setgid program."""
-    for directory, dirs, files in os.walk(tree):
-        for entry in dirs + files:
-            path = os.path.join(directory, entry)
-            st = os.lstat(path)
-            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o6000:
-                os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o6000)
-
-
-def move_into_place(source, target, name):
-    """Rename source/name (directory descriptors) to target/name.  Where both are
-    directories, merge: each entry of the new one goes in by the same rule; anything else
-    in the way (a file, a link) is replaced, never followed; a directory where a file
-    comes is an error."""
-    new = os.stat(name, dir_fd=source, follow_symlinks=False)
-    try:
-        old = os.stat(name, dir_fd=target, follow_symlinks=False)
-    except FileNotFoundError:
-        old = None
-    if old is not None and stat.S_ISDIR(old.st_mode):
-        if not stat.S_ISDIR(new.st_mode):
-            raise CockerError("'%s' is a directory" % name)
-        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-        inner_source = os.open(name, flags, dir_fd=source)
-        inner_target = os.open(name, flags, dir_fd=target)
-        try:
-            for entry in os.listdir(inner_source):
-                move_into_place(inner_source, inner_target, entry)
-            os.chown(inner_target, new.st_uid, new.st_gid)   # as tar would set the directory
-            os.chmod(inner_target, stat.S_IMODE(new.st_mode))
-            os.utime(inner_target, ns=(new.st_atime_ns, new.st_mtime_ns))
-        finally:
-            os.close(inner_source)
-            os.close(inner_target)
-        return
-    if old is not None and stat.S_ISDIR(new.st_mode):
-        os.unlink(name, dir_fd=target)          # a directory cannot be renamed over a file
-    os.rename(name, name, src_dir_fd=source, dst_dir_fd=target)
 
 
 ACTIONS = {

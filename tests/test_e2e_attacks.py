@@ -501,7 +501,8 @@ def test_shutdown_interrupts_a_copy_without_end(endless, cocker, home):
                 '/proc/%d/ns/%s' % (init_pid(home, name), ns)), ns
         held = [os.readlink('/proc/%d/fd/%s' % (helper, fd))
                 for fd in os.listdir('/proc/%d/fd' % helper)]
-        assert all(t.startswith('pipe:') or t in ('/dev/null', '/root/endless')
+        # the pipes, /dev/null, and the container's file it reads with its directory
+        assert all(t.startswith('pipe:') or t in ('/dev/null', '/root/endless', '/root')
                    for t in held), 'a host file or directory in the helper: %r' % held
         start = time.time()
         r = cocker('-a', 'shutdown', '-c', name, timeout=60)
@@ -569,9 +570,10 @@ def test_a_link_an_earlier_getfile_brought_is_never_written_through(attacked, co
         for info, data in (member('data/m/passwd', data=b'pwned\n'),):
             t.addfile(info, io.BytesIO(data))
     cocker_module.HOME = home
-    cocker_module.receive_tree(io.BytesIO(raw.getvalue()).read, str(backup), 'data')
+    with pytest.raises(OSError):            # a member below a directory it never made
+        cocker_module.unpack_tree(io.BytesIO(raw.getvalue()).read, str(backup), 'data',
+                                  'data', on_host=True)
     assert os.listdir(str(victim)) == []
-    assert (backup / 'data' / 'm' / 'passwd').read_text() == 'pwned\n'
     assert sorted(os.listdir(str(backup))) == ['data'], 'no staging directory left'
 
 
@@ -724,3 +726,93 @@ def test_a_size_walk_never_follows_a_directory_swapped_for_a_link(cocker, test_i
         number, unit = rows[0][81:91].split()           # the size column
         assert unit in ('B', 'KB') or (unit == 'MB' and int(number) < 64), rows
     assert cocker('-a', 'kill', '-c', name).rc == 0
+
+
+def test_a_directory_swapped_for_a_link_while_getfile_unpacks_stops_the_copy(tmp_path, home):
+    """The destination may be a volume the container writes to, so its processes can reach
+    the hidden directory getfile unpacks into: a directory there swapped for a link to the
+    host must stop the copy, never be written through."""
+    victim = tmp_path / 'victim'
+    victim.mkdir()
+    destination = tmp_path / 'vol'
+    destination.mkdir()
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode='w', format=tarfile.PAX_FORMAT) as t:
+        for name in ('x', 'x/a'):
+            info = tarfile.TarInfo(name)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            t.addfile(info)
+        for name, size in (('x/a/first', 1 << 20), ('x/a/second', 10)):
+            info, payload = member(name, data=b'c' * size)
+            t.addfile(info, io.BytesIO(payload))
+    data, swapped = io.BytesIO(raw.getvalue()), []
+
+    def read(n):                        # the container's move, while the first file is written
+        if data.tell() >= 1 << 19 and not swapped:
+            hidden = [e for e in os.listdir(str(destination)) if e.startswith('.cocker-copy.')]
+            inner = destination / hidden[0] / 'x'
+            os.rename(str(inner / 'a'), str(inner / 'a.old'))
+            os.symlink(str(victim), str(inner / 'a'))
+            swapped.append(True)
+        return data.read(4096)
+    cocker_module.HOME = home
+    with pytest.raises(OSError):
+        cocker_module.unpack_tree(read, str(destination), 'x', 'x', on_host=True)
+    assert swapped and os.listdir(str(victim)) == []
+    assert os.listdir(str(destination)) == [], 'nothing half-done is left'
+
+
+def test_a_directory_swapped_for_a_link_while_putfile_packs_brings_no_host_file(
+        tmp_path, monkeypatch):
+    """The source may be a volume the container writes to: a directory swapped for a link
+    to a host directory between listing and descent is packed as that link, and nothing of
+    the host directory goes into the stream."""
+    secret = tmp_path / 'secret'
+    secret.mkdir()
+    (secret / 'key').write_text('HOST-PRIVATE-KEY\n')
+    tree = tmp_path / 'tree'
+    (tree / 'ssh').mkdir(parents=True)
+    (tree / 'ssh' / 'known').write_text('container data\n')
+    real_listdir = os.listdir
+
+    def listdir_then_swap(fd):
+        entries = real_listdir(fd)
+        if 'ssh' in entries and not (tree / 'ssh.old').exists():
+            os.rename(str(tree / 'ssh'), str(tree / 'ssh.old'))
+            os.symlink(str(secret), str(tree / 'ssh'))
+        return entries
+    monkeypatch.setattr(cocker_module.os, 'listdir', listdir_then_swap)
+    read_end, write_end = os.pipe()
+    cocker_module.pack_tree(str(tree), 'tree', write_end)
+    with os.fdopen(read_end, 'rb') as f:
+        packed = f.read()
+    assert b'HOST-PRIVATE-KEY' not in packed
+    with tarfile.open(fileobj=io.BytesIO(packed)) as t:
+        link = t.getmember('tree/ssh')
+    assert link.issym() and link.linkname == str(secret)
+
+
+def test_getfile_never_follows_a_link_to_a_directory_at_the_destination(attacked, cocker,
+                                                                        tmp_path):
+    """A first getfile brings a link to a host directory as DEST; the next one must not put
+    the file into that directory (it asks for DEST/ to mean it)."""
+    victim = tmp_path / 'victim'
+    victim.mkdir()
+    backup = tmp_path / 'backup'
+    backup.mkdir()
+    name = attacked()
+    assert inside(cocker, name, 'ln -sfn %s /tmp/authorized_keys' % victim).rc == 0
+    dest = str(backup / 'authorized_keys')
+    assert cocker('-a', 'getfile', '-c', name, '--src-file', '/tmp/authorized_keys',
+                  '--dst-file', dest).rc == 0
+    assert os.readlink(dest) == str(victim)
+    assert inside(cocker, name, 'rm /tmp/authorized_keys; '
+                  'echo ATTACKER-KEY > /tmp/authorized_keys').rc == 0
+    r = cocker('-a', 'getfile', '-c', name, '--src-file', '/tmp/authorized_keys',
+               '--dst-file', dest)
+    assert r.rc == 255 and 'is a symbolic link to a directory' in r.err, r
+    assert os.listdir(str(victim)) == []
+    r = cocker('-a', 'getfile', '-c', name, '--src-file', '/tmp/authorized_keys',
+               '--dst-file', dest + '/')
+    assert r.rc == 0 and (victim / 'authorized_keys').read_text() == 'ATTACKER-KEY\n', \
+        'DEST/ says: into the directory it points to'
