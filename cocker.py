@@ -447,13 +447,16 @@ def close_fds_except(keep):
                 pass
 
 
+#: a directory, opened without following a link (from its parent's descriptor, usually)
+DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 def tree_size(path):
     """Bytes of the regular files under path.  Walked by descriptors, each directory opened
     O_NOFOLLOW from its parent's: a directory that a running container swaps for a symlink
     is never followed (to the host's / or anywhere else)."""
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        top = os.open(path, flags)
+        top = os.open(path, DIRECTORY_FLAGS)
     except OSError:
         return 0
     total = 0
@@ -470,7 +473,7 @@ def tree_size(path):
             if stat.S_ISREG(st.st_mode):
                 total += st.st_size
             elif stat.S_ISDIR(st.st_mode):
-                child = os.open(name, flags, dir_fd=fd)
+                child = os.open(name, DIRECTORY_FLAGS, dir_fd=fd)
                 stack.append((child, directory_entries(child)))
         except OSError:
             pass                    # gone meanwhile, or swapped for a link: not counted
@@ -505,15 +508,22 @@ def warn(text):
     sys.stderr.write('cocker: warning: %s\n' % printable(text))
 
 
+def process_stat(path, dir_fd=None):
+    """The fields of a /proc/PID/stat after the command name (state, ppid, ...), or None
+    when the process is gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+        with os.fdopen(fd, 'rb') as f:
+            return f.read().rsplit(b')', 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def process_start_time(pid):
     """The start time of a process in clock ticks since boot (field 22 of /proc/PID/stat),
     or None when there is no such process: a pid with its start time names one process."""
-    try:
-        with open('/proc/%d/stat' % pid, 'rb') as f:
-            fields = f.read().rsplit(b')', 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return int(fields[19])
+    fields = process_stat('/proc/%d/stat' % pid)
+    return int(fields[19]) if fields else None
 
 
 def size_text(n):
@@ -4155,13 +4165,8 @@ def open_container_init(name):
         fd = os.open('/proc/%d' % (pid or 0), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         raise CockerError("container '%s' is not running" % name)
-    try:
-        stat_fd = os.open('stat', os.O_RDONLY | os.O_CLOEXEC, dir_fd=fd)
-        with os.fdopen(stat_fd, 'rb') as f:
-            parent = int(f.read().rsplit(b')', 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        parent = None
-    if parent is None or parent != monitor or not monitor_alive(name):
+    fields = process_stat('stat', dir_fd=fd)        # the process this descriptor names
+    if not fields or int(fields[1]) != monitor or not monitor_alive(name):
         os.close(fd)
         raise CockerError("container '%s' is not running" % name)
     return fd
@@ -4362,9 +4367,6 @@ def host_directory(path):
 # O_EXCL below directories it opened the same way, in a new hidden directory, and merges it
 # into place.  Whichever end a container can write to (a volume as source or destination),
 # swapping a directory for a link mid-copy makes the copy fail; it never leads elsewhere.
-
-DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
 
 def pack_tree(path, arcname, fd):
     """Write path (a file or a whole tree; links as links, hard links kept) to fd as a tar
