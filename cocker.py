@@ -536,6 +536,45 @@ def size_text(n):
     return '%d B' % n
 
 
+class Rollback(object):
+    """Undo the steps of a block, newest first, if it fails (an error, Ctrl-C, a signal):
+    push(undo, *args) as each step succeeds.  Every undo is tried, a failing one logged, and
+    the block's own exception goes on; a block that ends well keeps everything."""
+
+    def __init__(self, undo=None, *args):
+        self.undos = []
+        if undo is not None:
+            self.push(undo, *args)
+
+    def push(self, undo, *args):
+        self.undos.append(lambda: undo(*args))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        if kind is not None:
+            try:
+                best_effort(reversed(self.undos), 'undoing a failed step')
+            except (OSError, CockerError):
+                pass            # logged: the user sees why the block failed, not this
+        return False
+
+
+def best_effort(steps, what):
+    """Run every step even after one failed (a teardown must release all it can); each
+    failure is logged, and the first raised once all were tried."""
+    first = None
+    for step in steps:
+        try:
+            step()
+        except (OSError, CockerError) as e:
+            log('ERROR', '%s: %s' % (what, error_text(e)))
+            first = first or e
+    if first is not None:
+        raise first
+
+
 def remove_tree(path):
     """Delete a directory tree, refusing if anything below it is still mounted."""
     import shutil
@@ -645,75 +684,164 @@ def refuse_if_used(name, version, force, what):
 def copy_tree(source, target, link=False):
     """cp -a: modes, owners, times, hard links, devices (overlay whiteouts) and xattrs
     (overlay opaque markers) kept; with link, files are hard-linked, not copied (instant),
-    falling back to a copy across file systems."""
+    falling back to a copy across file systems.  target may be an empty directory."""
     try:
-        run(['cp', '-a'] + (['-l'] if link else []) + ['--', source, target])
+        run(['cp', '-a', '-T'] + (['-l'] if link else []) + ['--', source, target])
     except CockerError:
         if not link:
             raise
         if os.path.lexists(target):
             remove_tree(target)
-        run(['cp', '-a', '--', source, target])
-
-
-def new_image_staging(name):
-    """A hidden directory in images/NAME to build a version in; renamed into place when
-    complete (install_image), removed by remove_stale_image_staging after a crash."""
-    os.makedirs(os.path.join(images_dir(), name), 0o755, exist_ok=True)
-    staging = os.path.join(images_dir(), name, '.staging.%d.%s' % (
-        os.getpid(), os.urandom(4).hex()))
-    os.mkdir(staging, 0o755)
-    return staging
+        run(['cp', '-a', '-T', '--', source, target])
 
 
 def install_image(staging, name, version, replace=False):
     """Rename a complete staging directory to images/NAME/VERSION (replacing it with -f)."""
     final = image_dir(name, version)
+    os.makedirs(os.path.dirname(final), 0o755, exist_ok=True)
     if os.path.exists(final):
         if not replace:
             raise CockerError("image '%s' exist (add -f to replace it)"
                               % image_ref_text(name, version))
-        # the old one keeps its version in its name: a crash before the second rename
-        # is undone by remove_stale_image_staging
-        old = os.path.join(images_dir(), name, '.old.%d.%s' % (os.getpid(), version))
-        os.rename(final, old)
+        # the old one keeps its name and version in its own: a crash before the second
+        # rename is undone by clean_staging
+        old = into_staging(images_dir(), lambda path: os.rename(final, path), 'old',
+                           '%s:%s' % (name, version))
         os.rename(staging, final)
         remove_tree(old)
     else:
         os.rename(staging, final)
+    tidy_staging(images_dir())
+
+
+class building_image(object):
+    """with building_image(NAME, VERSION) as rlayer: fill rlayer; the version is installed
+    when the block ends well (replacing an existing one if `replace`), and nothing of it is
+    left when it fails."""
+
+    def __init__(self, name, version, replace=False):
+        self.name, self.version, self.replace = name, version, replace
+
+    def __enter__(self):
+        self.staging = new_staging(images_dir())
+        rlayer = os.path.join(self.staging, 'rlayer')
+        os.mkdir(rlayer, 0o755)
+        return rlayer
+
+    def __exit__(self, kind, value, traceback):
+        with Rollback(remove_staged, self.staging):
+            if kind is not None:
+                raise value
+            install_image(self.staging, self.name, self.version, self.replace)
 
 
 def remove_image(name, version):
     """Delete images/NAME/VERSION (renamed away first), and images/NAME once empty."""
-    doomed = os.path.join(images_dir(), name, '.deleting.%d.%s' % (os.getpid(),
-                                                                  os.urandom(4).hex()))
-    os.rename(image_dir(name, version), doomed)
-    remove_tree(doomed)
+    discard(images_dir(), image_dir(name, version))
     try:
         os.rmdir(os.path.join(images_dir(), name))
     except OSError:
         pass
 
 
-def remove_stale_image_staging(name):
-    """Hidden leftovers of an import, copy or delete killed half-way (their pid is gone)."""
+# ---- staging: everything new is built hidden, then renamed into place -------------------
+# An image version or a container is built in STORE/.staging (images/ or containers/) and
+# renamed into the store only when complete; one removed or replaced is renamed there first.
+# Entries are named KIND.PID-START.REST, the owner's pid and start time (a pid alone may be
+# reused): 'new' (being built), 'doomed' (being deleted), 'old' (an image version replaced
+# with -f; REST is NAME:VERSION, where it goes back should its replacement never come).
+# clean_staging() runs at the start of every command: what a killed command left goes, and
+# the directory itself once it is empty (the C cocker would list it).
+
+STAGING = '.staging'
+_owner = []                     #: 'PID-START' of this process, computed once
+
+
+def staging_owner():
+    if not _owner:
+        _owner.append('%d-%d' % (os.getpid(), process_start_time(os.getpid())))
+    return _owner[0]
+
+
+def into_staging(store, make, kind, rest=None):
+    """make(path) for a new path in STORE/.staging (a mkdir, a rename into it); again should
+    a cleaner have removed the empty directory between its creation and our entry."""
+    directory = os.path.join(store, STAGING)
+    path = os.path.join(directory, '%s.%s.%s' % (kind, staging_owner(),
+                                                 rest or os.urandom(4).hex()))
+    while True:
+        os.makedirs(directory, 0o700, exist_ok=True)
+        try:
+            make(path)
+            return path
+        except FileNotFoundError:
+            if os.path.isdir(directory):
+                raise                   # what was missing is something else
+            debug('%s was removed meanwhile, making it again', directory)
+
+
+def new_staging(store, mode=0o755):
+    """A new hidden directory to build an image version or a container in."""
+    return into_staging(store, lambda path: os.mkdir(path, mode), 'new')
+
+
+def remove_staged(path):
+    """Undo of new_staging: the half-built directory goes, unless it was installed."""
+    if os.path.lexists(path):
+        remove_tree(path)
+    tidy_staging(os.path.dirname(os.path.dirname(path)))
+
+
+def discard(store, path):
+    """Rename path away into STORE/.staging and delete it there: gone from the store at
+    once, and a crash half-way leaves only what clean_staging removes."""
+    remove_tree(into_staging(store, lambda doomed: os.rename(path, doomed), 'doomed'))
+    tidy_staging(store)
+
+
+def tidy_staging(store):
+    """STORE/.staging goes once it is empty."""
     try:
-        entries = os.listdir(os.path.join(images_dir(), name))
+        os.rmdir(os.path.join(store, STAGING))
+    except OSError:
+        pass                            # not empty: in use, or left for the next command
+
+
+def clean_staging(store):
+    """Remove what killed commands left in STORE/.staging, then the directory if empty."""
+    directory = os.path.join(store, STAGING)
+    try:
+        entries = os.listdir(directory)
     except (FileNotFoundError, NotADirectoryError):
         return
     for entry in entries:
-        parts = entry.split('.', 3)         # '', staging|old|deleting, PID, random|version
-        if not (entry.startswith('.') and len(parts) == 4 and parts[2].isdigit()
-                and not pid_alive(int(parts[2]))):
-            continue
-        path = os.path.join(images_dir(), name, entry)
+        kind, _, rest = entry.partition('.')
+        owner, _, rest = rest.partition('.')
+        pid, _, start = owner.partition('-')
+        if is_decimal(pid) and is_decimal(start) and process_start_time(int(pid)) == int(start):
+            continue                    # its command still runs
         try:
-            if parts[1] == 'old' and not os.path.exists(image_dir(name, parts[3])):
-                os.rename(path, image_dir(name, parts[3]))      # the replacement never came
-            else:
-                remove_tree(path)
-        except (OSError, CockerError):
-            pass
+            restore_or_remove(os.path.join(directory, entry), kind, rest)
+        except (OSError, CockerError) as e:
+            log('WARN', 'cannot clean %s: %s' % (entry, error_text(e)))
+    tidy_staging(store)
+
+
+def restore_or_remove(path, kind, rest):
+    """An 'old' image version goes back in place if its replacement never came."""
+    if kind == 'old':
+        name, _, version = rest.partition(':')
+        final = image_dir(check_name('image', name), check_name('version', version))
+        with locked('image', name, wait=False) as held:
+            if held is None:
+                return                  # busy: the next command looks again
+            if not os.path.lexists(final):
+                os.makedirs(os.path.dirname(final), 0o755, exist_ok=True)
+                os.rename(path, final)
+                log('WARN', "image '%s' restored: its replacement never came"
+                    % image_ref_text(name, version))
+                return
+    remove_tree(path)
 
 
 # =============================================================================
@@ -903,34 +1031,14 @@ def create_container(o, name, fill=None):
     final = container_dir(name)
     if os.path.lexists(final):
         raise CockerError("container '%s' exist" % name)
-    staging = os.path.join(containers_dir(), '.%s.creating.%d' % (name, os.getpid()))
-    os.mkdir(staging, 0o700)
-    try:
+    staging = new_staging(containers_dir(), 0o700)
+    with Rollback(remove_staged, staging):
         write_container(staging, o, name)
         if fill is not None:
             fill(staging)
         os.rename(staging, final)
-    except BaseException:
-        remove_tree(staging)
-        raise
+    tidy_staging(containers_dir())
     debug('created container directory %s', final)
-
-
-def remove_stale_staging():
-    """Remove half-created or half-destroyed container directories left by a crash."""
-    try:
-        names = os.listdir(containers_dir())
-    except FileNotFoundError:
-        return
-    for n in names:
-        if n.startswith('.') and ('.creating.' in n or '.destroying.' in n):
-            pid = n.rsplit('.', 1)[-1]
-            if pid.isdigit() and pid_alive(int(pid)):
-                continue
-            try:
-                remove_tree(os.path.join(containers_dir(), n))
-            except (OSError, CockerError):
-                pass
 
 
 def running_users(image, version):
@@ -1383,13 +1491,11 @@ class in_netns(object):
         self.path = path
 
     def __enter__(self):
-        self.home = os.open('/proc/self/ns/net', os.O_RDONLY | os.O_CLOEXEC)
         fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            setns(fd, CLONE_NEWNET)
-        except BaseException:
-            os.close(self.home)
-            raise
+            self.home = os.open('/proc/self/ns/net', os.O_RDONLY | os.O_CLOEXEC)
+            with Rollback(os.close, self.home):
+                setns(fd, CLONE_NEWNET)
         finally:
             os.close(fd)
         return self
@@ -1413,13 +1519,9 @@ def add_netns(path):
         mount(NETNS_DIR, NETNS_DIR, 'none', MS_BIND | MS_REC)
         mount('', NETNS_DIR, 'none', MS_SHARED | MS_REC)
     os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0))
-    try:
-        with in_netns('/proc/self/ns/net'):         # come back here afterwards
-            unshare(CLONE_NEWNET)
-            mount('/proc/self/ns/net', path, 'none', MS_BIND)
-    except BaseException:
-        os.unlink(path)
-        raise
+    with Rollback(os.unlink, path), in_netns('/proc/self/ns/net'):   # come back here after
+        unshare(CLONE_NEWNET)
+        mount('/proc/self/ns/net', path, 'none', MS_BIND)
     debug('created network namespace %s', path)
 
 
@@ -3271,31 +3373,19 @@ def import_archive(read, total, name, version, force, expected, what, check=None
     """Unpack into a staging directory of images/NAME, check (the digest, and check() if
     given: e.g. that the download ended well), then install as NAME:VERSION."""
     with locked('image', name):
-        remove_stale_image_staging(name)
         if os.path.exists(image_dir(name, version)):
             if not force:
                 raise CockerError("image '%s' exist (add -f to replace it)"
                                   % image_ref_text(name, version))
             refuse_if_used(name, version, True, 'it cannot be replaced')
-        staging = new_image_staging(name)
-        try:
-            os.mkdir(os.path.join(staging, 'rlayer'), 0o755)
-            digest = read_archive(read, os.path.join(staging, 'rlayer'), Progress(what, total))
-            refuse_device_nodes(os.path.join(staging, 'rlayer'))
+        with building_image(name, version, replace=force) as rlayer:
+            digest = read_archive(read, rlayer, Progress(what, total))
+            refuse_device_nodes(rlayer)
             if expected is not None and digest != expected:
                 raise CockerError('sha256 of the archive is %s, not %s as recorded: refused'
                                   % (digest, expected))
             if check is not None:
                 check()
-            install_image(staging, name, version, replace=force)
-        except BaseException:
-            if os.path.exists(staging):
-                remove_tree(staging)
-            try:
-                os.rmdir(os.path.join(images_dir(), name))
-            except OSError:
-                pass
-            raise
 
 
 # =============================================================================
@@ -3403,16 +3493,8 @@ def action_install_test(o):
         if users:
             raise CockerError("image '%s' is used by running container(s) %s"
                               % (image_ref_text('test', version), ', '.join(users)))
-        remove_stale_image_staging('test')
-        staging = new_image_staging('test')
-        try:
-            os.mkdir(os.path.join(staging, 'rlayer'), 0o755)
-            build_test_rootfs(os.path.join(staging, 'rlayer'))
-            install_image(staging, 'test', version, replace=True)
-        except BaseException:
-            if os.path.exists(staging):
-                remove_tree(staging)
-            raise
+        with building_image('test', version, replace=True) as rlayer:
+            build_test_rootfs(rlayer)
     say('OK')
     return EXIT_OK
 
@@ -3451,7 +3533,6 @@ def make_container(o, name, fill=None):
     elif o.net != 'BRIDGE' and (o.vip or o.port_mapping or o.host_eth):
         debug('--vip, --port-mapping and --host-eth are ignored for --net %s', o.net)
     with locked('container', name):
-        remove_stale_staging()
         if os.path.lexists(container_dir(name)):
             raise CockerError("container '%s' exist" % name)
         if o.net == 'BRIDGE':
@@ -3578,10 +3659,7 @@ def remove_container(name):
     """Delete a stopped container (under its lock) with what it holds on the host."""
     teardown_container(name)
     forget_network(name)
-    # rename first: the container disappears at once, a crash leaves only hidden rubbish
-    doomed = os.path.join(containers_dir(), '.%s.destroying.%d' % (name, os.getpid()))
-    os.rename(container_dir(name), doomed)
-    remove_tree(doomed)
+    discard(containers_dir(), container_dir(name))
 
 
 def change_stopped_container(name, key, value, what):
@@ -3709,14 +3787,8 @@ def action_copy_image(o):
         require_image(o.from_image)
         if os.path.exists(image_dir(name, version)):
             raise CockerError("image '%s' exist" % o.to_image)
-        remove_stale_image_staging(name)
-        staging = new_image_staging(name)
-        try:
-            copy_tree(os.path.join(image_dir(*source), 'rlayer'), os.path.join(staging, 'rlayer'))
-            install_image(staging, name, version)
-        except BaseException:
-            remove_tree(staging)
-            raise
+        with building_image(name, version) as rlayer:
+            copy_tree(os.path.join(image_dir(*source), 'rlayer'), rlayer)
     say('OK')
     return EXIT_OK
 
@@ -3746,15 +3818,8 @@ def action_to_image(o):
         require_stopped(cname, 'to_image converts only')
         if os.path.exists(image_dir(name, version)):
             raise CockerError("image '%s' exist" % image_ref_text(name, version))
-        remove_stale_image_staging(name)
-        staging = new_image_staging(name)
-        try:
-            copy_tree(container_file(cname, 'rwlayer'), os.path.join(staging, 'rlayer'),
-                      link=True)
-            install_image(staging, name, version)
-        except BaseException:
-            remove_tree(staging)
-            raise
+        with building_image(name, version) as rlayer:
+            copy_tree(container_file(cname, 'rwlayer'), rlayer, link=True)
         remove_container(cname)
     log('INFO', "container '%s' became image '%s'" % (cname, image_ref_text(name, version)))
     say('OK')
@@ -4976,6 +5041,12 @@ def ensure_environment():
             raise CockerError('cannot create %s: %s' % (log_path(), e.strerror), EXIT_ENV)
 
 
+def clean_stores():
+    """What commands killed half-way left behind (cheap: one directory, seldom there)."""
+    for store in (images_dir(), containers_dir()):
+        clean_staging(store)
+
+
 # =============================================================================
 # main
 # =============================================================================
@@ -5015,6 +5086,7 @@ def main(argv=None):
         if os.geteuid() != 0:
             raise CockerError('cocker must run as root', EXIT_ENV)
         ensure_environment()
+        clean_stores()
         check_args(o)
         what = '-s %s' % o.show if o.show else '-a %s' % o.action
         log('INFO', 'cocker %s' % ' '.join(argv))

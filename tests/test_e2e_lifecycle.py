@@ -422,9 +422,12 @@ def test_a_boot_killed_half_way_is_repaired_by_the_next_command(cocker, test_ima
 
 def test_a_create_killed_half_way_leaves_nothing_visible(cocker, test_image, names, home):
     name = names('half')
-    staging = os.path.join(home, 'containers', '.%s.creating.%d' % (name, 2 ** 22 + 1))
+    # a staging directory whose owner (pid 2**22+1, beyond pid_max) is gone
+    staging = os.path.join(home, 'containers', '.staging', 'new.%d-1.dead' % (2 ** 22 + 1))
     os.makedirs(os.path.join(staging, 'rwlayer'))
     assert name not in cocker('-s', 'containers').out
+    assert not os.path.exists(staging), 'every command must sweep what a killed create left'
+    assert not os.path.exists(os.path.dirname(staging)), 'an empty .staging must go too'
     assert cocker('-a', 'create', '-m', 'test', '-c', name).rc == 0
     assert not os.path.exists(staging), 'create must sweep what a killed create left'
 
