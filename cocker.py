@@ -407,21 +407,93 @@ def check_name(kind, name):
     return name
 
 
+PIPE = -1                       #: subprocess.PIPE, without importing subprocess
+
+
+def command_failed(argv, status, cause):
+    return CockerError('%s failed: %s' % (' '.join(argv[:3]), cause))
+
+
+class Command(object):
+    """One external command (an argv list, never a shell), traced under -d; whatever fails
+    becomes one error line, failure(argv, status, last line of its stderr).  stdin and stdout
+    are /dev/null, or PIPE to stream through command.stdin and command.stdout.  In a with
+    block: killed if the block fails, waited for and its pipes closed in any case."""
+
+    def __init__(self, argv, stdin=None, stdout=None, stderr=None, failure=command_failed):
+        import subprocess
+        import tempfile
+        debug('run %s', ' '.join(shell_quote(a) for a in argv))
+        self.argv, self.failure = argv, failure
+        # a streaming command's stderr goes to a file: a full pipe would stall it
+        self.errors = tempfile.TemporaryFile() if stderr is None else None
+        try:
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL if stdin is None else stdin,
+                stdout=subprocess.DEVNULL if stdout is None else stdout,
+                stderr=self.errors or stderr)
+        except OSError as e:
+            self.close_errors()
+            raise CockerError('cannot run %s: %s' % (argv[0], e.strerror))
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
+
+    def write(self, data):
+        """Write to its stdin; if it has ended, its own failure is the error."""
+        try:
+            self.stdin.write(data)
+        except BrokenPipeError:
+            self.check()
+            raise CockerError('%s stopped reading its input early' % self.argv[0])
+
+    def end_input(self):
+        try:
+            self.stdin.close()
+        except BrokenPipeError:
+            pass                        # it ended before reading all: its status says why
+
+    def check(self, ok=(0,), err=None):
+        """Wait for it to end; its exit status, or its failure if that is not in ok."""
+        status = self.proc.wait()
+        if ok is not None and status not in ok:
+            if err is None:
+                err = read_all(self.errors) if self.errors else b''
+            lines = err.decode('utf-8', 'replace').strip().splitlines()
+            raise self.failure(self.argv, status, lines[-1] if lines else
+                               'exit status %d' % status)
+        return status
+
+    def close_errors(self):
+        if self.errors:
+            self.errors.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        if kind is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self.stdin:
+            self.end_input()
+        if self.stdout:
+            self.stdout.close()
+        self.proc.wait()
+        self.close_errors()
+
+
+def run_command(argv, input=None, ok=(0,), failure=command_failed):
+    """Run a command to its end: (exit status, stdout bytes); a status not in ok raises
+    (ok=None: any status will do)."""
+    with Command(argv, stdin=PIPE if input is not None else None, stdout=PIPE, stderr=PIPE,
+                 failure=failure) as command:
+        out, err = command.proc.communicate(input)
+        return command.check(ok, err), out
+
+
 def run(argv, check=True, input=None):
-    """Run an external command (argv list, never a shell); return its stdout text."""
-    import subprocess
-    debug('run %s', ' '.join(shell_quote(a) for a in argv))
-    try:
-        p = subprocess.Popen(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             universal_newlines=True)
-    except OSError as e:
-        raise CockerError('cannot run %s: %s' % (argv[0], e.strerror))
-    out, err = p.communicate(input)
-    if check and p.returncode != 0:
-        last = (err.strip().splitlines() or ['exit status %d' % p.returncode])[-1]
-        raise CockerError('%s failed: %s' % (' '.join(argv[:3]), last))
-    return out
+    """Run a command to its end; its stdout as text (input: text for its stdin)."""
+    _, out = run_command(argv, None if input is None else input.encode('utf-8'),
+                         (0,) if check else None)
+    return out.decode('utf-8', 'replace')
 
 
 def shell_quote(s):
@@ -429,11 +501,22 @@ def shell_quote(s):
     return shlex.quote(s)
 
 
+def shell_command(template, *words):
+    """A command line for a remote shell: each word quoted into the template's {} fields."""
+    return template.format(*[shell_quote(word) for word in words])
+
+
 def exit_status(wait_status):
     """A process's exit code, or 128+signal when a signal ended it (as shells report it)."""
     if os.WIFSIGNALED(wait_status):
         return 128 + os.WTERMSIG(wait_status)
     return os.WEXITSTATUS(wait_status)
+
+
+def read_all(f):
+    """Everything written so far to a temporary file (a child's stderr)."""
+    f.seek(0)
+    return f.read()
 
 
 def close_fds_except(keep):
@@ -1557,10 +1640,10 @@ def iptables_command():
 
 
 def iptables_restore(iptables, lines):
-    """Apply 'TABLE CHAIN RULE' lines as one transaction (iptables-restore --noflush)."""
+    """Apply (table, [words]) lines as one transaction (iptables-restore --noflush)."""
     tables = {}
-    for table, rule in lines:
-        tables.setdefault(table, []).append(rule)
+    for table, words in lines:
+        tables.setdefault(table, []).append(restore_line(words))
     text = ''.join('*%s\n%sCOMMIT\n' % (table, ''.join(r + '\n' for r in rules))
                    for table, rules in sorted(tables.items()))
     with locked('network', 'iptables'):
@@ -1572,6 +1655,16 @@ def iptables_restore(iptables, lines):
             run([iptables + '-restore', '--noflush'], input=text)
 
 
+def restore_line(words):
+    """One line of iptables-restore input.  Its words are names and addresses cocker has
+    checked: one with a blank or a quote would be split or joined there, so it is refused."""
+    for word in words:
+        if not word or any(ch in word for ch in ' \t\n"\'#'):
+            raise CockerError('iptables rule word %r cannot be passed to iptables-restore'
+                              % word)
+    return ' '.join(words)
+
+
 def iptables_ok(iptables, table, *args):
     try:
         run([iptables, '-w', '-t', table] + list(args))
@@ -1581,41 +1674,42 @@ def iptables_ok(iptables, table, *args):
 
 
 def bridge_jumps(bridge):
-    """(table, built-in chain, rule) that lead into cocker's chains.  The address-type match
-    keeps port mappings to connections addressed to this host: the host's own connections
-    to the same port of another machine pass untouched."""
-    local = '-m addrtype --dst-type LOCAL -j %s' % bridge.dnat_chain
+    """(table, built-in chain, rule words) that lead into cocker's chains.  The address-type
+    match keeps port mappings to connections addressed to this host: the host's own
+    connections to the same port of another machine pass untouched."""
+    local = ['-m', 'addrtype', '--dst-type', 'LOCAL', '-j', bridge.dnat_chain]
     # from other machines never to 127/8: a mapping bound to 127.0.0.1 stays the host's own
-    return [('nat', 'PREROUTING', '! -d 127.0.0.0/8 ' + local), ('nat', 'OUTPUT', local),
-            ('nat', 'OUTPUT', '-d %s -j %s' % (bridge.network, bridge.vip_chain)),
-            ('nat', 'POSTROUTING', '-j %s' % bridge.post_chain),
-            ('filter', 'FORWARD', '-j %s' % bridge.forward_chain),
-            ('filter', 'INPUT', '-j %s' % bridge.input_chain)]
+    return [('nat', 'PREROUTING', ['!', '-d', '127.0.0.0/8'] + local), ('nat', 'OUTPUT', local),
+            ('nat', 'OUTPUT', ['-d', str(bridge.network), '-j', bridge.vip_chain]),
+            ('nat', 'POSTROUTING', ['-j', bridge.post_chain]),
+            ('filter', 'FORWARD', ['-j', bridge.forward_chain]),
+            ('filter', 'INPUT', ['-j', bridge.input_chain])]
 
 
 def bridge_chains(bridge):
-    """(table, chain, fixed rules) of a bridge."""
-    b, net = bridge.name, bridge.network
+    """(table, chain, fixed rules as word lists) of a bridge."""
+    b, net = bridge.name, str(bridge.network)
+    established = ['-m', 'conntrack', '--ctstate', 'RELATED,ESTABLISHED']
     return [
         ('nat', bridge.dnat_chain, []),
         ('nat', bridge.vip_chain, []),
         ('nat', bridge.post_chain, [
             # 127.0.0.1:HOSTPORT reaches the container (route_localnet lets it leave lo)
-            '-s 127.0.0.0/8 -o %s -j MASQUERADE' % b,
+            ['-s', '127.0.0.0/8', '-o', b, '-j', 'MASQUERADE'],
             # a container reaching a mapped port of the host, so the reply comes back the same way
-            '-s %s -o %s -m conntrack --ctstate DNAT -j MASQUERADE' % (net, b)]),
+            ['-s', net, '-o', b, '-m', 'conntrack', '--ctstate', 'DNAT', '-j', 'MASQUERADE']]),
         # routed in: only replies and published ports (a neighbour routing the subnet via
         # this host reaches nothing else); out, and container to container: everything
         ('filter', bridge.forward_chain, [
-            '-o %s -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT' % b,
-            '-o %s -m conntrack --ctstate DNAT -j ACCEPT' % b,
-            '-i %s -j ACCEPT' % b,
-            '-o %s -j DROP' % b]),
+            ['-o', b] + established + ['-j', 'ACCEPT'],
+            ['-o', b, '-m', 'conntrack', '--ctstate', 'DNAT', '-j', 'ACCEPT'],
+            ['-i', b, '-j', 'ACCEPT'],
+            ['-o', b, '-j', 'DROP']]),
         # route_localnet would let a container reach the host's 127.0.0.1 services with a
         # crafted packet (CVE-2020-8558): only replies and mapped connections get in
         ('filter', bridge.input_chain, [
-            '-i %s -d 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP'
-            % b]),
+            ['-i', b, '-d', '127.0.0.0/8', '-m', 'conntrack', '!', '--ctstate',
+             'RELATED,ESTABLISHED,DNAT', '-j', 'DROP']]),
     ]
 
 
@@ -1631,15 +1725,15 @@ def ensure_chains(bridge, iptables):
 def create_missing_chains(bridge, iptables):
     for table, chain, rules in bridge_chains(bridge):
         if not iptables_ok(iptables, table, '-n', '-L', chain):
-            iptables_restore(iptables, [(table, ':%s - [0:0]' % chain)] +
-                             [(table, '-A %s %s' % (chain, r)) for r in rules])
+            iptables_restore(iptables, [(table, [':%s' % chain, '-', '[0:0]'])] +
+                             [(table, ['-A', chain] + rule) for rule in rules])
             continue
         for rule in rules:          # a chain of an older cocker gets the rules it lacks
-            if not iptables_ok(iptables, table, '-C', chain, *rule.split()):
-                run([iptables, '-w', '-t', table, '-A', chain] + rule.split())
+            if not iptables_ok(iptables, table, '-C', chain, *rule):
+                run([iptables, '-w', '-t', table, '-A', chain] + rule)
     for table, chain, rule in bridge_jumps(bridge):
-        if not iptables_ok(iptables, table, '-C', chain, *rule.split()):
-            run([iptables, '-w', '-t', table, '-I', chain, '1'] + rule.split())
+        if not iptables_ok(iptables, table, '-C', chain, *rule):
+            run([iptables, '-w', '-t', table, '-I', chain, '1'] + rule)
 
 
 def chains_marker(bridge):
@@ -1657,22 +1751,22 @@ def chains_layout(bridge):
 
 
 def container_rules(name, bridge, vip, mappings, host_eth):
-    """(table, 'CHAIN RULE') of one container: DNAT per port mapping, masquerading of its
-    outgoing traffic, each tagged with the container's name for whoever reads iptables-save."""
-    tag = '-m comment --comment cocker:%s' % name
+    """(table, [chain, rule words]) of one container: DNAT per port mapping, masquerading of
+    its outgoing traffic, each tagged with the container's name for whoever reads
+    iptables-save."""
+    tag = ['-m', 'comment', '--comment', 'cocker:' + name]
     rules = []
     for m in mappings:
-        rules.append(('nat', '%s%s -p %s -m %s --dport %d %s -j DNAT --to-destination %s:%d' % (
-            bridge.dnat_chain, ' -d %s/32' % m.host_ip if m.host_ip else '', m.proto, m.proto,
-            m.host_port, tag, vip, m.port)))
-        if m.host_port == m.port:
-            continue
-        # the manual's `ssh root@VIP -p HOST_PORT` from the host: only to this VIP
-        rules.append(('nat', '%s -d %s/32 -p %s -m %s --dport %d %s -j DNAT --to-destination '
-                      '%s:%d' % (bridge.vip_chain, vip, m.proto, m.proto, m.host_port, tag, vip,
-                                 m.port)))
-    out = '-o %s' % host_eth if host_eth else '! -o %s' % bridge.name
-    rules.append(('nat', '%s -s %s/32 %s %s -j MASQUERADE' % (bridge.post_chain, vip, out, tag)))
+        match = ['-p', m.proto, '-m', m.proto, '--dport', str(m.host_port)] + tag + [
+            '-j', 'DNAT', '--to-destination', '%s:%d' % (vip, m.port)]
+        rules.append(('nat', [bridge.dnat_chain] + (
+            ['-d', m.host_ip + '/32'] if m.host_ip else []) + match))
+        if m.host_port != m.port:
+            # the manual's `ssh root@VIP -p HOST_PORT` from the host: only to this VIP
+            rules.append(('nat', [bridge.vip_chain, '-d', vip + '/32'] + match))
+    out = ['-o', host_eth] if host_eth else ['!', '-o', bridge.name]
+    rules.append(('nat', [bridge.post_chain, '-s', vip + '/32'] + out + tag +
+                  ['-j', 'MASQUERADE']))
     return rules
 
 
@@ -1681,10 +1775,10 @@ def delete_rules(iptables, rules):
     if not rules:
         return
     try:
-        iptables_restore(iptables, [(t, '-D ' + r) for t, r in rules])
+        iptables_restore(iptables, [(table, ['-D'] + words) for table, words in rules])
     except CockerError:
-        for table, rule in rules:
-            iptables_ok(iptables, table, '-D', *rule.split())
+        for table, words in rules:
+            iptables_ok(iptables, table, '-D', *words)
 
 
 # ---- the bridge ------------------------------------------------------------------------
@@ -1713,7 +1807,7 @@ def set_bridge_sysctls(bridge):
 def remove_bridge(bridge, iptables):
     """Remove the bridge and cocker's chains of it (nothing else's)."""
     for table, chain, rule in bridge_jumps(bridge):
-        while iptables_ok(iptables, table, '-D', chain, *rule.split()):
+        while iptables_ok(iptables, table, '-D', chain, *rule):
             pass
     for table, chain, _ in bridge_chains(bridge):
         if iptables_ok(iptables, table, '-F', chain):
@@ -1965,7 +2059,7 @@ def wire_container(name, bridge, vip, veth, path, iptables, rules):
             'link set eth0 up\n'
             'route add default via %s dev eth0\n'
             % (vip, bridge.network.prefixlen, bridge.address))
-    added = [(table, '-A ' + rule) for table, rule in rules]
+    added = [(table, ['-A'] + words) for table, words in rules]
     try:
         iptables_restore(iptables, added)
     except CockerError:
@@ -1980,8 +2074,10 @@ def teardown_network(name):
         write_attr(name, 'network.state', None)
         return
     def remove_rules():
+        # rules as word lists; a state written by cocker 1.0 has them as one string
         delete_rules(state.get('iptables') or 'iptables',
-                     [tuple(r) for r in state.get('rules') or []])
+                     [(table, words.split() if isinstance(words, str) else words)
+                      for table, words in state.get('rules') or []])
 
     def remove_veth():                          # its peer, eth0, goes with it
         if state.get('veth') and link_exists(state['veth']):
@@ -3048,8 +3144,6 @@ def sha256_line(digest, filename):
 def write_archive(rlayer, write, progress):
     """Stream the gzip tar of rlayer's contents to write(bytes); return its sha256 hex."""
     import hashlib
-    import subprocess
-    import tempfile
     import zlib
     digest = hashlib.sha256()
     packer = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)     # gzip's default
@@ -3062,34 +3156,16 @@ def write_archive(rlayer, write, progress):
     if not entries:                     # tar refuses to make an empty archive: two zero blocks
         emit(packer.compress(b'\0' * 2 * TAR_BLOCK))
     else:
-        with tempfile.TemporaryFile() as errors:
-            tar = subprocess.Popen(['tar', '-C', rlayer] + tar_xattr_options() +
-                                   ['-cf', '-', '--'] + entries,
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=errors)
-            try:
-                for chunk in iter(lambda: tar.stdout.read(CHUNK), b''):
-                    emit(packer.compress(chunk))
-                    progress.add(len(chunk))
-            finally:
-                tar.stdout.close()
-                status = tar.wait()
-            if status != 0:
-                raise CockerError('tar failed on %s: %s' % (rlayer, last_line(errors)))
+        with Command(['tar', '-C', rlayer] + tar_xattr_options() + ['-cf', '-', '--'] + entries,
+                     stdout=PIPE, failure=lambda argv, status, cause: CockerError(
+                         'tar failed on %s: %s' % (rlayer, cause))) as tar:
+            for chunk in iter(lambda: tar.stdout.read(CHUNK), b''):
+                emit(packer.compress(chunk))
+                progress.add(len(chunk))
+            tar.check()
     emit(packer.flush())
     progress.finish()
     return digest.hexdigest()
-
-
-def read_all(f):
-    """Everything written so far to a temporary file (a child's stderr)."""
-    f.seek(0)
-    return f.read()
-
-
-def last_line(f):
-    lines = read_all(f).decode('utf-8', 'replace').strip().splitlines()
-    return lines[-1] if lines else 'no message'
 
 
 def tar_number(field):
@@ -3292,60 +3368,50 @@ def read_archive(read, rlayer, progress, compressed=True):
     """Unpack a gzip tar stream (read(n) -> bytes; a plain one if not compressed) into
     rlayer through ArchiveGuard; return the sha256 hex of the bytes read."""
     import hashlib
-    import subprocess
-    import tempfile
-    import zlib
     digest = hashlib.sha256()
     guard = ArchiveGuard()
-    unpacker = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    fresh = True                # no byte given to the current gzip member yet
-    with tempfile.TemporaryFile() as errors:
-        tar = subprocess.Popen(['tar', '-x', '-p', '--numeric-owner'] + tar_xattr_options() +
-                               ['-C', rlayer, '-f', '-'], stdin=subprocess.PIPE,
-                               stdout=subprocess.DEVNULL, stderr=errors)
-        try:
-            try:
-                while True:
-                    chunk = read(CHUNK)
-                    if not chunk:
-                        break
-                    digest.update(chunk)
-                    progress.add(len(chunk))
-                    if not compressed:
-                        tar.stdin.write(guard.feed(chunk))
-                        continue
-                    while chunk:
-                        data = unpacker.decompress(chunk, CHUNK)     # bounded: no bomb
-                        fresh = False
-                        chunk = unpacker.unconsumed_tail
-                        if unpacker.eof:            # gzip members may follow one another
-                            chunk = unpacker.unused_data
-                            unpacker = zlib.decompressobj(16 + zlib.MAX_WBITS)
-                            fresh = True
-                        tar.stdin.write(guard.feed(data))
-                if compressed and not fresh:
-                    raise CockerError('the archive is truncated')
-                guard.finish()
-            except zlib.error as e:
-                raise CockerError('the archive is not a complete gzip file (%s)' % e)
-            except BrokenPipeError:
-                if tar.wait() == 0:
-                    raise CockerError('tar stopped reading the archive early')
-            finally:
-                try:
-                    tar.stdin.close()
-                except BrokenPipeError:
-                    pass
-        except BaseException:
-            tar.kill()
-            tar.wait()
-            raise
-        if tar.wait() != 0:
-            raise CockerError('tar could not unpack the archive: %s' % last_line(errors))
+
+    def counted(n):
+        chunk = read(n)
+        digest.update(chunk)
+        progress.add(len(chunk))
+        return chunk
+    tar_data = gunzip(counted) if compressed else iter(lambda: counted(CHUNK), b'')
+    with Command(['tar', '-x', '-p', '--numeric-owner'] + tar_xattr_options() +
+                 ['-C', rlayer, '-f', '-'], stdin=PIPE, failure=lambda argv, status, cause:
+                 CockerError('tar could not unpack the archive: %s' % cause)) as tar:
+        for data in tar_data:
+            tar.write(guard.feed(data))
+        guard.finish()
+        tar.end_input()
+        tar.check()
     progress.finish()
     for path in guard.skipped:
         warn('device node %s skipped' % path)
     return digest.hexdigest()
+
+
+def gunzip(read):
+    """The data of a gzip stream of one or more members, CHUNK bytes at most at a time
+    (a small archive never inflates into a huge buffer)."""
+    import zlib
+    unpacker = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    fresh = True                # no byte given to the current gzip member yet
+    try:
+        for chunk in iter(lambda: read(CHUNK), b''):
+            while chunk:
+                data = unpacker.decompress(chunk, CHUNK)
+                fresh = False
+                chunk = unpacker.unconsumed_tail
+                if unpacker.eof:            # gzip members may follow one another
+                    chunk = unpacker.unused_data
+                    unpacker = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                    fresh = True
+                yield data
+    except zlib.error as e:
+        raise CockerError('the archive is not a complete gzip file (%s)' % e)
+    if not fresh:
+        raise CockerError('the archive is truncated')
 
 
 def refuse_device_nodes(rlayer):
@@ -3858,17 +3924,13 @@ def action_export(o):
         require_image(o.image)
         total = tree_size(rlayer) if sys.stderr.isatty() else None
         tmp = '.%s.tmp%d' % (filename, os.getpid())
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
-                         os.O_CLOEXEC, 0o644)
-            with os.fdopen(fd, 'wb') as f:
-                digest = write_archive(rlayer, f.write, Progress('export ' + filename, total))
-                f.flush()
-                os.fsync(f.fileno())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644)
+        with Rollback(remove_file, tmp), os.fdopen(fd, 'wb') as f:
+            digest = write_archive(rlayer, f.write, Progress('export ' + filename, total))
+            f.flush()
+            os.fsync(f.fileno())
             os.rename(tmp, filename)
-        except BaseException:
-            remove_file(tmp)
-            raise
         write_small(filename + '.sha256', sha256_line(digest, filename))
     say('OK')
     return EXIT_OK
@@ -3944,27 +4006,20 @@ def ssh_command(repo, command):
     return argv + ['--', destination, command]
 
 
-def ssh_run(repo, command, input=None, ok=(0,)):
-    """Run a shell command in the repository; return (status, stdout).  ssh's own failure
-    (255: refused, unreachable, key not accepted) is an error naming the cause."""
-    import subprocess
-    argv = ssh_command(repo, command)
-    debug('run %s', ' '.join(shell_quote(a) for a in argv))
-    p = subprocess.Popen(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = p.communicate(input)
-    check_ssh_status(repo, p.returncode, err, ok)
-    return p.returncode, out.decode('utf-8', 'replace')
+def ssh_failure(repo):
+    """ssh's own failure (255: refused, unreachable, key not accepted) names ssh; any other
+    status is the remote command's."""
+    def failure(argv, status, cause):
+        if status == 255:
+            return CockerError('ssh to %s failed: %s' % (repo[0], cause))
+        return CockerError('command in repository %s failed: %s' % (repo[0], cause))
+    return failure
 
 
-def check_ssh_status(repo, status, err, ok=(0,)):
-    if status in ok:
-        return
-    lines = err.decode('utf-8', 'replace').strip().splitlines() if err else []
-    cause = lines[-1] if lines else 'exit status %d' % status
-    if status == 255:
-        raise CockerError('ssh to %s failed: %s' % (repo[0], cause))
-    raise CockerError('command in repository %s failed: %s' % (repo[0], cause))
+def ssh_run(repo, command, ok=(0,)):
+    """Run a shell command (see shell_command) in the repository: (status, stdout text)."""
+    status, out = run_command(ssh_command(repo, command), ok=ok, failure=ssh_failure(repo))
+    return status, out.decode('utf-8', 'replace')
 
 
 def show_ssearch(o):
@@ -3988,43 +4043,28 @@ def show_ssearch(o):
 
 def action_spush(o):
     """Upload an image archive (and its sha256) to the repository."""
-    import subprocess
-    import tempfile
     name, version = require_image(o.image)
     repo = repository(o)
     filename = archive_name(name, version)
-    target, tmp = shell_quote(filename), shell_quote('.%s.tmp%d' % (filename, os.getpid()))
-    status, _ = ssh_run(repo, 'test -e %s' % target, ok=(0, 1))
+    tmp = '.%s.tmp%d' % (filename, os.getpid())
+    status, _ = ssh_run(repo, shell_command('test -e {}', filename), ok=(0, 1))
     if status == 0 and not o.force:
         raise CockerError("image '%s' exist in srepo (add -f to replace it)" % filename)
     rlayer = os.path.join(image_dir(name, version), 'rlayer')
-    with locked('image', name), tempfile.TemporaryFile() as errors:
+    with locked('image', name):
         require_image(o.image)
-        upload = subprocess.Popen(ssh_command(repo, 'cat > %s' % tmp), stdin=subprocess.PIPE,
-                                  stdout=subprocess.DEVNULL, stderr=errors)
-        try:
-            try:
-                digest = write_archive(rlayer, upload.stdin.write, Progress(
+        with Rollback(ssh_run, repo, shell_command('rm -f {} {}', tmp, tmp + '.sha256')):
+            with Command(ssh_command(repo, shell_command('cat > {}', tmp)), stdin=PIPE,
+                         failure=ssh_failure(repo)) as upload:
+                digest = write_archive(rlayer, upload.write, Progress(
                     'spush ' + filename, tree_size(rlayer) if sys.stderr.isatty() else None))
-            finally:
-                try:
-                    upload.stdin.close()
-                except BrokenPipeError:
-                    pass
-            check_ssh_status(repo, upload.wait(), read_all(errors))
+                upload.end_input()
+                upload.check()
             # the old .sha256 goes first: an archive is never beside a digest not its own
-            ssh_run(repo, 'printf %%s %s > %s.sha256 && rm -f %s.sha256 && mv -f %s %s && '
-                    'mv -f %s.sha256 %s.sha256' % (shell_quote(sha256_line(digest, filename)),
-                                                    tmp, target, tmp, target, tmp, target))
-        except BaseException:
-            if upload.poll() is None:
-                upload.kill()
-                upload.wait()
-            try:
-                ssh_run(repo, 'rm -f %s %s.sha256' % (tmp, tmp))
-            except CockerError:
-                pass
-            raise
+            ssh_run(repo, shell_command(
+                'printf %s {0} > {1} && rm -f {2} && mv -f {3} {4} && mv -f {1} {2}',
+                sha256_line(digest, filename), tmp + '.sha256', filename + '.sha256', tmp,
+                filename))
     log('INFO', "pushed '%s' to %s" % (filename, repo[0]))
     say('OK')
     return EXIT_OK
@@ -4032,14 +4072,12 @@ def action_spush(o):
 
 def action_spull(o):
     """Download an image archive from the repository and import it (sha256 checked)."""
-    import subprocess
-    import tempfile
     name, version = image_or_unversioned(o.image)
     repo = repository(o)
     filename = archive_name(name, version)
-    source = shell_quote(filename)
-    status, out = ssh_run(repo, 'test -f %s || exit 3; wc -c < %s; cat %s.sha256 2>/dev/null; '
-                          'exit 0' % (source, source, source), ok=(0, 3))
+    status, out = ssh_run(repo, shell_command(
+        'test -f {0} || exit 3; wc -c < {0}; cat {1} 2>/dev/null; exit 0',
+        filename, filename + '.sha256'), ok=(0, 3))
     if status == 3:
         raise CockerError("image '%s' not found in srepo" % filename)
     lines = out.split('\n', 1)
@@ -4049,21 +4087,11 @@ def action_spull(o):
         warn('%s has no .sha256 in the repository: not checked' % filename)
     elif len(digest) != 64 or any(c not in '0123456789abcdef' for c in digest):
         raise CockerError('%s.sha256 in the repository is not a sha256sum line' % filename)
-    with tempfile.TemporaryFile() as errors:
-        download = subprocess.Popen(ssh_command(repo, 'cat %s' % source),
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=errors)
-        try:
-            # the download must have ended well before the image is installed
-            import_archive(download.stdout.read, size, name, version, o.force, digest,
-                           'spull ' + filename, check=lambda: check_ssh_status(
-                               repo, download.wait(), read_all(errors)))
-        except BaseException:
-            download.kill()
-            download.wait()
-            raise
-        finally:
-            download.stdout.close()
+    with Command(ssh_command(repo, shell_command('cat {}', filename)), stdout=PIPE,
+                 failure=ssh_failure(repo)) as download:
+        # the download must have ended well before the image is installed
+        import_archive(download.stdout.read, size, name, version, o.force, digest,
+                       'spull ' + filename, check=download.check)
     log('INFO', "pulled '%s' from %s" % (filename, repo[0]))
     say('OK')
     return EXIT_OK
@@ -4162,6 +4190,7 @@ def run_helper(name, running, init, settings, work, host_side, keep):
 def helper_main(name, proc, init, settings, work, result_w, keep):
     """The helper process: enter, confine, work; never returns."""
     import signal
+    global HOME
     status = 1
     try:
         prctl(PR_SET_DUMPABLE, 0)       # the container's processes see it: no ptrace, no fds
@@ -4182,6 +4211,7 @@ def helper_main(name, proc, init, settings, work, result_w, keep):
         init.confine(settings['last_cap'], seccomp=settings['seccomp'])
         if settings['no_new_privs']:
             prctl(init.PR_SET_NO_NEW_PRIVS, 1)
+        HOME = None                     # no log: a COCKER_HOME in here is the container's
         work()
         status = 0
     except BaseException as e:
@@ -4382,15 +4412,13 @@ def replace_in_file(template, instance, pairs):
         st = os.stat(instance)
     tmp = '%s.cocker%d' % (instance, os.getpid())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        os.write(fd, text)
-        os.fchown(fd, st.st_uid, st.st_gid)
-        os.fchmod(fd, stat.S_IMODE(st.st_mode))
-        os.close(fd)
+    with Rollback(remove_file, tmp):
+        with os.fdopen(fd, 'wb') as f:
+            f.write(text)
+            f.flush()
+            os.fchown(fd, st.st_uid, st.st_gid)
+            os.fchmod(fd, stat.S_IMODE(st.st_mode))
         os.rename(tmp, instance)
-    except BaseException:
-        remove_file(tmp)
-        raise
 
 
 def action_rplfile(o):

@@ -237,7 +237,7 @@ def test_container_rules_match_only_its_own_traffic():
     b = bridge()
     maps = cocker.parse_port_mappings('8080:80,127.0.0.1:5353:53/udp')
     rules = cocker.container_rules('web', b, '166.88.0.5', maps, None)
-    assert rules == [
+    assert [(table, ' '.join(words)) for table, words in rules] == [
         ('nat', 'COCKER -p tcp -m tcp --dport 8080 -m comment --comment cocker:web '
                 '-j DNAT --to-destination 166.88.0.5:80'),
         # the host reaches VIP:8080 as the manual's `ssh root@VIP -p 2222` does
@@ -250,12 +250,13 @@ def test_container_rules_match_only_its_own_traffic():
         ('nat', 'COCKER-POST -s 166.88.0.5/32 ! -o cocker0 -m comment --comment cocker:web '
                 '-j MASQUERADE')]
     with_eth = cocker.container_rules('web', b, '166.88.0.5', [], 'bond0')
-    assert with_eth == [('nat', 'COCKER-POST -s 166.88.0.5/32 -o bond0 -m comment --comment '
+    assert [(table, ' '.join(words)) for table, words in with_eth] == [('nat', 'COCKER-POST -s 166.88.0.5/32 -o bond0 -m comment --comment '
                                 'cocker:web -j MASQUERADE')]
     # the jumps keep DNAT to connections addressed to this host
-    assert ('nat', 'OUTPUT', '-m addrtype --dst-type LOCAL -j COCKER') in cocker.bridge_jumps(b)
+    jumps = [(table, chain, ' '.join(words)) for table, chain, words in cocker.bridge_jumps(b)]
+    assert ('nat', 'OUTPUT', '-m addrtype --dst-type LOCAL -j COCKER') in jumps
     assert ('nat', 'PREROUTING', '! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j COCKER') \
-        in cocker.bridge_jumps(b), 'other machines never reach a mapping bound to 127.0.0.1'
+        in jumps, 'other machines never reach a mapping bound to 127.0.0.1'
 
 
 def test_network_config_defaults_and_errors(tmp_path, monkeypatch):
@@ -426,10 +427,11 @@ def test_network_values_are_strict_on_every_python():
 
 
 def test_containers_cannot_reach_the_hosts_loopback_services():
-    chains = dict((chain, rules) for _, chain, rules in cocker.bridge_chains(bridge()))
+    chains = dict((chain, [' '.join(rule) for rule in rules])
+                  for _, chain, rules in cocker.bridge_chains(bridge()))
     assert chains['COCKER-IN'] == [
         '-i cocker0 -d 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP']
-    assert ('filter', 'INPUT', '-j COCKER-IN') in cocker.bridge_jumps(bridge())
+    assert ('filter', 'INPUT', ['-j', 'COCKER-IN']) in cocker.bridge_jumps(bridge())
 
 
 # ---- archive guard ---------------------------------------------------------------------
