@@ -32,6 +32,7 @@ import stat
 import struct
 import sys
 import time
+from _signal import SIGKILL, SIGTERM   # by name, without signal.py (and the enum it loads)
 
 # Heavier modules (ctypes, subprocess, socket, select, termios, shutil, hashlib) are
 # imported inside the functions that need them: every command pays Python start-up, and
@@ -170,6 +171,12 @@ def say(text=''):
         sys.stdout.flush()
     except BrokenPipeError:
         raise ReaderGone()
+
+
+def ok():
+    """What an action that succeeded prints (runbooks wait for it)."""
+    say('OK')
+    return EXIT_OK
 
 
 def debug(fmt, *args):
@@ -389,6 +396,32 @@ class locked(object):
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+class locked_images(object):
+    """The locks of several images, taken in name order (no deadlock between commands);
+    shared: many boots at once, but no delete, rename or replace meanwhile."""
+
+    def __init__(self, *names, **kw):
+        self.locks = [locked('image', n, shared=kw.get('shared', False))
+                      for n in sorted(set(names))]
+
+    def __enter__(self):
+        for lock in self.locks:
+            lock.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for lock in reversed(self.locks):
+            lock.__exit__(*exc)
+
+
+def split_list(text):
+    return [item for item in text.split(',') if item]
+
+
+def is_decimal(text):
+    return bool(text) and all(ch in '0123456789' for ch in text)
 
 
 def check_name(kind, name):
@@ -732,12 +765,21 @@ def resolve_image(ref, latest=True):
     return name, version
 
 
+def image_or_unversioned(ref):
+    """NAME[:VERSION] -> (name, version), '_' when none is given (as the C cocker has it)."""
+    name, version = parse_image_ref(ref)
+    return name, version or NO_VERSION
+
+
+def require_image(ref):
+    name, version = image_or_unversioned(ref)
+    if not os.path.isdir(os.path.join(image_dir(name, version), 'rlayer')):
+        raise CockerError("image '%s' not found" % ref)
+    return name, version
+
+
 def image_ref_text(name, version):
     return name if version == NO_VERSION else '%s:%s' % (name, version)
-
-
-def split_list(text):
-    return [item for item in text.split(',') if item]
 
 
 def image_users(name, version):
@@ -751,6 +793,13 @@ def image_users(name, version):
                 users.append(c)
                 break
     return users
+
+
+def running_users(image, version):
+    """Running containers whose layers include image:version."""
+    ref = '%s:%s' % (image, version)
+    return [n for n in list_containers() if ref in split_list(read_attr(n, 'layers', ''))
+            and container_status(n) == 'RUNNING']
 
 
 def refuse_if_used(name, version, force, what):
@@ -825,6 +874,86 @@ def remove_image(name, version):
         os.rmdir(os.path.join(images_dir(), name))
     except OSError:
         pass
+
+
+# ---- what the image actions do ------------------------------------------------------
+
+def rename_version(image, new, force):
+    """images/NAME/OLD -> images/NAME/NEW; with force, its stopped users follow."""
+    name, old = image
+    check_name('version', new)
+    if new == old:
+        raise CockerError('version equal')
+    with locked('image', name):
+        require_image(image_ref_text(name, old))
+        if os.path.exists(image_dir(name, new)):
+            raise CockerError("image '%s' exist" % image_ref_text(name, new))
+        users = image_users(name, old)
+        refuse_if_used(name, old, force, 'it would be taken away from them')
+        # no container lock here: a boot holds its container's and waits for our image lock
+        # (atomic file writes; the boot reads the layers once it has the image lock)
+        for c in users:                 # a C cocker container gets its versions pinned now
+            pin_layers(c)
+        os.rename(image_dir(name, old), image_dir(name, new))
+        for c in users:                 # -f: the stopped users follow the new version
+            layers = split_list(read_attr(c, 'layers') or '')
+            write_attr(c, 'layers', ','.join(
+                '%s:%s' % (name, new) if ref == '%s:%s' % (name, old) else ref
+                for ref in layers))
+
+
+def copy_image(source, target):
+    name, version = target
+    with locked_images(source[0], name):
+        require_image(image_ref_text(*source))
+        if os.path.exists(image_dir(name, version)):
+            raise CockerError("image '%s' exist" % image_ref_text(name, version))
+        with building_image(name, version) as rlayer:
+            copy_tree(os.path.join(image_dir(*source), 'rlayer'), rlayer)
+
+
+def delete_image(image, force):
+    name, version = image
+    with locked('image', name):
+        require_image(image_ref_text(name, version))
+        refuse_if_used(name, version, force, 'destroy them first')
+        remove_image(name, version)
+
+
+def container_to_image(cname, name, version):
+    check_name('image', name)
+    check_name('version', version)
+    # images before containers; a boot of this container may hold its lock and wait for ours
+    with locked('image', name), locked('container', cname, wait=False) as held:
+        if not held:
+            raise CockerError("container '%s' is busy (booting or stopping)" % cname)
+        repair_if_dead(cname)
+        require_stopped(cname, 'to_image converts only')
+        if os.path.exists(image_dir(name, version)):
+            raise CockerError("image '%s' exist" % image_ref_text(name, version))
+        with building_image(name, version) as rlayer:
+            copy_tree(container_file(cname, 'rwlayer'), rlayer, link=True)
+        remove_container(cname)
+    log('INFO', "container '%s' became image '%s'" % (cname, image_ref_text(name, version)))
+
+
+def image_to_container(image, options, base_layers):
+    """The image's rlayer becomes the rwlayer of a new container over base_layers."""
+    name, version = image
+    rlayer = os.path.join(image_dir(name, version), 'rlayer')
+
+    def take_image_layer(staging):
+        os.rmdir(os.path.join(staging, 'rwlayer', 'etc'))
+        copy_tree(rlayer, os.path.join(staging, 'rwlayer'), link=True)
+        write_small(os.path.join(staging, 'version'), version)
+    with locked('image', name):
+        require_image(image_ref_text(name, version))
+        refuse_if_used(name, version, options.force, 'it would be taken away from them')
+        make_container(options, options.to_container, base_layers, fill=take_image_layer,
+                       boot=False)
+        remove_image(name, version)
+    log('INFO', "image '%s' became container '%s'" % (image_ref_text(name, version),
+                                                     options.to_container))
 
 
 # ---- staging: everything new is built hidden, then renamed into place -------------------
@@ -992,6 +1121,17 @@ def read_pid(name, key='pid'):
     return pid if pid > 0 else None
 
 
+def signal_process(pid, sig):
+    """Send a signal to pid if there is one (None or gone: False)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 def pid_alive(pid):
     try:
         os.kill(pid, 0)
@@ -1026,7 +1166,7 @@ def repair_if_dead(name):
 
 
 def is_running(name):
-    repair_if_dead(name)
+    """A question only: a dead container is repaired by repair_if_dead, under its lock."""
     return container_status(name) == 'RUNNING'
 
 
@@ -1076,7 +1216,7 @@ def netns_name(name):
     return 'nns' + hashlib.md5(name.encode('utf-8')).hexdigest()[:10].upper()
 
 
-def write_container(staging, o, name):
+def write_container(staging, options, name, layers, vip):
     """Fill a new container directory from the create options."""
     for sub in ('rwlayer', 'workdir', 'merged'):
         os.mkdir(os.path.join(staging, sub), 0o755)
@@ -1086,29 +1226,29 @@ def write_container(staging, o, name):
         if value is not None:
             write_small(os.path.join(staging, key), value)
 
-    put('image', o.image)
-    put('layers', o.layers)
-    put('hostname', o.host or name)
-    put('net', o.net)
-    if o.net in ('BRIDGE', 'CUSTOM'):
+    put('image', options.image)
+    put('layers', layers)
+    put('hostname', options.host or name)
+    put('net', options.net)
+    if options.net in ('BRIDGE', 'CUSTOM'):
         put('netns', netns_name(name))
-    if o.net == 'BRIDGE':
-        put('vip', o.vip)
-        put('port_mapping', o.port_mapping)
-        put('host_eth', None if o.host_eth == 'none' else o.host_eth)
-    if o.volumes:
-        put('volume', volume_lines(o.volumes))
+    if options.net == 'BRIDGE':
+        put('vip', vip)
+        put('port_mapping', options.port_mapping)
+        put('host_eth', None if options.host_eth == 'none' else options.host_eth)
+    if options.volumes:
+        put('volume', volume_lines(options.volumes))
 
 
-def record_security(name, o):
+def record_security(name, options):
     """Store --seccomp and --no-new-privs of this command line; later boots reuse them."""
-    if o.seccomp is not None:
-        write_attr(name, 'seccomp', None if o.seccomp == 'default' else o.seccomp)
-    if o.no_new_privs:
+    if options.seccomp is not None:
+        write_attr(name, 'seccomp', None if options.seccomp == 'default' else options.seccomp)
+    if options.no_new_privs:
         write_attr(name, 'no_new_privs', '1')
 
 
-def create_container(o, name, fill=None):
+def create_container(options, name, layers, vip, fill=None):
     """Make C/NAME atomically: built in a hidden staging directory, renamed when complete
     (fill(staging) adds to it first, e.g. an rwlayer taken from an image)."""
     final = container_dir(name)
@@ -1116,7 +1256,7 @@ def create_container(o, name, fill=None):
         raise CockerError("container '%s' exist" % name)
     staging = new_staging(containers_dir(), 0o700)
     with Rollback(remove_staged, staging):
-        write_container(staging, o, name)
+        write_container(staging, options, name, layers, vip)
         if fill is not None:
             fill(staging)
         os.rename(staging, final)
@@ -1124,25 +1264,33 @@ def create_container(o, name, fill=None):
     debug('created container directory %s', final)
 
 
-def running_users(image, version):
-    """Running containers whose layers include image:version."""
-    ref = '%s:%s' % (image, version)
-    return [n for n in list_containers() if ref in split_list(read_attr(n, 'layers', ''))
-            and container_status(n) == 'RUNNING']
+def pinned_layers(name):
+    """'NAME:VERSION,...' of the container's images, bottom first: cp/layers, pinned at
+    create, so that importing a newer version never changes the layers under an existing
+    container.  A C cocker container has only cp/image: resolved here, recorded by
+    pin_layers."""
+    pinned = read_attr(name, 'layers')
+    if pinned is None:
+        pinned = layers_text([resolve_image(ref) for ref in
+                              split_list(read_attr(name, 'image', ''))]) or ''
+    return pinned
+
+
+def pin_layers(name):
+    """Record a C cocker container's resolved layers in cp/layers (under its lock)."""
+    if read_attr(name, 'layers') is None and read_attr(name, 'image') is not None:
+        write_attr(name, 'layers', pinned_layers(name))
+
+
+def layers_text(resolved):
+    """[(name, version)] -> 'NAME:VERSION,...' (None for none)."""
+    return ','.join('%s:%s' % ref for ref in resolved) or None
 
 
 def container_layers(name):
-    """rlayer paths, bottom first.  Pinned at create (cp/layers) so that importing a newer
-    version never changes the layers under an existing container; C cocker containers have
-    only cp/image, which is resolved once and then pinned."""
-    pinned = read_attr(name, 'layers')
-    if pinned is None:
-        image = read_attr(name, 'image')
-        if image is None:
-            return []
-        pinned = ','.join('%s:%s' % resolve_image(ref) for ref in split_list(image))
-        write_attr(name, 'layers', pinned)
-    return [os.path.join(image_dir(*resolve_image(ref)), 'rlayer') for ref in split_list(pinned)]
+    """rlayer paths, bottom first."""
+    return [os.path.join(image_dir(*resolve_image(ref)), 'rlayer')
+            for ref in split_list(pinned_layers(name))]
 
 
 # =============================================================================
@@ -1207,6 +1355,10 @@ def mount_root(name, layers):
     # keep it out of other namespaces' propagation groups: it is this container's alone
     mount(None, merged, None, MS_PRIVATE)
     debug('mounted root on %s', merged)
+
+
+def mount_container_root(name):
+    mount_root(name, container_layers(name))
 
 
 def unmount_root(name):
@@ -1804,6 +1956,25 @@ def set_bridge_sysctls(bridge):
         set_sysctl(accept_ra, '0')
 
 
+def delete_bridge(bridge):
+    """-a del_bridge: refused while a BRIDGE container runs (a dead one is repaired)."""
+    with locked('network', 'bridge'):               # waits for boots setting up
+        users = []
+        for n in list_containers():
+            if container_net(n) != 'BRIDGE':
+                continue
+            with locked('container', n, wait=False) as held:
+                if held:
+                    repair_if_dead(n)
+            if container_status(n) != 'STOPED':
+                users.append(n)
+        if users:
+            raise CockerError('bridge %s is used by running container(s) %s'
+                              % (bridge.name, ', '.join(users)))
+        remove_bridge(bridge, iptables_command())
+        log('INFO', 'removed bridge %s and its iptables chains' % bridge.name)
+
+
 def remove_bridge(bridge, iptables):
     """Remove the bridge and cocker's chains of it (nothing else's)."""
     for table, chain, rule in bridge_jumps(bridge):
@@ -2099,6 +2270,27 @@ def teardown_network(name):
     write_attr(name, 'network.state', None)
 
 
+def change_vip(name, vip):
+    """A stopped container's new VIP, recorded so that automatic choices avoid it."""
+    if container_net(name) == 'BRIDGE':
+        check_vip(vip, network_config())
+    with locked('container', name):
+        repair_if_dead(name)
+        require_stopped(name, 'the VIP can be changed on')
+        forget_vip(name, read_attr(name, 'vip'))
+        write_attr(name, 'vip', vip)
+        note_vip(name, vip)
+
+
+def reserve_vip(name, vip):
+    """A new BRIDGE container's VIP: the one given, recorded so that automatic choices
+    avoid it, or the lowest free one."""
+    if vip is None:
+        return allocate_vip(name, network_config())
+    note_vip(name, vip)
+    return vip
+
+
 def forget_network(name):
     """At destroy: the CUSTOM namespace (or one the C cocker left) and the VIP's record."""
     delete_netns(netns_path(name))
@@ -2172,10 +2364,6 @@ def parse_cpu_list(text):
     return sorted(cpus)
 
 
-def is_decimal(text):
-    return bool(text) and all(ch in '0123456789' for ch in text)
-
-
 def online_cpus():
     return parse_cpu_list(read_small('/sys/devices/system/cpu/online', '0'))
 
@@ -2234,19 +2422,19 @@ LIMIT_PARSERS = {'cpus': parse_cpus, 'cpu_quota': parse_cpu_quota, 'mem_limit': 
                  'pids_limit': parse_pids_limit}
 
 
-def check_limit_options(o):
+def check_limit_options(options):
     """Refuse bad limit values before anything starts ('none' drops a recorded limit)."""
     for option, _ in LIMITS:
-        value = getattr(o, option)
+        value = getattr(options, option)
         if value is not None and value != 'none':
             LIMIT_PARSERS[option](value)
 
 
-def record_limits(name, o):
+def record_limits(name, options):
     """Store the limits given on this command line; later boots reuse them.  'none' drops
     a limit; for the pids limit, which has a default, it is recorded as 'none'."""
     for option, key in LIMITS:
-        value = getattr(o, option)
+        value = getattr(options, option)
         if value is not None:
             write_attr(name, key, None if value == 'none' and key != 'pids_limit' else value)
 
@@ -2584,25 +2772,430 @@ def cgroup_usage(name):
 # =============================================================================
 # Boot sequence
 # =============================================================================
-# cocker boot (under the container lock) sets up the network, the cgroups (limits, the
-# device allow list) and the nodev overlay root, then forks the monitor:
+# One boot, in the order things happen.  The CLI (under the container lock) takes the host
+# steps below, then forks the monitor and waits for READY:
 #   monitor: setsid, holds running.lock, unshare(CLONE_NEWPID), fork -> PID 1, copies
-#            cockerinit's log, waits for PID 1, tears everything down, exits.
-#   PID 1, in this order, each step checked (a failure ends the boot, which is undone):
-#     1. joins the cgroups: limits and device rules hold before anything else runs
-#     2. dies with the monitor; last for the OOM killer
-#     3. new mount, UTS and IPC namespaces, all mounts private
-#     4. joins the network namespace (BRIDGE, CUSTOM), where ping needs no CAP_NET_RAW
-#     5. hostname
-#     6. volumes, bound nodev on targets resolved inside the root
-#     7. a fresh /proc: knobs read-only, host state masked with the host's real /dev/null
-#     8. a read-only /sys, masked likewise
-#     9. /dev: the allowed nodes, a private devpts, the console
-#    10. exec cockerinit.py with the host's interpreter, which pivots into the root,
-#        shrinks the capability sets to Podman's, installs the seccomp filter (a user
-#        namespace would come first, no_new_privs comes last, before each exec) and
-#        reports READY on the ready pipe.
+#            cockerinit's log, waits for PID 1, undoes the host steps in reverse, exits.
+#   PID 1:   takes PID1_STEPS in order, each checked (a failure ends the boot, which is
+#            undone), then execs cockerinit.py with the host's interpreter, which pivots
+#            into the root, shrinks the capability sets to Podman's, installs the seccomp
+#            filter (a user namespace would come first, no_new_privs comes last, before
+#            each exec) and reports READY on the ready pipe.
 # The CLI prints OK only after READY, so a failed boot is reported, and undone, at once.
+
+#: What a boot sets up on the host, in order, beside its undo.  teardown_container runs the
+#: undos in reverse order: when PID 1 has ended, after a failed boot, on a dead container.
+#: Each setup writes down what it makes before making it, so its undo removes exactly that.
+HOST_STEPS = (
+    # BRIDGE: claims, netns, veth pair, iptables rules (cp/network.state); CUSTOM: its netns
+    (setup_network, teardown_network),
+    # the cgroups with the limits and the device allow list (cp/cgroups)
+    (setup_cgroups, teardown_cgroups),
+    # the nodev overlay root on cp/merged
+    (mount_container_root, unmount_root),
+)
+#: files of a running container that the teardown removes last
+RUNNING_FILES = ('pid', 'init_pid', 'cocker.sock')
+
+
+def teardown_container(name):
+    """Undo the host steps in reverse order, every one tried; safe to repeat and after a
+    crash.  The first failure is raised, the state files stay for the next try."""
+    try:
+        best_effort([lambda undo=undo: undo(name) for _, undo in reversed(HOST_STEPS)],
+                    'teardown of %s' % name)
+    except (OSError, CockerError) as e:
+        raise CockerError('cleaning up container %s: %s' % (name, error_text(e)))
+    finally:
+        for key in RUNNING_FILES:
+            remove_file(container_file(name, key))
+
+
+class Boot(object):
+    """What PID 1's steps share: the container, its root, and the descriptors that go on
+    to cockerinit (the ready pipe, the log pipe, the alive pipe, the console)."""
+
+    def __init__(self, name, fds):
+        self.name, self.fds = name, fds
+        self.merged = container_file(name, 'merged')
+        self.hostname = read_attr(name, 'hostname') or name
+
+
+#: PID 1's steps before it execs cockerinit, in order.  Nothing to undo: what they make
+#: lives in the container's own namespaces and goes with its last process.
+PID1_STEPS = (
+    # 1. nothing of the container ever runs outside its cgroups (limits, device rules)
+    lambda boot: enter_cgroups(container_cgroups(boot.name)),
+    # 2. the monitor's death takes the container with it; last for the OOM killer
+    lambda boot: die_with_monitor(),
+    # 3. new mount, UTS and IPC namespaces; nothing mounted from here on reaches the host
+    lambda boot: enter_private_namespaces(),
+    # 4. the network namespace (BRIDGE, CUSTOM), where ping needs no CAP_NET_RAW
+    lambda boot: enter_network(boot.name),
+    # 5.
+    lambda boot: sethostname(boot.hostname),
+    # 6. volumes, bound nodev on targets resolved inside the root
+    lambda boot: bind_volumes(boot.name, boot.merged),
+    # 7. a fresh /proc: knobs read-only, host state masked with the host's real /dev/null
+    lambda boot: mount_proc(boot.merged, open_host_devnull()),
+    # 8. a read-only /sys, masked likewise
+    lambda boot: mount_sys(boot.merged),
+    # 9. /dev: the allowed nodes, a private devpts, the console
+    lambda boot: boot.fds.update(console=mount_dev(boot.merged)),
+)
+
+
+def boot_container(name, exec_cmd):
+    """The CLI's part of a boot: the host steps, the monitor, the wait for READY; all of it
+    undone if any fails."""
+    init = cockerinit_program()
+    with Rollback(teardown_container, name) as undo:
+        for setup, _ in HOST_STEPS:
+            setup(name)
+        ready_r, ready_w = os.pipe()
+        monitor = os.fork()
+        if monitor == 0:
+            os.close(ready_r)
+            run_monitor(name, init, exec_cmd, ready_w)      # never returns
+        os.close(ready_w)
+        undo.push(stop_monitor, name, monitor)
+        debug('monitor of %s is pid %d, waiting for cockerinit', name, monitor)
+        wait_until_ready(name, ready_r)
+        debug('cockerinit of %s is ready', name)
+
+
+def wait_until_ready(name, ready_r):
+    """READY on the ready pipe, or raise what the boot wrote there (or that it said nothing)."""
+    import select
+    deadline = time.time() + BOOT_TIMEOUT
+    answer = b''
+    try:
+        while select.select([ready_r], [], [], max(0.0, deadline - time.time()))[0]:
+            chunk = os.read(ready_r, 4096)
+            if not chunk:
+                break
+            answer += chunk
+    finally:
+        os.close(ready_r)
+    if not answer.startswith(READY):
+        message = answer.decode('utf-8', 'replace').strip()
+        raise CockerError(message or "container '%s' exited while booting, see %s"
+                          % (name, container_file(name, 'cockerinit.log')))
+
+
+def run_monitor(name, init, exec_cmd, ready_w):
+    """The monitor process: never returns; whatever happens, the host steps are undone."""
+    status = 1
+    try:
+        become_monitor(name, ready_w)
+        monitor_container(name, init, exec_cmd, ready_w)
+        status = 0
+    except BaseException as e:          # a fork child's boundary: never back into the CLI
+        write_quietly(ready_w, error_text(e))
+    finally:
+        try:
+            teardown_container(name)
+        except (OSError, CockerError) as e:
+            log('ERROR', 'monitor of %s: %s' % (name, error_text(e)))
+        finally:
+            os._exit(status)
+
+
+def become_monitor(name, ready_w):
+    """A session of its own, nothing of the CLI's descriptors, running.lock held (the
+    kernel drops it when the monitor dies: a kill -9 can never leave a false RUNNING)."""
+    os.setsid()
+    os.chdir('/')                       # do not pin the caller's working directory
+    devnull = os.open('/dev/null', os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    close_fds_except({0, 1, 2, ready_w})
+    prctl(PR_SET_NAME, b'cocker-monitor')
+    running = os.open(container_file(name, 'running.lock'),
+                      os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(running, fcntl.LOCK_EX)
+    write_attr(name, 'pid', str(os.getpid()))
+
+
+def write_quietly(fd, text):
+    """Tell the CLI why a boot failed, if it still listens."""
+    try:
+        os.write(fd, text.encode('utf-8', 'replace'))
+    except (OSError, ValueError):
+        pass
+
+
+def monitor_container(name, init, exec_cmd, ready_w):
+    """Fork PID 1 in new namespaces, copy its log, wait for it and record its exit status."""
+    import signal
+    log_r, log_w = os.pipe()
+    alive_r, alive_w = os.pipe()
+    # our own later children (ip, iptables at teardown) stay in the host's pid namespace
+    init_pid = fork_in_pid_namespace()
+    if init_pid == 0:
+        boot_child(name, init, exec_cmd, {'ready': ready_w, 'log': log_w, 'alive': alive_r})
+    for fd in (log_w, alive_r, ready_w):
+        os.close(fd)
+    write_attr(name, 'init_pid', str(init_pid))
+
+    def stop(signum, frame):            # shutdown: SIGTERM to PID 1, SIGKILL after a while
+        signal.alarm(STOP_TIMEOUT)
+        signal_process(init_pid, signal.SIGTERM)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGALRM, lambda signum, frame: signal_process(init_pid, SIGKILL))
+    copy_log(log_r, container_file(name, 'cockerinit.log'))    # until PID 1 is gone
+    _, wait_status = os.waitpid(init_pid, 0)
+    status = exit_status(wait_status)
+    signal.alarm(0)
+    write_attr(name, 'exit_status', str(status))
+    log('INFO', "container '%s' stopped, PID 1 exit status %d" % (name, status))
+    os.close(alive_w)
+
+
+def copy_log(log_r, log_file):
+    """cockerinit (and a -e command) write to the log pipe; EOF once PID 1 is gone."""
+    while True:
+        chunk = os.read(log_r, 65536)
+        if not chunk:
+            return
+        try:
+            append_log(log_file, chunk)
+        except OSError:
+            pass
+
+
+def fork_in_pid_namespace(proc=None):
+    """fork() with the child in the pid namespace of the process whose /proc directory is
+    `proc`, or in a new one; this process stays in its own."""
+    home = os.open('/proc/self/ns/pid', os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if proc is None:
+            unshare(CLONE_NEWPID)
+        else:
+            fd = os.open('ns/pid', os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc)
+            try:
+                setns(fd, CLONE_NEWPID)
+            finally:
+                os.close(fd)
+        pid = os.fork()
+        if pid != 0:
+            setns(home, CLONE_NEWPID)
+        return pid
+    finally:
+        os.close(home)
+
+
+def boot_child(name, init, exec_cmd, fds):
+    """PID 1 of the new pid namespace: PID1_STEPS, then the exec of cockerinit; never
+    returns."""
+    try:
+        boot = Boot(name, fds)
+        for step in PID1_STEPS:
+            step(boot)
+        exec_cockerinit(boot, init, exec_cmd)
+    except BaseException as e:          # a fork child's boundary: never back into the CLI
+        write_quietly(fds['ready'], 'boot %s: %s' % (name, error_text(e)))
+    os._exit(1)
+
+
+def die_with_monitor():
+    prctl(PR_SET_PDEATHSIG, SIGKILL)
+    shield_from_oom_killer()
+
+
+def shield_from_oom_killer():
+    """Out of memory, the kernel kills anything in the container before its PID 1
+    (cockerinit sets its children back to 0).  Needs CAP_SYS_RESOURCE: best effort."""
+    try:
+        with open('/proc/self/oom_score_adj', 'w') as f:
+            f.write(str(INIT_OOM_SCORE_ADJ))
+    except PermissionError:
+        pass
+
+
+def enter_private_namespaces():
+    unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC)
+    mount(None, '/', None, MS_REC | MS_PRIVATE)
+
+
+def exec_cockerinit(boot, init, exec_cmd):
+    """cockerinit gets the descriptors, its settings in the environment, and the log pipe
+    as stdout and stderr; nothing else of ours."""
+    name, fds = boot.name, boot.fds
+    for fd in fds.values():
+        os.set_inheritable(fd, True)
+    env = {'PATH': '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin',
+           'LC_ALL': 'C.UTF-8', 'COCKER_ALIVE_PIPE': str(fds['alive']),
+           'COCKER_ROOT': boot.merged, 'COCKER_SOCKDIR': container_dir(name),
+           'COCKER_HOSTNAME': boot.hostname,
+           'COCKER_SECCOMP': read_attr(name, 'seccomp') or 'default',
+           'COCKER_NO_NEW_PRIVS': read_attr(name, 'no_new_privs') or '0'}
+    env.update(('COCKER_%s_FD' % k.upper(), str(v)) for k, v in fds.items())
+    if exec_cmd is not None:
+        env['COCKER_EXEC'] = exec_cmd
+    os.dup2(fds['log'], 1)
+    os.dup2(fds['log'], 2)
+    close_fds_except({0, 1, 2} | set(fds.values()))
+    os.execve(sys.executable, [sys.executable, '-I', '-S', init, '--container', name], env)
+
+
+def stop_monitor(name, pid, sig=SIGTERM, timeout=STOP_TIMEOUT + 5):
+    """Signal the monitor, wait for it to finish its cleanup, kill it after `timeout`."""
+    if not signal_process(pid, sig):
+        return
+    deadline = time.time() + timeout
+    while time.time() < deadline and monitor_alive(name):
+        reap_if_child(pid)
+        time.sleep(0.02)
+    if monitor_alive(name):
+        debug('monitor %d did not stop within %ds, killing it', pid, timeout)
+        signal_process(read_pid(name, 'init_pid'), SIGKILL)
+        signal_process(pid, SIGKILL)
+        while monitor_alive(name):
+            reap_if_child(pid)
+            time.sleep(0.02)
+    reap_if_child(pid)
+
+
+def reap_if_child(pid):
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+# =============================================================================
+# Container lifecycle
+# =============================================================================
+# make and remove, start and stop: each under the container's lock, each setup beside its
+# undo.  A command that finds a container dead (its monitor gone, its leftovers still on the
+# host) repairs it first, explicitly, under that lock.
+
+def make_container(options, name, layers, fill=None, boot=None):
+    """Make the container (its VIP, CUSTOM namespace, limits) and, with -b, boot it;
+    everything undone on failure.  True if it was booted."""
+    boot = options.boot if boot is None else boot
+    vip = check_create_options(options, name)
+    with locked('container', name):
+        if os.path.lexists(container_dir(name)):
+            raise CockerError("container '%s' exist" % name)
+        if options.net == 'BRIDGE':
+            vip = reserve_vip(name, vip)
+        with Rollback(forget_vip, name, vip) as undo:
+            create_container(options, name, layers, vip, fill)
+            undo.push(remove_tree, container_dir(name))
+            if options.net == 'CUSTOM':
+                add_custom_netns(name)
+                undo.push(delete_netns, netns_path(name))
+            record_limits(name, options)
+            record_security(name, options)
+            log('INFO', "created container '%s' from '%s'" % (name, options.image))
+            if boot:
+                start_container(name, options.exec_cmd)
+    return boot
+
+
+def check_create_options(options, name):
+    """Refuse bad create options before anything is made; return the checked --vip."""
+    check_name('container', name)
+    if options.host is not None:
+        check_hostname(options.host)
+    for v in options.volumes:
+        parse_volume(v)
+    if options.net != 'BRIDGE':
+        if options.vip or options.port_mapping or options.host_eth:
+            debug('--vip, --port-mapping and --host-eth are ignored for --net %s', options.net)
+        return None
+    return None if options.vip is None else check_vip(options.vip, network_config())
+
+
+def check_hostname(host):
+    if not host or len(host) > 64 or any(ord(ch) < 33 or ord(ch) == 127 for ch in host):
+        raise usage_error("hostname '%s' is invalid" % host)
+
+
+def remove_container(name):
+    """Delete a stopped container (under its lock) with what it holds on the host."""
+    teardown_container(name)
+    forget_network(name)
+    discard(containers_dir(), container_dir(name))
+
+
+def start_container(name, exec_cmd=None):
+    """Boot a stopped container; return when cockerinit serves, or raise with the cause."""
+    images = [ref.split(':')[0] for ref in split_list(pinned_layers(name))]
+    with locked_images(*images, shared=True):       # del_image waits, then sees us running
+        pin_layers(name)
+        debug('layers of %s, bottom first: %s', name,
+              ' '.join(container_layers(name)) or '(rwlayer only)')
+        boot_container(name, exec_cmd)
+
+
+def boot_stopped(name, options):
+    """-a boot: the limits, security options and --host-eth of this command line are
+    recorded (for this boot and the later ones), then the container is started."""
+    with locked('container', name):
+        require_container(name)
+        repair_if_dead(name)
+        if is_running(name):
+            raise CockerError("container '%s' is already running" % name)
+        record_limits(name, options)
+        record_security(name, options)
+        if options.host_eth is not None:
+            write_attr(name, 'host_eth',
+                       None if options.host_eth == 'none' else options.host_eth)
+        start_container(name, options.exec_cmd)
+        log('INFO', "booted container '%s'" % name)
+
+
+def stop_container(name, sig, force=False):
+    """Stop a running container with SIGTERM (shutdown) or SIGKILL (kill) and tear it down;
+    with force, a stopped one's leftovers are torn down instead of an error."""
+    repair_if_dead(name)
+    if not is_running(name):
+        if force:
+            teardown_container(name)
+            return
+        raise CockerError("container '%s' is not running" % name)
+    monitor = read_pid(name)
+    debug('stopping %s (monitor %s) with signal %d', name, monitor, sig)
+    if sig == SIGKILL:
+        signal_process(read_pid(name, 'init_pid'), SIGKILL)
+    if monitor:
+        stop_monitor(name, monitor, SIGTERM)
+    teardown_container(name)
+
+
+def stop_locked(name, sig, force=False):
+    """shutdown and kill: stop_container under the lock a file action gives up."""
+    with locked_to_stop(name):
+        stop_container(name, sig, force)
+        log('INFO', "%s container '%s'" % ('killed' if sig == SIGKILL else 'shut down', name))
+
+
+def destroy_container(name, shutdown=False, force=False):
+    """Remove a stopped container (with shutdown, a running one is stopped first)."""
+    with locked_to_stop(name):
+        require_container(name)
+        repair_if_dead(name)
+        if is_running(name):
+            if not shutdown:
+                raise CockerError("container '%s' is running (add -h to stop it first)" % name)
+            stop_container(name, SIGTERM, force)
+        remove_container(name)
+        log('INFO', "destroyed container '%s'" % name)
+
+
+def change_stopped_container(name, key, value, what):
+    """Rewrite one attribute file of a stopped container (used from its next boot)."""
+    with locked('container', name):
+        repair_if_dead(name)
+        require_stopped(name, what)
+        write_attr(name, key, value)
+
+
+# ---- the program PID 1 runs ---------------------------------------------------------
 
 def cockerinit_path():
     """cockerinit.py beside this file (a plain copy or a pip install puts it there)."""
@@ -2649,256 +3242,6 @@ def cockerinit_program():
         return source
     debug('compiled %s', compiled)
     return compiled
-
-
-def start_container(name, exec_cmd=None):
-    """Boot a stopped container; return when cockerinit serves, or raise with the cause."""
-    images = [ref.split(':')[0] for ref in
-              split_list(read_attr(name, 'layers') or read_attr(name, 'image') or '')]
-    with locked_images(*images, shared=True):       # del_image waits, then sees us running
-        layers = container_layers(name)
-        boot_with_layers(name, layers, exec_cmd)
-
-
-def boot_with_layers(name, layers, exec_cmd):
-    import select
-    debug('layers of %s, bottom first: %s', name, ' '.join(layers) or '(rwlayer only)')
-    init = cockerinit_program()
-    monitor = None
-    try:
-        setup_network(name)
-        setup_cgroups(name)
-        mount_root(name, layers)
-        ready_r, ready_w = os.pipe()
-        monitor = os.fork()
-        if monitor == 0:
-            os.close(ready_r)
-            run_monitor(name, init, exec_cmd, ready_w)      # never returns
-        os.close(ready_w)
-        debug('monitor of %s is pid %d, waiting for cockerinit', name, monitor)
-        deadline = time.time() + BOOT_TIMEOUT
-        answer = b''
-        while time.time() < deadline:
-            if not select.select([ready_r], [], [], max(0.0, deadline - time.time()))[0]:
-                break
-            chunk = os.read(ready_r, 4096)
-            if not chunk:
-                break
-            answer += chunk
-        os.close(ready_r)
-        if not answer.startswith(READY):
-            message = answer.decode('utf-8', 'replace').strip()
-            raise CockerError(message or "container '%s' exited while booting, see %s"
-                              % (name, container_file(name, 'cockerinit.log')))
-        debug('cockerinit of %s is ready', name)
-    except BaseException:
-        try:
-            if monitor:
-                stop_monitor(name, monitor)
-            teardown_container(name)
-        except (OSError, CockerError) as e:
-            # report why the boot failed; the leftovers are logged and repaired later
-            log('ERROR', 'cleaning up after the failed boot of %s: %s' % (name, error_text(e)))
-        raise
-
-
-def stop_monitor(name, pid, sig=15, timeout=STOP_TIMEOUT + 5):
-    """Signal the monitor, wait for it to finish its cleanup, kill it after `timeout`."""
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        return
-    deadline = time.time() + timeout
-    while time.time() < deadline and monitor_alive(name):
-        reap_if_child(pid)
-        time.sleep(0.02)
-    if monitor_alive(name):
-        debug('monitor %d did not stop within %ds, killing it', pid, timeout)
-        init_pid = read_pid(name, 'init_pid')
-        for p in (init_pid, pid):
-            if p:
-                try:
-                    os.kill(p, 9)
-                except ProcessLookupError:
-                    pass
-        while monitor_alive(name):
-            reap_if_child(pid)
-            time.sleep(0.02)
-    reap_if_child(pid)
-
-
-def reap_if_child(pid):
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-
-
-def teardown_container(name):
-    """Release everything a running container holds.  Idempotent; every step is tried."""
-    problems = []
-    for step in (teardown_network, teardown_cgroups, unmount_root):
-        try:
-            step(name)
-        except (OSError, CockerError) as e:
-            problems.append(e)
-            log('ERROR', 'teardown of %s: %s: %s' % (name, step.__name__, e))
-    for key in ('pid', 'init_pid', 'cocker.sock'):
-        remove_file(container_file(name, key))
-    if problems:
-        e = problems[0]
-        raise CockerError('cleaning up container %s: %s' % (
-            name, describe_oserror(e) if isinstance(e, OSError) else e.message))
-
-
-def run_monitor(name, init, exec_cmd, ready_w):
-    """The monitor process: never returns."""
-    status = 1
-    try:
-        os.setsid()
-        os.chdir('/')                   # do not pin the caller's working directory
-        devnull = os.open('/dev/null', os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        close_fds_except({0, 1, 2, ready_w})
-        prctl(PR_SET_NAME, b'cocker-monitor')
-        running = os.open(container_file(name, 'running.lock'),
-                          os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(running, fcntl.LOCK_EX)
-        write_attr(name, 'pid', str(os.getpid()))
-        monitor_container(name, init, exec_cmd, ready_w)
-        status = 0
-    except BaseException as e:
-        try:
-            os.write(ready_w, error_text(e).encode('utf-8', 'replace'))
-        except (OSError, ValueError):
-            pass
-    finally:
-        try:
-            teardown_container(name)
-        except BaseException as e:
-            log('ERROR', 'monitor of %s: %s' % (name, getattr(e, 'message', e)))
-        os._exit(status)
-
-
-def fork_in_pid_namespace(proc=None):
-    """fork() with the child in the pid namespace of the process whose /proc directory is
-    `proc`, or in a new one; this process stays in its own."""
-    home = os.open('/proc/self/ns/pid', os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if proc is None:
-            unshare(CLONE_NEWPID)
-        else:
-            fd = os.open('ns/pid', os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc)
-            try:
-                setns(fd, CLONE_NEWPID)
-            finally:
-                os.close(fd)
-        pid = os.fork()
-        if pid != 0:
-            setns(home, CLONE_NEWPID)
-        return pid
-    finally:
-        os.close(home)
-
-
-def monitor_container(name, init, exec_cmd, ready_w):
-    """Fork PID 1 in new namespaces, copy its log, wait for it and record its exit status."""
-    import signal
-    log_r, log_w = os.pipe()
-    alive_r, alive_w = os.pipe()
-    # our own later children (ip, iptables at teardown) stay in the host's pid namespace
-    init_pid = fork_in_pid_namespace()
-    if init_pid == 0:
-        boot_child(name, init, exec_cmd, ready_w, log_w, alive_r)     # never returns
-    for fd in (log_w, alive_r, ready_w):
-        os.close(fd)
-    write_attr(name, 'init_pid', str(init_pid))
-
-    def stop(signum, frame):
-        signal.alarm(STOP_TIMEOUT)
-        try:
-            os.kill(init_pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-
-    def force(signum, frame):
-        try:
-            os.kill(init_pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGALRM, force)
-    log_file = container_file(name, 'cockerinit.log')
-    while True:         # cockerinit (and a -e command) write here; EOF once PID 1 is gone
-        chunk = os.read(log_r, 65536)
-        if not chunk:
-            break
-        try:
-            append_log(log_file, chunk)
-        except OSError:
-            pass
-    _, wait_status = os.waitpid(init_pid, 0)
-    status = exit_status(wait_status)
-    signal.alarm(0)
-    write_attr(name, 'exit_status', str(status))
-    log('INFO', "container '%s' stopped, PID 1 exit status %d" % (name, status))
-    os.close(alive_w)
-
-
-def shield_from_oom_killer():
-    """Out of memory, the kernel kills anything in the container before its PID 1
-    (cockerinit sets its children back to 0).  Needs CAP_SYS_RESOURCE: best effort."""
-    try:
-        with open('/proc/self/oom_score_adj', 'w') as f:
-            f.write(str(INIT_OOM_SCORE_ADJ))
-    except PermissionError:
-        pass
-
-
-def boot_child(name, init, exec_cmd, ready_w, log_w, alive_r):
-    """PID 1 of the new pid namespace, before it becomes cockerinit: never returns.  The
-    steps of the boot sequence (chapter comment) up to the exec of cockerinit."""
-    try:
-        enter_cgroups(container_cgroups(name))  # 1. nothing of the container runs outside
-        prctl(PR_SET_PDEATHSIG, 9)       # 2. the monitor's death takes the container with it
-        shield_from_oom_killer()
-        merged = container_file(name, 'merged')
-        hostname = read_attr(name, 'hostname') or name
-        unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC)     # 3.
-        # nothing mounted from here on may propagate back to the host
-        mount(None, '/', None, MS_REC | MS_PRIVATE)
-        enter_network(name)              # 4.
-        sethostname(hostname)            # 5.
-        bind_volumes(name, merged)       # 6.
-        devnull = open_host_devnull()
-        mount_proc(merged, devnull)      # 7.
-        mount_sys(merged)                # 8.
-        console = mount_dev(merged)      # 9.
-        fds = {'ready': ready_w, 'log': log_w, 'alive': alive_r, 'console': console}
-        for fd in fds.values():
-            os.set_inheritable(fd, True)
-        env = {'PATH': '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin',
-               'LC_ALL': 'C.UTF-8', 'COCKER_ALIVE_PIPE': str(alive_r),
-               'COCKER_ROOT': merged, 'COCKER_SOCKDIR': container_dir(name),
-               'COCKER_HOSTNAME': hostname,
-               'COCKER_SECCOMP': read_attr(name, 'seccomp') or 'default',
-               'COCKER_NO_NEW_PRIVS': read_attr(name, 'no_new_privs') or '0'}
-        env.update(('COCKER_%s_FD' % k.upper(), str(v)) for k, v in fds.items())
-        if exec_cmd is not None:
-            env['COCKER_EXEC'] = exec_cmd
-        os.dup2(log_w, 1)
-        os.dup2(log_w, 2)
-        close_fds_except({0, 1, 2} | set(fds.values()))
-        os.execve(sys.executable, [sys.executable, '-I', '-S', init, '--container', name], env)
-    except BaseException as e:
-        try:
-            os.write(ready_w, ('boot %s: %s' % (name, error_text(e))).encode('utf-8', 'replace'))
-        except OSError:
-            pass
-    os._exit(1)
 
 
 # =============================================================================
@@ -3454,494 +3797,31 @@ def import_archive(read, total, name, version, force, expected, what, check=None
                 check()
 
 
-# =============================================================================
-# Test image
-# =============================================================================
-# -a install_test: a small image made of this host's own binaries and the libraries ldd
-# finds for them, like shbin/cocker_install_test.sh of the C cocker.
-
-TEST_BINARIES = (
-    'bash tty which locale env ls cat echo cp mv rm pwd mkdir rmdir clear ps grep more id '
-    'uname hostname vi vim awk sed tr file ldd top netstat ping telnet ssh nc mount umount '
-    'sh sleep true false head tail wc kill sort uniq touch chmod chown ln xargs date dd '
-    'readlink stat find less du df cut tee expr basename dirname seq test yes printf nohup '
-    'timeout md5sum sha256sum diff tar gzip free pkill pgrep uptime whoami stty tput reset').split()
-TEST_SBINARIES = 'ifconfig route ip iptables'.split()
-SEARCH_PATH = ('/usr/local/bin', '/usr/bin', '/bin', '/usr/sbin', '/sbin')
-TEST_PROFILE = ('set -o vi\nexport PATH=.:/bin:/sbin:/usr/bin:/usr/sbin:/usr/local/bin\n'
-                'export TERM=${TERM:-xterm}\necho "--- Welcome to cocker contrainer ---"\necho ""\n')
-TEST_ROOT_PROFILE = (
-    'export PATH=.:/bin:/sbin:/usr/bin:/usr/sbin:/usr/local/bin:/usr/local/sbin\n'
-    "alias l='ls -l'\nalias ll='ls -lF'\nalias lf='ls -F'\nalias lrt='ls -lrt'\n"
-    "alias rm='rm -i'\nalias mv='mv -i'\nalias cp='cp -i'\nalias view='vi -R'\n"
-    "set -o vi\nPS1='[\\u@\\h $PWD] '\n")
-
-
-def find_binary(name):
-    for d in SEARCH_PATH:
-        p = os.path.join(d, name)
-        if os.path.isfile(p) and os.access(p, os.X_OK):
-            return p
-    return None
-
-
-def copy_with_libraries(binaries, root):
-    """Copy each (host path, image path) and every library ldd lists, keeping host paths.
-    Contents and modes only: a host file capability (ping's cap_net_raw) would make the
-    program refuse to start in a container that has no such capability."""
-    import shutil
-    needed = set()
-    for src, dst in binaries:
-        target = os.path.join(root, dst.lstrip('/'))
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.copy(os.path.realpath(src), target)
-        out = run(['ldd', src], check=False)
-        for line in out.splitlines():
-            for word in line.split():
-                if word.startswith('/') and '(' not in word:
-                    needed.add(word)
-    for lib in sorted(needed):
-        target = os.path.join(root, lib.lstrip('/'))
-        if not os.path.exists(target):
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            shutil.copy(os.path.realpath(lib), target)
-
-
-def build_test_rootfs(root):
-    """Fill an empty directory with the test image's files."""
-    for d in ('bin', 'sbin', 'etc', 'root', 'dev', 'proc', 'sys', 'mnt/cdrom', 'var/log',
-              'tmp', 'usr/local/bin', 'usr/share'):
-        os.makedirs(os.path.join(root, d), 0o755, exist_ok=True)
-    os.chmod(os.path.join(root, 'tmp'), 0o1777)
-    os.chmod(os.path.join(root, 'root'), 0o700)
-    for d in ('usr/bin', 'usr/sbin'):
-        os.symlink('../' + d.split('/')[1], os.path.join(root, d))
-    binaries = []
-    for names, sub in ((TEST_BINARIES, 'bin'), (TEST_SBINARIES, 'sbin')):
-        for n in names:
-            p = find_binary(n)
-            if p:
-                binaries.append((p, '/%s/%s' % (sub, n)))
-    copy_with_libraries(binaries, root)
-    for src in ('/usr/share/terminfo', '/lib/terminfo'):
-        dst = os.path.join(root, src.lstrip('/'))
-        if os.path.isdir(src) and not os.path.exists(dst):
-            import shutil
-            shutil.copytree(src, dst, symlinks=True)
-    files = {
-        'etc/passwd': 'root:x:0:0:root:/root:/bin/bash\nnobody:x:65534:65534:nobody:/:/bin/false\n',
-        'etc/group': 'root:x:0:\ntty:x:5:\nnogroup:x:65534:\n',
-        'etc/profile': TEST_PROFILE,
-        'etc/hosts': '127.0.0.1 localhost\n',
-        'root/.profile': TEST_ROOT_PROFILE,
-        'root/tpl.txt': '{ "leaf":"${LEAF}" }\n',
-    }
-    for path, text in files.items():
-        with open(os.path.join(root, path), 'w') as f:
-            f.write(text)
-
-
-# =============================================================================
-# Actions
-# =============================================================================
-# One function per -a word.  Each returns the exit status; failures raise CockerError.
-
-def action_install_test(o):
-    """Build the test image 'test' from this host's binaries."""
-    version = o.version or NO_VERSION
-    check_name('version', version)
-    with locked('image', 'test'):
-        final = image_dir('test', version)
-        if os.path.exists(final) and not o.force:
-            raise CockerError("image '%s' exist (add -f to rebuild it)"
-                              % image_ref_text('test', version))
-        users = running_users('test', version) if os.path.exists(final) else []
-        if users:
-            raise CockerError("image '%s' is used by running container(s) %s"
-                              % (image_ref_text('test', version), ', '.join(users)))
-        with building_image('test', version, replace=True) as rlayer:
-            build_test_rootfs(rlayer)
-    say('OK')
-    return EXIT_OK
-
-
-def action_create(o):
-    """Create a container from one or more stacked images (first is lowest)."""
-    refs = split_list(o.image)
-    if not refs:
-        raise usage_error("expect '--image' with action '-a create'")
-    names = [parse_image_ref(ref)[0] for ref in refs]
-    with locked_images(*names, shared=True):        # no image goes while we use it
-        resolved = pin_layers(o)
-        name = o.container or resolved[-1][0]
-        status = make_container(o, name)
-    return status if status is not None else after_boot(name, o)
-
-
-def pin_layers(o):
-    """Resolve the -m list (highest versions where none is given) into o.layers."""
-    resolved = [resolve_image(ref) for ref in split_list(o.image or '')]
-    o.layers = ','.join('%s:%s' % (n, v) for n, v in resolved) or None
-    return resolved
-
-
-def make_container(o, name, fill=None):
-    """Check the create options, make the container (its VIP, CUSTOM namespace, limits),
-    boot it with -b; everything undone on failure.  Returns EXIT_OK when done without a
-    boot, None after a boot (the caller prints or attaches)."""
-    check_name('container', name)
-    if o.host is not None:
-        check_hostname(o.host)
-    for v in o.volumes:
-        parse_volume(v)
-    if o.net == 'BRIDGE' and o.vip is not None:
-        o.vip = check_vip(o.vip, network_config())
-    elif o.net != 'BRIDGE' and (o.vip or o.port_mapping or o.host_eth):
-        debug('--vip, --port-mapping and --host-eth are ignored for --net %s', o.net)
-    with locked('container', name):
-        if os.path.lexists(container_dir(name)):
-            raise CockerError("container '%s' exist" % name)
-        if o.net == 'BRIDGE':
-            if o.vip is None:
-                o.vip = allocate_vip(name, network_config())
-            else:
-                note_vip(name, o.vip)
-        try:
-            create_container(o, name, fill)
-            if o.net == 'CUSTOM':
-                add_custom_netns(name)
-            record_limits(name, o)
-            record_security(name, o)
-            log('INFO', "created container '%s' from '%s'" % (name, o.image))
-            if o.boot:
-                start_container(name, o.exec_cmd)
-        except BaseException:
-            forget_network(name)
-            if os.path.isdir(container_dir(name)):
-                remove_tree(container_dir(name))
-            raise
-        if not o.boot:
-            say('OK')
-            return EXIT_OK
-    return None
-
-
-def check_hostname(host):
-    if not host or len(host) > 64 or any(ord(ch) < 33 or ord(ch) == 127 for ch in host):
-        raise usage_error("hostname '%s' is invalid" % host)
-
-
-def after_boot(name, o):
-    if o.attach:
-        return attach_container(name)
-    say('OK')
-    return EXIT_OK
-
-
-def action_boot(o):
-    """Start a stopped container."""
-    name = require_container(o.container)
-    with locked('container', name):
-        require_container(name)
-        if is_running(name):
-            raise CockerError("container '%s' is already running" % name)
-        record_limits(name, o)
-        record_security(name, o)
-        if o.host_eth is not None:
-            write_attr(name, 'host_eth', None if o.host_eth == 'none' else o.host_eth)
-        start_container(name, o.exec_cmd)
-        log('INFO', "booted container '%s'" % name)
-    return after_boot(name, o)
-
-
-def action_attach(o):
-    """Open a login shell in a running container."""
-    name = require_container(o.container)
-    return attach_container(name)
-
-
-def action_run(o):
-    """Run a command in a running container; exit with its status."""
-    name = require_container(o.container)
-    return run_in_container(name, o.cmd, o.interactive)
-
-
-def stop_container(name, sig, force=False):
-    """Stop a running container with SIGTERM (shutdown) or SIGKILL (kill) and clean up."""
-    if not is_running(name):
-        if force:
-            teardown_container(name)
-            return
-        raise CockerError("container '%s' is not running" % name)
-    monitor = read_pid(name)
-    debug('stopping %s (monitor %s) with signal %d', name, monitor, sig)
-    if sig == 9:
-        init_pid = read_pid(name, 'init_pid')
-        if init_pid:
-            try:
-                os.kill(init_pid, 9)
-            except ProcessLookupError:
-                pass
-    if monitor:
-        stop_monitor(name, monitor, sig=15)
-    teardown_container(name)
-
-
-def stop_action(o, sig, done):
-    name = require_container(o.container)
-    with locked_to_stop(name):
-        stop_container(name, sig, o.force)
-        log('INFO', "%s container '%s'" % (done, name))
-    say('OK')
-    return EXIT_OK
-
-
-def action_shutdown(o):
-    """Stop a container: SIGTERM to every process, SIGKILL after a grace period."""
-    return stop_action(o, 15, 'shut down')
-
-
-def action_kill(o):
-    """Kill a container at once."""
-    return stop_action(o, 9, 'killed')
-
-
-def action_destroy(o):
-    """Remove a stopped container and everything it wrote (-h stops it first)."""
-    name = require_container(o.container)
-    with locked_to_stop(name):
-        require_container(name)
-        if is_running(name):
-            if not o.shutdown:
-                raise CockerError("container '%s' is running (add -h to stop it first)" % name)
-            stop_container(name, 15, o.force)
-        remove_container(name)
-        log('INFO', "destroyed container '%s'" % name)
-    say('OK')
-    return EXIT_OK
-
-
-def remove_container(name):
-    """Delete a stopped container (under its lock) with what it holds on the host."""
-    teardown_container(name)
-    forget_network(name)
-    discard(containers_dir(), container_dir(name))
-
-
-def change_stopped_container(name, key, value, what):
-    """Rewrite one attribute file of a stopped container (used from its next boot)."""
-    with locked('container', name):
-        require_stopped(name, what)
-        write_attr(name, key, value)
-    say('OK')
-    return EXIT_OK
-
-
-def action_volume(o):
-    """Replace the volume list of a stopped container."""
-    return change_stopped_container(require_container(o.container), 'volume',
-                                    volume_lines(o.volumes), 'volumes can be changed on')
-
-
-def action_vip(o):
-    """Change the VIP of a stopped container (used from its next boot)."""
-    name = require_container(o.container)
-    o.vip = str(parse_ipv4(o.vip, '--vip'))
-    if container_net(name) == 'BRIDGE':
-        check_vip(o.vip, network_config())
-    with locked('container', name):
-        require_stopped(name, 'the VIP can be changed on')
-        forget_vip(name, read_attr(name, 'vip'))
-        write_attr(name, 'vip', o.vip)
-        note_vip(name, o.vip)
-    say('OK')
-    return EXIT_OK
-
-
-def action_port_mapping(o):
-    """Change the port mappings of a stopped container (used from its next boot)."""
-    return change_stopped_container(require_container(o.container), 'port_mapping',
-                                    o.port_mapping, 'port mappings can be changed on')
-
-
-def action_del_bridge(o):
-    """Remove the bridge and cocker's iptables chains (no BRIDGE container may run)."""
-    bridge = network_config()
-    with locked('network', 'bridge'):               # waits for boots setting up
-        users = []
-        for n in list_containers():
-            if container_net(n) != 'BRIDGE':
-                continue
-            with locked('container', n, wait=False) as held:
-                if held:
-                    repair_if_dead(n)
-            if container_status(n) != 'STOPED':
-                users.append(n)
-        if users:
-            raise CockerError('bridge %s is used by running container(s) %s'
-                              % (bridge.name, ', '.join(users)))
-        remove_bridge(bridge, iptables_command())
-        log('INFO', 'removed bridge %s and its iptables chains' % bridge.name)
-    say('OK')
-    return EXIT_OK
-
-
-# ---- images ----------------------------------------------------------------------------
-
-def image_or_unversioned(ref):
-    """NAME[:VERSION] -> (name, version), '_' when none is given (as the C cocker has it)."""
-    name, version = parse_image_ref(ref)
-    return name, version or NO_VERSION
-
-
-def require_image(ref):
-    name, version = image_or_unversioned(ref)
-    if not os.path.isdir(os.path.join(image_dir(name, version), 'rlayer')):
-        raise CockerError("image '%s' not found" % ref)
-    return name, version
-
-
-class locked_images(object):
-    """The locks of several images, taken in name order (no deadlock between commands);
-    shared: many boots at once, but no delete, rename or replace meanwhile."""
-
-    def __init__(self, *names, **kw):
-        self.locks = [locked('image', n, shared=kw.get('shared', False))
-                      for n in sorted(set(names))]
-
-    def __enter__(self):
-        for lock in self.locks:
-            lock.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        for lock in reversed(self.locks):
-            lock.__exit__(*exc)
-
-
-def action_version(o):
-    """Rename an image version (no --version: to '_'); -f takes its containers along."""
-    name, old = require_image(o.image)
-    new = check_name('version', o.version or NO_VERSION)
-    if new == old:
-        raise CockerError('version equal')
-    with locked('image', name):
-        require_image(o.image)
-        if os.path.exists(image_dir(name, new)):
-            raise CockerError("image '%s' exist" % image_ref_text(name, new))
-        users = image_users(name, old)
-        refuse_if_used(name, old, o.force, 'it would be taken away from them')
-        # no container lock here: a boot holds its container's and waits for our image lock
-        # (atomic file writes; the boot reads the layers once it has the image lock)
-        for c in users:                 # a C cocker container gets its versions pinned now
-            container_layers(c)
-        os.rename(image_dir(name, old), image_dir(name, new))
-        for c in users:                 # -f: the stopped users follow the new version
-            layers = split_list(read_attr(c, 'layers') or '')
-            write_attr(c, 'layers', ','.join(
-                '%s:%s' % (name, new) if ref == '%s:%s' % (name, old) else ref
-                for ref in layers))
-    say('OK')
-    return EXIT_OK
-
-
-def action_copy_image(o):
-    """Copy an image version, everything kept (owners, xattrs, whiteouts, hard links)."""
-    source = require_image(o.from_image)
-    name, version = image_or_unversioned(o.to_image)
-    with locked_images(source[0], name):
-        require_image(o.from_image)
-        if os.path.exists(image_dir(name, version)):
-            raise CockerError("image '%s' exist" % o.to_image)
-        with building_image(name, version) as rlayer:
-            copy_tree(os.path.join(image_dir(*source), 'rlayer'), rlayer)
-    say('OK')
-    return EXIT_OK
-
-
-def action_del_image(o):
-    """Delete an image version; refused while a container uses it, unless -f."""
-    name, version = require_image(o.image)
-    with locked('image', name):
-        require_image(o.image)
-        refuse_if_used(name, version, o.force, 'destroy them first')
-        remove_image(name, version)
-    say('OK')
-    return EXIT_OK
-
-
-def action_to_image(o):
-    """A stopped container's own layer (its changes, whiteouts included) becomes an image;
-    the container is used up, as with the C cocker."""
-    cname = require_container(o.from_container)
-    name, given = parse_image_ref(o.to_image)
-    version = check_name('version', o.version or given or read_attr(cname, 'version')
-                         or NO_VERSION)
-    # images before containers; a boot of this container may hold its lock and wait for ours
-    with locked('image', name), locked('container', cname, wait=False) as held:
-        if not held:
-            raise CockerError("container '%s' is busy (booting or stopping)" % cname)
-        require_stopped(cname, 'to_image converts only')
-        if os.path.exists(image_dir(name, version)):
-            raise CockerError("image '%s' exist" % image_ref_text(name, version))
-        with building_image(name, version) as rlayer:
-            copy_tree(container_file(cname, 'rwlayer'), rlayer, link=True)
-        remove_container(cname)
-    log('INFO', "container '%s' became image '%s'" % (cname, image_ref_text(name, version)))
-    say('OK')
-    return EXIT_OK
-
-
-def action_to_container(o):
-    """An image becomes a container whose own layer is the image's content (over the -m
-    base images, if any), to be edited and made an image again; the image is used up."""
-    name, version = resolve_image(o.from_image)
-    rlayer = os.path.join(image_dir(name, version), 'rlayer')
-    o.boot = False
-    pin_layers(o)
-
-    def take_image_layer(staging):
-        os.rmdir(os.path.join(staging, 'rwlayer', 'etc'))
-        os.rmdir(os.path.join(staging, 'rwlayer'))
-        copy_tree(rlayer, os.path.join(staging, 'rwlayer'), link=True)
-        write_small(os.path.join(staging, 'version'), version)
-    with locked('image', name):
-        resolve_image(o.from_image)
-        refuse_if_used(name, version, o.force, 'it would be taken away from them')
-        make_container(o, o.to_container, fill=take_image_layer)
-        remove_image(name, version)
-    log('INFO', "image '%s' became container '%s'" % (image_ref_text(name, version),
-                                                     o.to_container))
-    return EXIT_OK
-
-
-def action_export(o):
-    """Write IMAGE[:VERSION].cockerimage (and its .sha256) in the current directory."""
-    name, version = require_image(o.image)
+def export_image(image):
+    """IMAGE[:VERSION].cockerimage and its .sha256 in the current directory."""
+    name, version = image
     filename = archive_name(name, version)
     rlayer = os.path.join(image_dir(name, version), 'rlayer')
     with locked('image', name):
-        require_image(o.image)
+        require_image(image_ref_text(name, version))
         total = tree_size(rlayer) if sys.stderr.isatty() else None
         tmp = '.%s.tmp%d' % (filename, os.getpid())
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o644)
-        with Rollback(remove_file, tmp), os.fdopen(fd, 'wb') as f:
-            digest = write_archive(rlayer, f.write, Progress('export ' + filename, total))
-            f.flush()
-            os.fsync(f.fileno())
+        with Rollback(remove_file, tmp):
+            with os.fdopen(fd, 'wb') as f:
+                digest = write_archive(rlayer, f.write, Progress('export ' + filename, total))
+                f.flush()
+                os.fsync(f.fileno())
             os.rename(tmp, filename)
         write_small(filename + '.sha256', sha256_line(digest, filename))
-    say('OK')
-    return EXIT_OK
 
 
-def action_import(o):
-    """Read an image archive; its name and version come from the file name, or from -m."""
-    path = o.image_file
+def import_file(path, ref, force):
+    """Import an archive file as ref, else as the NAME[:VERSION] of its file name."""
     base = os.path.basename(path)
-    if o.image:
-        name, version = image_or_unversioned(o.image)
+    if ref:
+        name, version = image_or_unversioned(ref)
     elif base.endswith(ARCHIVE_SUFFIX) and len(base) > len(ARCHIVE_SUFFIX):
         name, version = image_or_unversioned(base[:-len(ARCHIVE_SUFFIX)])
     else:
@@ -3952,14 +3832,14 @@ def action_import(o):
     except OSError as e:
         raise CockerError("image file '%s': %s" % (path, e.strerror))
     with f:
-        import_archive(f.read, os.fstat(f.fileno()).st_size, name, version, o.force,
+        import_archive(f.read, os.fstat(f.fileno()).st_size, name, version, force,
                        expected_sha256(path), 'import ' + base)
     log('INFO', "imported '%s' as '%s'" % (path, image_ref_text(name, version)))
-    say('OK')
-    return EXIT_OK
 
 
-# ---- the ssh image repository ----------------------------------------------------------
+# =============================================================================
+# Image repository over ssh
+# =============================================================================
 # A directory reached by ssh (the account's home) holding .cockerimage files and their
 # .sha256.  Uploads go to a hidden temporary name, renamed once complete.  ssh never asks:
 # BatchMode, and COCKER_HOME/ssh_config (if present) as its only configuration.
@@ -3983,11 +3863,11 @@ def parse_srepo(text):
     return '%s@%s' % (user, host), port or None
 
 
-def repository(o):
+def repository(srepo):
     """The repository of --srepo (then saved for later commands), else the saved one."""
-    if o.srepo:
-        parse_srepo(o.srepo)
-        write_small(srepo_path(), o.srepo)
+    if srepo:
+        parse_srepo(srepo)
+        write_small(srepo_path(), srepo)
     text = read_small(srepo_path())
     if not text:
         raise CockerError('no image repository yet: give --srepo USER@HOST[:PORT] '
@@ -4022,37 +3902,34 @@ def ssh_run(repo, command, ok=(0,)):
     return status, out.decode('utf-8', 'replace')
 
 
-def show_ssearch(o):
-    """List the image archives in the repository (--match: those whose name contains it)."""
-    repo = repository(o)
+def repository_archives(repo, match=None):
+    """(image_id, modify time, size) of the archives in the repository whose name contains
+    match."""
     _, out = ssh_run(repo, 'LC_ALL=C ls -l --full-time')
-    rows = []
+    found = []
     for line in out.splitlines():
         fields = line.split(None, 8)
         if len(fields) < 9 or not fields[8].endswith(ARCHIVE_SUFFIX) or \
                 not is_decimal(fields[4]):
             continue
         image_id = fields[8][:-len(ARCHIVE_SUFFIX)]
-        if o.match and o.match not in image_id:
-            continue
-        stamp = '%sT%s' % (fields[5], fields[6].split('.')[0])
-        rows.append('%-45s %-19s %s' % (image_id, stamp, size_text(int(fields[4]))))
-    print_table('%-45s %-19s %-10s' % ('image_id', 'modify_datetime', 'size'), 70, rows)
-    return EXIT_OK
+        if not match or match in image_id:
+            found.append((image_id, '%sT%s' % (fields[5], fields[6].split('.')[0]),
+                          int(fields[4])))
+    return found
 
 
-def action_spush(o):
-    """Upload an image archive (and its sha256) to the repository."""
-    name, version = require_image(o.image)
-    repo = repository(o)
+def push_image(image, repo, force):
+    """Upload the image's archive (and its sha256) to the repository."""
+    name, version = image
     filename = archive_name(name, version)
     tmp = '.%s.tmp%d' % (filename, os.getpid())
     status, _ = ssh_run(repo, shell_command('test -e {}', filename), ok=(0, 1))
-    if status == 0 and not o.force:
+    if status == 0 and not force:
         raise CockerError("image '%s' exist in srepo (add -f to replace it)" % filename)
     rlayer = os.path.join(image_dir(name, version), 'rlayer')
     with locked('image', name):
-        require_image(o.image)
+        require_image(image_ref_text(name, version))
         with Rollback(ssh_run, repo, shell_command('rm -f {} {}', tmp, tmp + '.sha256')):
             with Command(ssh_command(repo, shell_command('cat > {}', tmp)), stdin=PIPE,
                          failure=ssh_failure(repo)) as upload:
@@ -4066,14 +3943,11 @@ def action_spush(o):
                 sha256_line(digest, filename), tmp + '.sha256', filename + '.sha256', tmp,
                 filename))
     log('INFO', "pushed '%s' to %s" % (filename, repo[0]))
-    say('OK')
-    return EXIT_OK
 
 
-def action_spull(o):
-    """Download an image archive from the repository and import it (sha256 checked)."""
-    name, version = image_or_unversioned(o.image)
-    repo = repository(o)
+def pull_image(image, repo, force):
+    """Download the image's archive from the repository and import it (sha256 checked)."""
+    name, version = image
     filename = archive_name(name, version)
     status, out = ssh_run(repo, shell_command(
         'test -f {0} || exit 3; wc -c < {0}; cat {1} 2>/dev/null; exit 0',
@@ -4090,14 +3964,14 @@ def action_spull(o):
     with Command(ssh_command(repo, shell_command('cat {}', filename)), stdout=PIPE,
                  failure=ssh_failure(repo)) as download:
         # the download must have ended well before the image is installed
-        import_archive(download.stdout.read, size, name, version, o.force, digest,
+        import_archive(download.stdout.read, size, name, version, force, digest,
                        'spull ' + filename, check=download.check)
     log('INFO', "pulled '%s' from %s" % (filename, repo[0]))
-    say('OK')
-    return EXIT_OK
 
 
-# ---- files in containers ---------------------------------------------------------------
+# =============================================================================
+# Files in containers
+# =============================================================================
 # Every path inside a container is resolved by a helper process that stands where the
 # container's processes stand, with no more power than they have:
 #   running: it is forked into the container's pid namespace, joins its cgroups, then its
@@ -4421,16 +4295,13 @@ def replace_in_file(template, instance, pairs):
         os.rename(tmp, instance)
 
 
-def action_rplfile(o):
-    """Instantiate a template in the container with the KEY VALUE pairs of a host file."""
-    name = require_container(o.container)
-    template = container_path_arg(o.template_file, '--template-file')
-    instance = container_path_arg(o.instance_file or template, '--instance-file')
-    pairs = parse_mapping(o.mapping_file)
+def instantiate_template(name, template, instance, mapping_file):
+    """rplfile: the template with the KEY VALUE pairs of a host file, as the instance."""
+    container_path_arg(template, '--template-file')
+    container_path_arg(instance, '--instance-file')
+    pairs = parse_mapping(mapping_file)
     with locked('container', name):
         in_container(name, lambda: replace_in_file(template, instance, pairs))
-    say('OK')
-    return EXIT_OK
 
 
 def landing(destination, source_name, is_directory):
@@ -4688,11 +4559,9 @@ def move_into_place(source, name, target, target_name):
     os.rename(name, target_name, src_dir_fd=source, dst_dir_fd=target)
 
 
-def action_putfile(o):
+def put_file(name, source, destination):
     """Copy a host file or directory into a container (running or stopped)."""
-    name = require_container(o.container)
-    source = o.src_file
-    destination = container_path_arg(o.dst_file, '--dst-file')
+    container_path_arg(destination, '--dst-file')
     if not os.path.lexists(source):
         raise CockerError("src file '%s' not found" % source)
     arcname = os.path.basename(os.path.normpath(source))
@@ -4714,15 +4583,12 @@ def action_putfile(o):
             pass                        # the helper stopped: its error says why
     with locked('container', name):
         in_container(name, receive, send, keep=(data_r, data_w))
-    say('OK')
-    return EXIT_OK
 
 
-def action_getfile(o):
+def get_file(name, source, destination):
     """Copy a file or directory of a container (running or stopped) to the host."""
-    name = require_container(o.container)
-    source = container_path_arg(o.src_file, '--src-file')
-    directory, final = landing(o.dst_file, os.path.basename(os.path.normpath(source)),
+    container_path_arg(source, '--src-file')
+    directory, final = landing(destination, os.path.basename(os.path.normpath(source)),
                                host_directory)
     if not os.path.isdir(directory):
         raise CockerError("'%s' is not a directory" % directory)
@@ -4740,8 +4606,277 @@ def action_getfile(o):
             unpack_tree(stream.read, directory, final, final, on_host=True)
     with locked('container', name):
         in_container(name, send, receive, keep=(data_r, data_w))
-    say('OK')
-    return EXIT_OK
+
+
+# =============================================================================
+# Test image
+# =============================================================================
+# -a install_test: a small image made of this host's own binaries and the libraries ldd
+# finds for them, like shbin/cocker_install_test.sh of the C cocker.
+
+def install_test_image(version, force):
+    check_name('version', version)
+    with locked('image', 'test'):
+        final = image_dir('test', version)
+        if os.path.exists(final) and not force:
+            raise CockerError("image '%s' exist (add -f to rebuild it)"
+                              % image_ref_text('test', version))
+        users = running_users('test', version) if os.path.exists(final) else []
+        if users:
+            raise CockerError("image '%s' is used by running container(s) %s"
+                              % (image_ref_text('test', version), ', '.join(users)))
+        with building_image('test', version, replace=True) as rlayer:
+            build_test_rootfs(rlayer)
+
+
+TEST_BINARIES = (
+    'bash tty which locale env ls cat echo cp mv rm pwd mkdir rmdir clear ps grep more id '
+    'uname hostname vi vim awk sed tr file ldd top netstat ping telnet ssh nc mount umount '
+    'sh sleep true false head tail wc kill sort uniq touch chmod chown ln xargs date dd '
+    'readlink stat find less du df cut tee expr basename dirname seq test yes printf nohup '
+    'timeout md5sum sha256sum diff tar gzip free pkill pgrep uptime whoami stty tput reset').split()
+TEST_SBINARIES = 'ifconfig route ip iptables'.split()
+SEARCH_PATH = ('/usr/local/bin', '/usr/bin', '/bin', '/usr/sbin', '/sbin')
+TEST_PROFILE = ('set -o vi\nexport PATH=.:/bin:/sbin:/usr/bin:/usr/sbin:/usr/local/bin\n'
+                'export TERM=${TERM:-xterm}\necho "--- Welcome to cocker contrainer ---"\necho ""\n')
+TEST_ROOT_PROFILE = (
+    'export PATH=.:/bin:/sbin:/usr/bin:/usr/sbin:/usr/local/bin:/usr/local/sbin\n'
+    "alias l='ls -l'\nalias ll='ls -lF'\nalias lf='ls -F'\nalias lrt='ls -lrt'\n"
+    "alias rm='rm -i'\nalias mv='mv -i'\nalias cp='cp -i'\nalias view='vi -R'\n"
+    "set -o vi\nPS1='[\\u@\\h $PWD] '\n")
+
+
+def find_binary(name):
+    for d in SEARCH_PATH:
+        p = os.path.join(d, name)
+        if os.path.isfile(p) and os.access(p, os.X_OK):
+            return p
+    return None
+
+
+def copy_with_libraries(binaries, root):
+    """Copy each (host path, image path) and every library ldd lists, keeping host paths.
+    Contents and modes only: a host file capability (ping's cap_net_raw) would make the
+    program refuse to start in a container that has no such capability."""
+    import shutil
+    needed = set()
+    for src, dst in binaries:
+        target = os.path.join(root, dst.lstrip('/'))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy(os.path.realpath(src), target)
+        out = run(['ldd', src], check=False)
+        for line in out.splitlines():
+            for word in line.split():
+                if word.startswith('/') and '(' not in word:
+                    needed.add(word)
+    for lib in sorted(needed):
+        target = os.path.join(root, lib.lstrip('/'))
+        if not os.path.exists(target):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copy(os.path.realpath(lib), target)
+
+
+def build_test_rootfs(root):
+    """Fill an empty directory with the test image's files."""
+    for d in ('bin', 'sbin', 'etc', 'root', 'dev', 'proc', 'sys', 'mnt/cdrom', 'var/log',
+              'tmp', 'usr/local/bin', 'usr/share'):
+        os.makedirs(os.path.join(root, d), 0o755, exist_ok=True)
+    os.chmod(os.path.join(root, 'tmp'), 0o1777)
+    os.chmod(os.path.join(root, 'root'), 0o700)
+    for d in ('usr/bin', 'usr/sbin'):
+        os.symlink('../' + d.split('/')[1], os.path.join(root, d))
+    binaries = []
+    for names, sub in ((TEST_BINARIES, 'bin'), (TEST_SBINARIES, 'sbin')):
+        for n in names:
+            p = find_binary(n)
+            if p:
+                binaries.append((p, '/%s/%s' % (sub, n)))
+    copy_with_libraries(binaries, root)
+    for src in ('/usr/share/terminfo', '/lib/terminfo'):
+        dst = os.path.join(root, src.lstrip('/'))
+        if os.path.isdir(src) and not os.path.exists(dst):
+            import shutil
+            shutil.copytree(src, dst, symlinks=True)
+    files = {
+        'etc/passwd': 'root:x:0:0:root:/root:/bin/bash\nnobody:x:65534:65534:nobody:/:/bin/false\n',
+        'etc/group': 'root:x:0:\ntty:x:5:\nnogroup:x:65534:\n',
+        'etc/profile': TEST_PROFILE,
+        'etc/hosts': '127.0.0.1 localhost\n',
+        'root/.profile': TEST_ROOT_PROFILE,
+        'root/tpl.txt': '{ "leaf":"${LEAF}" }\n',
+    }
+    for path, text in files.items():
+        with open(os.path.join(root, path), 'w') as f:
+            f.write(text)
+
+
+# =============================================================================
+# Actions
+# =============================================================================
+# One function per -a word.  Each returns the exit status; failures raise CockerError.
+
+def action_install_test(options):
+    """Build the test image 'test' from this host's binaries."""
+    install_test_image(options.version or NO_VERSION, options.force)
+    return ok()
+
+
+def action_create(options):
+    """Create a container from one or more stacked images (first is lowest)."""
+    refs = split_list(options.image)
+    with locked_images(*[parse_image_ref(ref)[0] for ref in refs], shared=True):
+        resolved = [resolve_image(ref) for ref in refs]     # no image goes while we use it
+        name = options.container or resolved[-1][0]
+        booted = make_container(options, name, layers_text(resolved))
+    return after_boot(name, options) if booted else ok()
+
+
+def after_boot(name, options):
+    return attach_container(name) if options.attach else ok()
+
+
+def action_boot(options):
+    """Start a stopped container."""
+    name = require_container(options.container)
+    boot_stopped(name, options)
+    return after_boot(name, options)
+
+
+def action_attach(options):
+    """Open a login shell in a running container."""
+    return attach_container(require_container(options.container))
+
+
+def action_run(options):
+    """Run a command in a running container; exit with its status."""
+    return run_in_container(require_container(options.container), options.cmd,
+                            options.interactive)
+
+
+def action_shutdown(options):
+    """Stop a container: SIGTERM to every process, SIGKILL after a grace period."""
+    stop_locked(require_container(options.container), SIGTERM, options.force)
+    return ok()
+
+
+def action_kill(options):
+    """Kill a container at once."""
+    stop_locked(require_container(options.container), SIGKILL, options.force)
+    return ok()
+
+
+def action_destroy(options):
+    """Remove a stopped container and everything it wrote (-h stops it first)."""
+    destroy_container(require_container(options.container), options.shutdown, options.force)
+    return ok()
+
+
+def action_volume(options):
+    """Replace the volume list of a stopped container."""
+    change_stopped_container(require_container(options.container), 'volume',
+                             volume_lines(options.volumes), 'volumes can be changed on')
+    return ok()
+
+
+def action_vip(options):
+    """Change the VIP of a stopped container (used from its next boot)."""
+    change_vip(require_container(options.container), str(parse_ipv4(options.vip, '--vip')))
+    return ok()
+
+
+def action_port_mapping(options):
+    """Change the port mappings of a stopped container (used from its next boot)."""
+    change_stopped_container(require_container(options.container), 'port_mapping',
+                             options.port_mapping, 'port mappings can be changed on')
+    return ok()
+
+
+def action_del_bridge(options):
+    """Remove the bridge and cocker's iptables chains (no BRIDGE container may run)."""
+    delete_bridge(network_config())
+    return ok()
+
+
+# ---- images ----------------------------------------------------------------------------
+
+def action_version(options):
+    """Rename an image version (no --version: to '_'); -f takes its containers along."""
+    rename_version(require_image(options.image), options.version or NO_VERSION,
+                   options.force)
+    return ok()
+
+
+def action_copy_image(options):
+    """Copy an image version, everything kept (owners, xattrs, whiteouts, hard links)."""
+    copy_image(require_image(options.from_image), image_or_unversioned(options.to_image))
+    return ok()
+
+
+def action_del_image(options):
+    """Delete an image version; refused while a container uses it, unless -f."""
+    delete_image(require_image(options.image), options.force)
+    return ok()
+
+
+def action_to_image(options):
+    """A stopped container's own layer (its changes, whiteouts included) becomes an image;
+    the container is used up, as with the C cocker."""
+    cname = require_container(options.from_container)
+    name, given = parse_image_ref(options.to_image)
+    container_to_image(cname, name, options.version or given or read_attr(cname, 'version')
+                       or NO_VERSION)
+    return ok()
+
+
+def action_to_container(options):
+    """An image becomes a container whose own layer is the image's content (over the -m
+    base images, if any), to be edited and made an image again; the image is used up."""
+    base = layers_text([resolve_image(ref) for ref in split_list(options.image or '')])
+    image_to_container(resolve_image(options.from_image), options, base)
+    return ok()
+
+
+def action_export(options):
+    """Write IMAGE[:VERSION].cockerimage (and its .sha256) in the current directory."""
+    export_image(require_image(options.image))
+    return ok()
+
+
+def action_import(options):
+    """Read an image archive; its name and version come from the file name, or from -m."""
+    import_file(options.image_file, options.image, options.force)
+    return ok()
+
+
+def action_spush(options):
+    """Upload an image archive (and its sha256) to the repository."""
+    push_image(require_image(options.image), repository(options.srepo), options.force)
+    return ok()
+
+
+def action_spull(options):
+    """Download an image archive from the repository and import it (sha256 checked)."""
+    pull_image(image_or_unversioned(options.image), repository(options.srepo), options.force)
+    return ok()
+
+
+def action_rplfile(options):
+    """Instantiate a template in the container with the KEY VALUE pairs of a host file."""
+    instantiate_template(require_container(options.container), options.template_file,
+                         options.instance_file or options.template_file, options.mapping_file)
+    return ok()
+
+
+def action_putfile(options):
+    """Copy a host file or directory into a container (running or stopped)."""
+    put_file(require_container(options.container), options.src_file, options.dst_file)
+    return ok()
+
+
+def action_getfile(options):
+    """Copy a file or directory of a container (running or stopped) to the host."""
+    get_file(require_container(options.container), options.src_file, options.dst_file)
+    return ok()
 
 
 ACTIONS = {
@@ -4787,7 +4922,7 @@ def print_table(header, rule_width, rows):
             say(row)
 
 
-def show_images(o):
+def show_images(options):
     """List images and their versions."""
     rows = []
     try:
@@ -4807,7 +4942,7 @@ def show_images(o):
     return EXIT_OK
 
 
-def show_containers(o):
+def show_containers(options):
     """List containers with their status: RUNNING(pid) or STOPED."""
     rows = []
     for name in list_containers():
@@ -4833,10 +4968,10 @@ def show_containers(o):
     return EXIT_OK
 
 
-def show_container_limits(o):
+def show_container_limits(options):
     """Recorded limits of one container (-c) or all, with memory and process use when running."""
     rows = []
-    for name in [require_container(o.container)] if o.container else list_containers():
+    for name in [require_container(options.container)] if options.container else list_containers():
         values = [pids_limit_text(name) if key == 'pids_limit' else read_attr(name, key) or '-'
                   for _, key in LIMITS]
         memory = pids = None
@@ -4851,10 +4986,18 @@ def show_container_limits(o):
     return EXIT_OK
 
 
-def show_container_root(o):
+def show_container_root(options):
     """Print the host path of a container's root directory."""
-    name = require_container(o.container)
+    name = require_container(options.container)
     say(container_file(name, 'merged'))
+    return EXIT_OK
+
+
+def show_ssearch(options):
+    """List the image archives in the repository (--match: those whose name contains it)."""
+    rows = ['%-45s %-19s %s' % (image_id, stamp, size_text(size)) for image_id, stamp, size
+            in repository_archives(repository(options.srepo), options.match)]
+    print_table('%-45s %-19s %-10s' % ('image_id', 'modify_datetime', 'size'), 70, rows)
     return EXIT_OK
 
 
@@ -4981,73 +5124,73 @@ class Options(object):
 
 
 def parse_args(argv):
-    o = Options()
+    options = Options()
     i = 0
     while i < len(argv):
         arg = argv[i]
         if arg == '-v':
-            o.version_flag = True
-            return o
+            options.version_flag = True
+            return options
         if arg in ('--help', '-?'):
-            o.action = 'help'
-            return o
+            options.action = 'help'
+            return options
         spec = OPTIONS.get(arg)
         if spec is None or (spec[1] and i + 1 >= len(argv)):
             raise CockerError("invalid parameter '%s'" % arg, EXIT_USAGE)
         attr, takes_value = spec
         if not takes_value:
-            setattr(o, attr, True)
+            setattr(options, attr, True)
         elif attr == 'volumes':
-            o.volumes.append(argv[i + 1])
+            options.volumes.append(argv[i + 1])
             i += 1
         else:
-            setattr(o, attr, argv[i + 1])
+            setattr(options, attr, argv[i + 1])
             i += 1
         i += 1
-    return o
+    return options
 
 
-def check_args(o):
+def check_args(options):
     """Per-action requirements and value checks; raise usage errors (exit 7)."""
-    if o.net is None:
-        o.net = 'HOST'
-    elif o.net not in NETS:
-        raise usage_error("'--net' value[%s] invalid" % o.net)
-    if o.show is not None:
-        if o.show not in SHOWS:
-            raise usage_error('show[%s] invalid' % o.show)
-        word, kind = o.show, '-s'
-    elif o.action is not None:
-        if o.action not in ACTIONS:
-            raise usage_error('action[%s] invalid' % o.action)
-        word, kind = o.action, '-a'
+    if options.net is None:
+        options.net = 'HOST'
+    elif options.net not in NETS:
+        raise usage_error("'--net' value[%s] invalid" % options.net)
+    if options.show is not None:
+        if options.show not in SHOWS:
+            raise usage_error('show[%s] invalid' % options.show)
+        word, kind = options.show, '-s'
+    elif options.action is not None:
+        if options.action not in ACTIONS:
+            raise usage_error('action[%s] invalid' % options.action)
+        word, kind = options.action, '-a'
     else:
         raise usage_error('cmd para action[(null)] invalid')
     for attr, option in REQUIRED.get(word, []):
-        if not getattr(o, attr):
+        if not getattr(options, attr) or (attr == 'image' and not split_list(options.image)):
             raise usage_error("expect '%s' with action '%s %s'" % (option, kind, word))
-    if o.attach and o.exec_cmd is not None:
+    if options.attach and options.exec_cmd is not None:
         raise usage_error("'-t' and '-e' cannot be used together")
-    if o.exec_cmd is not None:
+    if options.exec_cmd is not None:
         import shlex
         try:
-            if not shlex.split(o.exec_cmd):
+            if not shlex.split(options.exec_cmd):
                 raise ValueError('it is empty')
         except ValueError as e:
-            raise usage_error("'-e' value[%s] invalid: %s" % (o.exec_cmd, e))
-    if o.container is not None:
-        check_name('container', o.container)
-    if o.vip is not None:
-        parse_ipv4(o.vip, '--vip')
-    if o.port_mapping is not None:
-        parse_port_mappings(o.port_mapping)
-    if o.host_eth is not None and o.host_eth != 'none':
-        check_ifname(o.host_eth, '--host-eth')
-    check_limit_options(o)
-    if o.seccomp is not None and o.seccomp not in SECCOMP_MODES:
-        raise usage_error("'--seccomp' value[%s] invalid (default or unconfined)" % o.seccomp)
-    if o.srepo is not None:
-        parse_srepo(o.srepo)
+            raise usage_error("'-e' value[%s] invalid: %s" % (options.exec_cmd, e))
+    if options.container is not None:
+        check_name('container', options.container)
+    if options.vip is not None:
+        parse_ipv4(options.vip, '--vip')
+    if options.port_mapping is not None:
+        parse_port_mappings(options.port_mapping)
+    if options.host_eth is not None and options.host_eth != 'none':
+        check_ifname(options.host_eth, '--host-eth')
+    check_limit_options(options)
+    if options.seccomp is not None and options.seccomp not in SECCOMP_MODES:
+        raise usage_error("'--seccomp' value[%s] invalid (default or unconfined)" % options.seccomp)
+    if options.srepo is not None:
+        parse_srepo(options.srepo)
 
 
 def ensure_environment():
@@ -5079,10 +5222,10 @@ def clean_stores():
 # main
 # =============================================================================
 
-def dispatch(o):
-    if o.show is not None:
-        return SHOWS[o.show](o)
-    return ACTIONS[o.action](o)
+def dispatch(options):
+    if options.show is not None:
+        return SHOWS[options.show](options)
+    return ACTIONS[options.action](options)
 
 
 def report(message, status):
@@ -5099,26 +5242,26 @@ def main(argv=None):
     HOME = os.environ.get('COCKER_HOME') or DEFAULT_HOME
     try:
         try:
-            o = parse_args(argv)
+            options = parse_args(argv)
         except CockerError as e:
             report(e.message, e.status)
             sys.stderr.write(USAGE + '\n')
             return e.status
-        if o.version_flag:
+        if options.version_flag:
             say('cocker v%s build %s' % (VERSION, BUILD))
             return EXIT_OK
-        if not argv or o.action == 'help':
+        if not argv or options.action == 'help':
             say(USAGE)
             return EXIT_OK
-        DEBUG = o.debug
+        DEBUG = options.debug
         if os.geteuid() != 0:
             raise CockerError('cocker must run as root', EXIT_ENV)
         ensure_environment()
         clean_stores()
-        check_args(o)
-        what = '-s %s' % o.show if o.show else '-a %s' % o.action
+        check_args(options)
+        what = '-s %s' % options.show if options.show else '-a %s' % options.action
         log('INFO', 'cocker %s' % ' '.join(argv))
-        status = dispatch(o)
+        status = dispatch(options)
         log('INFO', '%s returned %d' % (what, status))
         return status
     except ReaderGone:
