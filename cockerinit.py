@@ -60,6 +60,7 @@ CONFIG_ENV = ('COCKER_ROOT', 'COCKER_SOCKDIR', 'COCKER_HOSTNAME', 'COCKER_EXEC',
 SOCKET_NAME = 'cocker.sock'
 READY = b'READY'
 STOP_GRACE = 5                        #: seconds between SIGTERM and SIGKILL at shutdown
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  #: each stops the container
 REQUEST_TIMEOUT = 10                  #: a client must send its request within this
 INPUT_LIMIT = 1 << 20                 #: input held for a command before the client must wait
 EXIT_LINGER = 0.2                     #: output still read this long after a command exits
@@ -331,14 +332,20 @@ def confine(last_cap, seccomp=True):
 # Frames: 1 type byte, 4-byte big-endian length, payload (the same as in cocker.py).
 #   client -> init: R request (fields), I input bytes, C input closed, W window size (4 x u16)
 #   init -> client: O stdout bytes, E stderr bytes, X exit status (fields), M error text
-# Fields are 'key=value' strings separated by NUL bytes.
+# Fields are 'key=value' strings separated by NUL bytes.  frame, pack_fields, unpack_fields
+# and split_frames are cocker.py's, line for line (each script carries the wire protocol
+# itself); only the error split_frames raises is this file's own.
 
 FRAME = struct.Struct('>cI')
 FRAME_MAX = 1 << 20
 
 
+def frame(kind, payload=b''):
+    return FRAME.pack(kind, len(payload)) + payload
+
+
 def send_frame(sock, kind, payload=b''):
-    sock.sendall(FRAME.pack(kind, len(payload)) + payload)
+    sock.sendall(frame(kind, payload))
 
 
 def pack_fields(fields):
@@ -476,7 +483,8 @@ def exec_child(argv, env, stdio, ctty=None):
 
 
 def read_request(conn):
-    """The first frame of a connection: the JSON request, within REQUEST_TIMEOUT."""
+    """The first frame of a connection, within REQUEST_TIMEOUT: an R frame whose payload
+    is the request's fields -> (fields, what came after it, still to relay)."""
     conn.settimeout(REQUEST_TIMEOUT)
     buf = b''
     while True:
@@ -487,7 +495,7 @@ def read_request(conn):
                 raise ValueError('expected a request frame')
             conn.settimeout(None)
             # input frames that came with the request stay queued for the relay
-            queued = b''.join(FRAME.pack(k, len(p)) + p for k, p in frames[1:])
+            queued = b''.join(frame(k, p) for k, p in frames[1:])
             return unpack_fields(payload), queued + rest
         data = conn.recv(BUFSIZE)
         if not data:
@@ -497,9 +505,6 @@ def read_request(conn):
 
 def serve_session(conn, hostname):
     """One attach or run session, in its own process: never returns."""
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.set_wakeup_fd(-1)
     status = 1
     try:
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize('3i'))
@@ -546,15 +551,30 @@ def start_command(request, argv, env):
     return pid, {out_r: b'O', err_r: b'E'}, in_w, None
 
 
-def relay(conn, request, argv, env, buf):
-    """Copy between the client and the command until it exits; send its exit status."""
+def wake_pipe():
+    """A pipe that signal handlers write a byte to, so a select() sees every SIGCHLD
+    (the handler itself does nothing) -> (read end, write end)."""
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK)
     signal.signal(signal.SIGCHLD, lambda s, f: None)
     signal.set_wakeup_fd(wake_w)
+    return wake_r, wake_w
+
+
+def drain(wake_r):
+    """Empty the wake-up pipe: its bytes only woke select()."""
+    try:
+        os.read(wake_r, 4096)
+    except BlockingIOError:
+        pass
+
+
+def relay(conn, request, argv, env, buf):
+    """Copy between the client and the command until it exits; send its exit status."""
+    wake_r = wake_pipe()[0]
     pid, outputs, input_fd, master = start_command(request, argv, env)
     status = None
     try:
-        status = copy_until_exit(conn, pid, outputs, input_fd, master, buf, wake_r)
+        status = Relay(conn, pid, outputs, input_fd, master, buf, wake_r).copy_until_exit()
     finally:
         if status is None:          # the client went away or failed: hang up the command
             try:
@@ -567,77 +587,113 @@ def relay(conn, request, argv, env, buf):
     return 0
 
 
-def copy_until_exit(conn, pid, outputs, input_fd, master, buf, wake_r):
-    """The relay loop: the command's exit status, or None when the client went away."""
-    if input_fd is not None:
-        os.set_blocking(input_fd, False)
-    pending = bytearray()        # client input not yet taken by the command
-    close_input = False
-    status = None
-    while True:
-        frames, buf = split_frames(buf)
+class Relay(object):
+    """One session's copy: client frames to the command's input and window, the command's
+    outputs to client frames, until it has exited and its outputs are quiet."""
+
+    def __init__(self, conn, pid, outputs, input_fd, master, buf, wake_r):
+        self.conn, self.pid, self.wake_r = conn, pid, wake_r
+        self.outputs = outputs          # {fd: frame kind} still open
+        self.input_fd = input_fd        # the command's input (the pty master with a tty)
+        self.master = master            # the pty master, or None on pipes
+        self.buf = buf                  # client bytes not yet split into frames
+        self.pending = bytearray()      # client input not yet taken by the command
+        self.close_input = False        # the client closed its input (a C frame)
+        self.status = None              # the command's exit status once it has exited
+
+    def copy_until_exit(self):
+        """The command's exit status, or None when the client went away."""
+        if self.input_fd is not None:
+            os.set_blocking(self.input_fd, False)
+        while True:
+            self.take_frames()
+            if self.status is not None and not self.outputs:
+                return self.status
+            try:
+                readable, writable, _ = select.select(self.readers(), self.writers(), [],
+                                                      self.timeout())
+            except InterruptedError:
+                continue
+            if self.status is not None and not readable:
+                return self.status                  # exited and quiet: done
+            for fd in [fd for fd in self.outputs if fd in readable]:
+                self.read_output(fd)
+            if writable:
+                self.write_input()
+            if self.conn in readable and not self.read_client():
+                return None                         # the client went away
+            if self.wake_r in readable:
+                drain(self.wake_r)
+            if self.status is None:
+                self.check_exit()
+
+    def readers(self):
+        # stop reading the client while the command has not taken its input yet
+        client = [self.conn] if len(self.pending) < INPUT_LIMIT else []
+        return client + [self.wake_r] + list(self.outputs)
+
+    def writers(self):
+        return [self.input_fd] if self.pending and self.input_fd is not None else []
+
+    def timeout(self):
+        """None while the command runs; once it exited, wait this long for more output."""
+        return EXIT_LINGER if self.status is not None else None
+
+    def take_frames(self):
+        """Act on the client's complete frames; close the input once it has all of it."""
+        frames, self.buf = split_frames(self.buf)
         for kind, payload in frames:
             if kind == b'I':
-                pending.extend(payload)
+                self.pending.extend(payload)
             elif kind == b'C':
-                close_input = True
-            elif kind == b'W' and master is not None:
-                fcntl.ioctl(master, termios.TIOCSWINSZ,
+                self.close_input = True
+            elif kind == b'W' and self.master is not None:
+                fcntl.ioctl(self.master, termios.TIOCSWINSZ,
                             struct.pack('HHHH', *struct.unpack('>HHHH', payload)))
-        if close_input and not pending and input_fd is not None and master is None:
-            os.close(input_fd)
-            input_fd = None
-        if status is not None and not outputs:
-            break
-        writers = [input_fd] if pending and input_fd is not None else []
-        timeout = EXIT_LINGER if status is not None else None
-        # stop reading the client while the command has not taken its input yet
-        readers = ([conn] if len(pending) < INPUT_LIMIT else []) + [wake_r] + list(outputs)
+        # a pty's input is its master, which is also its output: never closed here
+        if self.close_input and not self.pending and self.input_fd is not None and \
+                self.master is None:
+            os.close(self.input_fd)
+            self.input_fd = None
+
+    def read_output(self, fd):
+        """Send what the command wrote on fd; at its end, stop reading it."""
         try:
-            readable, writable, _ = select.select(readers, writers, [], timeout)
-        except InterruptedError:
-            continue
-        if status is not None and not readable:
-            break                                   # exited and quiet: done
-        for fd in list(outputs):
-            if fd in readable:
-                try:
-                    data = os.read(fd, BUFSIZE)
-                except BlockingIOError:
-                    continue
-                except OSError:                     # EIO: the pty's last user is gone
-                    data = b''
-                if data:
-                    send_frame(conn, outputs[fd], data)
-                else:
-                    del outputs[fd]
-                    if fd != master:
-                        os.close(fd)
-        if writable:
-            try:
-                del pending[:os.write(input_fd, pending)]
-            except BlockingIOError:
-                pass
-            except OSError:                         # the command closed its input
-                del pending[:]
-        if conn in readable:
-            data = conn.recv(BUFSIZE)
-            if not data:                            # the client went away
-                return None
-            buf += data
-        if wake_r in readable:
-            try:
-                os.read(wake_r, 4096)
-            except BlockingIOError:
-                pass
-        if status is None:
-            try:
-                done, wait_status = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                done, wait_status = pid, 0
-            if done:
-                status = exit_status(wait_status)
-    return status
+            data = os.read(fd, BUFSIZE)
+        except BlockingIOError:
+            return
+        except OSError:                             # EIO: the pty's last user is gone
+            data = b''
+        if data:
+            send_frame(self.conn, self.outputs[fd], data)
+            return
+        del self.outputs[fd]
+        if fd != self.master:                       # the master is the input too
+            os.close(fd)
+
+    def write_input(self):
+        try:
+            del self.pending[:os.write(self.input_fd, self.pending)]
+        except BlockingIOError:
+            pass
+        except OSError:                             # the command closed its input
+            del self.pending[:]
+
+    def read_client(self):
+        """Take what the client sent -> False when it went away."""
+        data = self.conn.recv(BUFSIZE)
+        if not data:
+            return False
+        self.buf += data
+        return True
+
+    def check_exit(self):
+        try:
+            done, wait_status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            done, wait_status = self.pid, 0
+        if done:
+            self.status = exit_status(wait_status)
 
 
 # =============================================================================
@@ -699,8 +755,11 @@ def start_main_command(command):
 # =============================================================================
 # main
 # =============================================================================
+# main() checks how it was started, sets up (everything that can fail, reported on the
+# ready pipe), reports READY and serves: one event at a time until the container stops.
 
-def main(argv):
+def refuse_to_run(argv):
+    """The exit status when this is not a container's PID 1 started by cocker, else None."""
     if '-v' in argv:
         print('cockerinit v%s' % VERSION)
         return 0
@@ -710,93 +769,152 @@ def main(argv):
     if os.getpid() != 1 or 'COCKER_ROOT' not in os.environ:
         sys.stderr.write('*** ERROR : please run me by cocker\n')
         return 1
-    prctl(PR_SET_DUMPABLE, 0)
+    return None
+
+
+def take_config():
+    """COCKER_* out of the environment (no command sees them) -> (config, ready, alive,
+    console), the descriptors cocker handed over kept from every command."""
     config = dict((key, os.environ.pop(key, None)) for key in CONFIG_ENV)
     ready, alive, console, log_fd = (int(config['COCKER_%s_FD' % k])
                                      for k in ('READY', 'ALIVE', 'CONSOLE', 'LOG'))
     for fd in (ready, alive, console, log_fd):
         os.set_inheritable(fd, False)
+    return config, ready, alive, console
+
+
+def set_up(config):
+    """Socket, root, confinement, stdin, console -> (listener, console slave)."""
+    with open('/proc/sys/kernel/cap_last_cap') as f:
+        last_cap = int(f.read())
+    time.localtime()                             # load the time zone while the host's is here
+    listener = bind_control_socket(config['COCKER_SOCKDIR'])
+    enter_root(config['COCKER_ROOT'])
+    confine(last_cap, seccomp=config['COCKER_SECCOMP'] != 'unconfined')
+    prctl(PR_SET_DUMPABLE, 0)                   # again: credentials changed
+    global NO_NEW_PRIVS
+    NO_NEW_PRIVS = config['COCKER_NO_NEW_PRIVS'] == '1'
+    # stdin came from the host (/dev/null of the monitor): use the container's own
+    null = os.open('/dev/null', os.O_RDWR)
+    os.dup2(null, 0)
+    os.close(null)
+    # PID 1 holds the console's own end (raw: the log gets the bytes as written), so its
+    # master is never hung up while no process of the container has /dev/console open
+    console_slave = os.open('/dev/console', os.O_RDWR | os.O_NOCTTY)
+    tty.setraw(console_slave)
+    return listener, console_slave
+
+
+def main(argv):
+    refused = refuse_to_run(argv)
+    if refused is not None:
+        return refused
+    prctl(PR_SET_DUMPABLE, 0)
+    config, ready, alive, console = take_config()
     try:
-        with open('/proc/sys/kernel/cap_last_cap') as f:
-            last_cap = int(f.read())
-        time.localtime()                             # load the time zone while the host's is here
-        listener = bind_control_socket(config['COCKER_SOCKDIR'])
-        enter_root(config['COCKER_ROOT'])
-        confine(last_cap, seccomp=config['COCKER_SECCOMP'] != 'unconfined')
-        prctl(PR_SET_DUMPABLE, 0)                   # again: credentials changed
-        global NO_NEW_PRIVS
-        NO_NEW_PRIVS = config['COCKER_NO_NEW_PRIVS'] == '1'
-        # stdin came from the host (/dev/null of the monitor): use the container's own
-        null = os.open('/dev/null', os.O_RDWR)
-        os.dup2(null, 0)
-        os.close(null)
-        console_slave = os.open('/dev/console', os.O_RDWR | os.O_NOCTTY)
-        tty.setraw(console_slave)
+        listener, console_slave = set_up(config)
     except OSError as e:
         os.write(ready, ('cockerinit: %s' % (e.strerror or e)).encode('utf-8', 'replace'))
         return 1
-    wake_r, wake_w = os.pipe2(os.O_NONBLOCK)
-    stopping = []
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, lambda s, f: stopping.append(s))
-    signal.signal(signal.SIGCHLD, lambda s, f: None)
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    signal.set_wakeup_fd(wake_w)
-    main_pid = start_main_command(config['COCKER_EXEC']) if config['COCKER_EXEC'] else None
+    pid1 = Pid1(listener, alive, console, console_slave, config['COCKER_HOSTNAME'] or '')
+    if config['COCKER_EXEC']:
+        pid1.main_pid = start_main_command(config['COCKER_EXEC'])
     os.write(ready, READY)
     os.close(ready)
     log('--- cockerinit ready: container %s ---' % argv[1])
-    readers = [listener, alive, wake_r, console]
-    while True:
-        try:
-            readable = select.select(readers, [], [])[0]
-        except InterruptedError:
-            continue
-        if wake_r in readable:
+    return pid1.serve()
+
+
+class Pid1(object):
+    """What PID 1 serves: the control socket, the console, the monitor's alive pipe and the
+    signals; serve() handles one event per method."""
+
+    def __init__(self, listener, alive, console, console_slave, hostname):
+        self.listener, self.alive, self.hostname = listener, alive, hostname
+        self.console, self.console_slave = console, console_slave
+        self.main_pid = None                # the -e command, which stops the container
+        self.stopping = []                  # the stop signals received
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, lambda s, f: self.stopping.append(s))
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        self.wake_r, self.wake_w = wake_pipe()
+        self.readers = [listener, alive, self.wake_r, console]
+
+    def leave_to_session(self):
+        """In a session's process: nothing of PID 1 stays but the connection."""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        self.listener.close()
+        for fd in (self.alive, self.wake_r, self.wake_w, self.console, self.console_slave):
+            os.close(fd)
+
+    def serve(self):
+        """Until the container stops -> PID 1's exit status."""
+        while True:
             try:
-                os.read(wake_r, 4096)
-            except BlockingIOError:
-                pass
-        for pid, status in reap_children().items():
-            if pid == main_pid:
-                log('main command exited with status %d, stopping the container' % status)
-                stop_all(STOP_GRACE)
+                readable = select.select(self.readers, [], [])[0]
+            except InterruptedError:
+                continue
+            if self.wake_r in readable:
+                drain(self.wake_r)
+            stop = self.why_stop(readable)
+            if stop is not None:
+                text, level, grace, status = stop
+                log(text, level)
+                stop_all(grace)
                 return status
-        if stopping:
-            log('signal %d: stopping the container' % stopping[0])
-            stop_all(STOP_GRACE)
-            return 0
-        if alive in readable:
-            log('the monitor is gone: stopping the container', 'WARN')
-            stop_all(0)
-            return 1
-        if console in readable:
-            try:
-                data = os.read(console, BUFSIZE)
-                os.write(2, data)
-            except OSError:
-                readers.remove(console)
-        if listener in readable:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                continue
-            try:
-                pid = os.fork()
-            except OSError as e:            # e.g. the pids limit: refuse this session only
-                log('cannot start a session: %s' % e, 'WARN')
-                try:
-                    send_frame(conn, b'M', ('cannot start a session: %s' % e.strerror).encode())
-                except OSError:
-                    pass
-                conn.close()
-                continue
-            if pid == 0:
-                listener.close()
-                for fd in (alive, wake_r, wake_w, console, console_slave):
-                    os.close(fd)
-                serve_session(conn, config['COCKER_HOSTNAME'] or '')
-            conn.close()
+            if self.console in readable:
+                self.copy_console()
+            if self.listener in readable:
+                self.accept_session()
+
+    def why_stop(self, readable):
+        """(log line, level, grace, exit status) when the container must stop, else None;
+        reaps every exited child on the way."""
+        done = reap_children()
+        if self.main_pid in done:
+            return ('main command exited with status %d, stopping the container'
+                    % done[self.main_pid], 'INFO', STOP_GRACE, done[self.main_pid])
+        if self.stopping:
+            return ('signal %d: stopping the container' % self.stopping[0], 'INFO',
+                    STOP_GRACE, 0)
+        if self.alive in readable:
+            return 'the monitor is gone: stopping the container', 'WARN', 0, 1
+        return None
+
+    def copy_console(self):
+        """What the container shows on /dev/console goes to its log."""
+        try:
+            os.write(2, os.read(self.console, BUFSIZE))
+        except OSError:
+            self.readers.remove(self.console)
+
+    def accept_session(self):
+        """One new connection, served by a process of its own."""
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        try:
+            pid = os.fork()
+        except OSError as e:            # e.g. the pids limit: refuse this session only
+            refuse_session(conn, e)
+            return
+        if pid == 0:
+            self.leave_to_session()
+            serve_session(conn, self.hostname)
+        conn.close()
+
+
+def refuse_session(conn, error):
+    """No process for this session (fork failed): say why to its client only."""
+    log('cannot start a session: %s' % error, 'WARN')
+    try:
+        send_frame(conn, b'M', ('cannot start a session: %s' % error.strerror).encode())
+    except OSError:
+        pass
+    conn.close()
 
 
 def entry_point():
