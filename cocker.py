@@ -16,10 +16,14 @@ reaches it through a Unix socket next to the container's directory (attach and r
 sshd is needed inside.  Images are overlayfs layers kept in many versions side by side under
 COCKER_HOME (default /var/cocker), in the layout of the C cocker.
 
-Sections (grep -n '^# ===' cocker.py):
-    Constants and paths, Errors and messages, libc bindings, Small utilities, Image store,
-    Container store, Mounts and the container root, Network, Cgroups, Boot sequence,
-    Talking to cockerinit, Test image, Actions, Listings, Command line, main.
+Chapters (grep -n '^# ===' cocker.py), each using only those before it:
+    Constants and paths, Errors and messages, libc bindings, Small utilities (state files,
+    locks, the command runner, Rollback and best_effort), Image store (with the staging of
+    everything new), Container store, Mounts and the container root, Network, Cgroups,
+    Boot sequence (HOST_STEPS beside their undo, the monitor, PID1_STEPS), Container
+    lifecycle (make, remove, start, stop), Talking to cockerinit, Image archives, Image
+    repository over ssh, Files in containers, Test image, Actions (one short function per
+    -a word), Listings (-s), Command line, main.
 """
 
 VERSION = '1.0.0'
@@ -68,12 +72,6 @@ STOP_TIMEOUT = 10               #: seconds shutdown waits before it kills
 INIT_OOM_SCORE_ADJ = -999       #: PID 1 is the last the OOM killer picks in its container
 READY = b'READY'                #: what cockerinit writes on the ready pipe once it serves
 LOG_ROTATE_BYTES = 8 << 20      #: cocker.log and cockerinit.log are rotated beyond this
-
-#: files of a container directory (C cocker layout, plus layers, init_pid, running.lock)
-CONTAINER_FILES = ('image', 'layers', 'hostname', 'net', 'netns', 'vip', 'port_mapping',
-                   'host_eth', 'network.state', 'cgroups', 'volume', 'cpus', 'cpu_quota',
-                   'mem_limit', 'pids_limit', 'version', 'seccomp', 'no_new_privs',
-                   'file_action')
 
 #: the container's /dev: (name, major, minor, mode); everything else is a fresh tmpfs
 DEVICES = [
@@ -2745,10 +2743,8 @@ def remove_cgroup(directory, timeout=5.0):
             if pid not in killed:
                 killed.append(pid)
                 log('WARN', 'process %s was still in %s: killed' % (pid, directory))
-            try:
-                os.kill(int(pid), 9)
-            except (ProcessLookupError, ValueError):
-                pass
+            if is_decimal(pid):
+                signal_process(int(pid), SIGKILL)
         if time.time() > deadline:
             raise CockerError('cgroup %s cannot be removed: processes %s are still in it'
                               % (directory, ' '.join(pids) or '(none listed)'))
@@ -3313,74 +3309,104 @@ def window_size(fd):
 
 def session(name, sock, request, stdin_fd=None, tty=False):
     """Run one attach or run session; relay until cockerinit reports the exit status."""
-    import select
-    import signal
-    import socket
-    out = sys.stdout.buffer
-    err = sys.stderr.buffer
-    resized = []
-    if tty:
+    return Session(name, sock, request, stdin_fd, tty).relay()
+
+
+class Session(object):
+    """The client end of a session, one small method per event.  Frames to cockerinit are
+    queued and sent without blocking, so that output is always read even while cockerinit
+    cannot take more input (no deadlock with both ways full)."""
+
+    def __init__(self, name, sock, request, stdin_fd, tty):
+        self.name, self.sock, self.stdin_fd = name, sock, stdin_fd
+        self.outgoing = bytearray(frame(b'R', pack_fields(request)))
+        self.buf = b''
+        self.status = None
+        self.resized = []
+        self.wake_r = self.watch_window() if tty else None
+
+    def watch_window(self):
+        """SIGWINCH wakes the loop through a pipe: the new size goes to the pty."""
+        import signal
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
-        signal.signal(signal.SIGWINCH, lambda s, f: resized.append(1))
-    else:
-        wake_r = None
-    # frames to cockerinit are queued and sent without blocking, so that output is always
-    # read even while cockerinit cannot take more input (no deadlock both ways full)
-    outgoing = bytearray(frame(b'R', pack_fields(request)))
-    buf = b''
-    try:
-        while True:
-            readers = [sock] + ([wake_r] if wake_r else [])
-            if stdin_fd is not None and len(outgoing) < FRAME_MAX:
-                readers.append(stdin_fd)
-            try:
-                ready, writable, _ = select.select(readers, [sock] if outgoing else [], [])
-            except InterruptedError:
-                continue
-            if writable:
+        signal.signal(signal.SIGWINCH, lambda s, f: self.resized.append(1))
+        return wake_r
+
+    def relay(self):
+        import select
+        import signal
+        try:
+            while self.status is None:
+                readers = [self.sock] + ([self.wake_r] if self.wake_r else [])
+                if self.stdin_fd is not None and len(self.outgoing) < FRAME_MAX:
+                    readers.append(self.stdin_fd)
                 try:
-                    del outgoing[:sock.send(outgoing, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)]
-                except BlockingIOError:
-                    pass
-                except (BrokenPipeError, ConnectionResetError):
-                    # the command ended before taking all its input: its status follows
-                    del outgoing[:]
-                    stdin_fd = None
-            if wake_r in ready:
-                try:
-                    os.read(wake_r, 64)
-                except BlockingIOError:
-                    pass
-                if resized:
-                    del resized[:]
-                    size = struct.pack('>HHHH', *window_size(stdin_fd))
-                    outgoing.extend(frame(b'W', size))
-            if stdin_fd in ready:
-                data = os.read(stdin_fd, 65536)
-                outgoing.extend(frame(b'I' if data else b'C', data))
-                if not data:
-                    stdin_fd = None
-            if sock in ready:
-                data = sock.recv(65536)
-                if not data:
-                    raise CockerError("container '%s' closed the session" % name)
-                frames, buf = split_frames(buf + data)
-                for kind, payload in frames:
-                    if kind == b'O':
-                        out.write(payload)
-                        out.flush()
-                    elif kind == b'E':
-                        err.write(payload)
-                        err.flush()
-                    elif kind == b'M':
-                        raise CockerError(payload.decode('utf-8', 'replace'))
-                    elif kind == b'X':
-                        return int(unpack_fields(payload)['status'])
-    finally:
-        sock.close()
-        if wake_r is not None:
-            signal.set_wakeup_fd(-1)
+                    ready, writable, _ = select.select(
+                        readers, [self.sock] if self.outgoing else [], [])
+                except InterruptedError:
+                    continue
+                if writable:
+                    self.send_queued()
+                if self.wake_r in ready:
+                    self.window_changed()
+                if self.stdin_fd in ready:
+                    self.read_input()
+                if self.sock in ready:
+                    self.read_frames()
+            return self.status
+        finally:
+            self.sock.close()
+            if self.wake_r is not None:
+                signal.set_wakeup_fd(-1)
+
+    def send_queued(self):
+        import socket
+        try:
+            del self.outgoing[:self.sock.send(self.outgoing,
+                                              socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)]
+        except BlockingIOError:
+            pass
+        except (BrokenPipeError, ConnectionResetError):
+            # the command ended before taking all its input: its status follows
+            del self.outgoing[:]
+            self.stdin_fd = None
+
+    def window_changed(self):
+        try:
+            os.read(self.wake_r, 64)
+        except BlockingIOError:
+            pass
+        if self.resized:
+            del self.resized[:]
+            self.outgoing.extend(frame(b'W', struct.pack('>HHHH', *window_size(self.stdin_fd))))
+
+    def read_input(self):
+        data = os.read(self.stdin_fd, 65536)
+        self.outgoing.extend(frame(b'I' if data else b'C', data))
+        if not data:
+            self.stdin_fd = None
+
+    def read_frames(self):
+        data = self.sock.recv(65536)
+        if not data:
+            raise CockerError("container '%s' closed the session" % self.name)
+        frames, self.buf = split_frames(self.buf + data)
+        for kind, payload in frames:
+            if kind == b'O':
+                write_flushed(sys.stdout.buffer, payload)
+            elif kind == b'E':
+                write_flushed(sys.stderr.buffer, payload)
+            elif kind == b'M':
+                raise CockerError(payload.decode('utf-8', 'replace'))
+            elif kind == b'X':
+                self.status = int(unpack_fields(payload)['status'])
+                return
+
+
+def write_flushed(out, data):
+    out.write(data)
+    out.flush()
 
 
 def run_in_container(name, cmd, interactive=False):
@@ -4052,7 +4078,7 @@ def run_helper(name, running, init, settings, work, host_side, keep):
         for sig, handler in saved.items():
             signal.signal(sig, handler)
         if helper:                      # interrupted: the helper goes too
-            os.kill(helper, 9)
+            os.kill(helper, SIGKILL)
             os.waitpid(helper, 0)
         if proc is not None:
             os.close(proc)
@@ -4088,7 +4114,7 @@ def helper_main(name, proc, init, settings, work, result_w, keep):
         HOME = None                     # no log: a COCKER_HOME in here is the container's
         work()
         status = 0
-    except BaseException as e:
+    except BaseException as e:          # a fork child's boundary: never back into the CLI
         try:
             os.write(result_w, error_text(e).encode('utf-8', 'replace'))
         except OSError:
@@ -4109,7 +4135,7 @@ def stop_watch(helper):
             return                      # reaped already: it ended
         if info is not None and info.si_code == CLD_STOPPED and not raised:
             raised.append(True)
-            os.kill(helper, 9)          # so that no write to it can block the cleanup
+            os.kill(helper, SIGKILL)    # so that no write to it can block the cleanup
             raise Interrupted("interrupted: a process of the container stopped the copy "
                               "helper")
     return watch
@@ -4209,10 +4235,7 @@ def interrupt_file_action(name):
     except ValueError:
         return
     if process_start_time(pid) == start and pid != os.getpid():
-        try:
-            os.kill(pid, 15)
-        except ProcessLookupError:
-            pass
+        signal_process(pid, SIGTERM)
 
 
 class locked_to_stop(locked):
@@ -5188,7 +5211,8 @@ def check_args(options):
         check_ifname(options.host_eth, '--host-eth')
     check_limit_options(options)
     if options.seccomp is not None and options.seccomp not in SECCOMP_MODES:
-        raise usage_error("'--seccomp' value[%s] invalid (default or unconfined)" % options.seccomp)
+        raise usage_error("'--seccomp' value[%s] invalid (default or unconfined)"
+                          % options.seccomp)
     if options.srepo is not None:
         parse_srepo(options.srepo)
 

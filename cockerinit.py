@@ -917,9 +917,5 @@ def refuse_session(conn, error):
     conn.close()
 
 
-def entry_point():
-    sys.exit(main(sys.argv[1:]))
-
-
 if __name__ == '__main__':
     sys.exit(main(sys.argv[1:]))

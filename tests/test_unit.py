@@ -133,13 +133,14 @@ def test_frames_round_trip_and_split_at_any_boundary():
     s = Sink()
     s.sendall(cocker.frame(b'R', b'cmd=true'))
     init.send_frame(s, b'O', b'x' * 70000)
-    init.send_frame(s, b'X', b'{"status": 3}')
+    init.send_frame(s, b'X', init.pack_fields({'status': 3}))
     stream = s.data
     for cut in (1, 4, 5, 9, 70000, len(stream) - 1):
         frames, rest = cocker.split_frames(stream[:cut])
         more, rest = init.split_frames(rest + stream[cut:])
         assert [k for k, _ in frames + more] == [b'R', b'O', b'X'] and rest == b''
         assert (frames + more)[1][1] == b'x' * 70000
+        assert cocker.unpack_fields((frames + more)[2][1]) == {'status': '3'}
 
 
 def test_exit_status_is_code_or_128_plus_signal():
