@@ -471,21 +471,27 @@ def endless(attacked, cocker, tmp_path):
         subprocess.check_call(['umount', str(target)])
 
 
-def copy_helper(home, name):
-    """Host pid of the getfile helper, once it runs in the container's cgroup."""
+def copy_helper(home, name, source='/root/endless'):
+    """Host pid of the getfile helper, once it runs in the container's cgroup and holds the
+    source open: at work, past its own set-up (which at 1% of a CPU takes a while)."""
     procs = [os.path.join(d, 'cgroup.procs') for d in container_cgroups(home, name)
              if os.path.exists(os.path.join(d, 'pids.max'))][0]
     found = []
 
-    def running():
+    def copying():
         for pid in open(procs).read().split():
             try:
-                if b'getfile' in open('/proc/%s/cmdline' % pid, 'rb').read():
+                if b'getfile' not in open('/proc/%s/cmdline' % pid, 'rb').read():
+                    continue
+                fds = '/proc/%s/fd' % pid
+                if any(os.readlink(os.path.join(fds, fd)) == source for fd in os.listdir(fds)):
                     found.append(int(pid))
                     return True
             except OSError:
                 pass
-    wait_for(running, what='the copy helper to run in the container cgroup')
+        return False
+    wait_for(copying, timeout=60, what='the copy helper to read %s in the container cgroup'
+             % source)
     return found[0]
 
 
