@@ -303,20 +303,15 @@ class Bench(object):
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-        if processes_using(self.home):
-            time.sleep(0.5)
+        end = time.time() + 5                 # the killed ones gone before the mounts
+        while processes_using(self.home) and time.time() < end:
+            time.sleep(0.05)
         left = mounts_under(self.home)
         if left:
             problems.append('still mounted: %s' % ', '.join(left))
             for point in left:
                 subprocess.call(['umount', '-l', point])
-        if mounts_under(self.home):
-            problems.append('%s kept: mounts under it could not be removed' % self.home)
-        else:
-            shutil.rmtree(self.home, ignore_errors=True)
-            if os.path.exists(self.home):
-                problems.append('could not remove %s' % self.home)
-        return problems
+        return problems + remove_home(self.home)
 
     # -- report -----------------------------------------------------------------------
 
@@ -366,6 +361,17 @@ def bench_home(prefix, python, parent='/tmp'):
     shutil.copy2(COCKER, os.path.join(home, 'bin', 'cocker'))
     shutil.copy2(os.path.join(REPO, 'cockerinit.py'), os.path.join(home, 'bin'))
     return home, env
+
+
+def remove_home(home):
+    """Remove a benchmark's COCKER_HOME, never through a mount left below it; return the
+    problems (strings)."""
+    if mounts_under(home):
+        return ['%s kept: mounts under it could not be removed' % home]
+    shutil.rmtree(home, ignore_errors=True)
+    if os.path.exists(home):
+        return ['could not remove %s' % home]
+    return []
 
 
 def python_version(python):

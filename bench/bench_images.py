@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import (bench_home, median, on_sigterm, python_version,  # noqa: E402
-                   run_benchmark, run_checked)
+                   remove_home, run_benchmark, run_checked)
 
 
 def fill_tree(target, size):
@@ -89,12 +89,9 @@ class ImageBench(object):
 
     def cleanup(self):
         os.chdir('/')
-        problems = []
         if self.home and os.path.isdir(self.home):
-            shutil.rmtree(self.home, ignore_errors=True)
-            if os.path.exists(self.home):
-                problems.append('could not remove %s' % self.home)
-        return problems
+            return remove_home(self.home)
+        return []
 
     def report(self):
         ms = dict((k, median(v) * 1000.0) for k, v in self.times.items())

@@ -25,15 +25,14 @@ Runs under Python 3.6 and newer.
 
 import argparse
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import (BenchError, bench_home, command_text, median, mounts_under,  # noqa: E402
-                   on_sigterm, processes_using, python_version, run_benchmark, run_checked)
+from bench import (BenchError, bench_home, command_text, median, on_sigterm,  # noqa: E402
+                   processes_using, python_version, remove_home, run_benchmark, run_checked)
 
 
 def network_objects():
@@ -134,11 +133,7 @@ class NetworkBench(object):
         for kind, new in zip(('netns', 'link', 'iptables rule'),
                              (a - b for a, b in zip(after, self.before))):
             problems += ['%s %s left behind' % (kind, x) for x in sorted(new)]
-        if mounts_under(self.home):
-            problems.append('mounts left under %s' % self.home)
-        else:
-            shutil.rmtree(self.home, ignore_errors=True)
-        return problems
+        return problems + remove_home(self.home)
 
     def report(self):
         ms = dict((k, median(v) * 1000.0) for k, v in self.times.items())

@@ -3,13 +3,16 @@
 cocker runs with the interpreter named by $COCKER_PYTHON (CI runs the lifecycle tests a
 second time with Python 3.6), else with the interpreter running pytest.  Every container a
 test makes is force-destroyed afterwards, pass or fail, and the session ends by checking
-that nothing (mount, cockerinit process) is left behind.
+that nothing (mount, cockerinit process) is left behind.  Here too: an ssh image repository
+on 127.0.0.1 (Repository, the repo fixture), and the lines the session's summary prints,
+whatever -r asks, for what this host did not let a test run (not_run).
 """
 
 import importlib.util
 import os
 import select
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -24,6 +27,7 @@ COCKER = os.path.join(REPO, 'cocker.py')
 COCKERINIT = os.path.join(REPO, 'cockerinit.py')
 PYTHON = os.environ.get('COCKER_PYTHON') or sys.executable
 MARKER = '.cocker-test-home'
+SSHD = shutil.which('sshd') or '/usr/sbin/sshd'
 
 
 def load_script(name, path):
@@ -121,12 +125,20 @@ def cockerinit_processes(home_path):
     return found
 
 
-def run_cocker(home_path, *args, **kw):
+def cocker_process(home_path, *args, **kw):
+    """cocker started on home_path and left running: a subprocess.Popen (stdout and stderr
+    piped, stdin /dev/null unless given; env= adds variables, the rest goes to Popen)."""
     env = dict(os.environ, COCKER_HOME=home_path)
     env.update(kw.pop('env', {}))
-    p = subprocess.Popen([PYTHON, COCKER] + list(args), stdin=kw.pop('stdin', subprocess.DEVNULL),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    out, err = p.communicate(kw.pop('input', None), timeout=kw.pop('timeout', 120))
+    kw.setdefault('stdin', subprocess.DEVNULL)
+    return subprocess.Popen([PYTHON, COCKER] + list(args), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, **kw)
+
+
+def run_cocker(home_path, *args, **kw):
+    data, timeout = kw.pop('input', None), kw.pop('timeout', 120)
+    p = cocker_process(home_path, *args, **kw)
+    out, err = p.communicate(data, timeout=timeout)
     return Result(p.returncode, out.decode('utf-8', 'replace'), err.decode('utf-8', 'replace'))
 
 
@@ -145,17 +157,23 @@ def test_image(cocker):
     return 'test'
 
 
+def unique_names(default_prefix):
+    """new(prefix) -> a name of its own, PREFIX and 8 hex digits; new.made lists them all, for
+    the fixture that hands them out to remove what they name afterwards."""
+    def new(prefix=default_prefix):
+        name = '%s%s' % (prefix, uuid.uuid4().hex[:8])
+        new.made.append(name)
+        return name
+    new.made = []
+    return new
+
+
 @pytest.fixture
 def names(cocker, home):
     """Unique container names for one test; each is force-destroyed afterwards."""
-    made = []
-
-    def new(prefix='t'):
-        name = '%s%s' % (prefix, uuid.uuid4().hex[:8])
-        made.append(name)
-        return name
+    new = unique_names('t')
     yield new
-    for name in made:
+    for name in new.made:
         if os.path.isdir(os.path.join(home, 'containers', name)):
             r = cocker('-a', 'destroy', '-c', name, '-h', '-f')
             assert r.rc == 0, 'cleanup of %s failed: %r' % (name, r)
@@ -277,3 +295,139 @@ def wait_for(predicate, timeout=10, what='condition'):
             return
         time.sleep(0.05)
     raise AssertionError('timed out waiting for %s' % what)
+
+
+# ---- what this host did not let the session run -----------------------------------------
+
+def pytest_configure(config):
+    config.cocker_not_run = []
+
+
+@pytest.fixture(scope='session')
+def not_run(pytestconfig):
+    """not_run(text): say at the end of the session, whatever -r asks, that a part of a test
+    could not run on this host (a pass that did not test everything must not look whole)."""
+    def note(text):
+        if text not in pytestconfig.cocker_not_run:
+            pytestconfig.cocker_not_run.append(text)
+    return note
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    notes = getattr(config, 'cocker_not_run', [])
+    if notes:
+        terminalreporter.section('not run on this host', sep='-', yellow=True)
+        for text in notes:
+            terminalreporter.write_line('NOT RUN: %s' % text, yellow=True)
+
+
+# ---- an ssh image repository on 127.0.0.1 -------------------------------------------------
+
+def free_loopback_port():
+    """A TCP port of 127.0.0.1 that nothing listens on (now)."""
+    s = socket.socket()
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Repository(object):
+    """sshd on 127.0.0.1:PORT (its own port, host key and sshd_config) and a dedicated user
+    with an authorized key, whose home is the repository; all removed by remove()."""
+
+    def __init__(self):
+        if not os.path.exists(SSHD):
+            pytest.fail('sshd (openssh-server) is not installed: tests/run.sh installs it')
+        self.dir = tempfile.mkdtemp(prefix='cocker-sshd-')
+        self.user = 'ckr' + uuid.uuid4().hex[:8]
+        self.home = os.path.join(self.dir, 'home')
+        self.port = free_loopback_port()
+        self.proc = None
+        # password '*': no password, but not a locked account (sshd refuses those)
+        subprocess.check_call(['useradd', '--home-dir', self.home, '--create-home',
+                               '--shell', '/bin/sh', '--password', '*', self.user])
+        try:
+            self.setup()
+        except BaseException:
+            self.remove()
+            raise
+
+    def keygen(self, path):
+        subprocess.check_call(['ssh-keygen', '-q', '-t', 'ed25519', '-N', '', '-f', path])
+        return open(path + '.pub').read().strip()
+
+    def setup(self):
+        hostkey = self.keygen(os.path.join(self.dir, 'hostkey'))
+        self.key = os.path.join(self.dir, 'id')
+        self.wrong_key = os.path.join(self.dir, 'wrong')
+        public = self.keygen(self.key)
+        self.keygen(self.wrong_key)
+        ssh_dir = os.path.join(self.home, '.ssh')
+        os.makedirs(ssh_dir, mode=0o700, exist_ok=True)
+        with open(os.path.join(ssh_dir, 'authorized_keys'), 'w') as f:
+            f.write(public + '\n')
+        for path in (ssh_dir, os.path.join(ssh_dir, 'authorized_keys')):
+            shutil.chown(path, self.user, None)
+        os.chmod(os.path.join(ssh_dir, 'authorized_keys'), 0o600)
+        os.chmod(self.dir, 0o755)
+        with open(os.path.join(self.dir, 'known_hosts'), 'w') as f:
+            f.write('[127.0.0.1]:%d %s\n' % (self.port, ' '.join(hostkey.split()[:2])))
+        config = os.path.join(self.dir, 'sshd_config')
+        with open(config, 'w') as f:
+            f.write('Port %d\nListenAddress 127.0.0.1\nHostKey %s/hostkey\nPidFile %s/sshd.pid\n'
+                    'PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n'
+                    'AllowUsers %s\nAuthorizedKeysFile .ssh/authorized_keys\n'
+                    'StrictModes no\nLogLevel ERROR\n' % (self.port, self.dir, self.dir, self.user))
+        self.initial = set(os.listdir(self.home))
+        os.makedirs('/run/sshd', mode=0o755, exist_ok=True)       # privilege separation
+        self.proc = subprocess.Popen([SSHD, '-D', '-e', '-f', config],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def listening():
+            if self.proc.poll() is not None:
+                raise AssertionError('sshd exited with status %d before listening on port %d'
+                                     % (self.proc.returncode, self.port))
+            try:
+                socket.create_connection(('127.0.0.1', self.port), timeout=1).close()
+                return True
+            except OSError:
+                return False
+        wait_for(listening, timeout=10, what='sshd to listen on port %d' % self.port)
+
+    def ssh_config(self, key=None):
+        return ('Host *\n  IdentityFile %s\n  IdentitiesOnly yes\n  UserKnownHostsFile %s\n'
+                '  StrictHostKeyChecking yes\n' % (key or self.key,
+                                                   os.path.join(self.dir, 'known_hosts')))
+
+    @property
+    def address(self):
+        return '%s@127.0.0.1:%d' % (self.user, self.port)
+
+    def files(self):
+        """What cocker put in the repository (the account's own dot-files left out)."""
+        return sorted(set(os.listdir(self.home)) - self.initial)
+
+    def remove(self):
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+        subprocess.call(['pkill', '-KILL', '-u', self.user])
+        subprocess.call(['userdel', '--remove', self.user], stderr=subprocess.DEVNULL)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope='module')
+def repo(home):
+    """A Repository for the tests of one module, named in COCKER_HOME/ssh_config; the ssh_config
+    and the saved srepo go with it."""
+    r = Repository()
+    config = os.path.join(home, 'ssh_config')
+    with open(config, 'w') as f:
+        f.write(r.ssh_config())
+    yield r
+    os.unlink(config)
+    for name in ('srepo',):
+        if os.path.exists(os.path.join(home, name)):
+            os.unlink(os.path.join(home, name))
+    r.remove()

@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from conftest import container_path
+from conftest import container_path, unique_names
 
 EDIT = ('echo data > /root/f; chown 12:34 /root/f; chmod 750 /root/f; ln /root/f /root/hl; '
         'ln -s /etc/passwd /root/sl; rm /bin/true; touch /mnt/old; rm -rf /mnt; mkdir /mnt; echo new > /mnt/only; '
@@ -41,14 +41,10 @@ def store_entries(home):
 
 @pytest.fixture
 def image_names(cocker):
-    made = []
-
-    def new(prefix='img'):
-        name = '%s%s' % (prefix, uuid.uuid4().hex[:8])
-        made.append(name)
-        return name
+    """Unique image names for one test; every version of each is deleted afterwards."""
+    new = unique_names('img')
     yield new
-    for name in made:
+    for name in new.made:
         for line in images_listing(cocker).splitlines():
             if line.startswith(name + ' '):
                 version = line.split()[1]

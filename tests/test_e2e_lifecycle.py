@@ -5,7 +5,6 @@ import re
 import signal
 import subprocess
 import threading
-import time
 
 from conftest import container_path, wait_for
 
@@ -80,11 +79,19 @@ def test_attach_passes_the_window_size_and_follows_resizes(running, terminal):
     t.expect('33 101')
     t.resize(40, 132)
     os.kill(t.pid, signal.SIGWINCH)
-    time.sleep(0.3)
-    t.send('stty size\r')
-    t.expect('40 132')
+    asked = []
+
+    def size_followed():
+        # the marker's number is not in the typed line, so its echo never ends the read
+        asked.append(1000 + len(asked))
+        marker = 'asked-%d' % asked[-1]
+        before = len(t.output)
+        t.send('stty size; echo "asked-$((%d + 1))"\r' % (asked[-1] - 1))
+        t.expect(marker)
+        return '40 132' in t.output[before:].decode('utf-8', 'replace').split(marker)[0]
+    wait_for(size_followed, what='the new window size inside the container')
     t.send('exit\r')
-    t.wait()
+    assert t.wait() == 0
 
 
 def test_attach_restores_the_terminal_mode(running, terminal, cocker):
@@ -176,9 +183,18 @@ def test_orphans_are_reaped(running, cocker):
     name = running()
     r = cocker('-a', 'run', '-c', name, '--cmd', '(sleep 0.2 &) ; (sh -c "sleep 0.3 &" &); exit 0')
     assert r.rc == 0
-    time.sleep(1.5)
-    r = cocker('-a', 'run', '-c', name, '--cmd', 'ps -e -o stat=,pid=,comm=')
-    assert not [l for l in r.out.splitlines() if l.strip().startswith('Z')], r.out
+    seen = []
+
+    def orphans_gone():
+        # an orphan never reaped stays in the table as a zombie: then this never comes true
+        r = cocker('-a', 'run', '-c', name, '--cmd', 'ps -e -o stat=,pid=,comm=')
+        seen.append(r.out)
+        return r.rc == 0 and not [l for l in r.out.splitlines() if l.split()[-1] == 'sleep']
+    try:
+        wait_for(orphans_gone, what='the orphaned sleeps to end and be reaped')
+    except AssertionError as e:
+        raise AssertionError('%s; the last ps: %r' % (e, seen[-1]))
+    assert not [l for l in seen[-1].splitlines() if l.strip().startswith('Z')], seen[-1]
 
 
 def test_kill_9_of_pid_1_then_boot_again(running, cocker, home):
