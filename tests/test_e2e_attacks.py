@@ -456,12 +456,19 @@ def test_fifo_device_and_huge_templates_fail_fast(attacked, cocker, tmp_path, mo
 
 
 @pytest.fixture
-def endless(attacked, cocker, tmp_path):
+def endless(attacked, cocker, tmp_path, home):
     """(container, destination): a container held to 1% of a CPU (its file helpers too) with
     a sparse file of a terabyte, and a small tmpfs to get it into: a getfile of it runs until
-    something stops it."""
-    name = attacked('--cpu-quota', '1%')
+    something stops it.  The quota is set once it runs (as cocker sets it: the CFS quota of
+    its cgroup), so that its boot, under a slow interpreter, is not what the test waits for."""
+    name = attacked()
     assert inside(cocker, name, '/t/busybox truncate -s %d /root/endless' % (1 << 40)).rc == 0
+    quotas = [os.path.join(d, f) for d in container_cgroups(home, name)
+              for f in ('cpu.cfs_quota_us', 'cpu.max') if os.path.exists(os.path.join(d, f))]
+    assert quotas, 'no cpu controller for the container'
+    for path in quotas:
+        with open(path, 'w') as f:
+            f.write('1000' if path.endswith('_us') else '1000 100000')
     target = tmp_path / 'dst'
     target.mkdir()
     subprocess.check_call(['mount', '-t', 'tmpfs', '-o', 'size=512m', 'tmpfs', str(target)])
