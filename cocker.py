@@ -451,11 +451,12 @@ class Command(object):
     are /dev/null, or PIPE to stream through command.stdin and command.stdout.  In a with
     block: killed if the block fails, waited for and its pipes closed in any case."""
 
-    def __init__(self, argv, stdin=None, stdout=None, stderr=None, failure=command_failed):
+    def __init__(self, argv, stdin=None, stdout=None, stderr=None, failure=command_failed,
+                 input_name='its input'):
         import subprocess
         import tempfile
         debug('run %s', ' '.join(shell_quote(a) for a in argv))
-        self.argv, self.failure = argv, failure
+        self.argv, self.failure, self.input_name = argv, failure, input_name
         # a streaming command's stderr goes to a file: a full pipe would stall it
         self.errors = tempfile.TemporaryFile() if stderr is None else None
         try:
@@ -474,7 +475,7 @@ class Command(object):
             self.stdin.write(data)
         except BrokenPipeError:
             self.check()
-            raise CockerError('%s stopped reading its input early' % self.argv[0])
+            raise CockerError('%s stopped reading %s early' % (self.argv[0], self.input_name))
 
     def end_input(self):
         try:
@@ -853,6 +854,7 @@ class building_image(object):
         self.name, self.version, self.replace = name, version, replace
 
     def __enter__(self):
+        clean_legacy_staging(os.path.join(images_dir(), self.name), self.name)
         self.staging = new_staging(images_dir())
         rlayer = os.path.join(self.staging, 'rlayer')
         os.mkdir(rlayer, 0o755)
@@ -1031,27 +1033,81 @@ def clean_staging(store):
         if is_decimal(pid) and is_decimal(start) and process_start_time(int(pid)) == int(start):
             continue                    # its command still runs
         try:
-            restore_or_remove(os.path.join(directory, entry), kind, rest)
+            if kind == 'old' and store == images_dir():
+                restore_or_remove(os.path.join(directory, entry), rest)
+            else:
+                claim_and_remove(store, os.path.join(directory, entry))
         except (OSError, CockerError) as e:
             log('WARN', 'cannot clean %s: %s' % (entry, error_text(e)))
     tidy_staging(store)
 
 
-def restore_or_remove(path, kind, rest):
+def claim_and_remove(store, path):
+    """Rename a dead entry to one of ours first: of two commands cleaning at once, one
+    removes it, the other finds it gone."""
+    try:
+        mine = into_staging(store, lambda target: os.rename(path, target), 'doomed')
+    except FileNotFoundError:
+        return
+    if os.path.isdir(mine) and not os.path.islink(mine):
+        remove_tree(mine)
+    else:
+        remove_file(mine)
+
+
+def restore_or_remove(path, rest):
     """An 'old' image version goes back in place if its replacement never came."""
-    if kind == 'old':
-        name, _, version = rest.partition(':')
+    name, _, version = rest.partition(':')
+    try:
         final = image_dir(check_name('image', name), check_name('version', version))
-        with locked('image', name, wait=False) as held:
-            if held is None:
-                return                  # busy: the next command looks again
-            if not os.path.lexists(final):
-                os.makedirs(os.path.dirname(final), 0o755, exist_ok=True)
-                os.rename(path, final)
-                log('WARN', "image '%s' restored: its replacement never came"
-                    % image_ref_text(name, version))
-                return
-    remove_tree(path)
+    except CockerError:
+        claim_and_remove(images_dir(), path)        # not a name of ours: rubbish
+        return
+    with locked('image', name, wait=False) as held:
+        if held is None:
+            return                      # busy: the next command looks again
+        if os.path.lexists(final):
+            claim_and_remove(images_dir(), path)
+            return
+        os.makedirs(os.path.dirname(final), 0o755, exist_ok=True)
+        os.rename(path, final)
+        log('WARN', "image '%s' restored: its replacement never came"
+            % image_ref_text(name, version))
+
+
+def clean_legacy_staging(directory, image=None):
+    """What cocker 1.0 left when killed: images/NAME/.staging.PID.HEX, .deleting.PID.HEX and
+    .old.PID.VERSION (put back if its replacement never came), .VERSION.installing.PID of
+    install_test, containers/.NAME.creating.PID and .NAME.destroying.PID.  Looked at where that image or container is made (under its
+    lock), as cocker 1.0 did; for `image`, directory is images/NAME."""
+    for entry in directory_entries(directory):
+        kind, pid, rest = legacy_fields(entry)
+        if kind is None or pid_alive(pid):
+            continue
+        path = os.path.join(directory, entry)
+        try:
+            if kind == 'old' and image and not os.path.lexists(image_dir(image, rest)):
+                os.rename(path, image_dir(image, check_name('version', rest)))
+            else:
+                remove_tree(path)
+        except (OSError, CockerError) as e:
+            log('WARN', 'cannot clean %s: %s' % (path, error_text(e)))
+
+
+def legacy_fields(entry):
+    """(kind, pid, rest) of a cocker 1.0 hidden entry, or (None, 0, '')."""
+    parts = entry.split('.', 3)         # '', staging|old|deleting, PID, HEX|VERSION
+    if entry.startswith('.') and len(parts) == 4 and parts[1] in ('staging', 'old', 'deleting'):
+        kind, pid, rest = parts[1], parts[2], parts[3]
+    else:                               # .NAME.creating.PID, .VERSION.installing.PID, ...
+        parts = entry.rsplit('.', 2)
+        if not (entry.startswith('.') and len(parts) == 3
+                and parts[1] in ('creating', 'destroying', 'installing')):
+            return None, 0, ''
+        kind, pid, rest = parts[1], parts[2], ''
+    if not is_decimal(pid) or int(pid) == 0:
+        return None, 0, ''
+    return kind, int(pid), rest
 
 
 # =============================================================================
@@ -3076,14 +3132,15 @@ def make_container(options, name, layers, fill=None, boot=None):
     with locked('container', name):
         if os.path.lexists(container_dir(name)):
             raise CockerError("container '%s' exist" % name)
+        clean_legacy_staging(containers_dir())
         if options.net == 'BRIDGE':
             vip = reserve_vip(name, vip)
         with Rollback(forget_vip, name, vip) as undo:
             create_container(options, name, layers, vip, fill)
             undo.push(remove_tree, container_dir(name))
             if options.net == 'CUSTOM':
+                undo.push(delete_netns, netns_path(name))   # (quiet if it never came)
                 add_custom_netns(name)
-                undo.push(delete_netns, netns_path(name))
             record_limits(name, options)
             record_security(name, options)
             log('INFO', "created container '%s' from '%s'" % (name, options.image))
@@ -3377,7 +3434,7 @@ class Session(object):
             os.read(self.wake_r, 64)
         except BlockingIOError:
             pass
-        if self.resized:
+        if self.resized and self.stdin_fd is not None:
             del self.resized[:]
             self.outgoing.extend(frame(b'W', struct.pack('>HHHH', *window_size(self.stdin_fd))))
 
@@ -3747,7 +3804,8 @@ def read_archive(read, rlayer, progress, compressed=True):
         return chunk
     tar_data = gunzip(counted) if compressed else iter(lambda: counted(CHUNK), b'')
     with Command(['tar', '-x', '-p', '--numeric-owner'] + tar_xattr_options() +
-                 ['-C', rlayer, '-f', '-'], stdin=PIPE, failure=lambda argv, status, cause:
+                 ['-C', rlayer, '-f', '-'], stdin=PIPE, input_name='the archive',
+                 failure=lambda argv, status, cause:
                  CockerError('tar could not unpack the archive: %s' % cause)) as tar:
         for data in tar_data:
             tar.write(guard.feed(data))
@@ -4027,7 +4085,8 @@ def in_container(name, work, host_side=None, keep=()):
                 'cgroups': container_cgroups(name),
                 'seccomp': read_attr(name, 'seccomp') != 'unconfined',
                 'no_new_privs': read_attr(name, 'no_new_privs') == '1'}
-    running = container_status(name) == 'RUNNING'
+    repair_if_dead(name)                # its old root must not lie under the new one
+    running = is_running(name)
     if not running:
         mount_root(name, container_layers(name))
     try:

@@ -444,8 +444,12 @@ def test_a_create_killed_half_way_leaves_nothing_visible(cocker, test_image, nam
     assert name not in cocker('-s', 'containers').out
     assert not os.path.exists(staging), 'every command must sweep what a killed create left'
     assert not os.path.exists(os.path.dirname(staging)), 'an empty .staging must go too'
+    # and what a cocker 1.0 create killed half-way left (hidden beside the containers)
+    legacy = os.path.join(home, 'containers', '.%s.creating.%d' % (name, 2 ** 22 + 1))
+    os.makedirs(os.path.join(legacy, 'rwlayer'))
     assert cocker('-a', 'create', '-m', 'test', '-c', name).rc == 0
     assert not os.path.exists(staging), 'create must sweep what a killed create left'
+    assert not os.path.exists(legacy), 'create must sweep what a killed cocker 1.0 create left'
 
 
 def test_cocker_runs_as_a_program_and_as_a_plain_copy(cocker, test_image, names, home, tmp_path):

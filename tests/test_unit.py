@@ -703,3 +703,32 @@ def test_mounts_under_fails_closed_and_nothing_is_removed(tmp_path, monkeypatch)
     with pytest.raises(cocker.CockerError):
         cocker.remove_tree(str(tree))
     assert (tree / 'sub').is_dir(), 'nothing removed'
+
+
+# ---- staging -----------------------------------------------------------------------------
+
+def test_the_staging_cleaner_knows_every_name_it_leaves(tmp_path, monkeypatch):
+    """What a killed command left in .staging goes at the next command, an image version
+    replaced with -f comes back if its replacement never came, a live owner's entry stays;
+    cocker 1.0's hidden names are swept where that image or container is made."""
+    monkeypatch.setattr(cocker, 'HOME', str(tmp_path))
+    images, dead = os.path.join(str(tmp_path), 'images'), '%d-1' % (2 ** 22 + 1)
+    for entry in ('new.%s.dead' % dead, 'doomed.%s.dead' % dead, 'old.%s.app:1.0' % dead,
+                  'old.%s.app:2.0' % dead, 'new.%s.alive' % cocker.staging_owner()):
+        os.makedirs(os.path.join(images, '.staging', entry, 'rlayer'))
+    os.makedirs(os.path.join(images, 'app', '2.0', 'rlayer'))       # its replacement came
+    cocker.clean_stores()
+    assert os.listdir(os.path.join(images, '.staging')) == [
+        'new.%s.alive' % cocker.staging_owner()], 'only the live owner keeps its entry'
+    assert sorted(os.listdir(os.path.join(images, 'app'))) == ['1.0', '2.0']
+    os.rmdir(os.path.join(images, '.staging', 'new.%s.alive' % cocker.staging_owner(), 'rlayer'))
+    os.rmdir(os.path.join(images, '.staging', 'new.%s.alive' % cocker.staging_owner()))
+    cocker.clean_stores()
+    assert not os.path.exists(os.path.join(images, '.staging')), 'an empty .staging goes'
+    legacy = os.path.join(images, 'app')
+    for entry in ('.staging.%d.ab' % (2 ** 22 + 1), '.old.%d.3.0' % (2 ** 22 + 1),
+                  '.1.0.installing.%d' % (2 ** 22 + 1), '.deleting.0.x'):
+        os.makedirs(os.path.join(legacy, entry, 'rlayer'))
+    cocker.clean_legacy_staging(legacy, 'app')
+    assert sorted(os.listdir(legacy)) == ['.deleting.0.x', '1.0', '2.0', '3.0'], \
+        'pid 0 is never taken for a dead owner; the rest is swept, 3.0 put back'
