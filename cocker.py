@@ -2298,6 +2298,7 @@ def teardown_network(name):
     if state is None:
         write_attr(name, 'network.state', None)
         return
+
     def remove_rules():
         # rules as word lists; a state written by cocker 1.0 has them as one string
         delete_rules(state.get('iptables') or 'iptables',
@@ -2312,15 +2313,10 @@ def teardown_network(name):
         if state.get('netns'):
             delete_netns(state['netns'])
 
-    problems = []
-    for step in (remove_rules, remove_veth, remove_netns,
-                 lambda: release_claims(name, state.get('claims') or [])):
-        try:
-            step()
-        except (OSError, CockerError) as e:
-            problems.append(e)
-    if problems:        # keep the state: the next command tries again
-        raise problems[0]
+    # a failure keeps the state: the next command tries again
+    best_effort((remove_rules, remove_veth, remove_netns,
+                 lambda: release_claims(name, state.get('claims') or [])),
+                'network teardown of %s' % name)
     write_attr(name, 'network.state', None)
 
 
