@@ -874,6 +874,7 @@ def remove_image(name, version):
         os.rmdir(os.path.join(images_dir(), name))
     except OSError:
         pass
+    collect_layers()
 
 
 # ---- what the image actions do ------------------------------------------------------
@@ -954,6 +955,106 @@ def image_to_container(image, options, base_layers):
         remove_image(name, version)
     log('INFO', "image '%s' became container '%s'" % (image_ref_text(name, version),
                                                      options.to_container))
+
+
+# ---- layers stored once -----------------------------------------------------------------
+# An image imported from the OCI world keeps its layers in HOME/layers/HEX/rlayer, HEX the
+# sha256 of the layer's uncompressed tar (its diff_id): two images sharing a base layer
+# share its directory.  Its version directory holds `layers` (the diff_ids, bottom first),
+# `config.json` (the image config as it came) and an empty rlayer (its own files: none).
+# Each layer also has a short name, HOME/l/ID -> ../layers/HEX/rlayer, as Docker's
+# overlay2 has: the overlay of a 125-layer image must fit the kernel's one page of options.
+# A layer goes when no image lists it any more (collect_layers, after an image is removed).
+
+LAYER_LINK_CHARS = 'ABCDEFGHIJKLMNOPQRSTUVWXYZ234567'
+
+
+def layers_dir():
+    return os.path.join(HOME, 'layers')
+
+
+def layer_dir(diff_id):
+    """HOME/layers/HEX of a 'sha256:HEX' diff_id (checked: it names a directory)."""
+    return os.path.join(layers_dir(), digest_hex(diff_id))
+
+
+def digest_hex(digest):
+    algorithm, _, hex_part = digest.partition(':')
+    if algorithm != 'sha256' or len(hex_part) != 64 or \
+            any(c not in '0123456789abcdef' for c in hex_part):
+        raise CockerError("'%s' is not a sha256 digest" % printable(digest[:80]))
+    return hex_part
+
+
+def image_layer_ids(name, version):
+    """The diff_ids of an image's shared layers, bottom first ([] for a cockerimage)."""
+    text = read_small(os.path.join(image_dir(name, version), 'layers'), '')
+    return [line for line in text.split() if line]
+
+
+def image_rlayers(name, version, real=False):
+    """Every rlayer of an image, bottom first: its shared layers (by their short names, or
+    real paths), then its own."""
+    paths = [os.path.join(layer_dir(d), 'rlayer') if real else layer_link(d)
+             for d in image_layer_ids(name, version)]
+    return paths + [os.path.join(image_dir(name, version), 'rlayer')]
+
+
+def layer_link(diff_id):
+    short = read_small(os.path.join(layer_dir(diff_id), 'link'))
+    if not short or any(c not in LAYER_LINK_CHARS for c in short):
+        raise CockerError('layer %s is missing or damaged' % diff_id)
+    return os.path.join(HOME, 'l', short)
+
+
+def install_layer(staging, diff_id):
+    """Rename a complete layer (staging/rlayer) to HOME/layers/HEX with its short name;
+    if another import put the same layer there meanwhile, ours goes."""
+    final = layer_dir(diff_id)
+    if os.path.isdir(final):
+        remove_staged(staging)
+        return
+    os.makedirs(os.path.join(HOME, 'l'), 0o700, exist_ok=True)
+    while True:
+        short = ''.join(LAYER_LINK_CHARS[b % 32] for b in os.urandom(10))
+        try:
+            os.symlink(os.path.join('..', 'layers', digest_hex(diff_id), 'rlayer'),
+                       os.path.join(HOME, 'l', short))
+            break
+        except FileExistsError:
+            continue
+    write_small(os.path.join(staging, 'link'), short)
+    write_small(os.path.join(staging, 'diff_id'), diff_id)
+    try:
+        os.rename(staging, final)
+    except OSError:
+        remove_file(os.path.join(HOME, 'l', short))
+        if not os.path.isdir(final):
+            raise
+        remove_staged(staging)          # the same layer came meanwhile
+    tidy_staging(layers_dir())
+
+
+def collect_layers():
+    """Remove the layers no image lists (a layer being imported is not listed yet: imports
+    hold the layers lock shared, so this waits for none and skips when one runs)."""
+    with locked('layers', 'store', wait=False) as held:
+        if held is None:
+            return
+        used = set(digest_hex(d) for name in image_names() for version in image_versions(name)
+                   for d in image_layer_ids(name, version))
+        for entry in directory_entries(layers_dir()):
+            if entry.startswith('.') or entry in used:
+                continue
+            short = read_small(os.path.join(layers_dir(), entry, 'link'))
+            if short:
+                remove_file(os.path.join(HOME, 'l', short))
+            discard(layers_dir(), os.path.join(layers_dir(), entry))
+            debug('removed layer sha256:%s, no image lists it', entry)
+
+
+def image_names():
+    return sorted(n for n in directory_entries(images_dir()) if not n.startswith('.'))
 
 
 # ---- staging: everything new is built hidden, then renamed into place -------------------
@@ -1343,8 +1444,8 @@ def layers_text(resolved):
 
 def container_layers(name):
     """rlayer paths, bottom first."""
-    return [os.path.join(image_dir(*resolve_image(ref)), 'rlayer')
-            for ref in split_list(pinned_layers(name))]
+    return [path for ref in split_list(pinned_layers(name))
+            for path in image_rlayers(*resolve_image(ref))]
 
 
 # =============================================================================
@@ -1396,19 +1497,43 @@ def mount_root(name, layers):
         for layer in layers:
             if ':' in layer or ',' in layer:
                 raise CockerError("layer path '%s' contains ':' or ','" % layer)
+        # the layers relative to HOME, where the mount is made: 125 of them fit in a page
+        home = os.path.abspath(HOME)
         data = 'lowerdir=%s,upperdir=%s,workdir=%s' % (
-            ':'.join(reversed(layers)), os.path.join(cp, 'rwlayer'), os.path.join(cp, 'workdir'))
+            ':'.join(os.path.relpath(os.path.abspath(p), home) for p in reversed(layers)),
+            os.path.abspath(os.path.join(cp, 'rwlayer')),
+            os.path.abspath(os.path.join(cp, 'workdir')))
         if len(data) > 4000:
             raise CockerError('too many image layers for one overlay mount')
         os.makedirs(os.path.join(cp, 'workdir'), exist_ok=True)
         # nodev: a device node in an image or made by the container never opens
-        mount('overlay', merged, 'overlay', MS_NODEV, data)
+        with working_directory(home):
+            mount('overlay', os.path.abspath(merged), 'overlay', MS_NODEV, data)
     else:
         mount(os.path.join(cp, 'rwlayer'), merged, None, MS_BIND)
         remount_bind(merged, MS_NODEV)
     # keep it out of other namespaces' propagation groups: it is this container's alone
     mount(None, merged, None, MS_PRIVATE)
     debug('mounted root on %s', merged)
+
+
+class working_directory(object):
+    """Run the enclosed code in another working directory, then come back."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        self.home = os.open('.', os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        with Rollback(os.close, self.home):
+            os.chdir(self.path)
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            os.fchdir(self.home)
+        finally:
+            os.close(self.home)
 
 
 def mount_container_root(name):
@@ -3518,8 +3643,8 @@ ARCHIVE_XATTRS = ('user.*', 'trusted.overlay.*', 'security.capability')
 TAR_BLOCK = 512
 
 
-def tar_xattr_options():
-    return ['--xattrs'] + ['--xattrs-include=%s' % x for x in ARCHIVE_XATTRS]
+def tar_xattr_options(kept=ARCHIVE_XATTRS):
+    return ['--xattrs'] + ['--xattrs-include=%s' % x for x in kept]
 
 
 class Progress(object):
@@ -3614,7 +3739,8 @@ class ArchiveGuard(object):
     MEMBER_TYPES = b'01234567\0'       # old GNU sparse ('S') has blocks its size omits
     HELD_MAX = 4 << 20                  #: extension headers waiting for their member
 
-    def __init__(self):
+    def __init__(self, foreign=False):
+        self.foreign = foreign      # an OCI layer: no trusted.* xattr of its own
         self.buf = b''
         self.forward = 0            # data bytes of the current member still to pass on
         self.skip = False           # ... or to drop (a skipped device has none, but be exact)
@@ -3727,6 +3853,9 @@ class ArchiveGuard(object):
                 raise CockerError('the archive has two extended headers for one member')
             else:
                 self.pax = records
+        if self.foreign and any(key.startswith('SCHILY.xattr.trusted.') for key in records):
+            raise CockerError('the layer sets a trusted.* xattr (an overlay marker of its '
+                              'own): refused')
         if any(key.startswith('GNU.sparse') for key in self.pax):
             raise CockerError('the archive has a sparse member (not supported)')
         self.held.append(block + data)
@@ -3786,12 +3915,12 @@ def parse_pax(body):
     return records
 
 
-def read_archive(read, rlayer, progress, compressed=True):
+def read_archive(read, rlayer, progress, compressed=True, foreign=False):
     """Unpack a gzip tar stream (read(n) -> bytes; a plain one if not compressed) into
     rlayer through ArchiveGuard; return the sha256 hex of the bytes read."""
     import hashlib
     digest = hashlib.sha256()
-    guard = ArchiveGuard()
+    guard = ArchiveGuard(foreign)
 
     def counted(n):
         chunk = read(n)
@@ -3799,7 +3928,8 @@ def read_archive(read, rlayer, progress, compressed=True):
         progress.add(len(chunk))
         return chunk
     tar_data = gunzip(counted) if compressed else iter(lambda: counted(CHUNK), b'')
-    with Command(['tar', '-x', '-p', '--numeric-owner'] + tar_xattr_options() +
+    with Command(['tar', '-x', '-p', '--numeric-owner'] +
+                 tar_xattr_options(LAYER_XATTRS if foreign else ARCHIVE_XATTRS) +
                  ['-C', rlayer, '-f', '-'], stdin=PIPE, input_name='the archive',
                  failure=lambda argv, status, cause:
                  CockerError('tar could not unpack the archive: %s' % cause)) as tar:
@@ -3897,8 +4027,19 @@ def export_image(image):
         write_small(filename + '.sha256', sha256_line(digest, filename))
 
 
-def import_file(path, ref, force):
-    """Import an archive file as ref, else as the NAME[:VERSION] of its file name."""
+def import_file(path, ref, force, platform=None):
+    """Import an image archive (a cockerimage, a docker save or OCI archive, an OCI layout
+    directory, told by content) as ref, else under the name it carries."""
+    try:        # (a missing file is judged by its name first, as the C cocker did)
+        source = open_image_source(path) if os.path.lexists(path) else None
+    except OSError as e:
+        raise CockerError("image file '%s': %s" % (path, e.strerror))
+    if source is not None:
+        try:
+            import_oci(source, path, ref, force, host_platform(platform))
+        finally:
+            source.close()
+        return
     base = os.path.basename(path)
     if ref:
         name, version = image_or_unversioned(ref)
@@ -3915,6 +4056,379 @@ def import_file(path, ref, force):
         import_archive(f.read, os.fstat(f.fileno()).st_size, name, version, force,
                        expected_sha256(path), 'import ' + base)
     log('INFO', "imported '%s' as '%s'" % (path, image_ref_text(name, version)))
+
+
+# =============================================================================
+# OCI and Docker archives
+# =============================================================================
+# What `docker save`, `podman save` and `skopeo copy` write: a tar (docker-archive: a
+# manifest.json, per-layer layer.tar or, from Docker 25 on, blobs/sha256/HEX beside an OCI
+# index; oci-archive: oci-layout, index.json, blobs/sha256/HEX) or an OCI layout directory.
+# Nothing is trusted: every blob is hashed against its digest and every layer's tar against
+# its diff_id as it streams, each layer goes through the ArchiveGuard (with trusted.*
+# xattrs refused), and the image is installed only when all of it checked.  Whiteouts
+# become overlayfs ones once a layer is unpacked, whatever the order of its members.
+
+OCI_INDEX = 'application/vnd.oci.image.index.v1+json'
+DOCKER_LIST = 'application/vnd.docker.distribution.manifest.list.v2+json'
+BLOB_MAX_JSON = 16 << 20                #: the largest manifest, index or config read
+GOARCH = {'x86_64': 'amd64', 'aarch64': 'arm64', 'armv7l': 'arm', 'ppc64le': 'ppc64le',
+          's390x': 's390x', 'riscv64': 'riscv64', 'i686': '386'}
+#: xattrs an OCI layer may carry (never trusted.overlay.*: whiteouts are the format's own)
+LAYER_XATTRS = ('user.*', 'security.capability')
+WHITEOUT = '.wh.'
+OPAQUE = '.wh..wh..opq'
+
+
+class TarSource(object):
+    """The files of an archive tar, read by member name (never extracted as a whole)."""
+
+    def __init__(self, path):
+        import tarfile
+        try:
+            self.tar = tarfile.open(path, 'r:')
+        except (tarfile.TarError, OSError) as e:
+            raise CockerError("image file '%s' is not an image archive (%s)" % (path, e))
+
+    def has(self, name):
+        try:
+            self.tar.getmember(name)
+            return True
+        except KeyError:
+            return False
+
+    def open(self, name):
+        import tarfile
+        try:
+            f = self.tar.extractfile(self.checked(name))
+        except (KeyError, tarfile.TarError) as e:
+            raise CockerError("the archive has no file '%s' (%s)" % (printable(name), e))
+        if f is None:
+            raise CockerError("'%s' in the archive is not a file" % printable(name))
+        return f
+
+    @staticmethod
+    def checked(name):
+        parts = name.split('/')
+        if name.startswith('/') or '..' in parts or not name:
+            raise CockerError("the archive names a file outside itself: '%s'" % printable(name))
+        return name
+
+    def close(self):
+        self.tar.close()
+
+
+class DirSource(TarSource):
+    """An OCI layout directory."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def has(self, name):
+        return os.path.isfile(os.path.join(self.path, self.checked(name)))
+
+    def open(self, name):
+        try:
+            return open(os.path.join(self.path, self.checked(name)), 'rb')
+        except OSError as e:
+            raise CockerError("the OCI layout has no file '%s' (%s)" % (printable(name),
+                                                                      e.strerror))
+
+    def close(self):
+        pass
+
+
+def open_image_source(path):
+    """A TarSource or DirSource of an OCI or Docker archive; None for a cockerimage."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, 'oci-layout')):
+            raise CockerError("'%s' is a directory but no OCI layout (no oci-layout)" % path)
+        return DirSource(path)
+    with open(path, 'rb') as f:
+        magic = f.read(2)
+    return None if magic == b'\x1f\x8b' else TarSource(path)
+
+
+def read_json(source, name, digest=None):
+    """A small JSON file of the archive (its digest checked when it has one)."""
+    import hashlib
+    import json
+    with source.open(name) as f:
+        data = f.read(BLOB_MAX_JSON + 1)
+    if len(data) > BLOB_MAX_JSON:
+        raise CockerError("'%s' in the archive is too large" % printable(name))
+    if digest is not None and 'sha256:' + hashlib.sha256(data).hexdigest() != digest:
+        raise CockerError('blob %s does not match its digest: refused' % digest)
+    try:
+        return json.loads(data.decode('utf-8')), data
+    except ValueError as e:
+        raise CockerError("'%s' in the archive is not JSON (%s)" % (printable(name), e))
+
+
+def blob_name(digest):
+    return 'blobs/sha256/' + digest_hex(digest)
+
+
+class ArchiveImage(object):
+    """One image of an archive: its config (raw and parsed), layer blobs, tags."""
+
+    def __init__(self, config_name, config_digest, layer_names, layer_digests, tags):
+        self.config_name, self.config_digest = config_name, config_digest
+        self.layer_names, self.layer_digests, self.tags = layer_names, layer_digests, tags
+
+
+def archive_images(source, platform):
+    """The images an archive holds: from an OCI index.json, else a docker manifest.json."""
+    if source.has('index.json') and source.has('oci-layout'):
+        index, _ = read_json(source, 'index.json')
+        return oci_images(source, index, platform)
+    if source.has('manifest.json'):
+        return docker_images(source)
+    raise CockerError('the archive is neither an OCI layout nor a docker save archive')
+
+
+def docker_images(source):
+    manifest, _ = read_json(source, 'manifest.json')
+    if not isinstance(manifest, list):
+        raise CockerError('manifest.json of the archive is not a list')
+    images = []
+    for entry in manifest:
+        if not isinstance(entry, dict) or not isinstance(entry.get('Layers'), list):
+            raise CockerError('manifest.json of the archive has a malformed entry')
+        config = str(entry.get('Config', ''))
+        layers = [str(l) for l in entry['Layers']]
+        images.append(ArchiveImage(config, name_digest(config), layers,
+                                   [name_digest(l) for l in layers],
+                                   [str(t) for t in entry.get('RepoTags') or []]))
+    return images
+
+
+def name_digest(name):
+    """The digest a docker save name carries: Docker 25's blobs/sha256/HEX, an older
+    config's HEX.json; None for an older ID/layer.tar (only its diff_id is known)."""
+    base = name.rsplit('/', 1)[-1]
+    hex_part = base[:-5] if base.endswith('.json') else base
+    if (name.startswith('blobs/sha256/') or base.endswith('.json')) and len(hex_part) == 64:
+        return 'sha256:' + hex_part
+    return None
+
+
+def oci_images(source, index, platform):
+    images = []
+    for descriptor in index.get('manifests') or []:     # `manifests: null` happens
+        tag = (descriptor.get('annotations') or {}).get('org.opencontainers.image.ref.name')
+        manifest = pick_manifest(source, descriptor, platform)
+        layers = manifest.get('layers') or []
+        config = manifest.get('config') or {}
+        images.append(ArchiveImage(
+            blob_name(config.get('digest', '')), config.get('digest'),
+            [blob_name(l.get('digest', '')) for l in layers],
+            [l.get('digest') for l in layers], [tag] if tag else []))
+    return images
+
+
+def pick_manifest(source, descriptor, platform):
+    """The image manifest a descriptor leads to, through nested indexes: the platform's."""
+    for _ in range(4):                                  # index -> index -> manifest at most
+        document, _ = read_json(source, blob_name(descriptor.get('digest', '')),
+                                descriptor.get('digest'))
+        if document.get('mediaType') not in (OCI_INDEX, DOCKER_LIST) and \
+                'manifests' not in document:
+            return document
+        candidates = [d for d in document.get('manifests') or []
+                      if platform_matches(d.get('platform'), platform)]
+        if not candidates:
+            raise CockerError('the archive has no image for %s (it has %s)' % (
+                '/'.join(platform), ', '.join(sorted(set(
+                    platform_text(d.get('platform')) for d in document.get('manifests') or [])))))
+        descriptor = candidates[0]
+    raise CockerError('the archive nests its indexes too deep')
+
+
+def host_platform(text=None):
+    """(os, architecture, variant or None) asked with --platform, else this host's."""
+    if text:
+        parts = text.split('/')
+        if len(parts) not in (2, 3) or not all(parts):
+            raise usage_error("--platform value '%s' is invalid (OS/ARCH[/VARIANT])" % text)
+        return tuple(parts) if len(parts) == 3 else (parts[0], parts[1], None)
+    machine = os.uname().machine
+    return ('linux', GOARCH.get(machine, machine), 'v8' if machine == 'aarch64' else None)
+
+
+def platform_matches(described, platform):
+    if not described:
+        return True                     # one image, no platform said: take it
+    wanted_os, wanted_arch, wanted_variant = platform
+    return (described.get('os') == wanted_os and described.get('architecture') == wanted_arch
+            and (wanted_variant is None or described.get('variant') in (None, wanted_variant)))
+
+
+def platform_text(described):
+    described = described or {}
+    return '/'.join(p for p in (described.get('os'), described.get('architecture'),
+                                described.get('variant')) if p) or 'unknown'
+
+
+def choose_image(images, ref):
+    """The image to import: the only one, or the one whose tag maps to ref's name."""
+    if len(images) == 1:
+        return images[0]
+    if ref:
+        wanted = image_or_unversioned(ref)
+        for image in images:
+            if any(tag_to_image(t) == wanted for t in image.tags):
+                return image
+    names = sorted(set(t for image in images for t in image.tags)) or ['(untagged)']
+    raise CockerError('the archive holds %d images (%s): name one with -m NAME:VERSION'
+                      % (len(images), printable(', '.join(names))))
+
+
+def tag_to_image(tag):
+    """'docker.io/library/nginx:1.25' -> ('nginx', '1.25'): the registry and 'library/' go,
+    other '/' become '_', characters cocker names do not have become '_' too; no tag:
+    'latest'."""
+    repository, _, version = tag.rpartition(':') if ':' in tag.rsplit('/', 1)[-1] \
+        else (tag, '', 'latest')
+    parts = repository.split('/')
+    if len(parts) > 1 and ('.' in parts[0] or ':' in parts[0] or parts[0] == 'localhost'):
+        parts = parts[1:]
+    if parts[:1] == ['library']:
+        parts = parts[1:]
+
+    def name_of(text):
+        text = ''.join(c if c in NAME_CHARS else '_' for c in text).lstrip('.-')
+        return text[:NAME_MAX] or '_'
+    return name_of('_'.join(parts)), name_of(version)
+
+
+def import_oci(source, path, ref, force, platform):
+    """Import the archive's image as ref, else as its own tag mapped to a cocker name."""
+    image = choose_image(archive_images(source, platform), ref)
+    if ref:
+        name, version = image_or_unversioned(ref)
+    elif image.tags:
+        name, version = tag_to_image(image.tags[0])
+    else:
+        raise CockerError("the archive's image has no name: give -m NAME[:VERSION]")
+    config, raw = read_json(source, image.config_name, image.config_digest)
+    diff_ids = (config.get('rootfs') or {}).get('diff_ids') or []
+    if len(diff_ids) != len(image.layer_names):
+        raise CockerError('the image config lists %d layers, its manifest %d: refused'
+                          % (len(diff_ids), len(image.layer_names)))
+    with locked('image', name), locked('layers', 'store', shared=True):
+        if os.path.exists(image_dir(name, version)):
+            if not force:
+                raise CockerError("image '%s' exist (add -f to replace it)"
+                                  % image_ref_text(name, version))
+            refuse_if_used(name, version, True, 'it cannot be replaced')
+        for number, (blob, digest, diff_id) in enumerate(
+                zip(image.layer_names, image.layer_digests, diff_ids), 1):
+            add_layer(source, blob, digest, diff_id, 'layer %d of %d' % (number, len(diff_ids)))
+        with building_image(name, version, replace=force) as rlayer:
+            staging = os.path.dirname(rlayer)
+            write_small(os.path.join(staging, 'layers'), ''.join(d + '\n' for d in diff_ids))
+            with open(os.path.join(staging, 'config.json'), 'wb') as f:
+                f.write(raw)
+    collect_layers()
+    log('INFO', "imported '%s' as '%s' (%d layers)" % (path, image_ref_text(name, version),
+                                                      len(diff_ids)))
+
+
+def add_layer(source, blob, digest, diff_id, what):
+    """Unpack one layer into the layer store, unless it is there already."""
+    if os.path.isdir(layer_dir(diff_id)):
+        debug('%s %s is stored already', what, diff_id)
+        return
+    staging = new_staging(layers_dir())
+    with Rollback(remove_staged, staging), source.open(blob) as f:
+        rlayer = os.path.join(staging, 'rlayer')
+        os.mkdir(rlayer, 0o755)
+        got_blob, got_diff = unpack_layer(f.read, rlayer, what)
+        if digest is not None and got_blob != digest:
+            raise CockerError('%s does not match its digest %s: refused' % (what, digest))
+        if got_diff != diff_id:
+            raise CockerError('%s unpacks to %s, not its diff_id %s: refused'
+                              % (what, got_diff, diff_id))
+        refuse_device_nodes(rlayer)
+        convert_whiteouts(rlayer)
+        install_layer(staging, diff_id)
+
+
+def unpack_layer(read, rlayer, what):
+    """Unpack a layer blob (gzip, zstd or plain tar, told by its first bytes) through the
+    guard; (sha256 of the blob, sha256 of its tar) as 'sha256:HEX'."""
+    import hashlib
+    blob_digest = hashlib.sha256()
+    head = read(4)
+
+    def blob_read(n, first=[head]):
+        chunk = first.pop() if first else read(n)
+        blob_digest.update(chunk)
+        return chunk
+    if head[:2] == b'\x1f\x8b':
+        data = gunzip(blob_read)
+    elif head == b'\x28\xb5\x2f\xfd':
+        data = unzstd(blob_read)
+    else:
+        data = iter(lambda: blob_read(CHUNK), b'')
+    chunks = (chunk for chunk in data if chunk)     # an empty read would mean the end
+    tar_digest = read_archive(lambda n: next(chunks, b''), rlayer, Progress(what),
+                              compressed=False, foreign=True)
+    for _ in iter(lambda: blob_read(CHUNK), b''):
+        pass                            # what tar did not need still counts for the digest
+    return 'sha256:' + blob_digest.hexdigest(), 'sha256:' + tar_digest
+
+
+def unzstd(read):
+    """The data of a zstd stream, by the zstd program (the standard library has none)."""
+    import shutil
+    import threading
+    if shutil.which('zstd') is None:
+        raise CockerError('the archive has a zstd-compressed layer and this host has no '
+                          'zstd program: install zstd')
+    with Command(['zstd', '-d', '-c', '-q'], stdin=PIPE, stdout=PIPE) as zstd:
+        def feed():
+            try:
+                for chunk in iter(lambda: read(CHUNK), b''):
+                    zstd.stdin.write(chunk)
+            except (BrokenPipeError, ValueError):
+                pass
+            finally:
+                zstd.end_input()
+        feeder = threading.Thread(target=feed)
+        feeder.daemon = True
+        feeder.start()
+        for chunk in iter(lambda: zstd.stdout.read(CHUNK), b''):
+            yield chunk
+        feeder.join()
+        zstd.check()
+
+
+def convert_whiteouts(rlayer):
+    """.wh.NAME -> a 0:0 character device NAME; .wh..wh..opq -> trusted.overlay.opaque on
+    its directory.  Walked without following links (the layer's own may point anywhere)."""
+    for directory, dirnames, filenames in os.walk(rlayer):
+        for entry in sorted(filenames + dirnames):
+            if not entry.startswith(WHITEOUT):
+                continue
+            path = os.path.join(directory, entry)
+            if entry == OPAQUE:
+                remove_file(path)
+                os.setxattr(directory, 'trusted.overlay.opaque', b'y', follow_symlinks=False)
+                continue
+            target = entry[len(WHITEOUT):]
+            if target in ('', '.', '..'):
+                raise CockerError('the layer has a whiteout of %s: refused'
+                                  % printable(os.path.relpath(path, rlayer)))
+            if os.path.isdir(path) and not os.path.islink(path):
+                raise CockerError('the layer has a whiteout that is a directory: refused')
+            remove_file(path)
+            if os.path.lexists(os.path.join(directory, target)):
+                raise CockerError('the layer both has and deletes %s: refused'
+                                  % printable(os.path.relpath(os.path.join(directory, target),
+                                                              rlayer)))
+            os.mknod(os.path.join(directory, target), stat.S_IFCHR | 0o600, os.makedev(0, 0))
 
 
 # =============================================================================
@@ -4922,7 +5436,7 @@ def action_export(options):
 
 def action_import(options):
     """Read an image archive; its name and version come from the file name, or from -m."""
-    import_file(options.image_file, options.image, options.force)
+    import_file(options.image_file, options.image, options.force, options.platform)
     return ok()
 
 
@@ -5013,8 +5527,8 @@ def show_images(options):
         for version in versions:
             path = image_dir(name, version)
             mtime = time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(os.stat(path).st_mtime))
-            rows.append('%-30s %-10s %-19s %s' % (name, version, mtime,
-                                                 size_text(tree_size(os.path.join(path, 'rlayer')))))
+            size = sum(tree_size(rlayer) for rlayer in image_rlayers(name, version, real=True))
+            rows.append('%-30s %-10s %-19s %s' % (name, version, mtime, size_text(size)))
     print_table('%-30s %-10s %-19s %-10s' % ('image_id', 'version', 'modify_datetime', 'size'),
                 68, rows)
     return EXIT_OK
@@ -5117,7 +5631,7 @@ USAGE = """USAGE : cocker -v
                -a to_container --from-image (image[:version]) [ (-m|--image) (image[:version])[,(image[:version])]... ] [ create options ] --to-container (container) [ (-f|--forcely) ]
                -a copy_image --from-image (image[:version]) --to-image (image[:version])
                -a del_image (-m|--image) (image[:version]) [ (-f|--forcely) ]
-               -a import --image-file (file) [ (-m|--image) (image[:version]) ] [ (-f|--forcely) ]
+               -a import --image-file (file|oci_dir) [ (-m|--image) (image[:version]) ] [ --platform (os/arch[/variant]) ] [ (-f|--forcely) ]
                -a export (-m|--image) (image[:version])
                -s ssearch [ --srepo (user@host[:port]) ] [ --match (text) ]
                -a spush (-m|--image) (image[:version]) [ --srepo (user@host[:port]) ] [ (-f|--forcely) ]
@@ -5149,7 +5663,7 @@ OPTIONS = {
     '--cmd': ('cmd', True),
     '--from-image': ('from_image', True), '--to-image': ('to_image', True),
     '--from-container': ('from_container', True), '--to-container': ('to_container', True),
-    '--image-file': ('image_file', True),
+    '--image-file': ('image_file', True), '--platform': ('platform', True),
     '--srepo': ('srepo', True), '--match': ('match', True),
     '--template-file': ('template_file', True), '--mapping-file': ('mapping_file', True),
     '--instance-file': ('instance_file', True),
@@ -5293,7 +5807,7 @@ def ensure_environment():
 
 def clean_stores():
     """What commands killed half-way left behind (cheap: one directory, seldom there)."""
-    for store in (images_dir(), containers_dir()):
+    for store in (images_dir(), containers_dir(), layers_dir()):
         clean_staging(store)
 
 

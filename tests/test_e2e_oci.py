@@ -1,0 +1,307 @@
+"""Images from the OCI world: archives that buildah (a tool no one here wrote) builds and
+writes as docker-archive, oci-archive and an oci layout directory are imported, their
+layers stored once, and booted; hostile archives are refused with nothing kept."""
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import uuid
+
+import pytest
+
+from conftest import unique_names
+
+BUSYBOX = '/bin/busybox'
+APPLETS = 'sh ls cat echo id pwd env sleep stat wc'.split()
+
+
+class Buildah(object):
+    """buildah with a storage of its own (overlay: it writes opaque whiteouts)."""
+
+    def __init__(self, top):
+        self.argv = ['buildah', '--root', os.path.join(top, 'root'),
+                     '--runroot', os.path.join(top, 'run'), '--storage-driver', 'overlay']
+
+    def __call__(self, *args):
+        return subprocess.check_output(self.argv + list(args)).decode().strip()
+
+    def layer(self, base, change, image):
+        """A new image: base (an image, or scratch) with change(root) as one more layer."""
+        c = self('from', base)
+        root = self('mount', c)
+        change(root)
+        self('commit', '-q', c, image)
+        self('umount', c)
+        self('rm', c)
+
+    def close(self):
+        subprocess.call(self.argv + ['umount', '--all'], stdout=subprocess.DEVNULL)
+        subprocess.call(self.argv + ['rm', '--all'], stdout=subprocess.DEVNULL)
+        subprocess.call(self.argv + ['rmi', '--all', '--force'], stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
+
+
+def base_files(root):
+    for d in ('bin', 'etc', 'data/keep', 'opq'):
+        os.makedirs(os.path.join(root, d))
+    shutil.copy(BUSYBOX, os.path.join(root, 'bin', 'busybox'))
+    for applet in APPLETS:
+        os.symlink('busybox', os.path.join(root, 'bin', applet))
+    for path, text in (('data/gone', 'one\n'), ('data/keep/k', 'keep\n'), ('opq/old', 'old\n')):
+        with open(os.path.join(root, path), 'w') as f:
+            f.write(text)
+
+
+def app_files(root):
+    os.unlink(os.path.join(root, 'data', 'gone'))           # a whiteout
+    shutil.rmtree(os.path.join(root, 'opq'))                # an opaque directory
+    os.mkdir(os.path.join(root, 'opq'))
+    with open(os.path.join(root, 'opq', 'new'), 'w') as f:
+        f.write('new\n')
+    with open(os.path.join(root, 'etc', 'hello'), 'w') as f:
+        f.write('hello\n')
+    os.link(os.path.join(root, 'etc', 'hello'), os.path.join(root, 'etc', 'hardlink'))
+    os.symlink('/etc/hello', os.path.join(root, 'etc', 'sym'))
+    shutil.copy(BUSYBOX, os.path.join(root, 'bin', 'su2'))
+    os.chmod(os.path.join(root, 'bin', 'su2'), 0o4755)
+
+
+@pytest.fixture(scope='module')
+def built(tmp_path_factory):
+    """{format: path} of an image 'app' (2 layers over busybox) and its base alone."""
+    if shutil.which('buildah') is None:
+        pytest.fail('buildah is missing: tests/run.sh installs it')
+    top = str(tmp_path_factory.mktemp('buildah'))
+    b = Buildah(top)
+    try:
+        b.layer('scratch', base_files, 'base:1')
+        b.layer('base:1', app_files, 'app:2')
+        out = {}
+        for kind, target in (('docker', 'docker-archive:%s/app-docker.tar:app:2'),
+                             ('oci', 'oci-archive:%s/app-oci.tar:app:2'),
+                             ('ocidir', 'oci:%s/app-ocidir:app:2'),
+                             ('base', 'docker-archive:%s/base.tar:base:1')):
+            b('push', '-q', kind == 'base' and 'base:1' or 'app:2', target % top)
+            out[kind] = (target % top).split(':')[1]
+        out['top'] = top
+        yield out
+    finally:
+        b.close()
+
+
+@pytest.fixture
+def image_names(cocker):
+    new = unique_names('oci')
+    yield new
+    for name in new.made:
+        for line in cocker('-s', 'images').out.splitlines()[2:]:
+            if line.split()[0] == name:
+                cocker('-a', 'del_image', '-m', '%s:%s' % (name, line.split()[1]), '-f')
+
+
+def layers_of(home):
+    path = os.path.join(home, 'layers')
+    return set(e for e in os.listdir(path) if not e.startswith('.')) if os.path.isdir(path) \
+        else set()
+
+
+def store_is_clean(home):
+    """Nothing hidden half-made in the stores."""
+    for store in ('images', 'containers', 'layers'):
+        assert not os.path.exists(os.path.join(home, store, '.staging')), store
+
+
+def check_app(cocker, names, ref):
+    c = names()
+    r = cocker('-a', 'create', '-m', ref, '-c', c, '-b')
+    assert r.rc == 0, r
+    r = cocker('-a', 'run', '-c', c, '--cmd', 'ls /data; echo -; ls /opq; echo -; cat /etc/sym; '
+               'stat -c "%h %a" /etc/hello /bin/su2')
+    assert r.rc == 0, r
+    assert r.out == 'keep\n-\nnew\n-\nhello\n2 644\n1 4755\n', \
+        'the deleted file gone, the opaque directory emptied, links and setuid kept: %r' % r.out
+    assert cocker('-a', 'destroy', '-c', c, '-h').rc == 0
+
+
+def test_each_archive_format_imports_and_boots_as_built(built, cocker, names, image_names,
+                                                        home):
+    before = layers_of(home)
+    name = image_names()
+    for kind in ('docker', 'oci', 'ocidir'):
+        r = cocker('-a', 'import', '--image-file', built[kind], '-m', '%s:%s' % (name, kind))
+        assert r.rc == 0 and r.out == 'OK\n', (kind, r)
+        check_app(cocker, names, '%s:%s' % (name, kind))
+    assert len(layers_of(home) - before) == 2, 'three imports of one image: its 2 layers once'
+    store_is_clean(home)
+
+
+def test_the_name_comes_from_the_archive_and_layers_are_shared(built, cocker, names, home):
+    before = layers_of(home)
+    r = cocker('-a', 'import', '--image-file', built['base'])
+    assert r.rc == 0, r
+    try:
+        r = cocker('-a', 'import', '--image-file', built['docker'])
+        assert r.rc == 0, r
+        try:
+            listed = [l.split()[:2] for l in cocker('-s', 'images').out.splitlines()[2:]]
+            assert ['base', '1'] in listed and ['app', '2'] in listed, \
+                'localhost/base:1 and localhost/app:2 become base:1 and app:2: %r' % listed
+            assert len(layers_of(home) - before) == 2, 'app shares the base layer of base'
+            du = subprocess.check_output(['du', '-sb', os.path.join(home, 'layers')])
+            assert int(du.split()[0]) < 2 * os.path.getsize(BUSYBOX) + (1 << 20) + \
+                os.path.getsize(BUSYBOX), 'busybox is stored twice at most (base, su2)'
+        finally:
+            assert cocker('-a', 'del_image', '-m', 'app:2').rc == 0
+        assert len(layers_of(home) - before) == 1, 'the layer only app had is gone'
+        c = names()
+        r = cocker('-a', 'create', '-m', 'base:1', '-c', c, '-b')
+        assert r.rc == 0, r
+        assert cocker('-a', 'run', '-c', c, '--cmd', 'cat /data/gone').out == 'one\n'
+        assert cocker('-a', 'destroy', '-c', c, '-h').rc == 0
+    finally:
+        assert cocker('-a', 'del_image', '-m', 'base:1').rc == 0
+    assert layers_of(home) == before, 'no image lists them: every layer gone'
+    store_is_clean(home)
+
+
+# ---- hostile archives --------------------------------------------------------------------
+
+def unpacked(archive, into):
+    os.makedirs(into)
+    with tarfile.open(archive) as t:
+        t.extractall(into)
+    return into
+
+
+def repacked(directory, archive):
+    with tarfile.open(archive, 'w') as t:
+        for entry in sorted(os.listdir(directory)):
+            t.add(os.path.join(directory, entry), entry)
+    return archive
+
+
+def layer_tar(members):
+    """A layer blob (plain tar) of (TarInfo, data) members."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode='w', format=tarfile.PAX_FORMAT) as t:
+        for info, data in members:
+            t.addfile(info, io.BytesIO(data) if data is not None else None)
+    return raw.getvalue()
+
+
+def docker_archive(path, layers, diff_ids=None, config_name='cfg.json', layer_names=None):
+    """A docker save archive of plain layer blobs, as a hostile party would write it."""
+    import hashlib
+    layer_names = layer_names or ['l%d/layer.tar' % i for i in range(len(layers))]
+    config = {'architecture': 'amd64', 'os': 'linux', 'rootfs': {'type': 'layers', 'diff_ids': (
+        diff_ids or ['sha256:' + hashlib.sha256(l).hexdigest() for l in layers])}}
+    files = {'manifest.json': json.dumps([{'Config': config_name, 'RepoTags': ['evil:1'],
+                                            'Layers': layer_names}]).encode(),
+             config_name: json.dumps(config).encode()}
+    for name, data in zip(layer_names, layers):
+        if '..' not in name:
+            files[name] = data
+    with tarfile.open(path, 'w') as t:
+        for name, data in sorted(files.items()):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return path
+
+
+def regular(name, data=b'x'):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info, data
+
+
+def test_hostile_archives_are_refused_and_nothing_is_kept(built, cocker, image_names, home,
+                                                          tmp_path):
+    import hashlib
+    good = layer_tar([regular('ok')])
+    opaque = tarfile.TarInfo('d')
+    opaque.type = tarfile.DIRTYPE
+    opaque.pax_headers = {'SCHILY.xattr.trusted.overlay.opaque': 'y'}
+    swapped = str(tmp_path / 'swapped')
+    layout = unpacked(built['oci'], swapped)
+    blobs = os.path.join(layout, 'blobs', 'sha256')
+    layer_blobs = sorted((os.path.getsize(os.path.join(blobs, b)), b) for b in os.listdir(blobs))
+    biggest = os.path.join(blobs, layer_blobs[-1][1])
+    import gzip
+    with open(biggest, 'rb') as f:                      # the same layer, other bytes
+        layer = gzip.decompress(f.read())
+    with open(biggest, 'wb') as f:
+        f.write(gzip.compress(layer, compresslevel=1))
+    zstd_blob = subprocess.check_output(['zstd', '-q', '-c'], input=good)
+    cases = [
+        ('a layer blob that does not match its digest', swapped, None,
+         'does not match its digest'),
+        ('a diff_id that is not the layer', docker_archive(
+            str(tmp_path / 'diff.tar'), [good], ['sha256:' + hashlib.sha256(b'x').hexdigest()]),
+         None, 'not its diff_id'),
+        ('a manifest pointing outside the archive', docker_archive(
+            str(tmp_path / 'out.tar'), [good], layer_names=['../../etc/passwd']), None,
+         'outside itself'),
+        ('a layer with ../ in a name', docker_archive(
+            str(tmp_path / 'dots.tar'), [layer_tar([regular('a/../../x')])]), None, "'..'"),
+        ('a layer planting trusted.overlay.opaque', docker_archive(
+            str(tmp_path / 'xattr.tar'), [layer_tar([(opaque, None)])]), None, 'trusted'),
+        ('a whiteout of ..', docker_archive(
+            str(tmp_path / 'wh.tar'), [layer_tar([regular('a/.wh...', b'')])]), None,
+         'whiteout'),
+        ('a zstd layer on a host without zstd', docker_archive(
+            str(tmp_path / 'zstd.tar'), [zstd_blob], ['sha256:' + hashlib.sha256(good).hexdigest()]),
+         'nozstd', 'zstd'),
+    ]
+    nozstd = tmp_path / 'bin'
+    nozstd.mkdir()
+    os.symlink(shutil.which('tar'), str(nozstd / 'tar'))
+    before = layers_of(home)
+    for what, path, env, text in cases:
+        name = image_names()
+        extra = {'env': {'PATH': str(nozstd)}} if env else {}
+        r = cocker('-a', 'import', '--image-file', path, '-m', name + ':1', **extra)
+        assert r.rc == 255, (what, r)
+        lines = r.err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith('*** ERROR : ') and text in lines[0], \
+            (what, r)
+        assert not os.path.exists(os.path.join(home, 'images', name)), what
+        assert layers_of(home) == before, '%s: no layer kept' % what
+        store_is_clean(home)
+    # the same zstd layer where the host has zstd
+    name = image_names()
+    r = cocker('-a', 'import', '--image-file', str(tmp_path / 'zstd.tar'), '-m', name + ':1')
+    assert r.rc == 0, r
+
+
+def test_an_image_of_125_layers_boots(built, cocker, names, image_names, home):
+    """overlayfs takes one page of mount options: the layers go by their short names."""
+    b = Buildah(os.path.join(built['top'], 'deep'))
+    try:
+        b.layer('scratch', base_files, 'deep:1')
+
+        def one_more(number):
+            def change(root):
+                os.makedirs(os.path.join(root, 'layers'), exist_ok=True)
+                with open(os.path.join(root, 'layers', 'f%d' % number), 'w') as f:
+                    f.write('%d\n' % number)
+            return change
+        for number in range(2, 126):
+            b.layer('deep:%d' % (number - 1), one_more(number), 'deep:%d' % number)
+        archive = os.path.join(built['top'], 'deep.tar')
+        b('push', '-q', 'deep:125', 'oci-archive:%s:deep:125' % archive)
+    finally:
+        b.close()
+    name = image_names()
+    r = cocker('-a', 'import', '--image-file', archive, '-m', name + ':125')
+    assert r.rc == 0, r
+    assert len(open(os.path.join(home, 'images', name, '125', 'layers')).read().split()) == 125
+    c = names()
+    r = cocker('-a', 'create', '-m', name + ':125', '-c', c, '-b')
+    assert r.rc == 0, r
+    r = cocker('-a', 'run', '-c', c, '--cmd', 'cat /layers/f2 /layers/f125; ls /layers | wc -l')
+    assert r.rc == 0 and r.out.split() == ['2', '125', '124'], r
+    assert cocker('-a', 'destroy', '-c', c, '-h').rc == 0
