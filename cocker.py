@@ -3207,6 +3207,8 @@ def exec_cockerinit(boot, init, exec_cmd):
     env.update(('COCKER_%s_FD' % k.upper(), str(v)) for k, v in fds.items())
     if exec_cmd is not None:
         env['COCKER_EXEC'] = exec_cmd
+    if os.path.exists(container_file(name, 'main')):
+        env['COCKER_MAIN'] = '1'
     os.dup2(fds['log'], 1)
     os.dup2(fds['log'], 2)
     close_fds_except({0, 1, 2} | set(fds.values()))
@@ -3264,6 +3266,7 @@ def make_container(options, name, layers, fill=None, boot=None):
                 add_custom_netns(name)
             record_limits(name, options)
             record_security(name, options)
+            record_run_options(name, options)
             log('INFO', "created container '%s' from '%s'" % (name, options.image))
             if boot:
                 start_container(name, options.exec_cmd)
@@ -3303,6 +3306,8 @@ def start_container(name, exec_cmd=None):
         pin_layers(name)
         debug('layers of %s, bottom first: %s', name,
               ' '.join(container_layers(name)) or '(rwlayer only)')
+        if write_image_settings(name, exec_cmd):
+            exec_cmd = None             # it is in cp/main, with the image's entrypoint
         boot_container(name, exec_cmd)
 
 
@@ -3316,11 +3321,82 @@ def boot_stopped(name, options):
             raise CockerError("container '%s' is already running" % name)
         record_limits(name, options)
         record_security(name, options)
+        record_run_options(name, options)
         if options.host_eth is not None:
             write_attr(name, 'host_eth',
                        None if options.host_eth == 'none' else options.host_eth)
         start_container(name, options.exec_cmd)
         log('INFO', "booted container '%s'" % name)
+
+
+# ---- an imported image's command, environment, working directory and user --------------
+
+def image_config(name, version):
+    """The 'config' of an imported image (Entrypoint, Cmd, Env, WorkingDir, User...), None
+    for a cockerimage."""
+    import json
+    try:
+        with open(os.path.join(image_dir(name, version), 'config.json'), 'rb') as f:
+            document = json.loads(f.read(BLOB_MAX_JSON).decode('utf-8'))
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        raise CockerError("config.json of image '%s' is damaged" % image_ref_text(name, version))
+    config = document.get('config') if isinstance(document, dict) else None
+    return config if isinstance(config, dict) else {}
+
+
+def container_config(name):
+    """The config of the topmost image of the container that has one, or None."""
+    for ref in reversed(split_list(pinned_layers(name))):
+        config = image_config(*resolve_image(ref))
+        if config is not None:
+            return config
+    return None
+
+
+def image_settings(name, exec_cmd):
+    """What cockerinit runs for a container of an imported image, as (key, value) fields:
+    the main process (the entrypoint, recorded --entrypoint or the image's, then -e's words
+    or the image's Cmd), its Env (the image's, then --env), WorkingDir and User (--user
+    first).  None for a container of cockerimages: -e or nothing, as before."""
+    import shlex
+    config = container_config(name)
+    if config is None:
+        return None
+    entrypoint = read_attr(name, 'entrypoint')
+    argv = shlex.split(entrypoint) if entrypoint is not None else \
+        [str(a) for a in config.get('Entrypoint') or []]
+    if exec_cmd is not None:
+        argv += shlex.split(exec_cmd)
+    elif entrypoint is None:            # as Docker: a new entrypoint drops the image's Cmd
+        argv += [str(a) for a in config.get('Cmd') or []]
+    env = [str(e) for e in config.get('Env') or []] + \
+        read_attr(name, 'env', '').splitlines()
+    fields = [('arg', a) for a in argv] + [('env', e) for e in env if e] + [
+        ('cwd', str(config.get('WorkingDir') or '')),
+        ('user', read_attr(name, 'user') or str(config.get('User') or ''))]
+    if any('\0' in value for _, value in fields):
+        raise CockerError("the image config of container '%s' has a NUL byte" % name)
+    return fields
+
+
+def write_image_settings(name, exec_cmd):
+    """cp/main for cockerinit (read on the host before it enters the root); True if any."""
+    fields = image_settings(name, exec_cmd)
+    write_attr(name, 'main', None if fields is None else
+               '\0'.join('%s=%s' % field for field in fields))
+    return fields is not None
+
+
+def record_run_options(name, options):
+    """--entrypoint, --env and --user of create or boot, kept for later boots."""
+    if options.entrypoint is not None:
+        write_attr(name, 'entrypoint', options.entrypoint)
+    if options.env:
+        write_attr(name, 'env', ''.join(e + '\n' for e in options.env))
+    if options.user is not None:
+        write_attr(name, 'user', options.user or None)
 
 
 def stop_container(name, sig, force=False):
@@ -3587,13 +3663,13 @@ def write_flushed(out, data):
     out.flush()
 
 
-def run_in_container(name, cmd, interactive=False):
+def run_in_container(name, cmd, interactive=False, user=None):
     """-a run: stdout and stderr kept apart, the command's exit status returned; with -i
     cocker's stdin is passed on (else the command reads /dev/null, as ssh -n does)."""
     import signal
     # a reader that stops early (cocker -a run ... | head) ends us quietly, like cat
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    request = {'cmd': cmd, 'stdin': '1' if interactive else None}
+    request = {'cmd': cmd, 'stdin': '1' if interactive else None, 'user': user}
     return session(name, connect_container(name), request, stdin_fd=0 if interactive else None)
 
 
@@ -5342,7 +5418,7 @@ def action_attach(options):
 def action_run(options):
     """Run a command in a running container; exit with its status."""
     return run_in_container(require_container(options.container), options.cmd,
-                            options.interactive)
+                            options.interactive, options.user)
 
 
 def action_shutdown(options):
@@ -5614,12 +5690,12 @@ USAGE = """USAGE : cocker -v
                -s container_root (-c|--container) (container)
                -s container_limits [ (-c|--container) (container) ]
                -a create (-m|--image) (image[:version])[,(image[:version])]... [ create options ] [ (-c|--container) (container) ] [ (-b|--boot) [ cgroup options ] [ (-t|--attach) | (-e|--exec) (cmd|"program para1 ...") ] ]
-               -a boot (-c|--container) (container) [ --host-eth (eth) ] [ cgroup options ] [ security options ] [ (-t|--attach) | (-e|--exec) (cmd|"program para1 ...") ]
+               -a boot (-c|--container) (container) [ --host-eth (eth) ] [ cgroup options ] [ security options ] [ run options ] [ (-t|--attach) | (-e|--exec) (cmd|"program para1 ...") ]
                -a attach (-c|--container) (container)
                -a rplfile (-c|--container) (container) (--template-file) (template_file) (--mapping-file) (mapping_file) [ (--instance-file) (instance_file) ]
                -a putfile (-c|--container) (container) (--src-file) (host_path) (--dst-file) (container_path)
                -a getfile (-c|--container) (container) (--src-file) (container_path) (--dst-file) (host_path)
-               -a run (-c|--container) (container) (--cmd) (cmd) [ (-i|--interactive) ]
+               -a run (-c|--container) (container) (--cmd) (cmd) [ (-i|--interactive) ] [ --user (user[:group]) ]
                -a shutdown (-c|--container) (container) [ (-f|--forcely) ]
                -a kill (-c|--container) (container) [ (-f|--forcely) ]
                -a destroy (-c|--container) (container) [ (-f|--forcely) ] [ (-h|--shutdown) ]
@@ -5638,9 +5714,10 @@ USAGE = """USAGE : cocker -v
                -a spull (-m|--image) (image[:version]) [ --srepo (user@host[:port]) ] [ (-f|--forcely) ]
                -a install_test [ --version (version) ] [ (-f|--forcely) ]
                -a del_bridge
-create options : [ --volume (host_path:container_path[:ro]) ][ --volume ... ] [ --host (hostname) ] [ --net (BRIDGE|HOST|CUSTOM) ] [ --host-eth (eth) ] [ --vip (ip) ] [ --port-mapping ([host_ip:]src_port:dst_port[/udp])[,...] ] [ security options ]
+create options : [ --volume (host_path:container_path[:ro]) ][ --volume ... ] [ --host (hostname) ] [ --net (BRIDGE|HOST|CUSTOM) ] [ --host-eth (eth) ] [ --vip (ip) ] [ --port-mapping ([host_ip:]src_port:dst_port[/udp])[,...] ] [ security options ] [ run options ]
 cgroup options : [ --cpus [(cpu_num,...)|(cpu_num-cpu_num2)] ] [ --cpu-quota (percent%) ] [ --mem-limit (num|numK|numM|numG) ] [ --pids-limit (num) ]  ('none' drops a recorded limit; without --pids-limit: 4096)
 security options : [ --seccomp (default|unconfined) ] [ --no-new-privs ]  (recorded for later boots)
+   run options : [ --entrypoint (cmd) ] [ --env (KEY=VALUE) ]... [ --user (user[:group]) ]  (create and boot, recorded; an imported image's command, Env and User otherwise)
   enable debug : [ (-d|--debug) ]
    environment : COCKER_HOME (default /var/cocker), COCKER_IPTABLES (default iptables)
  bridge config : COCKER_HOME/network.conf: bridge = cocker0, address = 166.88.0.1/16"""
@@ -5659,6 +5736,7 @@ OPTIONS = {
     '-b': ('boot', False), '--boot': ('boot', False),
     '-t': ('attach', False), '--attach': ('attach', False),
     '-e': ('exec_cmd', True), '--exec': ('exec_cmd', True),
+    '--entrypoint': ('entrypoint', True), '--env': ('env', True), '--user': ('user', True),
     '-h': ('shutdown', False), '--shutdown': ('shutdown', False),
     '--cmd': ('cmd', True),
     '--from-image': ('from_image', True), '--to-image': ('to_image', True),
@@ -5711,6 +5789,7 @@ class Options(object):
         for attr, takes_value in OPTIONS.values():
             setattr(self, attr, None if takes_value else False)
         self.volumes = []
+        self.env = []
         self.version_flag = False
         self.layers = None
 
@@ -5732,8 +5811,8 @@ def parse_args(argv):
         attr, takes_value = spec
         if not takes_value:
             setattr(options, attr, True)
-        elif attr == 'volumes':
-            options.volumes.append(argv[i + 1])
+        elif attr in ('volumes', 'env'):           # these add up
+            getattr(options, attr).append(argv[i + 1])
             i += 1
         else:
             setattr(options, attr, argv[i + 1])
@@ -5770,6 +5849,7 @@ def check_args(options):
                 raise ValueError('it is empty')
         except ValueError as e:
             raise usage_error("'-e' value[%s] invalid: %s" % (options.exec_cmd, e))
+    check_run_options(options)
     if options.container is not None:
         check_name('container', options.container)
     if options.vip is not None:
@@ -5784,6 +5864,22 @@ def check_args(options):
                           % options.seccomp)
     if options.srepo is not None:
         parse_srepo(options.srepo)
+
+
+def check_run_options(options):
+    import shlex
+    for item in options.env:
+        if '=' not in item or item.startswith('=') or '\n' in item or '\0' in item:
+            raise usage_error("'--env' value[%s] invalid (KEY=VALUE)" % item)
+    if options.entrypoint:
+        try:
+            shlex.split(options.entrypoint)
+        except ValueError as e:
+            raise usage_error("'--entrypoint' value[%s] invalid: %s" % (options.entrypoint, e))
+    if options.user is not None and any(c in options.user for c in '\n\0/') or \
+            options.user is not None and options.user.count(':') > 1:
+        raise usage_error("'--user' value[%s] invalid (NAME, UID, NAME:GROUP or UID:GID)"
+                          % options.user)
 
 
 def ensure_environment():

@@ -40,6 +40,7 @@ import select
 import shlex
 import signal
 import socket
+import stat
 import struct
 import sys
 import termios
@@ -53,7 +54,7 @@ import tty
 #: set by cocker's boot child: the root, the socket's directory, the hostname, the -e
 #: command, the confinement and the descriptors it hands over (COCKER_ALIVE_PIPE is the C
 #: cocker's name)
-CONFIG_ENV = ('COCKER_ROOT', 'COCKER_SOCKDIR', 'COCKER_HOSTNAME', 'COCKER_EXEC',
+CONFIG_ENV = ('COCKER_ROOT', 'COCKER_SOCKDIR', 'COCKER_HOSTNAME', 'COCKER_EXEC', 'COCKER_MAIN',
               'COCKER_SECCOMP', 'COCKER_NO_NEW_PRIVS',
               'COCKER_READY_FD', 'COCKER_LOG_FD', 'COCKER_CONSOLE_FD', 'COCKER_ALIVE_PIPE',
               'COCKER_ALIVE_FD')
@@ -68,6 +69,10 @@ BUFSIZE = 65536
 NO_NEW_PRIVS = False                  #: --no-new-privs: set by main() from COCKER_NO_NEW_PRIVS
 SESSION_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
 SHELLS = ('/bin/bash', '/bin/sh', '/usr/bin/bash', '/usr/bin/sh')
+#: an imported image's command, environment, working directory and user (cocker's cp/main):
+#: {'arg': [...], 'env': ['K=V', ...], 'cwd': path or None, 'user': text or None}
+IMAGE = {'arg': [], 'env': [], 'cwd': None, 'user': None}
+USER_FILE_MAX = 4 << 20                 #: the largest /etc/passwd or /etc/group read
 
 #: Podman's default capability set (Docker's without MKNOD, NET_RAW and AUDIT_WRITE):
 #: everything else leaves every set, bounding included
@@ -454,8 +459,9 @@ def reset_oom_score():
         pass
 
 
-def exec_child(argv, env, stdio, ctty=None):
-    """In a forked child: new session, stdio, clean descriptors, exec; never returns."""
+def exec_child(argv, env, stdio, ctty=None, cwd=None, creds=None):
+    """In a forked child: new session, stdio, clean descriptors, the user (uid, gid,
+    groups) and directory asked for, exec; never returns."""
     try:
         os.setsid()
         if ctty is not None:
@@ -472,7 +478,13 @@ def exec_child(argv, env, stdio, ctty=None):
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         reset_oom_score()
         os.umask(0o022)
-        os.chdir('/root' if os.path.isdir('/root') else '/')
+        if cwd is not None and not os.path.isdir(cwd):
+            os.makedirs(cwd, 0o755)             # as Docker makes a missing WorkingDir
+        if creds is not None:                   # a user other than root keeps no capability
+            os.setgroups(creds[2])
+            os.setgid(creds[1])
+            os.setuid(creds[0])
+        os.chdir(cwd or ('/root' if os.path.isdir('/root') else '/'))
         if NO_NEW_PRIVS:            # last: no setuid or file capability raises the command
             prctl(PR_SET_NO_NEW_PRIVS, 1)
         os.execve(argv[0], [a.encode('utf-8', 'surrogateescape') for a in argv],
@@ -515,13 +527,27 @@ def serve_session(conn, hostname):
         if shell is None:
             send_frame(conn, b'M', b'no shell in the container (/bin/bash or /bin/sh)')
             os._exit(1)
-        env = session_env(request, hostname, shell)
         cmd = request.get('cmd')
+        # run: the user asked for, else the image's, in its WorkingDir; attach: root's login
+        user = request.get('user') or (IMAGE['user'] if cmd is not None else None)
+        creds = resolve_user(user) if user else None
+        env = session_env(request, hostname, shell)
+        if creds is not None:
+            env.update(HOME=creds[3], USER=user.partition(':')[0],
+                       LOGNAME=user.partition(':')[0])
+        if IMAGE.get('set'):
+            image_env(env)
+        request['cwd'] = IMAGE['cwd'] if cmd is not None else None
+        request['creds'] = creds
         argv = [shell, '-l'] if cmd is None else [shell, '-c', cmd]
         log('session %s: %s' % ('tty' if request.get('tty') else 'pipes', ' '.join(argv)))
         status = relay(conn, request, argv, env, rest)
     except (OSError, ValueError) as e:
         log('session ended: %s' % e, 'WARN')
+        try:
+            send_frame(conn, b'M', str(e).encode('utf-8', 'replace'))
+        except OSError:
+            pass
     os._exit(status)
 
 
@@ -534,7 +560,8 @@ def start_command(request, argv, env):
         fcntl.ioctl(slave, termios.TIOCSWINSZ, size)
         pid = os.fork()
         if pid == 0:
-            exec_child(argv, env, (slave, slave, slave), ctty=slave)
+            exec_child(argv, env, (slave, slave, slave), ctty=slave,
+                       cwd=request.get('cwd'), creds=request.get('creds'))
         os.close(slave)
         return pid, {master: b'O'}, master, master
     out_r, out_w = os.pipe()
@@ -545,7 +572,8 @@ def start_command(request, argv, env):
         in_r, in_w = os.open('/dev/null', os.O_RDONLY), None
     pid = os.fork()
     if pid == 0:
-        exec_child(argv, env, (in_r, out_w, err_w))
+        exec_child(argv, env, (in_r, out_w, err_w), cwd=request.get('cwd'),
+                   creds=request.get('creds'))
     for fd in (in_r, out_w, err_w):
         os.close(fd)
     return pid, {out_r: b'O', err_r: b'E'}, in_w, None
@@ -730,26 +758,106 @@ def enter_root(root):
     os.chdir('/')
 
 
-def start_main_command(command):
-    """-e: the container's main process, output to the container log."""
-    argv = shlex.split(command)
-    prog = argv[0]
-    if '/' not in prog:
-        for d in SESSION_PATH.split(':'):
-            if os.access(os.path.join(d, prog), os.X_OK):
-                prog = os.path.join(d, prog)
-                break
-    elif not prog.startswith('/'):
-        prog = os.path.join('/root', prog)
-    argv[0] = prog
-    env = {'PATH': SESSION_PATH, 'HOME': '/root', 'container': 'cocker'}
+def start_main_command(argv, env, cwd=None, creds=None):
+    """The container's main process (-e, or an imported image's command), output to the
+    container log."""
+    argv = [find_program(argv[0], env.get('PATH', SESSION_PATH), cwd or '/root')] + argv[1:]
     stdin = os.open('/dev/null', os.O_RDONLY)
     pid = os.fork()
     if pid == 0:
-        exec_child(argv, env, (stdin, 1, 2))
+        exec_child(argv, env, (stdin, 1, 2), cwd=cwd, creds=creds)
     os.close(stdin)
-    log('main command %d: %s' % (pid, command))
+    log('main command %d: %s' % (pid, ' '.join(argv)))
     return pid
+
+
+def find_program(prog, path, cwd):
+    if '/' not in prog:
+        for d in path.split(':'):
+            if d and os.access(os.path.join(d, prog), os.X_OK):
+                return os.path.join(d, prog)
+        return prog
+    return prog if prog.startswith('/') else os.path.join(cwd, prog)
+
+
+def read_image_settings(sockdir):
+    """cp/main, written by cocker on the host for a container of an imported image."""
+    with open(os.path.join(sockdir, 'main'), 'rb') as f:
+        data = f.read(USER_FILE_MAX)
+    settings = {'arg': [], 'env': [], 'cwd': None, 'user': None}
+    for item in data.split(b'\0'):
+        key, _, value = item.decode('utf-8', 'surrogateescape').partition('=')
+        if key in ('arg', 'env'):
+            settings[key].append(value)
+        elif key in ('cwd', 'user'):
+            settings[key] = value or None
+    return settings
+
+
+def image_env(env):
+    """The environment Docker users know: the defaults in env (PATH, HOSTNAME, HOME, a
+    session's TERM), the image's Env over them."""
+    for item in IMAGE['env']:
+        key, sep, value = item.partition('=')
+        if sep and key:
+            env[key] = value
+    return env
+
+
+def start_image_command(config, hostname):
+    """The main process: an imported image's (Entrypoint, Cmd or -e; its Env, WorkingDir
+    and User), else -e's command as root; None when there is none."""
+    if IMAGE['arg']:
+        creds = resolve_user(IMAGE['user'])
+        env = image_env({'PATH': SESSION_PATH, 'HOSTNAME': hostname, 'HOME': creds[3],
+                         'container': 'cocker'})
+        return start_main_command(IMAGE['arg'], env, IMAGE['cwd'],
+                                  creds if IMAGE['user'] else None)
+    if config['COCKER_EXEC']:
+        return start_main_command(shlex.split(config['COCKER_EXEC']),
+                                  {'PATH': SESSION_PATH, 'HOME': '/root', 'container': 'cocker'})
+    return None
+
+
+def resolve_user(text):
+    """'name', 'uid', 'name:group' or 'uid:gid' -> (uid, gid, groups, home), from the
+    container's own /etc/passwd and /etc/group, read as plain text (never through NSS,
+    which would load the container's modules).  None or '' is root."""
+    if not text:
+        return 0, 0, [], '/root'
+    user, _, group = text.partition(':')
+    entry = next((e for e in user_entries('/etc/passwd', 7)
+                  if user in (e[0], e[2])), None)
+    if entry is None and not user.isdigit():
+        raise ValueError("user '%s' is not in the container's /etc/passwd" % user)
+    uid = int(entry[2]) if entry else int(user)
+    gid = int(entry[3]) if entry else 0
+    name = entry[0] if entry else None
+    groups = [int(e[2]) for e in user_entries('/etc/group', 4)
+              if name and name in e[3].split(',') and e[2].isdigit()]
+    if group:
+        found = next((e for e in user_entries('/etc/group', 4) if group in (e[0], e[2])),
+                     None)
+        if found is None and not group.isdigit():
+            raise ValueError("group '%s' is not in the container's /etc/group" % group)
+        gid = int(found[2]) if found else int(group)
+    return uid, gid, sorted(set(groups + [gid])), entry[5] if entry else '/'
+
+
+def user_entries(path, fields):
+    """The colon-separated lines of a passwd or group file with enough fields (a file
+    that is missing, not regular or too large reads as empty)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return []
+    with os.fdopen(fd, 'rb') as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return []
+        data = f.read(USER_FILE_MAX)
+    lines = data.decode('utf-8', 'replace').splitlines()
+    return [e for e in (line.split(':') for line in lines)
+            if len(e) >= fields and e[0] and (fields < 7 or e[2].isdigit() and e[3].isdigit())]
 
 
 # =============================================================================
@@ -789,6 +897,9 @@ def set_up(config):
         last_cap = int(f.read())
     time.localtime()                             # load the time zone while the host's is here
     listener = bind_control_socket(config['COCKER_SOCKDIR'])
+    if config['COCKER_MAIN'] == '1':            # a host file of cocker's, read before we leave
+        IMAGE.update(read_image_settings(config['COCKER_SOCKDIR']))
+        IMAGE['set'] = True
     enter_root(config['COCKER_ROOT'])
     confine(last_cap, seccomp=config['COCKER_SECCOMP'] != 'unconfined')
     prctl(PR_SET_DUMPABLE, 0)                   # again: credentials changed
@@ -813,12 +924,12 @@ def main(argv):
     config, ready, alive, console = take_config()
     try:
         listener, console_slave = set_up(config)
-    except OSError as e:
-        os.write(ready, ('cockerinit: %s' % (e.strerror or e)).encode('utf-8', 'replace'))
+        pid1 = Pid1(listener, alive, console, console_slave, config['COCKER_HOSTNAME'] or '')
+        pid1.main_pid = start_image_command(config, config['COCKER_HOSTNAME'] or '')
+    except (OSError, ValueError) as e:
+        os.write(ready, ('cockerinit: %s' % (getattr(e, 'strerror', None) or e)).encode(
+            'utf-8', 'replace'))
         return 1
-    pid1 = Pid1(listener, alive, console, console_slave, config['COCKER_HOSTNAME'] or '')
-    if config['COCKER_EXEC']:
-        pid1.main_pid = start_main_command(config['COCKER_EXEC'])
     os.write(ready, READY)
     os.close(ready)
     log('--- cockerinit ready: container %s ---' % argv[1])

@@ -463,12 +463,7 @@ def endless(attacked, cocker, tmp_path, home):
     its cgroup), so that its boot, under a slow interpreter, is not what the test waits for."""
     name = attacked()
     assert inside(cocker, name, '/t/busybox truncate -s %d /root/endless' % (1 << 40)).rc == 0
-    quotas = [os.path.join(d, f) for d in container_cgroups(home, name)
-              for f in ('cpu.cfs_quota_us', 'cpu.max') if os.path.exists(os.path.join(d, f))]
-    assert quotas, 'no cpu controller for the container'
-    for path in quotas:
-        with open(path, 'w') as f:
-            f.write('1000' if path.endswith('_us') else '1000 100000')
+    set_cpu_quota(home, name, 1000)
     target = tmp_path / 'dst'
     target.mkdir()
     subprocess.check_call(['mount', '-t', 'tmpfs', '-o', 'size=512m', 'tmpfs', str(target)])
@@ -476,6 +471,19 @@ def endless(attacked, cocker, tmp_path, home):
         yield name, str(target) + '/'
     finally:
         subprocess.check_call(['umount', str(target)])
+
+
+def set_cpu_quota(home, name, quota_us):
+    """The CFS quota of a running container's cgroup, as cocker sets it (-1: none)."""
+    quotas = [os.path.join(d, f) for d in container_cgroups(home, name)
+              for f in ('cpu.cfs_quota_us', 'cpu.max') if os.path.exists(os.path.join(d, f))]
+    assert quotas, 'no cpu controller for the container'
+    for path in quotas:
+        with open(path, 'w') as f:
+            if path.endswith('_us'):
+                f.write(str(quota_us))
+            else:
+                f.write('%s 100000' % ('max' if quota_us < 0 else quota_us))
 
 
 def copy_helper(home, name, source='/root/endless'):
@@ -550,6 +558,8 @@ def test_a_container_that_stops_the_copy_helper_does_not_stall_it(endless, cocke
     assert cli_stat[4] != '0' and helper_stat[4] == '0', 'tty_nr: the helper has no terminal'
     assert helper_stat[3] != cli_stat[3], 'a session of its own'
     inner = open('/proc/%d/status' % helper).read().split('NSpid:')[1].split('\n')[0].split()[-1]
+    # the kill must not share 1% of a CPU with the copy it stops
+    set_cpu_quota(home, name, -1)
     r = inside(cocker, name, 'kill -STOP %s' % inner)
     assert r.rc == 0, r
     assert t.wait(timeout=60) == 255

@@ -305,3 +305,75 @@ def test_an_image_of_125_layers_boots(built, cocker, names, image_names, home):
     r = cocker('-a', 'run', '-c', c, '--cmd', 'cat /layers/f2 /layers/f125; ls /layers | wc -l')
     assert r.rc == 0 and r.out.split() == ['2', '125', '124'], r
     assert cocker('-a', 'destroy', '-c', c, '-h').rc == 0
+
+
+@pytest.fixture(scope='module')
+def configured(built):
+    """An oci-archive of an image with a command, Env, WorkingDir and User of its own."""
+    b = Buildah(os.path.join(built['top'], 'cfg'))
+
+    def accounts(root):
+        base_files(root)
+        with open(os.path.join(root, 'etc', 'passwd'), 'w') as f:
+            f.write('root:x:0:0:root:/root:/bin/sh\nweb:x:1000:1000:web:/home/web:/bin/sh\n')
+        with open(os.path.join(root, 'etc', 'group'), 'w') as f:
+            f.write('root:x:0:\nweb:x:1000:\nextra:x:2000:web\n')
+    try:
+        b.layer('scratch', accounts, 'cfg:1')
+        c = b('from', 'cfg:1')
+        b('config', '--env', 'FOO=bar', '--env', 'PATH=/bin', '--workingdir', '/srv',
+          '--user', 'web', '--entrypoint', '["/bin/sh", "-c"]',
+          '--cmd', '["echo main $FOO $(id -u) $(id -G) $(pwd) $HOME; exec sleep 1000"]', c)
+        b('commit', '-q', c, 'cfg:2')
+        archive = os.path.join(built['top'], 'cfg.tar')
+        b('push', '-q', 'cfg:2', 'oci-archive:%s:cfg:2' % archive)
+    finally:
+        b.close()
+    return archive
+
+
+def main_output(home, name, cocker):
+    """What the container's main process wrote to its log (lines not cockerinit's own)."""
+    from conftest import wait_for, container_path
+
+    def written():
+        log = open(container_path(home, name, 'cockerinit.log')).read().splitlines()
+        return [l for l in log if l and ' | ' not in l]
+    wait_for(written, what='the main process to write')
+    return written()
+
+
+def test_an_image_runs_as_its_author_meant(configured, cocker, names, image_names, home):
+    name = image_names()
+    r = cocker('-a', 'import', '--image-file', configured, '-m', name + ':2')
+    assert r.rc == 0, r
+    c = names()
+    r = cocker('-a', 'create', '-m', name + ':2', '-c', c, '-b')
+    assert r.rc == 0, r
+    assert main_output(home, c, cocker) == ['main bar 1000 1000 2000 /srv /home/web'], \
+        'Entrypoint + Cmd as the user web, in /srv, with the image Env'
+    r = cocker('-a', 'run', '-c', c, '--cmd', 'echo $FOO $(id -u) $(pwd) $HOME $PATH')
+    assert r.rc == 0 and r.out == 'bar 1000 /srv /home/web /bin\n', r
+    r = cocker('-a', 'run', '-c', c, '--user', 'root', '--cmd', 'id -u; id -G')
+    assert r.rc == 0 and r.out == '0\n0\n', r
+    r = cocker('-a', 'run', '-c', c, '--user', 'nobody', '--cmd', 'true')
+    assert r.rc == 255 and "user 'nobody' is not in the container's /etc/passwd" in r.err, r
+    status = open('/proc/%s/status' % open(os.path.join(
+        home, 'containers', c, 'init_pid')).read()).read()
+    assert cocker('-a', 'destroy', '-c', c, '-h').rc == 0
+    assert 'Uid:\t0' in status, 'PID 1 itself stays root'
+    # -e replaces Cmd (its words after the entrypoint), --env adds and overrides, --user wins
+    c = names()
+    r = cocker('-a', 'create', '-m', name + ':2', '-c', c, '--env', 'FOO=over', '--env',
+               'NEW=1', '--user', '0:2000', '-b', '-e',
+               "'echo e $FOO $NEW $(id -u) $(id -g); exec sleep 1000'")
+    assert r.rc == 0, r
+    assert main_output(home, c, cocker) == ['e over 1 0 2000']
+    assert cocker('-a', 'destroy', '-c', c, '-h').rc == 0
+    # --entrypoint replaces the image's and drops its Cmd
+    c = names()
+    r = cocker('-a', 'create', '-m', name + ':2', '-c', c, '--entrypoint',
+               "/bin/sh -c 'echo own; exec sleep 1000'", '-b')
+    assert r.rc == 0, r
+    assert main_output(home, c, cocker) == ['own']
+    assert cocker('-a', 'destroy', '-c', c, '-h').rc == 0
