@@ -942,6 +942,9 @@ def image_to_container(image, options, base_layers):
     """The image's rlayer becomes the rwlayer of a new container over base_layers."""
     name, version = image
     rlayer = os.path.join(image_dir(name, version), 'rlayer')
+    if image_layer_ids(name, version):
+        raise CockerError("image '%s' is imported, with layers of its own: create a container "
+                          "from it instead" % image_ref_text(name, version))
 
     def take_image_layer(staging):
         os.rmdir(os.path.join(staging, 'rwlayer', 'etc'))
@@ -1041,8 +1044,7 @@ def collect_layers():
     with locked('layers', 'store', wait=False) as held:
         if held is None:
             return
-        used = set(digest_hex(d) for name in image_names() for version in image_versions(name)
-                   for d in image_layer_ids(name, version))
+        used = set(digest_hex(d) for d in layer_users())
         for entry in directory_entries(layers_dir()):
             if entry.startswith('.') or entry in used:
                 continue
@@ -4404,6 +4406,9 @@ def import_oci(source, path, ref, force, platform):
         with building_image(name, version, replace=force) as rlayer:
             staging = os.path.dirname(rlayer)
             write_small(os.path.join(staging, 'layers'), ''.join(d + '\n' for d in diff_ids))
+            write_small(os.path.join(staging, 'origin'), '%s (%s)' % (
+                os.path.abspath(path), 'an OCI layout directory' if isinstance(
+                    source, DirSource) else 'an archive'))
             with open(os.path.join(staging, 'config.json'), 'wb') as f:
                 f.write(raw)
     collect_layers()
@@ -5654,6 +5659,39 @@ def show_container_limits(options):
     return EXIT_OK
 
 
+def show_image_info(options):
+    """What an image is: where it came from, its layers (how many images share each) and
+    the config it runs with."""
+    import json
+    name, version = require_image(options.image)
+    say('image: %s' % image_ref_text(name, version))
+    say('origin: %s' % (read_small(os.path.join(image_dir(name, version), 'origin'))
+                        or 'cockerimage or built here'))
+    sharing = layer_users()
+    for diff_id in image_layer_ids(name, version):
+        say('layer: %s %s, in %d image(s)' % (
+            diff_id, size_text(tree_size(os.path.join(layer_dir(diff_id), 'rlayer'))),
+            sharing.get(diff_id, 0)))
+    say('layer: own %s' % size_text(tree_size(os.path.join(image_dir(name, version),
+                                                           'rlayer'))))
+    config = image_config(name, version) or {}
+    for key in ('Entrypoint', 'Cmd', 'Env', 'WorkingDir', 'User', 'ExposedPorts',
+                'StopSignal', 'Labels'):
+        if config.get(key):
+            say('%s: %s' % (key, json.dumps(config[key], sort_keys=True)))
+    return EXIT_OK
+
+
+def layer_users():
+    """{diff_id: number of image versions listing it}."""
+    counts = {}
+    for name in image_names():
+        for version in image_versions(name):
+            for diff_id in image_layer_ids(name, version):
+                counts[diff_id] = counts.get(diff_id, 0) + 1
+    return counts
+
+
 def show_container_root(options):
     """Print the host path of a container's root directory."""
     name = require_container(options.container)
@@ -5673,6 +5711,7 @@ SHOWS = {
     'images': show_images,
     'containers': show_containers,
     'container_root': show_container_root,
+    'image_info': show_image_info,
     'container_limits': show_container_limits,
     'ssearch': show_ssearch,
 }
@@ -5688,6 +5727,7 @@ USAGE = """USAGE : cocker -v
                -s images
                -s containers
                -s container_root (-c|--container) (container)
+               -s image_info (-m|--image) (image[:version])
                -s container_limits [ (-c|--container) (container) ]
                -a create (-m|--image) (image[:version])[,(image[:version])]... [ create options ] [ (-c|--container) (container) ] [ (-b|--boot) [ cgroup options ] [ (-t|--attach) | (-e|--exec) (cmd|"program para1 ...") ] ]
                -a boot (-c|--container) (container) [ --host-eth (eth) ] [ cgroup options ] [ security options ] [ run options ] [ (-t|--attach) | (-e|--exec) (cmd|"program para1 ...") ]
@@ -5779,6 +5819,7 @@ REQUIRED = {
     'getfile': [('container', '--container'), ('src_file', '--src-file'),
                 ('dst_file', '--dst-file')],
     'container_root': [('container', '--container')],
+    'image_info': [('image', '--image')],
 }
 
 

@@ -150,6 +150,17 @@ def test_the_name_comes_from_the_archive_and_layers_are_shared(built, cocker, na
             assert ['base', '1'] in listed and ['app', '2'] in listed, \
                 'localhost/base:1 and localhost/app:2 become base:1 and app:2: %r' % listed
             assert len(layers_of(home) - before) == 2, 'app shares the base layer of base'
+            info = cocker('-s', 'image_info', '-m', 'app:2')
+            assert info.rc == 0, info
+            lines = info.out.splitlines()
+            assert lines[0] == 'image: app:2' and lines[1] == 'origin: %s (an archive)' % \
+                built['docker'], lines
+            layer_lines = [l for l in lines if l.startswith('layer: sha256:')]
+            assert len(layer_lines) == 2 and layer_lines[0].endswith('in 2 image(s)') and \
+                layer_lines[1].endswith('in 1 image(s)'), 'the base layer is shared: %r' % lines
+            r = cocker('-a', 'to_container', '--from-image', 'app:2', '--to-container', 'x')
+            assert r.rc == 255 and 'imported' in r.err and \
+                'app' in cocker('-s', 'images').out, r
             du = subprocess.check_output(['du', '-sb', os.path.join(home, 'layers')])
             assert int(du.split()[0]) < 2 * os.path.getsize(BUSYBOX) + (1 << 20) + \
                 os.path.getsize(BUSYBOX), 'busybox is stored twice at most (base, su2)'
@@ -354,6 +365,9 @@ def test_an_image_runs_as_its_author_meant(configured, cocker, names, image_name
         'Entrypoint + Cmd as the user web, in /srv, with the image Env'
     r = cocker('-a', 'run', '-c', c, '--cmd', 'echo $FOO $(id -u) $(pwd) $HOME $PATH')
     assert r.rc == 0 and r.out == 'bar 1000 /srv /home/web /bin\n', r
+    info = cocker('-s', 'image_info', '-m', name + ':2').out.splitlines()
+    assert 'User: "web"' in info and 'WorkingDir: "/srv"' in info and \
+        'Env: ["FOO=bar", "PATH=/bin"]' in info and 'Entrypoint: ["/bin/sh", "-c"]' in info, info
     r = cocker('-a', 'run', '-c', c, '--user', 'root', '--cmd', 'id -u; id -G')
     assert r.rc == 0 and r.out == '0\n0\n', r
     r = cocker('-a', 'run', '-c', c, '--user', 'nobody', '--cmd', 'true')
