@@ -65,6 +65,7 @@ NAME_CHARS = ('ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789'
 NO_VERSION = '_'                #: directory name of an image without a version
 NETS = ('HOST', 'CUSTOM', 'BRIDGE')
 SECCOMP_MODES = ('default', 'unconfined')       #: --seccomp: the filter, or none
+EXPORT_FORMATS = ('cockerimage', 'docker', 'oci')  #: export --format
 BRIDGE_NAME = 'cocker0'
 
 BOOT_TIMEOUT = 60               #: seconds boot waits for cockerinit to report ready
@@ -4085,8 +4086,11 @@ def import_archive(read, total, name, version, force, expected, what, check=None
                 check()
 
 
-def export_image(image):
-    """IMAGE[:VERSION].cockerimage and its .sha256 in the current directory."""
+def export_image(image, fmt=None):
+    """IMAGE[:VERSION].cockerimage and its .sha256 in the current directory (or, with fmt
+    docker or oci, an archive Docker, Podman and skopeo read)."""
+    if fmt in ('docker', 'oci'):
+        return export_oci_image(image, fmt)
     name, version = image
     filename = archive_name(name, version)
     rlayer = os.path.join(image_dir(name, version), 'rlayer')
@@ -4510,6 +4514,185 @@ def convert_whiteouts(rlayer):
                                   % printable(os.path.relpath(os.path.join(directory, target),
                                                               rlayer)))
             os.mknod(os.path.join(directory, target), stat.S_IFCHR | 0o600, os.makedev(0, 0))
+
+
+# ---- export: docker-archive and oci-archive ----------------------------------------------
+# Each layer is written anew from the store (overlay whiteouts made OCI ones again, each
+# directory's whiteouts before its other entries, as the image spec asks), so the config
+# gets the diff_ids of what is written; the image's own config (command, Env, ...) is kept.
+
+def export_oci_image(image, fmt):
+    """IMAGE[_VERSION].docker.tar (a docker-archive in Docker 25's layout) or
+    IMAGE[_VERSION].oci.tar (an oci-archive), and its .sha256, in the current directory."""
+    import tempfile
+    name, version = image
+    # no ':' in the name: skopeo and podman would read what follows as a reference
+    filename = '%s%s.%s.tar' % (name, '' if version == NO_VERSION else '_' + version, fmt)
+    with locked('image', name):
+        require_image(image_ref_text(name, version))
+        with tempfile.TemporaryDirectory(prefix='.cocker-export.', dir='.') as work:
+            layers = [write_layer_blob(rlayer, work, compress=fmt == 'oci', what='layer %d' % n)
+                      for n, rlayer in enumerate(exported_rlayers(name, version), 1)]
+            config = exported_config(name, version, [diff_id for _, diff_id, _ in layers])
+            tmp = os.path.join(work, 'archive')
+            digest = write_image_archive(tmp, fmt, image_ref_text(name, version), config,
+                                         layers, fmt == 'oci')
+            os.rename(tmp, filename)
+        write_small(filename + '.sha256', sha256_line(digest, filename))
+
+
+def exported_rlayers(name, version):
+    """The image's layers as they are stored, bottom first; its own rlayer unless empty."""
+    own = os.path.join(image_dir(name, version), 'rlayer')
+    shared = [os.path.join(layer_dir(d), 'rlayer') for d in image_layer_ids(name, version)]
+    return shared + ([own] if os.listdir(own) or not shared else [])
+
+
+def exported_config(name, version, diff_ids):
+    """The config of the archive: the image's own (its history dropped: it described the
+    old layers), or a new one for a cockerimage; with the new diff_ids."""
+    import json
+    try:
+        with open(os.path.join(image_dir(name, version), 'config.json'), 'rb') as f:
+            config = json.loads(f.read(BLOB_MAX_JSON).decode('utf-8'))
+    except FileNotFoundError:
+        config = {'architecture': host_platform()[1], 'os': 'linux', 'config': {}}
+    config.pop('history', None)
+    config['rootfs'] = {'type': 'layers', 'diff_ids': diff_ids}
+    return json.dumps(config, sort_keys=True).encode('utf-8')
+
+
+def write_layer_blob(rlayer, work, compress, what):
+    """A layer of rlayer as a tar (gzip if compress) in work -> (path, diff_id, digest)."""
+    import hashlib
+    import tarfile
+    import zlib
+    tar_digest, blob_digest = hashlib.sha256(), hashlib.sha256()
+    packer = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS) if compress else None
+    path = os.path.join(work, 'layer.%s' % os.urandom(4).hex())
+    progress = Progress('export ' + what)
+    with open(path, 'wb') as out:
+        def write(data):
+            tar_digest.update(data)
+            progress.add(len(data))
+            data = packer.compress(data) if packer else data
+            blob_digest.update(data)
+            out.write(data)
+        stream = HashingWriter(write)
+        with tarfile.open(fileobj=stream, mode='w|', format=tarfile.PAX_FORMAT) as t:
+            top = os.open(rlayer, DIRECTORY_FLAGS)
+            try:
+                add_layer_tree(t, top, '', {})
+            finally:
+                os.close(top)
+        if packer:
+            tail = packer.flush()
+            blob_digest.update(tail)
+            out.write(tail)
+    progress.finish()
+    return path, 'sha256:' + tar_digest.hexdigest(), 'sha256:' + blob_digest.hexdigest()
+
+
+class HashingWriter(object):
+    """A file object for tarfile that hands what it writes to write()."""
+
+    def __init__(self, write):
+        self.write = write
+
+    def tell(self):
+        return 0
+
+
+def add_layer_tree(t, fd, prefix, seen):
+    """The entries of directory fd into the layer tar: whiteouts first (a 0:0 character
+    device is .wh.NAME, an opaque directory gets .wh..wh..opq), then the rest, depth first."""
+    import tarfile
+    entries = sorted(os.listdir(fd))
+    stats = dict((e, os.stat(e, dir_fd=fd, follow_symlinks=False)) for e in entries)
+    whiteouts = [e for e in entries if stat.S_ISCHR(stats[e].st_mode) and stats[e].st_rdev == 0]
+    for entry in whiteouts:
+        info = tarfile.TarInfo(prefix + WHITEOUT + entry)
+        t.addfile(info)
+    for entry in entries:
+        if entry in whiteouts:
+            continue
+        add_member(t, fd, entry, prefix + entry, stats[entry], seen)
+        if stat.S_ISDIR(stats[entry].st_mode):
+            child = os.open(entry, DIRECTORY_FLAGS, dir_fd=fd)
+            try:
+                if opaque(child):
+                    t.addfile(tarfile.TarInfo(prefix + entry + '/' + OPAQUE))
+                add_layer_tree(t, child, prefix + entry + '/', seen)
+            finally:
+                os.close(child)
+
+
+def opaque(fd):
+    try:
+        return os.getxattr(fd, 'trusted.overlay.opaque') == b'y'
+    except OSError:
+        return False
+
+
+def write_image_archive(path, fmt, ref, config, layers, oci_media):
+    """The archive tar: blobs/sha256/* (config, layers, manifest), oci-layout, index.json,
+    and for docker manifest.json; -> its sha256 hex."""
+    import hashlib
+    import json
+    import tarfile
+    layer_type = 'application/vnd.oci.image.layer.v1.tar' + ('+gzip' if oci_media else '')
+    config_digest = 'sha256:' + hashlib.sha256(config).hexdigest()
+    manifest = json.dumps({
+        'schemaVersion': 2, 'mediaType': 'application/vnd.oci.image.manifest.v1+json',
+        'config': {'mediaType': 'application/vnd.oci.image.config.v1+json',
+                   'digest': config_digest, 'size': len(config)},
+        'layers': [{'mediaType': layer_type, 'digest': digest, 'size': os.path.getsize(p)}
+                   for p, _, digest in layers]}, sort_keys=True).encode('utf-8')
+    manifest_digest = 'sha256:' + hashlib.sha256(manifest).hexdigest()
+    tag = 'localhost/%s' % (ref if ':' in ref else ref + ':latest')
+    index = json.dumps({'schemaVersion': 2, 'manifests': [{
+        'mediaType': 'application/vnd.oci.image.manifest.v1+json', 'digest': manifest_digest,
+        'size': len(manifest), 'annotations': {'org.opencontainers.image.ref.name': tag}}]},
+        sort_keys=True).encode('utf-8')
+    files = [('oci-layout', b'{"imageLayoutVersion": "1.0.0"}'), ('index.json', index),
+             (blob_name(config_digest), config), (blob_name(manifest_digest), manifest)]
+    if fmt == 'docker':
+        files.append(('manifest.json', json.dumps([{
+            'Config': blob_name(config_digest), 'RepoTags': [tag],
+            'Layers': [blob_name(digest) for _, _, digest in layers]}]).encode('utf-8')))
+    digest = hashlib.sha256()
+    with open(path, 'wb') as raw:
+        out = HashingWriter(lambda data: (digest.update(data), raw.write(data)))
+        with tarfile.open(fileobj=out, mode='w|', format=tarfile.PAX_FORMAT) as t:
+            add_directory(t, 'blobs')
+            add_directory(t, 'blobs/sha256')
+            for name, data in files:
+                add_bytes(t, name, data)
+            written = set()
+            for layer, _, layer_digest in layers:
+                if layer_digest in written:         # the same layer twice: one blob
+                    continue
+                written.add(layer_digest)
+                info = tarfile.TarInfo(blob_name(layer_digest))
+                info.size, info.mode = os.path.getsize(layer), 0o644
+                with open(layer, 'rb') as f:
+                    t.addfile(info, f)
+    return digest.hexdigest()
+
+
+def add_directory(t, name):
+    import tarfile
+    info = tarfile.TarInfo(name)
+    info.type, info.mode = tarfile.DIRTYPE, 0o755
+    t.addfile(info)
+
+
+def add_bytes(t, name, data):
+    import io
+    import tarfile
+    info = tarfile.TarInfo(name)
+    info.size, info.mode = len(data), 0o644
+    t.addfile(info, io.BytesIO(data))
 
 
 # =============================================================================
@@ -5511,7 +5694,7 @@ def action_to_container(options):
 
 def action_export(options):
     """Write IMAGE[:VERSION].cockerimage (and its .sha256) in the current directory."""
-    export_image(require_image(options.image))
+    export_image(require_image(options.image), options.format)
     return ok()
 
 
@@ -5748,7 +5931,7 @@ USAGE = """USAGE : cocker -v
                -a copy_image --from-image (image[:version]) --to-image (image[:version])
                -a del_image (-m|--image) (image[:version]) [ (-f|--forcely) ]
                -a import --image-file (file|oci_dir) [ (-m|--image) (image[:version]) ] [ --platform (os/arch[/variant]) ] [ (-f|--forcely) ]
-               -a export (-m|--image) (image[:version])
+               -a export (-m|--image) (image[:version]) [ --format (cockerimage|docker|oci) ]
                -s ssearch [ --srepo (user@host[:port]) ] [ --match (text) ]
                -a spush (-m|--image) (image[:version]) [ --srepo (user@host[:port]) ] [ (-f|--forcely) ]
                -a spull (-m|--image) (image[:version]) [ --srepo (user@host[:port]) ] [ (-f|--forcely) ]
@@ -5782,6 +5965,7 @@ OPTIONS = {
     '--from-image': ('from_image', True), '--to-image': ('to_image', True),
     '--from-container': ('from_container', True), '--to-container': ('to_container', True),
     '--image-file': ('image_file', True), '--platform': ('platform', True),
+    '--format': ('format', True),
     '--srepo': ('srepo', True), '--match': ('match', True),
     '--template-file': ('template_file', True), '--mapping-file': ('mapping_file', True),
     '--instance-file': ('instance_file', True),
@@ -5891,6 +6075,9 @@ def check_args(options):
         except ValueError as e:
             raise usage_error("'-e' value[%s] invalid: %s" % (options.exec_cmd, e))
     check_run_options(options)
+    if options.format is not None and options.format not in EXPORT_FORMATS:
+        raise usage_error("'--format' value[%s] invalid (%s)" % (options.format,
+                                                                 '|'.join(EXPORT_FORMATS)))
     if options.container is not None:
         check_name('container', options.container)
     if options.vip is not None:
