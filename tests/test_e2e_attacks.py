@@ -457,13 +457,13 @@ def test_fifo_device_and_huge_templates_fail_fast(attacked, cocker, tmp_path, mo
 
 @pytest.fixture
 def endless(attacked, cocker, tmp_path, home):
-    """(container, destination): a container held to 1% of a CPU (its file helpers too) with
+    """(container, destination): a container held to 2% of a CPU (its file helpers too) with
     a sparse file of a terabyte, and a small tmpfs to get it into: a getfile of it runs until
     something stops it.  The quota is set once it runs (as cocker sets it: the CFS quota of
     its cgroup), so that its boot, under a slow interpreter, is not what the test waits for."""
     name = attacked()
     assert inside(cocker, name, '/t/busybox truncate -s %d /root/endless' % (1 << 40)).rc == 0
-    set_cpu_quota(home, name, 1000)
+    set_cpu_quota(home, name, 2000)
     target = tmp_path / 'dst'
     target.mkdir()
     subprocess.check_call(['mount', '-t', 'tmpfs', '-o', 'size=512m', 'tmpfs', str(target)])
@@ -488,7 +488,7 @@ def set_cpu_quota(home, name, quota_us):
 
 def copy_helper(home, name, source='/root/endless'):
     """Host pid of the getfile helper, once it runs in the container's cgroup and holds the
-    source open: at work, past its own set-up (which at 1% of a CPU takes a while)."""
+    source open: at work, past its own set-up (which at 2% of a CPU takes a while)."""
     procs = [os.path.join(d, 'cgroup.procs') for d in container_cgroups(home, name)
              if os.path.exists(os.path.join(d, 'pids.max'))][0]
     found = []
@@ -505,7 +505,7 @@ def copy_helper(home, name, source='/root/endless'):
             except OSError:
                 pass
         return False
-    wait_for(copying, timeout=60, what='the copy helper to read %s in the container cgroup'
+    wait_for(copying, timeout=180, what='the copy helper to read %s in the container cgroup'
              % source)
     return found[0]
 
@@ -558,8 +558,9 @@ def test_a_container_that_stops_the_copy_helper_does_not_stall_it(endless, cocke
     assert cli_stat[4] != '0' and helper_stat[4] == '0', 'tty_nr: the helper has no terminal'
     assert helper_stat[3] != cli_stat[3], 'a session of its own'
     inner = open('/proc/%d/status' % helper).read().split('NSpid:')[1].split('\n')[0].split()[-1]
-    # the kill must not share 1% of a CPU with the copy it stops
-    set_cpu_quota(home, name, -1)
+    # the kill must not share 2% of a CPU with the copy it stops (at 10% the copy still
+    # takes many seconds to fill the tmpfs)
+    set_cpu_quota(home, name, 10000)
     r = inside(cocker, name, 'kill -STOP %s' % inner)
     assert r.rc == 0, r
     assert t.wait(timeout=60) == 255
