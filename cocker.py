@@ -886,7 +886,7 @@ def rename_version(image, new, force):
     check_name('version', new)
     if new == old:
         raise CockerError('version equal')
-    with locked('image', name):
+    with locked('image', name), locked('layers', 'store', shared=True):
         require_image(image_ref_text(name, old))
         if os.path.exists(image_dir(name, new)):
             raise CockerError("image '%s' exist" % image_ref_text(name, new))
@@ -910,8 +910,12 @@ def copy_image(source, target):
         require_image(image_ref_text(*source))
         if os.path.exists(image_dir(name, version)):
             raise CockerError("image '%s' exist" % image_ref_text(name, version))
-        with building_image(name, version) as rlayer:
+        with locked('layers', 'store', shared=True), building_image(name, version) as rlayer:
             copy_tree(os.path.join(image_dir(*source), 'rlayer'), rlayer)
+            for extra in ('layers', 'config.json', 'origin'):   # the shared layers, by name
+                if os.path.exists(os.path.join(image_dir(*source), extra)):
+                    shutil_copy(os.path.join(image_dir(*source), extra),
+                                os.path.join(os.path.dirname(rlayer), extra))
 
 
 def delete_image(image, force):
@@ -971,6 +975,7 @@ def image_to_container(image, options, base_layers):
 # A layer goes when no image lists it any more (collect_layers, after an image is removed).
 
 LAYER_LINK_CHARS = 'ABCDEFGHIJKLMNOPQRSTUVWXYZ234567'
+MAX_IMAGE_LAYERS = 250                  #: what one page of overlay options takes, with room
 
 
 def layers_dir():
@@ -1004,6 +1009,17 @@ def image_rlayers(name, version, real=False):
     return paths + [os.path.join(image_dir(name, version), 'rlayer')]
 
 
+def refuse_imported(image, advice):
+    if image_layer_ids(*image):
+        raise CockerError("image '%s' is imported, with layers of its own: %s"
+                          % (image_ref_text(*image), advice))
+
+
+def shutil_copy(source, target):
+    import shutil
+    shutil.copyfile(source, target)
+
+
 def layer_link(diff_id):
     short = read_small(os.path.join(layer_dir(diff_id), 'link'))
     if not short or any(c not in LAYER_LINK_CHARS for c in short):
@@ -1027,15 +1043,16 @@ def install_layer(staging, diff_id):
             break
         except FileExistsError:
             continue
-    write_small(os.path.join(staging, 'link'), short)
-    write_small(os.path.join(staging, 'diff_id'), diff_id)
-    try:
-        os.rename(staging, final)
-    except OSError:
-        remove_file(os.path.join(HOME, 'l', short))
-        if not os.path.isdir(final):
-            raise
-        remove_staged(staging)          # the same layer came meanwhile
+    with Rollback(remove_file, os.path.join(HOME, 'l', short)):
+        write_small(os.path.join(staging, 'link'), short)
+        write_small(os.path.join(staging, 'diff_id'), diff_id)
+        try:
+            os.rename(staging, final)
+        except OSError:
+            if not os.path.isdir(final):
+                raise
+            remove_file(os.path.join(HOME, 'l', short))
+            remove_staged(staging)          # the same layer came meanwhile
     tidy_staging(layers_dir())
 
 
@@ -1045,7 +1062,11 @@ def collect_layers():
     with locked('layers', 'store', wait=False) as held:
         if held is None:
             return
-        used = set(digest_hex(d) for d in layer_users())
+        # an 'old' version waiting in .staging to be put back still needs its layers
+        staged = [os.path.join(images_dir(), STAGING, e, 'layers')
+                  for e in directory_entries(os.path.join(images_dir(), STAGING))]
+        used = set(digest_hex(d) for d in layer_users()) | set(
+            digest_hex(d) for path in staged for d in read_small(path, '').split())
         for entry in directory_entries(layers_dir()):
             if entry.startswith('.') or entry in used:
                 continue
@@ -1054,6 +1075,10 @@ def collect_layers():
                 remove_file(os.path.join(HOME, 'l', short))
             discard(layers_dir(), os.path.join(layers_dir(), entry))
             debug('removed layer sha256:%s, no image lists it', entry)
+        for short in directory_entries(os.path.join(HOME, 'l')):     # of a killed import
+            link = os.path.join(HOME, 'l', short)
+            if not os.path.exists(link):
+                remove_file(link)
 
 
 def image_names():
@@ -1447,8 +1472,10 @@ def layers_text(resolved):
 
 def container_layers(name):
     """rlayer paths, bottom first."""
-    return [path for ref in split_list(pinned_layers(name))
-            for path in image_rlayers(*resolve_image(ref))]
+    paths = [path for ref in split_list(pinned_layers(name))
+             for path in image_rlayers(*resolve_image(ref))]
+    # overlayfs refuses a lower directory twice; the topmost copy shows the same files
+    return [p for i, p in enumerate(paths) if p not in paths[i + 1:]]
 
 
 # =============================================================================
@@ -3365,9 +3392,11 @@ def image_settings(name, exec_cmd):
     first).  None for a container of cockerimages: -e or nothing, as before."""
     import shlex
     config = container_config(name)
-    if config is None:
-        return None
     entrypoint = read_attr(name, 'entrypoint')
+    if config is None:
+        if entrypoint is None and not read_attr(name, 'env') and not read_attr(name, 'user'):
+            return None
+        config = {}                     # a cockerimage with run options: they apply too
     argv = shlex.split(entrypoint) if entrypoint is not None else \
         [str(a) for a in config.get('Entrypoint') or []]
     if exec_cmd is not None:
@@ -3375,13 +3404,19 @@ def image_settings(name, exec_cmd):
     elif entrypoint is None:            # as Docker: a new entrypoint drops the image's Cmd
         argv += [str(a) for a in config.get('Cmd') or []]
     env = [str(e) for e in config.get('Env') or []] + \
-        read_attr(name, 'env', '').splitlines()
-    fields = [('arg', a) for a in argv] + [('env', e) for e in env if e] + [
-        ('cwd', str(config.get('WorkingDir') or '')),
-        ('user', read_attr(name, 'user') or str(config.get('User') or ''))]
+        read_attr(name, 'env', '').split('\n')
+    fields = [('cwd', str(config.get('WorkingDir') or '')),
+              ('user', read_attr(name, 'user') or str(config.get('User') or ''))] + [
+        ('arg', a) for a in argv] + [('env', e) for e in env if e]
     if any('\0' in value for _, value in fields):
         raise CockerError("the image config of container '%s' has a NUL byte" % name)
+    if sum(len(k) + len(v) + 2 for k, v in fields) > IMAGE_SETTINGS_MAX:
+        raise CockerError("the command and environment of container '%s' are too large"
+                          % name)
     return fields
+
+
+IMAGE_SETTINGS_MAX = 1 << 20            #: cp/main, which cockerinit reads (4 MiB at most)
 
 
 def write_image_settings(name, exec_cmd):
@@ -3932,9 +3967,9 @@ class ArchiveGuard(object):
                 raise CockerError('the archive has two extended headers for one member')
             else:
                 self.pax = records
-        if self.foreign and any(key.startswith('SCHILY.xattr.trusted.') for key in records):
-            raise CockerError('the layer sets a trusted.* xattr (an overlay marker of its '
-                              'own): refused')
+            if self.foreign and any(k.startswith('SCHILY.xattr.trusted.') for k in records):
+                raise CockerError('the layer sets a trusted.* xattr (an overlay marker of its '
+                                  'own): refused')
         if any(key.startswith('GNU.sparse') for key in self.pax):
             raise CockerError('the archive has a sparse member (not supported)')
         self.held.append(block + data)
@@ -4091,6 +4126,7 @@ def export_image(image, fmt=None):
     docker or oci, an archive Docker, Podman and skopeo read)."""
     if fmt in ('docker', 'oci'):
         return export_oci_image(image, fmt)
+    refuse_imported(image, 'export it with --format docker or oci')
     name, version = image
     filename = archive_name(name, version)
     rlayer = os.path.join(image_dir(name, version), 'rlayer')
@@ -4207,14 +4243,33 @@ class DirSource(TarSource):
         self.path = path
 
     def has(self, name):
-        return os.path.isfile(os.path.join(self.path, self.checked(name)))
+        try:
+            self.open(name).close()
+            return True
+        except CockerError:
+            return False
 
     def open(self, name):
+        """A regular file of the layout, each component opened O_NOFOLLOW: a link in it
+        never leads the import to another file of the host."""
+        parts = self.checked(name).split('/')
+        top = os.open(self.path, DIRECTORY_FLAGS)
         try:
-            return open(os.path.join(self.path, self.checked(name)), 'rb')
+            parent = open_below(top, parts[:-1])
+            try:
+                fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK |
+                             os.O_CLOEXEC, dir_fd=parent)
+            finally:
+                os.close(parent)
         except OSError as e:
             raise CockerError("the OCI layout has no file '%s' (%s)" % (printable(name),
                                                                       e.strerror))
+        finally:
+            os.close(top)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CockerError("'%s' in the OCI layout is not a regular file" % printable(name))
+        return os.fdopen(fd, 'rb')
 
     def close(self):
         pass
@@ -4261,10 +4316,10 @@ class ArchiveImage(object):
 
 def archive_images(source, platform):
     """The images an archive holds: from an OCI index.json, else a docker manifest.json."""
-    if source.has('index.json') and source.has('oci-layout'):
-        index, _ = read_json(source, 'index.json')
+    if isinstance(source, DirSource) or source.has('index.json') and source.has('oci-layout'):
+        index, _ = read_json(source, 'index.json')      # (a layout's: its error if none)
         return oci_images(source, index, platform)
-    if source.has('manifest.json'):
+    if source.has('manifest.json') and not isinstance(source, DirSource):
         return docker_images(source)
     raise CockerError('the archive is neither an OCI layout nor a docker save archive')
 
@@ -4385,8 +4440,19 @@ def tag_to_image(tag):
 
 
 def import_oci(source, path, ref, force, platform):
-    """Import the archive's image as ref, else as its own tag mapped to a cocker name."""
-    image = choose_image(archive_images(source, platform), ref)
+    """Import the archive's image as ref, else as its own tag mapped to a cocker name; the
+    layers a failed import stored go too."""
+    try:
+        install_oci(source, path, ref, force, platform)
+    finally:
+        collect_layers()
+
+
+def install_oci(source, path, ref, force, platform):
+    try:
+        image = choose_image(archive_images(source, platform), ref)
+    except (TypeError, AttributeError, KeyError) as e:
+        raise CockerError('the archive has a malformed manifest or index (%s)' % e)
     if ref:
         name, version = image_or_unversioned(ref)
     elif image.tags:
@@ -4394,7 +4460,13 @@ def import_oci(source, path, ref, force, platform):
     else:
         raise CockerError("the archive's image has no name: give -m NAME[:VERSION]")
     config, raw = read_json(source, image.config_name, image.config_digest)
-    diff_ids = (config.get('rootfs') or {}).get('diff_ids') or []
+    rootfs = config.get('rootfs') if isinstance(config, dict) else None
+    diff_ids = (rootfs.get('diff_ids') if isinstance(rootfs, dict) else None) or []
+    if not isinstance(diff_ids, list) or not all(isinstance(d, str) for d in diff_ids):
+        raise CockerError('the image config has malformed diff_ids')
+    if len(diff_ids) > MAX_IMAGE_LAYERS:
+        raise CockerError('the image has %d layers, more than the %d one overlay mount takes'
+                          % (len(diff_ids), MAX_IMAGE_LAYERS))
     if len(diff_ids) != len(image.layer_names):
         raise CockerError('the image config lists %d layers, its manifest %d: refused'
                           % (len(diff_ids), len(image.layer_names)))
@@ -4415,7 +4487,6 @@ def import_oci(source, path, ref, force, platform):
                     source, DirSource) else 'an archive'))
             with open(os.path.join(staging, 'config.json'), 'wb') as f:
                 f.write(raw)
-    collect_layers()
     log('INFO', "imported '%s' as '%s' (%d layers)" % (path, image_ref_text(name, version),
                                                       len(diff_ids)))
 
@@ -4477,8 +4548,8 @@ def unzstd(read):
             try:
                 for chunk in iter(lambda: read(CHUNK), b''):
                     zstd.stdin.write(chunk)
-            except (BrokenPipeError, ValueError):
-                pass
+            except (OSError, ValueError, CockerError):
+                pass                    # zstd sees a short stream: its failure says so
             finally:
                 zstd.end_input()
         feeder = threading.Thread(target=feed)
@@ -4779,6 +4850,7 @@ def repository_archives(repo, match=None):
 
 def push_image(image, repo, force):
     """Upload the image's archive (and its sha256) to the repository."""
+    refuse_imported(image, 'a cockerimage would hold none of them')
     name, version = image
     filename = archive_name(name, version)
     tmp = '.%s.tmp%d' % (filename, os.getpid())
@@ -6111,10 +6183,11 @@ def check_run_options(options):
 
 
 def ensure_environment():
-    """HOME, images/, containers/ and cocker.log exist (created on first use).  images/ and
-    containers/ are root's alone: they hold setuid programs and files owned by container
+    """HOME, images/, containers/, layers/ and cocker.log exist (created on first use).
+    The stores are root's alone: they hold setuid programs and files owned by container
     uids, which no host user may run or edit through them."""
-    for path, mode in ((HOME, 0o755), (images_dir(), 0o700), (containers_dir(), 0o700)):
+    for path, mode in ((HOME, 0o755), (images_dir(), 0o700), (containers_dir(), 0o700),
+                       (layers_dir(), 0o700), (os.path.join(HOME, 'l'), 0o700)):
         try:
             os.makedirs(path, mode)
         except FileExistsError:

@@ -73,6 +73,7 @@ SHELLS = ('/bin/bash', '/bin/sh', '/usr/bin/bash', '/usr/bin/sh')
 #: {'arg': [...], 'env': ['K=V', ...], 'cwd': path or None, 'user': text or None}
 IMAGE = {'arg': [], 'env': [], 'cwd': None, 'user': None}
 USER_FILE_MAX = 4 << 20                 #: the largest /etc/passwd or /etc/group read
+ID_LIMIT = (1 << 32) - 1                #: uids and gids are below (-1 means "unchanged")
 
 #: Podman's default capability set (Docker's without MKNOD, NET_RAW and AUDIT_WRITE):
 #: everything else leaves every set, bounding included
@@ -491,6 +492,8 @@ def exec_child(argv, env, stdio, ctty=None, cwd=None, creds=None):
                   dict((k.encode(), v.encode('utf-8', 'surrogateescape')) for k, v in env.items()))
     except OSError as e:
         os.write(2, ('cockerinit: cannot run %s: %s\n' % (argv[0], e.strerror)).encode())
+    except BaseException as e:          # a fork child's boundary: never back into PID 1
+        os.write(2, ('cockerinit: cannot run %s: %s\n' % (argv[0], e)).encode())
     os._exit(127)
 
 
@@ -827,7 +830,7 @@ def resolve_user(text):
         return 0, 0, [], '/root'
     user, _, group = text.partition(':')
     entry = next((e for e in user_entries('/etc/passwd', 7)
-                  if user in (e[0], e[2])), None)
+                  if (e[2] if user.isdigit() else e[0]) == user), None)
     if entry is None and not user.isdigit():
         raise ValueError("user '%s' is not in the container's /etc/passwd" % user)
     uid = int(entry[2]) if entry else int(user)
@@ -836,11 +839,13 @@ def resolve_user(text):
     groups = [int(e[2]) for e in user_entries('/etc/group', 4)
               if name and name in e[3].split(',') and e[2].isdigit()]
     if group:
-        found = next((e for e in user_entries('/etc/group', 4) if group in (e[0], e[2])),
-                     None)
+        found = next((e for e in user_entries('/etc/group', 4)
+                      if (e[2] if group.isdigit() else e[0]) == group), None)
         if found is None and not group.isdigit():
             raise ValueError("group '%s' is not in the container's /etc/group" % group)
         gid = int(found[2]) if found else int(group)
+    if not all(0 <= n < ID_LIMIT for n in [uid, gid] + groups):
+        raise ValueError("user '%s' has an id out of range" % text)
     return uid, gid, sorted(set(groups + [gid])), entry[5] if entry else '/'
 
 

@@ -135,6 +135,16 @@ def test_each_archive_format_imports_and_boots_as_built(built, cocker, names, im
         assert r.rc == 0 and r.out == 'OK\n', (kind, r)
         check_app(cocker, names, '%s:%s' % (name, kind))
     assert len(layers_of(home) - before) == 2, 'three imports of one image: its 2 layers once'
+    for store in ('layers', 'l'):
+        assert os.stat(os.path.join(home, store)).st_mode & 0o077 == 0, \
+            '%s holds setuid files of images: root\'s alone' % store
+    # a copy keeps the shared layers; the cockerimage format cannot hold them
+    assert cocker('-a', 'copy_image', '--from-image', name + ':oci', '--to-image',
+                  name + ':copy').rc == 0
+    assert cocker('-a', 'del_image', '-m', name + ':oci').rc == 0
+    check_app(cocker, names, '%s:copy' % name)
+    r = cocker('-a', 'export', '-m', name + ':copy')
+    assert r.rc == 255 and '--format docker or oci' in r.err, r
     store_is_clean(home)
 
 
@@ -282,6 +292,33 @@ def test_hostile_archives_are_refused_and_nothing_is_kept(built, cocker, image_n
         assert not os.path.exists(os.path.join(home, 'images', name)), what
         assert layers_of(home) == before, '%s: no layer kept' % what
         store_is_clean(home)
+    # a layout directory whose index is a link to a host file; an index of the wrong shape
+    linked = str(tmp_path / 'linked')
+    shutil.copytree(built['ocidir'], linked)
+    os.unlink(os.path.join(linked, 'index.json'))
+    os.symlink('/etc/passwd', os.path.join(linked, 'index.json'))
+    shaped = str(tmp_path / 'shaped')
+    shutil.copytree(built['ocidir'], shaped)
+    with open(os.path.join(shaped, 'index.json'), 'w') as f:
+        f.write('{"schemaVersion": 2, "manifests": [7]}')
+    for what, path, text in (('a linked index', linked, 'index.json'),
+                             ('an index of the wrong shape', shaped, 'malformed')):
+        r = cocker('-a', 'import', '--image-file', path, '-m', image_names() + ':1')
+        assert r.rc == 255 and len(r.err.splitlines()) == 1 and text in r.err, (what, r)
+        assert layers_of(home) == before, what
+    # a GNU long name (over 100 characters) is an ordinary member
+    long_name = 'd/' + 'n' * 150
+    gnu = io.BytesIO()
+    with tarfile.open(fileobj=gnu, mode='w', format=tarfile.GNU_FORMAT) as t:
+        t.addfile(*(lambda i, d: (i, io.BytesIO(d)))(*regular(long_name, b'long\n')))
+    name = image_names()
+    r = cocker('-a', 'import', '--image-file', docker_archive(str(tmp_path / 'gnu.tar'),
+                                                             [gnu.getvalue()]), '-m', name + ':1')
+    assert r.rc == 0, r
+    stored = open(os.path.join(home, 'images', name, '1', 'layers')).read().split()[0]
+    assert open(os.path.join(home, 'layers', stored.split(':')[1], 'rlayer', long_name)).read() \
+        == 'long\n'
+    assert cocker('-a', 'del_image', '-m', name + ':1').rc == 0
     # the same zstd layer where the host has zstd
     name = image_names()
     r = cocker('-a', 'import', '--image-file', str(tmp_path / 'zstd.tar'), '-m', name + ':1')
