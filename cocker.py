@@ -3364,12 +3364,14 @@ def boot_stopped(name, options):
 def image_config(name, version):
     """The 'config' of an imported image (Entrypoint, Cmd, Env, WorkingDir, User...), None
     for a cockerimage."""
-    import json
     try:
         with open(os.path.join(image_dir(name, version), 'config.json'), 'rb') as f:
-            document = json.loads(f.read(BLOB_MAX_JSON).decode('utf-8'))
+            data = f.read(BLOB_MAX_JSON)
     except FileNotFoundError:
-        return None
+        return None                     # (before json, which loads re: boots stay quick)
+    import json
+    try:
+        document = json.loads(data.decode('utf-8'))
     except ValueError:
         raise CockerError("config.json of image '%s' is damaged" % image_ref_text(name, version))
     config = document.get('config') if isinstance(document, dict) else None
@@ -3390,13 +3392,13 @@ def image_settings(name, exec_cmd):
     the main process (the entrypoint, recorded --entrypoint or the image's, then -e's words
     or the image's Cmd), its Env (the image's, then --env), WorkingDir and User (--user
     first).  None for a container of cockerimages: -e or nothing, as before."""
-    import shlex
     config = container_config(name)
     entrypoint = read_attr(name, 'entrypoint')
     if config is None:
         if entrypoint is None and not read_attr(name, 'env') and not read_attr(name, 'user'):
             return None
         config = {}                     # a cockerimage with run options: they apply too
+    import shlex
     argv = shlex.split(entrypoint) if entrypoint is not None else \
         [str(a) for a in config.get('Entrypoint') or []]
     if exec_cmd is not None:
@@ -6167,11 +6169,11 @@ def check_args(options):
 
 
 def check_run_options(options):
-    import shlex
     for item in options.env:
         if '=' not in item or item.startswith('=') or '\n' in item or '\0' in item:
             raise usage_error("'--env' value[%s] invalid (KEY=VALUE)" % item)
     if options.entrypoint:
+        import shlex                    # (only here: it loads re, which costs every command)
         try:
             shlex.split(options.entrypoint)
         except ValueError as e:
