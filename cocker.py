@@ -455,11 +455,13 @@ class Command(object):
     def __init__(self, argv, stdin=None, stdout=None, stderr=None, failure=command_failed,
                  input_name='its input'):
         import subprocess
-        import tempfile
-        debug('run %s', ' '.join(shell_quote(a) for a in argv))
+        if DEBUG:                       # (quoting loads shlex and re: only when traced)
+            debug('run %s', ' '.join(shell_quote(a) for a in argv))
         self.argv, self.failure, self.input_name = argv, failure, input_name
-        # a streaming command's stderr goes to a file: a full pipe would stall it
-        self.errors = tempfile.TemporaryFile() if stderr is None else None
+        self.errors = None
+        if stderr is None:              # a streaming command's stderr goes to a file: a
+            import tempfile             # full pipe would stall it
+            self.errors = tempfile.TemporaryFile()
         try:
             self.proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL if stdin is None else stdin,
@@ -910,12 +912,13 @@ def copy_image(source, target):
         require_image(image_ref_text(*source))
         if os.path.exists(image_dir(name, version)):
             raise CockerError("image '%s' exist" % image_ref_text(name, version))
+        import shutil
         with locked('layers', 'store', shared=True), building_image(name, version) as rlayer:
             copy_tree(os.path.join(image_dir(*source), 'rlayer'), rlayer)
             for extra in ('layers', 'config.json', 'origin'):   # the shared layers, by name
                 if os.path.exists(os.path.join(image_dir(*source), extra)):
-                    shutil_copy(os.path.join(image_dir(*source), extra),
-                                os.path.join(os.path.dirname(rlayer), extra))
+                    shutil.copyfile(os.path.join(image_dir(*source), extra),
+                                    os.path.join(os.path.dirname(rlayer), extra))
 
 
 def delete_image(image, force):
@@ -982,6 +985,10 @@ def layers_dir():
     return os.path.join(HOME, 'layers')
 
 
+def is_sha256_hex(text):
+    return len(text) == 64 and all(c in '0123456789abcdef' for c in text)
+
+
 def layer_dir(diff_id):
     """HOME/layers/HEX of a 'sha256:HEX' diff_id (checked: it names a directory)."""
     return os.path.join(layers_dir(), digest_hex(diff_id))
@@ -989,8 +996,7 @@ def layer_dir(diff_id):
 
 def digest_hex(digest):
     algorithm, _, hex_part = digest.partition(':')
-    if algorithm != 'sha256' or len(hex_part) != 64 or \
-            any(c not in '0123456789abcdef' for c in hex_part):
+    if algorithm != 'sha256' or not is_sha256_hex(hex_part):
         raise CockerError("'%s' is not a sha256 digest" % printable(digest[:80]))
     return hex_part
 
@@ -1013,11 +1019,6 @@ def refuse_imported(image, advice):
     if image_layer_ids(*image):
         raise CockerError("image '%s' is imported, with layers of its own: %s"
                           % (image_ref_text(*image), advice))
-
-
-def shutil_copy(source, target):
-    import shutil
-    shutil.copyfile(source, target)
 
 
 def layer_link(diff_id):
@@ -4099,7 +4100,7 @@ def expected_sha256(path):
     if text is None:
         return None
     digest = text.split()[0].lower() if text.split() else ''
-    if len(digest) != 64 or any(c not in '0123456789abcdef' for c in digest):
+    if not is_sha256_hex(digest):
         raise CockerError('%s.sha256 is not a sha256sum line' % path)
     return digest
 
@@ -4518,15 +4519,16 @@ def unpack_layer(read, rlayer, what):
     guard; (sha256 of the blob, sha256 of its tar) as 'sha256:HEX'."""
     import hashlib
     blob_digest = hashlib.sha256()
-    head = read(4)
+    head = [read(4)]                    # the magic bytes, read first, counted first
 
-    def blob_read(n, first=[head]):
-        chunk = first.pop() if first else read(n)
+    def blob_read(n):
+        chunk = head.pop() if head else read(n)
         blob_digest.update(chunk)
         return chunk
-    if head[:2] == b'\x1f\x8b':
+    magic = head[0]
+    if magic[:2] == b'\x1f\x8b':
         data = gunzip(blob_read)
-    elif head == b'\x28\xb5\x2f\xfd':
+    elif magic == b'\x28\xb5\x2f\xfd':
         data = unzstd(blob_read)
     else:
         data = iter(lambda: blob_read(CHUNK), b'')
@@ -4651,7 +4653,7 @@ def write_layer_blob(rlayer, work, compress, what):
             data = packer.compress(data) if packer else data
             blob_digest.update(data)
             out.write(data)
-        stream = HashingWriter(write)
+        stream = WriteOnlyFile(write)
         with tarfile.open(fileobj=stream, mode='w|', format=tarfile.PAX_FORMAT) as t:
             top = os.open(rlayer, DIRECTORY_FLAGS)
             try:
@@ -4666,7 +4668,7 @@ def write_layer_blob(rlayer, work, compress, what):
     return path, 'sha256:' + tar_digest.hexdigest(), 'sha256:' + blob_digest.hexdigest()
 
 
-class HashingWriter(object):
+class WriteOnlyFile(object):
     """A file object for tarfile that hands what it writes to write()."""
 
     def __init__(self, write):
@@ -4735,7 +4737,7 @@ def write_image_archive(path, fmt, ref, config, layers, oci_media):
             'Layers': [blob_name(digest) for _, _, digest in layers]}]).encode('utf-8')))
     digest = hashlib.sha256()
     with open(path, 'wb') as raw:
-        out = HashingWriter(lambda data: (digest.update(data), raw.write(data)))
+        out = WriteOnlyFile(lambda data: (digest.update(data), raw.write(data)))
         with tarfile.open(fileobj=out, mode='w|', format=tarfile.PAX_FORMAT) as t:
             add_directory(t, 'blobs')
             add_directory(t, 'blobs/sha256')
@@ -4891,7 +4893,7 @@ def pull_image(image, repo, force):
     digest = lines[1].split()[0].lower() if len(lines) > 1 and lines[1].split() else None
     if digest is None:
         warn('%s has no .sha256 in the repository: not checked' % filename)
-    elif len(digest) != 64 or any(c not in '0123456789abcdef' for c in digest):
+    elif not is_sha256_hex(digest):
         raise CockerError('%s.sha256 in the repository is not a sha256sum line' % filename)
     with Command(ssh_command(repo, shell_command('cat {}', filename)), stdout=PIPE,
                  failure=ssh_failure(repo)) as download:
