@@ -915,7 +915,7 @@ def copy_image(source, target):
         import shutil
         with locked('layers', 'store', shared=True), building_image(name, version) as rlayer:
             copy_tree(os.path.join(image_dir(*source), 'rlayer'), rlayer)
-            for extra in ('layers', 'config.json', 'origin'):   # the shared layers, by name
+            for extra in ('layers', 'config.json', 'origin', 'base'):   # layers by name
                 if os.path.exists(os.path.join(image_dir(*source), extra)):
                     shutil.copyfile(os.path.join(image_dir(*source), extra),
                                     os.path.join(os.path.dirname(rlayer), extra))
@@ -942,6 +942,9 @@ def container_to_image(cname, name, version):
             raise CockerError("image '%s' exist" % image_ref_text(name, version))
         with building_image(name, version) as rlayer:
             copy_tree(container_file(cname, 'rwlayer'), rlayer, link=True)
+            base = pinned_layers(cname)
+            if base:                        # what it was built on: export writes the stack
+                write_small(os.path.join(os.path.dirname(rlayer), 'base'), base)
         remove_container(cname)
     log('INFO', "container '%s' became image '%s'" % (cname, image_ref_text(name, version)))
 
@@ -1475,7 +1478,12 @@ def container_layers(name):
     """rlayer paths, bottom first."""
     paths = [path for ref in split_list(pinned_layers(name))
              for path in image_rlayers(*resolve_image(ref))]
-    # overlayfs refuses a lower directory twice; the topmost copy shows the same files
+    return topmost_once(paths)
+
+
+def topmost_once(paths):
+    """Layer paths, bottom first, each kept at its topmost place only: overlayfs refuses a
+    lower directory twice, and the topmost copy shows the same files."""
     return [p for i, p in enumerate(paths) if p not in paths[i + 1:]]
 
 
@@ -3409,7 +3417,8 @@ def image_settings(name, exec_cmd):
     env = [str(e) for e in config.get('Env') or []] + \
         read_attr(name, 'env', '').split('\n')
     fields = [('cwd', str(config.get('WorkingDir') or '')),
-              ('user', read_attr(name, 'user') or str(config.get('User') or ''))] + [
+              ('user', read_attr(name, 'user') or str(config.get('User') or '')),
+              ('stop', str(stop_signal_number(config.get('StopSignal'))))] + [
         ('arg', a) for a in argv] + [('env', e) for e in env if e]
     if any('\0' in value for _, value in fields):
         raise CockerError("the image config of container '%s' has a NUL byte" % name)
@@ -3417,6 +3426,24 @@ def image_settings(name, exec_cmd):
         raise CockerError("the command and environment of container '%s' are too large"
                           % name)
     return fields
+
+
+def stop_signal_number(text):
+    """An image's StopSignal ('SIGQUIT', 'QUIT', '3', 'SIGRTMIN+3') -> its number; SIGTERM
+    when the image names none."""
+    if not text:
+        return SIGTERM
+    import _signal
+    text = str(text).upper()
+    name = text if text.startswith('SIG') else 'SIG' + text
+    base, plus, offset = name.partition('+')
+    number = int(text) if text.isdigit() else getattr(_signal, base, None)
+    if plus and number is not None:
+        number = number + int(offset) if offset.isdigit() else None
+    if not isinstance(number, int) or not 0 < number < _signal.NSIG or \
+            base in ('SIG_DFL', 'SIG_IGN', 'SIG_BLOCK', 'SIG_UNBLOCK', 'SIG_SETMASK'):
+        raise CockerError("the image's StopSignal '%s' is not a signal" % printable(text))
+    return number
 
 
 IMAGE_SETTINGS_MAX = 1 << 20            #: cp/main, which cockerinit reads (4 MiB at most)
@@ -3755,8 +3782,9 @@ def attach_container(name):
 
 ARCHIVE_SUFFIX = '.cockerimage'
 CHUNK = 1 << 20
-#: xattrs kept in archives: user data, overlay markers (opaque dirs), file capabilities
-ARCHIVE_XATTRS = ('user.*', 'trusted.overlay.*', 'security.capability')
+#: xattrs kept in archives: user data, opaque directories, file capabilities (never the
+#: other overlay markers: origin is a file handle of this host, redirect a path to follow)
+ARCHIVE_XATTRS = ('user.*', 'trusted.overlay.opaque', 'security.capability')
 TAR_BLOCK = 512
 
 
@@ -4616,25 +4644,61 @@ def export_oci_image(image, fmt):
         write_small(filename + '.sha256', sha256_line(digest, filename))
 
 
-def exported_rlayers(name, version):
-    """The image's layers as they are stored, bottom first; its own rlayer unless empty."""
+def exported_rlayers(name, version, above=()):
+    """The image's layers as they are stored, bottom first: the layers of the images it was
+    built on by to_image (its 'base'), its shared layers, its own rlayer unless empty."""
+    base = []
+    for ref in image_base(name, version, above):
+        base += exported_rlayers(*ref, above=above + ((name, version),))
     own = os.path.join(image_dir(name, version), 'rlayer')
     shared = [os.path.join(layer_dir(d), 'rlayer') for d in image_layer_ids(name, version)]
-    return shared + ([own] if os.listdir(own) or not shared else [])
+    below = topmost_once(base + shared)     # a base built on others of the stack: once
+    if len(below) > MAX_IMAGE_LAYERS:
+        raise CockerError("image '%s' has more than %d layers" % (
+            image_ref_text(name, version), MAX_IMAGE_LAYERS))
+    return below + ([own] if os.listdir(own) or not below else [])
+
+
+def image_base(name, version, above=()):
+    """[(name, version)] of the images a to_image image was built on, bottom first."""
+    found = []
+    for ref in split_list(read_small(os.path.join(image_dir(name, version), 'base'), '')):
+        base = image_or_unversioned(ref)
+        if base in above or base == (name, version):
+            raise CockerError("image '%s' is built on itself" % image_ref_text(name, version))
+        if not os.path.isdir(os.path.join(image_dir(*base), 'rlayer')):
+            raise CockerError("image '%s' was built on '%s', which is gone" % (
+                image_ref_text(name, version), printable(ref)))
+        found.append(base)
+    return found
 
 
 def exported_config(name, version, diff_ids):
     """The config of the archive: the image's own (its history dropped: it described the
-    old layers), or a new one for a cockerimage; with the new diff_ids."""
+    old layers) or that of the topmost image it was built on that has one, else a new one
+    for a cockerimage; with the new diff_ids."""
     import json
-    try:
-        with open(os.path.join(image_dir(name, version), 'config.json'), 'rb') as f:
+    path = stacked_config_path(name, version)
+    if path is not None:
+        with open(path, 'rb') as f:
             config = json.loads(f.read(BLOB_MAX_JSON).decode('utf-8'))
-    except FileNotFoundError:
+    else:
         config = {'architecture': host_platform()[1], 'os': 'linux', 'config': {}}
     config.pop('history', None)
     config['rootfs'] = {'type': 'layers', 'diff_ids': diff_ids}
     return json.dumps(config, sort_keys=True).encode('utf-8')
+
+
+def stacked_config_path(name, version, above=()):
+    """config.json of the image, else of the topmost image under it that has one."""
+    path = os.path.join(image_dir(name, version), 'config.json')
+    if os.path.exists(path):
+        return path
+    for base in reversed(image_base(name, version, above)):
+        path = stacked_config_path(*base, above=above + ((name, version),))
+        if path is not None:
+            return path
+    return None
 
 
 def write_layer_blob(rlayer, work, compress, what):
@@ -4654,7 +4718,9 @@ def write_layer_blob(rlayer, work, compress, what):
             blob_digest.update(data)
             out.write(data)
         stream = WriteOnlyFile(write)
-        with tarfile.open(fileobj=stream, mode='w|', format=tarfile.PAX_FORMAT) as t:
+        # utf-8 whatever the locale: names and xattr values go back to their own bytes
+        with tarfile.open(fileobj=stream, mode='w|', format=tarfile.PAX_FORMAT,
+                          encoding='utf-8') as t:
             top = os.open(rlayer, DIRECTORY_FLAGS)
             try:
                 add_layer_tree(t, top, '', {})
@@ -4691,7 +4757,7 @@ def add_layer_tree(t, fd, prefix, seen):
     for entry in entries:
         if entry in whiteouts:
             continue
-        add_member(t, fd, entry, prefix + entry, stats[entry], seen)
+        add_member(t, fd, entry, prefix + entry, stats[entry], seen, LAYER_XATTRS)
         if stat.S_ISDIR(stats[entry].st_mode):
             child = os.open(entry, DIRECTORY_FLAGS, dir_fd=fd)
             try:
@@ -5298,10 +5364,13 @@ def walk_tree(parent, entry, name):
             os.close(fd)
 
 
-def add_member(t, directory, entry, name, st, seen):
-    """One file into the archive, its data read through a descriptor of that very file."""
+def add_member(t, directory, entry, name, st, seen, xattrs=()):
+    """One file into the archive, its data read through a descriptor of that very file;
+    the xattrs named (patterns as LAYER_XATTRS) of files and directories as PAX records."""
     import tarfile
     info = tarfile.TarInfo(name)
+    if xattrs and (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        info.pax_headers = xattr_records(directory, entry, st, xattrs)
     info.mode, info.uid, info.gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
     info.mtime = int(st.st_mtime)
     mode, key = st.st_mode, (st.st_dev, st.st_ino)
@@ -5330,6 +5399,26 @@ def add_member(t, directory, entry, name, st, seen):
     else:
         return                          # a socket: tar cannot hold it
     t.addfile(info)
+
+
+def xattr_records(directory, entry, st, patterns):
+    """{'SCHILY.xattr.KEY': value} of the file's xattrs that match patterns ('user.*',
+    'security.capability'), as GNU tar writes them; read through a descriptor of it."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = os.open(entry, flags | (os.O_DIRECTORY if stat.S_ISDIR(st.st_mode) else 0),
+                 dir_fd=directory)
+    try:
+        if not os.path.samestat(os.fstat(fd), st):
+            raise CockerError("'%s' changed while it was copied" % entry)
+        records = {}
+        for key in os.listxattr(fd):
+            if any(key == p or (p.endswith('*') and key.startswith(p[:-1])) for p in patterns):
+                # bytes kept as they are: tarfile writes surrogates back as the bytes
+                records['SCHILY.xattr.' + key] = os.getxattr(fd, key).decode(
+                    'utf-8', 'surrogateescape')
+        return records
+    finally:
+        os.close(fd)
 
 
 class GuardedStream(object):
@@ -5926,6 +6015,9 @@ def show_image_info(options):
     say('image: %s' % image_ref_text(name, version))
     say('origin: %s' % (read_small(os.path.join(image_dir(name, version), 'origin'))
                         or 'cockerimage or built here'))
+    base = read_small(os.path.join(image_dir(name, version), 'base'))
+    if base:
+        say('built on: %s' % printable(base))
     sharing = layer_users()
     for diff_id in image_layer_ids(name, version):
         say('layer: %s %s, in %d image(s)' % (

@@ -71,7 +71,7 @@ SESSION_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
 SHELLS = ('/bin/bash', '/bin/sh', '/usr/bin/bash', '/usr/bin/sh')
 #: an imported image's command, environment, working directory and user (cocker's cp/main):
 #: {'arg': [...], 'env': ['K=V', ...], 'cwd': path or None, 'user': text or None}
-IMAGE = {'arg': [], 'env': [], 'cwd': None, 'user': None}
+IMAGE = {'arg': [], 'env': [], 'cwd': None, 'user': None, 'stop': None}
 USER_FILE_MAX = 4 << 20                 #: the largest /etc/passwd or /etc/group read
 ID_LIMIT = (1 << 32) - 1                #: uids and gids are below (-1 means "unchanged")
 
@@ -411,6 +411,21 @@ def has_children():
     except ChildProcessError:
         return False
     return True
+
+
+def stop_main(pid, sig, grace):
+    """An image's StopSignal (as Docker: to the main process only), then up to `grace`
+    seconds for it to end -> the seconds left of the grace period."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return grace
+    deadline = time.time() + grace
+    while time.time() < deadline:
+        if pid in reap_children():
+            break
+        time.sleep(0.02)
+    return max(0, deadline - time.time())
 
 
 def stop_all(grace):
@@ -787,13 +802,15 @@ def read_image_settings(sockdir):
     """cp/main, written by cocker on the host for a container of an imported image."""
     with open(os.path.join(sockdir, 'main'), 'rb') as f:
         data = f.read(USER_FILE_MAX)
-    settings = {'arg': [], 'env': [], 'cwd': None, 'user': None}
+    settings = {'arg': [], 'env': [], 'cwd': None, 'user': None, 'stop': None}
     for item in data.split(b'\0'):
         key, _, value = item.decode('utf-8', 'surrogateescape').partition('=')
         if key in ('arg', 'env'):
             settings[key].append(value)
         elif key in ('cwd', 'user'):
             settings[key] = value or None
+        elif key == 'stop' and value.isdigit():
+            settings['stop'] = int(value)
     return settings
 
 
@@ -978,6 +995,8 @@ class Pid1(object):
             if stop is not None:
                 text, level, grace, status = stop
                 log(text, level)
+                if self.stopping and self.main_pid and IMAGE['stop']:
+                    grace = stop_main(self.main_pid, IMAGE['stop'], grace)
                 stop_all(grace)
                 return status
             if self.console in readable:
@@ -990,8 +1009,9 @@ class Pid1(object):
         reaps every exited child on the way."""
         done = reap_children()
         if self.main_pid in done:
+            status, self.main_pid = done[self.main_pid], None
             return ('main command exited with status %d, stopping the container'
-                    % done[self.main_pid], 'INFO', STOP_GRACE, done[self.main_pid])
+                    % status, 'INFO', STOP_GRACE, status)
         if self.stopping:
             return ('signal %d: stopping the container' % self.stopping[0], 'INFO',
                     STOP_GRACE, 0)

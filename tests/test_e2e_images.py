@@ -121,6 +121,35 @@ def test_export_delete_import_boot(edited_image, cocker, names, home, tmp_path, 
     assert cocker('-a', 'del_image', '-m', other + ':7').rc == 0
 
 
+def archive_members(path):
+    """{name: (type, mode, owner, mtime, link, xattrs, data)} of a cockerimage."""
+    members = {}
+    with tarfile.open(path) as t:
+        for m in t:
+            data = t.extractfile(m).read() if m.isfile() else None
+            xattrs = sorted((k, v) for k, v in m.pax_headers.items() if 'xattr' in k)
+            members[m.name.rstrip('/')] = (m.type, m.mode, (m.uid, m.gid), m.mtime,
+                                           m.linkname, xattrs, data)
+    return members
+
+
+def test_a_cockerimage_exported_imported_and_exported_again_is_the_same(
+        edited_image, cocker, image_names, tmp_path, monkeypatch):
+    image = edited_image('3')
+    monkeypatch.chdir(tmp_path)
+    assert cocker('-a', 'export', '-m', image + ':3').rc == 0
+    again = image_names('again')
+    assert cocker('-a', 'import', '--image-file', image + ':3.cockerimage', '-m',
+                  again + ':3').rc == 0
+    assert cocker('-a', 'export', '-m', again + ':3').rc == 0
+    first = archive_members(image + ':3.cockerimage')
+    second = archive_members(again + ':3.cockerimage')
+    assert first.pop('root/null')[0] == tarfile.CHRTYPE, 'the one device node, not imported'
+    assert len(first) > 5 and first == second, 'every name, owner, mode, time, link, xattr ' \
+        'and byte the same'
+    assert any(xattrs for _, _, _, _, _, xattrs, _ in first.values()), 'the opaque directory'
+
+
 def test_an_archive_made_the_c_cocker_way_imports(cocker, names, tmp_path, monkeypatch, home):
     src = tmp_path / 'rlayer'
     (src / 'root').mkdir(parents=True)

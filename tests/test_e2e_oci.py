@@ -6,6 +6,7 @@ import io
 import json
 import os
 import shutil
+import struct
 import subprocess
 import tarfile
 import uuid
@@ -114,14 +115,17 @@ def store_is_clean(home):
         assert not os.path.exists(os.path.join(home, store, '.staging')), store
 
 
+APP_CHECK = 'ls /data; echo -; ls /opq; echo -; cat /etc/sym; stat -c "%h %a" /etc/hello /bin/su2'
+APP_SEEN = 'keep\n-\nnew\n-\nhello\n2 644\n1 4755\n'
+
+
 def check_app(cocker, names, ref):
     c = names()
     r = cocker('-a', 'create', '-m', ref, '-c', c, '-b')
     assert r.rc == 0, r
-    r = cocker('-a', 'run', '-c', c, '--cmd', 'ls /data; echo -; ls /opq; echo -; cat /etc/sym; '
-               'stat -c "%h %a" /etc/hello /bin/su2')
+    r = cocker('-a', 'run', '-c', c, '--cmd', APP_CHECK)
     assert r.rc == 0, r
-    assert r.out == 'keep\n-\nnew\n-\nhello\n2 644\n1 4755\n', \
+    assert r.out == APP_SEEN, \
         'the deleted file gone, the opaque directory emptied, links and setuid kept: %r' % r.out
     assert cocker('-a', 'destroy', '-c', c, '-h').rc == 0
 
@@ -375,6 +379,12 @@ def configured(built):
         b('commit', '-q', c, 'cfg:2')
         archive = os.path.join(built['top'], 'cfg.tar')
         b('push', '-q', 'cfg:2', 'oci-archive:%s:cfg:2' % archive)
+        c = b('from', 'cfg:1')
+        b('config', '--stop-signal', 'SIGUSR1', '--entrypoint', '["/bin/sh", "-c"]', '--cmd',
+          '["trap \'echo stopped by USR1; exit 0\' USR1; echo up; while :; do sleep 0.1; done"]',
+          c)
+        b('commit', '-q', c, 'stop:1')
+        b('push', '-q', 'stop:1', 'docker-archive:%s:stop:1' % archive.replace('cfg', 'stop'))
     finally:
         b.close()
     return archive
@@ -430,55 +440,143 @@ def test_an_image_runs_as_its_author_meant(configured, cocker, names, image_name
     assert cocker('-a', 'destroy', '-c', c, '-h').rc == 0
 
 
+def test_the_image_stop_signal_stops_the_main_process(configured, cocker, names, image_names,
+                                                      home):
+    """StopSignal USR1, which the main process traps (SIGTERM would end it silently)."""
+    name = image_names()
+    r = cocker('-a', 'import', '--image-file', configured.replace('cfg', 'stop'), '-m', name)
+    assert r.rc == 0, r
+    c = names()
+    assert cocker('-a', 'create', '-m', name, '-c', c, '-b').rc == 0
+    assert main_output(home, c, cocker) == ['up']
+    assert cocker('-s', 'image_info', '-m', name).out.count('StopSignal: "SIGUSR1"') == 1
+    assert cocker('-a', 'shutdown', '-c', c).rc == 0
+    assert main_output(home, c, cocker) == ['up', 'stopped by USR1']
+    assert cocker('-a', 'destroy', '-c', c).rc == 0
+
+
+class Podman(object):
+    """podman with a storage of its own, run by runc (crun refuses this host's hybrid
+    cgroups) with limits this host grants (its default RLIMIT_NOFILE is above them)."""
+
+    def __init__(self, top):
+        import tempfile
+        self.runroot = tempfile.mkdtemp(prefix='cocker-podman.')   # at most 50 characters
+        self.argv = ['podman', '--root', os.path.join(top, 'proot'), '--runroot', self.runroot,
+                     '--storage-driver', 'vfs', '--runtime', 'runc']
+
+    def __call__(self, *args):
+        p = subprocess.Popen(self.argv + list(args), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, (args, out, err)
+        return out.decode()
+
+    def run(self, image, *argv):
+        return self('run', '--rm', '--net', 'none', '--ulimit', 'nofile=1024:1024',
+                    '--ulimit', 'nproc=1024:1024', image, *argv)
+
+    def close(self):
+        subprocess.call(self.argv + ['rmi', '--all', '--force'], stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
+        shutil.rmtree(self.runroot, ignore_errors=True)
+
+
+@pytest.fixture
+def podman(tmp_path):
+    if shutil.which('podman') is None or shutil.which('runc') is None:
+        pytest.fail('podman or runc is missing: tests/run.sh installs them')
+    p = Podman(str(tmp_path))
+    yield p
+    p.close()
+
+
+
 def test_exports_load_in_podman_and_skopeo_and_come_back_whole(built, configured, cocker, names,
                                                                image_names, home, tmp_path,
-                                                               not_run):
+                                                               podman):
     """export --format docker|oci: skopeo copies each to a directory (checking every digest),
-    podman loads it with its config, and cocker imports it back with the same files."""
+    podman loads and runs it with its config, and cocker imports it back with the same
+    files."""
     name = image_names()
     assert cocker('-a', 'import', '--image-file', built['docker'], '-m', name + ':1').rc == 0
     assert cocker('-a', 'import', '--image-file', configured, '-m', name + ':cfg').rc == 0
-    import tempfile
-    runroot = tempfile.mkdtemp(prefix='cocker-podman.')     # podman: at most 50 characters
-    podman = ['podman', '--root', str(tmp_path / 'proot'), '--runroot', runroot,
-              '--storage-driver', 'vfs']
-    try:
-        for fmt, suffix, transport in (('docker', '.docker.tar', 'docker-archive'),
-                                       ('oci', '.oci.tar', 'oci-archive')):
-            r = cocker('-a', 'export', '-m', name + ':1', '--format', fmt, cwd=str(tmp_path))
-            assert r.rc == 0 and r.out == 'OK\n', r
-            archive = str(tmp_path / (name + '_1' + suffix))
-            digest = open(archive + '.sha256').read().split()[0]
-            assert subprocess.check_output(['sha256sum', archive]).split()[0].decode() == digest
-            subprocess.check_call(['skopeo', 'copy', '-q', '%s:%s' % (transport, archive),
-                                   'dir:%s' % (tmp_path / ('dir-' + fmt))])
-            load = subprocess.Popen(podman + ['load', '-q', '-i', archive],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            out, err = load.communicate(timeout=120)
-            assert load.returncode == 0 and b'localhost/%s:1' % name.encode() in out, (out, err)
-            back = image_names()
-            r = cocker('-a', 'import', '--image-file', archive, '-m', back + ':1')
-            assert r.rc == 0, r
-            check_app(cocker, names, back + ':1')
-        r = cocker('-a', 'export', '-m', name + ':cfg', '--format', 'oci', cwd=str(tmp_path))
+    for fmt, suffix, transport in (('docker', '.docker.tar', 'docker-archive'),
+                                   ('oci', '.oci.tar', 'oci-archive')):
+        r = cocker('-a', 'export', '-m', name + ':1', '--format', fmt, cwd=str(tmp_path))
+        assert r.rc == 0 and r.out == 'OK\n', r
+        archive = str(tmp_path / (name + '_1' + suffix))
+        digest = open(archive + '.sha256').read().split()[0]
+        assert subprocess.check_output(['sha256sum', archive]).split()[0].decode() == digest
+        subprocess.check_call(['skopeo', 'copy', '-q', '%s:%s' % (transport, archive),
+                               'dir:%s' % (tmp_path / ('dir-' + fmt))])
+        assert 'localhost/%s:1' % name in podman('load', '-q', '-i', archive)
+        assert podman.run('localhost/%s:1' % name, '/bin/sh', '-c', APP_CHECK) == APP_SEEN, \
+            'what cocker -a run prints'
+        podman('rmi', 'localhost/%s:1' % name)
+        back = image_names()
+        r = cocker('-a', 'import', '--image-file', archive, '-m', back + ':1')
         assert r.rc == 0, r
-        inspected = json.loads(subprocess.check_output(
-            ['skopeo', 'inspect', '--config', 'oci-archive:%s' % (tmp_path / (name + '_cfg.oci.tar'))]))
-        assert inspected['config']['User'] == 'web' and inspected['config']['WorkingDir'] == \
-            '/srv' and inspected['config']['Entrypoint'] == ['/bin/sh', '-c'], inspected
-        stored = open(os.path.join(home, 'images', name, 'cfg', 'layers')).read().split()
-        assert len(inspected['rootfs']['diff_ids']) == len(stored), 'one layer each'
-        run = subprocess.Popen(podman + ['run', '--rm', '--net', 'none', 'localhost/%s:1' % name,
-                                         '/bin/cat', '/etc/sym'],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        out, err = run.communicate(timeout=120)
-        if run.returncode != 0 and b'OCI permission denied' in err:
-            not_run('podman run of an exported image: this machine refuses its OCI runtime '
-                    '(%s); podman load, skopeo copy and the import back did run'
-                    % err.decode('utf-8', 'replace').strip().splitlines()[-1])
-        else:
-            assert run.returncode == 0 and out == b'hello\n', (out, err)
-    finally:
-        subprocess.call(podman + ['rmi', '--all', '--force'], stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL)
-        shutil.rmtree(runroot, ignore_errors=True)
+        check_app(cocker, names, back + ':1')
+    r = cocker('-a', 'export', '-m', name + ':cfg', '--format', 'oci', cwd=str(tmp_path))
+    assert r.rc == 0, r
+    archive = str(tmp_path / (name + '_cfg.oci.tar'))
+    inspected = json.loads(subprocess.check_output(
+        ['skopeo', 'inspect', '--config', 'oci-archive:%s' % archive]))
+    assert inspected['config']['User'] == 'web' and inspected['config']['WorkingDir'] == \
+        '/srv' and inspected['config']['Entrypoint'] == ['/bin/sh', '-c'], inspected
+    stored = open(os.path.join(home, 'images', name, 'cfg', 'layers')).read().split()
+    assert len(inspected['rootfs']['diff_ids']) == len(stored), 'one layer each'
+    podman('load', '-q', '-i', archive)
+    # the image's Entrypoint, Env, User and WorkingDir; a Cmd that ends (the image's sleeps)
+    out = podman.run('localhost/%s:cfg' % name, 'echo main $FOO $(id -u) $(id -G) $(pwd) $HOME')
+    assert out == 'main bar 1000 1000 2000 /srv /home/web\n', 'podman runs it as cocker does'
+
+
+CAP_NET_RAW = struct.pack('<IIIII', 0x02000000, 1 << 13, 0, 0, 0)  # vfs_cap_data, revision 2
+
+
+def test_an_image_built_here_exports_as_its_stack(built, cocker, names, image_names, home,
+                                                  tmp_path, podman):
+    """The manual's way of building (a container over images, then to_image) exports as the
+    stack's layers with the base's config: podman runs it, cocker imports it back as one
+    image, file capabilities and user xattrs kept."""
+    base = image_names()
+    assert cocker('-a', 'import', '--image-file', built['base'], '-m', base + ':1').rc == 0
+    c = names()
+    assert cocker('-a', 'create', '-m', base + ':1', '-c', c, '-b').rc == 0
+    r = cocker('-a', 'run', '-c', c, '--cmd', 'echo added > /etc/added; rm /data/keep/k')
+    assert r.rc == 0, r
+    assert cocker('-a', 'shutdown', '-c', c).rc == 0
+    added = os.path.join(home, 'containers', c, 'rwlayer', 'etc', 'added')
+    os.setxattr(added, 'security.capability', CAP_NET_RAW)
+    os.setxattr(added, 'user.note', b'kept \xff')
+    top = image_names()
+    r = cocker('-a', 'to_image', '--from-container', c, '--to-image', top + ':1')
+    assert r.rc == 0, r
+    assert 'built on: %s:1' % base in cocker('-s', 'image_info', '-m', top + ':1').out
+    r = cocker('-a', 'export', '-m', top + ':1', '--format', 'docker', cwd=str(tmp_path))
+    assert r.rc == 0, r
+    archive = str(tmp_path / (top + '_1.docker.tar'))
+    inspected = json.loads(subprocess.check_output(
+        ['skopeo', 'inspect', '--config', 'docker-archive:%s' % archive]))
+    assert len(inspected['rootfs']['diff_ids']) == 2, 'the base layer, then the own one'
+    podman('load', '-q', '-i', archive)
+    assert podman.run('localhost/%s:1' % top, '/bin/sh', '-c',
+                      'cat /etc/added; ls /data/keep; ls /data') == 'added\ngone\nkeep\n'
+    back = image_names()
+    assert cocker('-a', 'import', '--image-file', archive, '-m', back + ':1').rc == 0
+    c = names()
+    assert cocker('-a', 'create', '-m', back + ':1', '-c', c, '-b').rc == 0
+    r = cocker('-a', 'run', '-c', c, '--cmd', 'cat /etc/added; ls /data/keep; ls /data')
+    assert r.rc == 0 and r.out == 'added\ngone\nkeep\n', 'one image, the whole stack: %r' % r
+    assert cocker('-a', 'destroy', '-c', c, '-h').rc == 0
+    own = open(os.path.join(home, 'images', back, '1', 'layers')).read().split()[-1]
+    stored = os.path.join(home, 'layers', own.split(':')[1], 'rlayer', 'etc', 'added')
+    assert os.getxattr(stored, 'security.capability') == CAP_NET_RAW
+    assert os.getxattr(stored, 'user.note') == b'kept \xff'
+    # a base that is gone: the stack cannot be written, and nothing is
+    assert cocker('-a', 'del_image', '-m', base + ':1').rc == 0
+    r = cocker('-a', 'export', '-m', top + ':1', '--format', 'oci', cwd=str(tmp_path))
+    assert r.rc == 255 and "was built on '%s:1', which is gone" % base in r.err, r
+    assert not os.path.exists(str(tmp_path / (top + '_1.oci.tar')))
