@@ -9,7 +9,6 @@ import shutil
 import struct
 import subprocess
 import tarfile
-import uuid
 
 import pytest
 
