@@ -4361,12 +4361,25 @@ class TarSource(object):
     def open(self, name):
         import tarfile
         try:
-            f = self.tar.extractfile(self.checked(name))
+            f = self.tar.extractfile(self.followed(self.checked(name)))
         except (KeyError, tarfile.TarError) as e:
             raise CockerError("the archive has no file '%s' (%s)" % (printable(name), e))
         if f is None:
             raise CockerError("'%s' in the archive is not a file" % printable(name))
         return f
+
+    def followed(self, name):
+        """The member name names, its links followed inside the archive (legacy docker save
+        links a layer it has twice), a few at most."""
+        member = self.tar.getmember(name)
+        for _ in range(8):
+            if not (member.issym() or member.islnk()):
+                return member
+            target = member.linkname
+            if member.issym():
+                target = os.path.normpath(os.path.join(os.path.dirname(member.name), target))
+            member = self.tar.getmember(self.checked(target))
+        raise CockerError("'%s' in the archive is a loop of links" % printable(name))
 
     @staticmethod
     def checked(name):
@@ -5080,6 +5093,825 @@ def pull_image(image, repo, force):
         import_archive(download.stdout.read, size, name, version, force, digest,
                        'spull ' + filename, check=download.check)
     log('INFO', "pulled '%s' from %s" % (filename, repo[0]))
+
+
+# =============================================================================
+# Image registry: the server
+# =============================================================================
+# cocker's own image repository (manual 3.1.20-21) speaks the OCI Distribution API, so
+# skopeo, podman and docker use it as they use any registry.  In its directory:
+#   blobs/sha256/HEX                  every blob (manifests too), stored once
+#   repositories/NAME/_blobs/HEX      what each repository may serve (empty files)
+#   repositories/NAME/_manifests/HEX  its manifests (each holds the media type)
+#   repositories/NAME/_tags/TAG       its tags (each holds a digest)
+#   uploads/ID, uploads/ID.name       uploads as they grow, and their repository
+# A blob enters blobs/ by rename only once its digest matched: a crash or a kill -9 never
+# shows a partial one.  Repository names follow the spec's grammar, whose components never
+# start with '_': nothing escapes the directory or meets cocker's own entries.
+
+REGISTRY_COMPONENT = r'[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*'
+REGISTRY_NAME = r'%s(?:/%s)*' % (REGISTRY_COMPONENT, REGISTRY_COMPONENT)
+REGISTRY_TAG = r'[A-Za-z0-9_][A-Za-z0-9._-]{0,127}'
+REGISTRY_NAME_MAX = 255
+MANIFEST_MAX = 4 << 20                  #: the largest manifest taken (distribution's limit)
+UPLOAD_ID_BYTES = 16
+PBKDF2_ROUNDS = 200000
+MANIFEST_TYPES = (
+    'application/vnd.oci.image.manifest.v1+json', OCI_INDEX,
+    'application/vnd.docker.distribution.manifest.v2+json', DOCKER_LIST)
+RIGHTS = ('pull', 'push')               #: push includes pull
+
+
+class RegistryError(Exception):
+    """An answer of the API's error kind: HTTP status, error code, message."""
+
+    def __init__(self, status, code, message, headers=()):
+        Exception.__init__(self, message)
+        self.status, self.code, self.headers = status, code, list(headers)
+
+
+class RegistryStore(object):
+    """The registry's directory: blobs, repositories, uploads (see above)."""
+
+    def __init__(self, root):
+        self.root = os.path.abspath(root)
+        for sub in ('blobs/sha256', 'repositories', 'uploads'):
+            os.makedirs(os.path.join(self.root, sub), 0o755, exist_ok=True)
+        self.hashes = {}                # upload id -> (running sha256, bytes it has seen)
+
+    # ---- paths, every component checked before it is used
+    def blob_path(self, digest):
+        return os.path.join(self.root, 'blobs', 'sha256', digest_hex(digest))
+
+    def repo_path(self, name, *parts):
+        return os.path.join(self.root, 'repositories', name, *parts)
+
+    def upload_path(self, upload):
+        if len(upload) != 2 * UPLOAD_ID_BYTES or not all(c in '0123456789abcdef' for c in upload):
+            raise RegistryError(404, 'BLOB_UPLOAD_UNKNOWN', 'blob upload unknown')
+        return os.path.join(self.root, 'uploads', upload)
+
+    # ---- blobs
+    def has_blob(self, name, digest):
+        return os.path.exists(self.repo_path(name, '_blobs', digest_hex(digest))) and \
+            os.path.exists(self.blob_path(digest))
+
+    def link_blob(self, name, digest):
+        path = self.repo_path(name, '_blobs', digest_hex(digest))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if not os.path.exists(path):
+            write_small(path, '')
+
+    def open_blob(self, name, digest):
+        if not self.has_blob(name, digest):
+            raise RegistryError(404, 'BLOB_UNKNOWN', 'blob unknown to registry')
+        return open(self.blob_path(digest), 'rb')
+
+    def delete_blob(self, name, digest):
+        if not self.has_blob(name, digest):
+            raise RegistryError(404, 'BLOB_UNKNOWN', 'blob unknown to registry')
+        os.unlink(self.repo_path(name, '_blobs', digest_hex(digest)))
+
+    def store_bytes(self, data):
+        """A small blob (a manifest) into blobs/ -> its digest."""
+        import hashlib
+        digest = 'sha256:' + hashlib.sha256(data).hexdigest()
+        path = self.blob_path(digest)
+        if not os.path.exists(path):
+            tmp = os.path.join(self.root, 'uploads', '.%s.tmp' % os.urandom(8).hex())
+            with open(tmp, 'wb') as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, path)
+        return digest
+
+    # ---- uploads
+    def start_upload(self, name):
+        upload = os.urandom(UPLOAD_ID_BYTES).hex()
+        write_small(self.upload_path(upload) + '.name', name)
+        os.close(os.open(self.upload_path(upload), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        return upload
+
+    def upload_size(self, name, upload):
+        path = self.upload_path(upload)
+        if read_small(path + '.name') != name or not os.path.exists(path):
+            raise RegistryError(404, 'BLOB_UPLOAD_UNKNOWN', 'blob upload unknown')
+        return os.path.getsize(path)
+
+    def append(self, name, upload, chunks, start=None):
+        """Append what chunks yields; start, if given, must be where the upload stands."""
+        size = self.upload_size(name, upload)
+        if start is not None and start != size:
+            raise RegistryError(416, 'BLOB_UPLOAD_INVALID', 'the chunk starts at %d, the '
+                                'upload is at %d' % (start, size),
+                                [('Range', '0-%d' % max(size - 1, 0))])
+        digest = self.running_hash(upload, size)
+        try:
+            with open(self.upload_path(upload), 'ab') as f:
+                for chunk in chunks:
+                    digest.update(chunk)
+                    f.write(chunk)
+                    size += len(chunk)
+        except OSError as e:
+            self.cancel(name, upload)   # a full disk: this upload goes, the others go on
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise RegistryError(507, 'BLOB_UPLOAD_INVALID',
+                                    'no space left in the registry storage')
+            raise
+        self.hashes[upload] = (digest, size)
+        return size
+
+    def running_hash(self, upload, size):
+        """The sha256 of the upload so far: kept from its last chunk, or (after a restart
+        of the server) computed from what is on disk."""
+        import hashlib
+        digest, seen = self.hashes.pop(upload, (None, -1))
+        if seen != size:
+            digest = hashlib.sha256()
+            with open(self.upload_path(upload), 'rb') as f:
+                for block in iter(lambda: f.read(CHUNK), b''):
+                    digest.update(block)
+        return digest
+
+    def finish(self, name, upload, digest):
+        """The upload becomes the blob digest, if that is what it holds."""
+        digest_hex(digest)
+        path = self.upload_path(upload)
+        running = self.running_hash(upload, self.upload_size(name, upload))
+        if 'sha256:' + running.hexdigest() != digest:
+            self.cancel(name, upload)
+            raise RegistryError(400, 'DIGEST_INVALID', 'the upload does not match %s' % digest)
+        with open(path, 'rb+') as f:
+            os.fsync(f.fileno())
+        os.rename(path, self.blob_path(digest))     # the same blob twice: one copy stays
+        remove_file(path + '.name')
+        self.link_blob(name, digest)
+
+    def cancel(self, name, upload):
+        self.hashes.pop(upload, None)
+        remove_file(self.upload_path(upload))
+        remove_file(self.upload_path(upload) + '.name')
+
+    # ---- manifests and tags
+    def manifest_digest(self, name, reference):
+        if reference.startswith('sha256:'):
+            digest = reference
+        else:
+            digest = read_small(self.repo_path(name, '_tags', reference))
+        if not digest or not os.path.exists(self.repo_path(name, '_manifests',
+                                                          digest_hex(digest))):
+            raise RegistryError(404, 'MANIFEST_UNKNOWN', 'manifest unknown')
+        return digest
+
+    def read_manifest(self, name, reference):
+        digest = self.manifest_digest(name, reference)
+        media_type = read_small(self.repo_path(name, '_manifests', digest_hex(digest)))
+        with open(self.blob_path(digest), 'rb') as f:
+            return digest, media_type, f.read()
+
+    def put_manifest(self, name, reference, media_type, data):
+        import hashlib
+        digest = 'sha256:' + hashlib.sha256(data).hexdigest()
+        if reference.startswith('sha256:') and reference != digest:
+            raise RegistryError(400, 'DIGEST_INVALID', 'the manifest is not %s' % reference)
+        media_type = self.check_manifest(name, media_type, data)
+        self.store_bytes(data)
+        path = self.repo_path(name, '_manifests', digest_hex(digest))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_small(path, media_type)
+        self.link_blob(name, digest)
+        if not reference.startswith('sha256:'):
+            os.makedirs(self.repo_path(name, '_tags'), exist_ok=True)
+            write_small(self.repo_path(name, '_tags', reference), digest)
+        return digest
+
+    def check_manifest(self, name, media_type, data):
+        """A manifest's media type; refused unless everything it names is here."""
+        import json
+        try:
+            document = json.loads(data.decode('utf-8'))
+        except ValueError:
+            document = None
+        if not isinstance(document, dict):
+            raise RegistryError(400, 'MANIFEST_INVALID', 'the manifest is not a JSON object')
+        media_type = document.get('mediaType') or media_type
+        if media_type not in MANIFEST_TYPES:
+            raise RegistryError(400, 'MANIFEST_INVALID', 'unsupported manifest media type %s'
+                                % printable(str(media_type)[:100]))
+        try:
+            if 'manifests' in document or media_type in (OCI_INDEX, DOCKER_LIST):
+                for child in document.get('manifests') or []:
+                    self.manifest_digest(name, str(child['digest']))
+            else:
+                for blob in [document['config']] + list(document.get('layers') or []):
+                    if not self.has_blob(name, str(blob['digest'])):
+                        raise RegistryError(400, 'MANIFEST_BLOB_UNKNOWN',
+                                            'blob %s is unknown to the repository'
+                                            % printable(str(blob['digest'])[:80]))
+        except (KeyError, TypeError, CockerError):
+            raise RegistryError(400, 'MANIFEST_INVALID', 'the manifest is malformed')
+        return media_type
+
+    def delete_manifest(self, name, reference):
+        digest = self.manifest_digest(name, reference)
+        tags = self.tags(name)
+        if reference.startswith('sha256:'):
+            os.unlink(self.repo_path(name, '_manifests', digest_hex(digest)))
+            for tag in tags:            # the tags of a deleted manifest go with it
+                if read_small(self.repo_path(name, '_tags', tag)) == digest:
+                    remove_file(self.repo_path(name, '_tags', tag))
+        else:
+            os.unlink(self.repo_path(name, '_tags', reference))
+
+    def tags(self, name):
+        try:
+            return sorted(os.listdir(self.repo_path(name, '_tags')))
+        except FileNotFoundError:
+            return []
+
+    def repositories(self):
+        """Every repository name (a directory with cocker's entries in it), sorted."""
+        found = []
+        top = os.path.join(self.root, 'repositories')
+        for dirpath, dirnames, filenames in os.walk(top):
+            if '_manifests' in dirnames or '_blobs' in dirnames:
+                found.append(os.path.relpath(dirpath, top))
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith('_'))
+        return sorted(found)
+
+    def collect_garbage(self, grace):
+        """Remove the blobs no repository lists and the uploads older than grace
+        seconds -> (blobs removed, bytes freed)."""
+        import json
+        kept = set()
+        for name in self.repositories():
+            for entry in os.listdir(self.repo_path(name, '_manifests')) if os.path.isdir(
+                    self.repo_path(name, '_manifests')) else []:
+                kept.add(entry)
+                try:
+                    with open(self.blob_path('sha256:' + entry), 'rb') as f:
+                        document = json.loads(f.read(MANIFEST_MAX).decode('utf-8'))
+                    for blob in [document.get('config') or {}] + list(
+                            document.get('layers') or []):
+                        kept.add(digest_hex(str(blob.get('digest'))))
+                except (OSError, ValueError, AttributeError, CockerError):
+                    continue
+        removed = freed = 0
+        now = time.time()
+        blobs = os.path.join(self.root, 'blobs', 'sha256')
+        for entry in os.listdir(blobs):
+            path = os.path.join(blobs, entry)
+            if entry not in kept and now - os.lstat(path).st_mtime > grace:
+                freed += os.lstat(path).st_size
+                os.unlink(path)
+                removed += 1
+        for name in self.repositories():
+            links = self.repo_path(name, '_blobs')
+            for entry in os.listdir(links) if os.path.isdir(links) else []:
+                if not os.path.exists(os.path.join(blobs, entry)):
+                    os.unlink(os.path.join(links, entry))
+        uploads = os.path.join(self.root, 'uploads')
+        for entry in os.listdir(uploads):
+            if now - os.lstat(os.path.join(uploads, entry)).st_mtime > grace:
+                remove_file(os.path.join(uploads, entry))
+        return removed, freed
+
+
+# ---- users: Basic authentication against salted PBKDF2 hashes -------------------------
+
+def password_hash(password, salt=None, rounds=PBKDF2_ROUNDS):
+    import base64
+    import hashlib
+    salt = salt or os.urandom(16)
+    key = hashlib.pbkdf2_hmac('sha256', password.encode('utf-8'), salt, rounds)
+    return 'pbkdf2_sha256$%d$%s$%s' % (rounds, base64.b64encode(salt).decode(),
+                                       base64.b64encode(key).decode())
+
+
+def password_matches(password, stored):
+    import base64
+    import hmac
+    try:
+        kind, rounds, salt, _ = stored.split('$')
+        if kind != 'pbkdf2_sha256':
+            return False
+        again = password_hash(password, base64.b64decode(salt), int(rounds))
+    except ValueError:
+        return False
+    return hmac.compare_digest(again, stored)
+
+
+def read_users(path):
+    """{user: (rights, hash)} of an auth file ('user:rights:hash' lines)."""
+    users = {}
+    text = read_small(path, '')
+    for line in text.splitlines():
+        if line.strip() and not line.startswith('#'):
+            user, _, rest = line.partition(':')
+            rights, _, stored = rest.partition(':')
+            if rights in RIGHTS and stored:
+                users[user] = (rights, stored)
+    return users
+
+
+def write_users(path, users):
+    write_small(path, ''.join('%s:%s:%s\n' % (u, r, h) for u, (r, h) in sorted(users.items())))
+    os.chmod(path, 0o600)
+
+
+def check_user_name(user):
+    if not user or len(user) > 64 or any(c not in NAME_CHARS[:62] + '._-@' for c in user) \
+            or user.startswith('-'):
+        raise usage_error("'--user' value[%s] invalid (letters, digits, . _ - @)"
+                          % printable(user or ''))
+    return user
+
+
+def read_password(prompt):
+    """A password from the terminal (not echoed), else the first line of stdin."""
+    if sys.stdin.isatty():
+        import getpass
+        return getpass.getpass(prompt)
+    line = sys.stdin.readline()
+    if not line.strip('\r\n'):
+        raise CockerError('no password on stdin')
+    return line.rstrip('\r\n')
+
+
+class Authenticator(object):
+    """Who may pull and push: the users of the auth file (reread when it changes), each
+    password checked once per process (PBKDF2 is slow on purpose)."""
+
+    def __init__(self, path, anonymous_pull):
+        self.path, self.anonymous_pull = path, anonymous_pull
+        self.users, self.stamp, self.known = {}, None, {}
+
+    def rights(self, header):
+        """(user, rights) an Authorization header gives: rights None, 'pull' or 'push'."""
+        import base64
+        import hashlib
+        self.reload()
+        if header and header.startswith('Basic '):
+            try:
+                user, _, password = base64.b64decode(header[6:]).decode('utf-8').partition(':')
+            except (ValueError, UnicodeDecodeError):
+                return None, None
+            entry = self.users.get(user)
+            if entry is None:
+                return user, None
+            key = hashlib.sha256(('%s\0%s\0%s' % (user, password, entry[1])).encode(
+                'utf-8', 'surrogateescape')).digest()
+            if key not in self.known:
+                if not password_matches(password, entry[1]):
+                    return user, None
+                self.known[key] = True
+            return user, entry[0]
+        return None, 'pull' if self.anonymous_pull else None
+
+    def reload(self):
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except FileNotFoundError:
+            stamp = None
+        if stamp != self.stamp:
+            self.users, self.stamp, self.known = read_users(self.path), stamp, {}
+
+
+# ---- the HTTP side -------------------------------------------------------------------
+
+def registry_routes():
+    """(method names, compiled path pattern, handler method name), tried in order."""
+    import re
+    name = '(?P<name>%s)' % REGISTRY_NAME
+    return [(re.compile(pattern), handler) for pattern, handler in (
+        (r'/v2/?', 'api_base'),
+        (r'/v2/_catalog', 'api_catalog'),
+        (r'/v2/%s/tags/list' % name, 'api_tags'),
+        (r'/v2/%s/manifests/(?P<ref>sha256:[0-9a-f]{64}|%s)' % (name, REGISTRY_TAG),
+         'api_manifest'),
+        (r'/v2/%s/blobs/uploads/?' % name, 'api_upload_start'),
+        (r'/v2/%s/blobs/uploads/(?P<upload>[0-9a-f]+)' % name, 'api_upload'),
+        (r'/v2/%s/blobs/(?P<digest>sha256:[0-9a-f]{64})' % name, 'api_blob'))]
+
+
+def registry_handler(store, auth, read_only, log_line):
+    """The request handler class of a registry serving store."""
+    import http.server
+    import json
+    import socket
+    import urllib.parse
+    routes = registry_routes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = 'HTTP/1.1'
+        server_version = 'cocker-registry/' + VERSION
+        timeout = 120                   # a silent client never holds a thread for long
+
+        def do_GET(self):
+            self.serve('GET')
+
+        def do_HEAD(self):
+            self.serve('HEAD')
+
+        def do_PUT(self):
+            self.serve('PUT')
+
+        def do_POST(self):
+            self.serve('POST')
+
+        def do_PATCH(self):
+            self.serve('PATCH')
+
+        def do_DELETE(self):
+            self.serve('DELETE')
+
+        def serve(self, method):
+            self.started, self.sent, self.user, self.consumed = time.time(), 0, '-', False
+            url = urllib.parse.urlsplit(self.path)
+            self.query = dict(urllib.parse.parse_qsl(url.query))
+            try:
+                self.check_rights(method, url.path)
+                for pattern, handler in routes:
+                    match = pattern.fullmatch(url.path)
+                    if match and len(match.groupdict().get('name') or '') <= REGISTRY_NAME_MAX:
+                        getattr(self, handler)(method, **match.groupdict())
+                        break
+                else:
+                    raise RegistryError(404, 'NAME_INVALID' if url.path.startswith('/v2/')
+                                        else 'UNSUPPORTED', 'no such endpoint or invalid '
+                                        'repository name')
+            except RegistryError as e:
+                self.fail(e)
+            except CockerError as e:
+                self.fail(RegistryError(400, 'DIGEST_INVALID', str(e)))
+            except (ConnectionError, socket.timeout) as e:
+                self.close_connection = True    # the client went away or fell silent
+                self.status = 'aborted (%s)' % printable(str(e)[:100])
+            except (OSError, ValueError) as e:  # the storage failed, a malformed chunk size
+                self.close_connection = True
+                self.fail(RegistryError(500, 'UNKNOWN', 'the registry failed: %s' % printable(
+                    getattr(e, 'strerror', None) or str(e))))
+            self.log_request_line(method)
+
+        # ---- authentication
+        def check_rights(self, method, path):
+            if auth is None:
+                return
+            wanted = 'pull' if method in ('GET', 'HEAD') else 'push'
+            user, rights = auth.rights(self.headers.get('Authorization'))
+            self.user = printable(user or '-')
+            if rights is None or (wanted == 'push' and rights != 'push'):
+                raise RegistryError(401 if rights is None else 403,
+                                    'UNAUTHORIZED' if rights is None else 'DENIED',
+                                    'authentication required' if rights is None else
+                                    'requested access to the resource is denied',
+                                    [('WWW-Authenticate', 'Basic realm="cocker"')])
+
+        def require_push(self):
+            if read_only:
+                raise RegistryError(405, 'UNSUPPORTED', 'the registry is read-only')
+
+        # ---- endpoints
+        def api_base(self, method):
+            self.answer(200, b'{}', 'application/json', method=method)
+
+        def api_catalog(self, method):
+            self.answer_list(method, 'repositories', store.repositories(), '/v2/_catalog')
+
+        def api_tags(self, method, name):
+            if not os.path.isdir(store.repo_path(name)):
+                raise RegistryError(404, 'NAME_UNKNOWN', 'repository name not known to registry')
+            self.answer_list(method, 'tags', store.tags(name), '/v2/%s/tags/list' % name,
+                             {'name': name})
+
+        def api_manifest(self, method, name, ref):
+            if method in ('GET', 'HEAD'):
+                digest, media_type, data = store.read_manifest(name, ref)
+                self.answer(200, data, media_type, [('Docker-Content-Digest', digest)],
+                            method)
+            elif method == 'PUT':
+                self.require_push()
+                data = self.body(MANIFEST_MAX)
+                digest = store.put_manifest(name, ref, self.headers.get('Content-Type'), data)
+                self.answer(201, b'', headers=[
+                    ('Location', '/v2/%s/manifests/%s' % (name, digest)),
+                    ('Docker-Content-Digest', digest)])
+            elif method == 'DELETE':
+                self.require_push()
+                store.delete_manifest(name, ref)
+                self.answer(202, b'')
+            else:
+                self.unsupported()
+
+        def api_blob(self, method, name, digest):
+            if method == 'DELETE':
+                self.require_push()
+                store.delete_blob(name, digest)
+                self.answer(202, b'')
+            elif method in ('GET', 'HEAD'):
+                with store.open_blob(name, digest) as f:
+                    self.send_blob(method, f, digest)
+            else:
+                self.unsupported()
+
+        def api_upload_start(self, method, name):
+            if method != 'POST':
+                return self.unsupported()
+            self.require_push()
+            mount, source = self.query.get('mount'), self.query.get('from')
+            if mount and source and self.mountable(source, mount):
+                store.link_blob(name, mount)
+                self.drain_body()
+                return self.blob_created(name, mount)
+            upload = store.start_upload(name)
+            if 'digest' in self.query:           # monolithic: the blob is the body
+                store.append(name, upload, self.body_chunks())
+                store.finish(name, upload, self.query['digest'])
+                return self.blob_created(name, self.query['digest'])
+            self.drain_body()
+            self.upload_status(202, name, upload, 0)
+
+        def mountable(self, source, digest):
+            import re
+            return re.fullmatch(REGISTRY_NAME, source) is not None and \
+                store.has_blob(source, digest)
+
+        def api_upload(self, method, name, upload):
+            if method == 'GET':
+                return self.upload_status(204, name, upload, store.upload_size(name, upload))
+            self.require_push()
+            if method == 'DELETE':
+                store.upload_size(name, upload)
+                store.cancel(name, upload)
+                return self.answer(204, b'')
+            if method == 'PATCH':
+                start = self.content_range_start()
+                size = store.append(name, upload, self.body_chunks(), start)
+                return self.upload_status(202, name, upload, size)
+            if method == 'PUT':
+                if 'digest' not in self.query:
+                    raise RegistryError(400, 'DIGEST_INVALID', 'the final PUT needs ?digest=')
+                store.append(name, upload, self.body_chunks())
+                store.finish(name, upload, self.query['digest'])
+                return self.blob_created(name, self.query['digest'])
+            self.unsupported()
+
+        # ---- answers
+        def blob_created(self, name, digest):
+            self.answer(201, b'', headers=[('Location', '/v2/%s/blobs/%s' % (name, digest)),
+                                           ('Docker-Content-Digest', digest)])
+
+        def upload_status(self, status, name, upload, size):
+            self.answer(status, b'', headers=[
+                ('Location', '/v2/%s/blobs/uploads/%s' % (name, upload)),
+                ('Range', '0-%d' % max(size - 1, 0)), ('Docker-Upload-UUID', upload),
+                ('OCI-Chunk-Min-Length', '0')])
+
+        def answer_list(self, method, key, items, path, extra=None):
+            """A paginated list (?n=&last=), with a Link header to the next page."""
+            last, count = self.query.get('last'), self.query.get('n')
+            if last:
+                items = [i for i in items if i > last]
+            headers = []
+            if count is not None:
+                if not is_decimal(count):
+                    raise RegistryError(400, 'PAGINATION_NUMBER_INVALID', 'invalid number')
+                if len(items) > int(count):
+                    items = items[:int(count)]
+                    headers.append(('Link', '<%s?n=%s&last=%s>; rel="next"' % (
+                        path, count, urllib.parse.quote(items[-1] if items else ''))))
+            document = dict(extra or {})
+            document[key] = items
+            self.answer(200, json.dumps(document).encode(), 'application/json', headers, method)
+
+        def send_blob(self, method, f, digest):
+            size = os.fstat(f.fileno()).st_size
+            start, end = self.requested_range(size)
+            headers = [('Docker-Content-Digest', digest), ('Accept-Ranges', 'bytes')]
+            partial = size and (start, end) != (0, size - 1)
+            if partial:
+                headers.append(('Content-Range', 'bytes %d-%d/%d' % (start, end, size)))
+            self.send_head(206 if partial else 200, 'application/octet-stream',
+                           end - start + 1 if size else 0, headers)
+            if method == 'GET' and size:
+                self.wfile.flush()
+                self.sent = self.connection.sendfile(f, start, end - start + 1)
+
+        def requested_range(self, size):
+            text = self.headers.get('Range')
+            if not text or not size:
+                return 0, size - 1
+            first, _, last = text.replace('bytes=', '', 1).partition('-')
+            if not is_decimal(first) or (last and not is_decimal(last)) or \
+                    int(first) >= size:
+                raise RegistryError(416, 'BLOB_UNKNOWN', 'range not satisfiable',
+                                    [('Content-Range', 'bytes */%d' % size)])
+            return int(first), min(int(last), size - 1) if last else size - 1
+
+        def answer(self, status, data, media_type=None, headers=(), method=None):
+            self.send_head(status, media_type, len(data), headers)
+            if method != 'HEAD' and data:
+                self.wfile.write(data)
+                self.sent = len(data)
+
+        def send_head(self, status, media_type, length, headers):
+            self.send_response_only(status)
+            self.send_header('Docker-Distribution-API-Version', 'registry/2.0')
+            if media_type:
+                self.send_header('Content-Type', media_type)
+            self.send_header('Content-Length', str(length))
+            for key, value in headers:
+                self.send_header(key, value)
+            self.end_headers()
+            self.status = status
+
+        def fail(self, error):
+            body = json.dumps({'errors': [{'code': error.code, 'message': str(error),
+                                           'detail': None}]}).encode()
+            if self.has_body and not self.consumed:
+                self.close_connection = True    # its body unread: no next request on it
+            self.answer(error.status, body, 'application/json', error.headers, 'GET')
+
+        def unsupported(self):
+            raise RegistryError(405, 'UNSUPPORTED', 'the operation is unsupported')
+
+        # ---- request bodies: Content-Length or chunked
+        @property
+        def has_body(self):
+            return 'chunked' in self.headers.get('Transfer-Encoding', '').lower() or \
+                int(self.headers.get('Content-Length') or 0) > 0
+
+        def body_chunks(self):
+            self.consumed = True        # (a body read half-way is never read again)
+            if 'chunked' in self.headers.get('Transfer-Encoding', '').lower():
+                while True:
+                    line = self.rfile.readline(1024)
+                    size = int(line.split(b';')[0].strip() or b'0', 16)
+                    if size == 0:
+                        while self.rfile.readline(1024) not in (b'\r\n', b'\n', b''):
+                            pass
+                        return
+                    while size:
+                        data = self.rfile.read(min(size, CHUNK))
+                        if not data:
+                            raise ConnectionResetError('the client went away')
+                        size -= len(data)
+                        yield data
+                    self.rfile.readline(1024)
+            left = int(self.headers.get('Content-Length') or 0)
+            while left > 0:
+                data = self.rfile.read(min(left, CHUNK))
+                if not data:
+                    raise ConnectionResetError('the client went away')
+                left -= len(data)
+                yield data
+
+        def body(self, limit):
+            data = b''
+            for chunk in self.body_chunks():
+                data += chunk
+                if len(data) > limit:
+                    self.close_connection = True
+                    raise RegistryError(413, 'SIZE_INVALID', 'the manifest is too large')
+            return data
+
+        def drain_body(self):
+            for _ in self.body_chunks():
+                pass
+
+        def content_range_start(self):
+            text = self.headers.get('Content-Range')
+            if not text:
+                return None
+            first = text.replace('bytes', '').strip(' =').partition('-')[0]
+            if not is_decimal(first):
+                raise RegistryError(416, 'BLOB_UPLOAD_INVALID', 'invalid Content-Range')
+            return int(first)
+
+        # ---- logging: one line a request, control characters escaped
+        def log_request_line(self, method):
+            log_line('%s %s "%s %s" %s %d %.3fs' % (
+                self.client_address[0], self.user, method, printable(self.path[:300]),
+                getattr(self, 'status', '-'), self.sent, time.time() - self.started))
+
+        def log_message(self, format, *args):
+            pass                        # (http.server's own lines: ours say it all)
+
+    return Handler
+
+
+def parse_listen(text):
+    """'ADDR:PORT' or '[V6]:PORT' -> (address, port)."""
+    host, _, port = text.rpartition(':')
+    host = host[1:-1] if host.startswith('[') and host.endswith(']') else host
+    if not host or not is_decimal(port) or not 0 < int(port) < 65536:
+        raise usage_error("'--listen' value[%s] invalid (ADDR:PORT)" % printable(text))
+    return host, int(port)
+
+
+def registry_dir(options):
+    return os.path.abspath(options.repo_dir or os.path.join(HOME, 'repo'))
+
+
+def auth_file(options):
+    return os.path.abspath(options.auth_file or os.path.join(registry_dir(options), 'users'))
+
+
+def serve_registry(options):
+    """Serve the registry in the foreground until SIGTERM or SIGINT."""
+    import http.server
+    import signal
+    import socket
+    import socketserver
+    import threading
+    host, port = parse_listen(options.listen)
+    if not options.tls_cert and not options.insecure:
+        raise usage_error('a registry serves TLS: give --tls-cert and --tls-key, or '
+                          '--insecure for plain HTTP')
+    store = RegistryStore(registry_dir(options))
+    auth = None
+    if options.auth_file or os.path.exists(auth_file(options)):
+        auth = Authenticator(auth_file(options), options.anonymous_pull)
+        if not read_users(auth_file(options)):
+            warn('%s has no users: only anonymous pulls are served' % auth_file(options))
+    context = tls_server_context(options) if options.tls_cert else None
+    log_line = registry_logger(os.path.join(store.root, 'access.log'))
+    handler = registry_handler(store, auth, options.read_only, log_line)
+
+    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+        request_queue_size = 128
+        address_family = socket.AF_INET6 if ':' in host else socket.AF_INET
+
+        def server_bind(self):          # (without HTTPServer's reverse lookup of the name)
+            socketserver.TCPServer.server_bind(self)
+            self.server_name, self.server_port = host, self.server_address[1]
+
+        def finish_request(self, request, client_address):
+            if context is not None:     # the handshake in the request's own thread
+                request.settimeout(30)
+                try:
+                    request = context.wrap_socket(request, server_side=True)
+                except (OSError, ValueError) as e:
+                    log_line('%s TLS handshake failed: %s' % (client_address[0], printable(
+                        str(e)[:200])))
+                    request.close()
+                    return
+            handler(request, client_address, self)
+
+        def handle_error(self, request, client_address):
+            log_line('%s connection failed: %s' % (client_address[0], printable(
+                str(sys.exc_info()[1])[:200])))
+    try:
+        server = Server((host, port), handler)
+    except OSError as e:
+        raise CockerError('cannot listen on %s: %s' % (options.listen, e.strerror))
+
+    def stop(signum, frame):
+        threading.Thread(target=server.shutdown).start()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+    log_line('serving %s on %s://%s (%s)' % (store.root, 'https' if context else 'http',
+                                              options.listen, 'users of %s' % auth.path
+                                              if auth else 'no authentication'))
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        server.server_close()
+    log_line('stopped')
+
+
+def tls_server_context(options):
+    import ssl
+    if not options.tls_key:
+        raise usage_error("expect '--tls-key' with '--tls-cert'")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
+    try:
+        context.load_cert_chain(options.tls_cert, options.tls_key)
+    except (OSError, ssl.SSLError) as e:
+        raise CockerError('cannot load the TLS certificate %s and key %s: %s' % (
+            options.tls_cert, options.tls_key, getattr(e, 'strerror', None) or e))
+    return context
+
+
+def registry_logger(path):
+    """log_line(text): one time-stamped line to the access log and to stderr."""
+    import threading
+    lock = threading.Lock()
+    f = open(path, 'a', encoding='utf-8', errors='replace')
+
+    def log_line(text):
+        line = '%s %s\n' % (time.strftime('%Y-%m-%dT%H:%M:%S%z'), text)
+        with lock:
+            f.write(line)
+            f.flush()
+            sys.stderr.write(line)
+            sys.stderr.flush()
+    return log_line
 
 
 # =============================================================================
@@ -5982,6 +6814,47 @@ def action_import(options):
     return ok()
 
 
+def action_repo_server(options):
+    """Serve cocker's own image repository (the OCI Distribution API) in the foreground."""
+    serve_registry(options)
+    return EXIT_OK
+
+
+def action_repo_user_add(options):
+    """Add a user of the repository, or change one's password and rights."""
+    user = check_user_name(options.user)
+    rights = options.rights or 'pull'
+    if rights not in RIGHTS:
+        raise usage_error("'--rights' value[%s] invalid (pull|push)" % printable(rights))
+    path = auth_file(options)
+    os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+    password = read_password('password for %s: ' % user)
+    with locked('registry', 'users'):
+        users = read_users(path)
+        users[user] = (rights, password_hash(password))
+        write_users(path, users)
+    return ok()
+
+
+def action_repo_user_del(options):
+    """Remove a user of the repository."""
+    user = check_user_name(options.user)
+    path = auth_file(options)
+    with locked('registry', 'users'):
+        users = read_users(path)
+        if users.pop(user, None) is None:
+            raise CockerError("user '%s' not found in %s" % (user, path))
+        write_users(path, users)
+    return ok()
+
+
+def action_repo_gc(options):
+    """Remove the repository's blobs that no manifest needs (and uploads of an hour ago)."""
+    removed, freed = RegistryStore(registry_dir(options)).collect_garbage(3600)
+    say('removed %d blobs, %s' % (removed, size_text(freed)))
+    return EXIT_OK
+
+
 def action_spush(options):
     """Upload an image archive (and its sha256) to the repository."""
     push_image(require_image(options.image), repository(options.srepo), options.force)
@@ -6033,6 +6906,10 @@ ACTIONS = {
     'to_container': action_to_container,
     'export': action_export,
     'import': action_import,
+    'repo_server': action_repo_server,
+    'repo_user_add': action_repo_user_add,
+    'repo_user_del': action_repo_user_del,
+    'repo_gc': action_repo_gc,
     'spush': action_spush,
     'spull': action_spull,
     'rplfile': action_rplfile,
@@ -6156,6 +7033,15 @@ def layer_users():
     return counts
 
 
+def show_repo_users(options):
+    """The users of the repository and their rights."""
+    say('%-32s %s' % ('user', 'rights'))
+    say('-' * 40)
+    for user, (rights, _) in sorted(read_users(auth_file(options)).items()):
+        say('%-32s %s' % (printable(user), rights))
+    return EXIT_OK
+
+
 def show_container_root(options):
     """Print the host path of a container's root directory."""
     name = require_container(options.container)
@@ -6178,6 +7064,7 @@ SHOWS = {
     'image_info': show_image_info,
     'container_limits': show_container_limits,
     'ssearch': show_ssearch,
+    'repo_users': show_repo_users,
 }
 
 
@@ -6216,6 +7103,11 @@ USAGE = """USAGE : cocker -v
                -s ssearch [ --srepo (user@host[:port]) ] [ --match (text) ]
                -a spush (-m|--image) (image[:version]) [ --srepo (user@host[:port]) ] [ (-f|--forcely) ]
                -a spull (-m|--image) (image[:version]) [ --srepo (user@host[:port]) ] [ (-f|--forcely) ]
+               -a repo_server --listen (addr:port) [ --repo-dir (dir) ] [ --tls-cert (file) --tls-key (file) | --insecure ] [ --auth-file (file) ] [ --anonymous-pull ] [ --read-only ]
+               -a repo_user_add --user (user) [ --rights (pull|push) ] [ --repo-dir (dir) | --auth-file (file) ]  (password from the terminal or stdin)
+               -a repo_user_del --user (user) [ --repo-dir (dir) | --auth-file (file) ]
+               -s repo_users [ --repo-dir (dir) | --auth-file (file) ]
+               -a repo_gc [ --repo-dir (dir) ]
                -a install_test [ --version (version) ] [ (-f|--forcely) ]
                -a del_bridge
 create options : [ --volume (host_path:container_path[:ro]) ][ --volume ... ] [ --host (hostname) ] [ --net (BRIDGE|HOST|CUSTOM) ] [ --host-eth (eth) ] [ --vip (ip) ] [ --port-mapping ([host_ip:]src_port:dst_port[/udp])[,...] ] [ security options ] [ run options ]
@@ -6248,6 +7140,11 @@ OPTIONS = {
     '--image-file': ('image_file', True), '--platform': ('platform', True),
     '--format': ('format', True),
     '--srepo': ('srepo', True), '--match': ('match', True),
+    '--listen': ('listen', True), '--repo-dir': ('repo_dir', True),
+    '--tls-cert': ('tls_cert', True), '--tls-key': ('tls_key', True),
+    '--auth-file': ('auth_file', True), '--insecure': ('insecure', False),
+    '--read-only': ('read_only', False), '--anonymous-pull': ('anonymous_pull', False),
+    '--rights': ('rights', True),
     '--template-file': ('template_file', True), '--mapping-file': ('mapping_file', True),
     '--instance-file': ('instance_file', True),
     '--src-file': ('src_file', True), '--dst-file': ('dst_file', True),
@@ -6275,6 +7172,9 @@ REQUIRED = {
     'to_container': [('from_image', '--from-image'), ('to_container', '--to-container')],
     'export': [('image', '--image')],
     'import': [('image_file', '--image-file')],
+    'repo_server': [('listen', '--listen')],
+    'repo_user_add': [('user', '--user')],
+    'repo_user_del': [('user', '--user')],
     'spush': [('image', '--image')],
     'spull': [('image', '--image')],
     'rplfile': [('container', '--container'), ('template_file', '--template-file'),

@@ -216,8 +216,10 @@ def layer_tar(members):
     return raw.getvalue()
 
 
-def docker_archive(path, layers, diff_ids=None, config_name='cfg.json', layer_names=None):
-    """A docker save archive of plain layer blobs, as a hostile party would write it."""
+def docker_archive(path, layers, diff_ids=None, config_name='cfg.json', layer_names=None,
+                   links=()):
+    """A docker save archive of plain layer blobs, as a hostile party would write it;
+    links: (name, target) symlinks that stand for layers."""
     import hashlib
     layer_names = layer_names or ['l%d/layer.tar' % i for i in range(len(layers))]
     config = {'architecture': 'amd64', 'os': 'linux', 'rootfs': {'type': 'layers', 'diff_ids': (
@@ -226,13 +228,17 @@ def docker_archive(path, layers, diff_ids=None, config_name='cfg.json', layer_na
                                             'Layers': layer_names}]).encode(),
              config_name: json.dumps(config).encode()}
     for name, data in zip(layer_names, layers):
-        if '..' not in name:
+        if '..' not in name and name not in dict(links):
             files[name] = data
     with tarfile.open(path, 'w') as t:
         for name, data in sorted(files.items()):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             t.addfile(info, io.BytesIO(data))
+        for name, target in links:
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            t.addfile(info)
     return path
 
 
@@ -276,6 +282,13 @@ def test_hostile_archives_are_refused_and_nothing_is_kept(built, cocker, image_n
         ('a whiteout of ..', docker_archive(
             str(tmp_path / 'wh.tar'), [layer_tar([regular('a/.wh...', b'')])]), None,
          'whiteout'),
+        ('a layer that is a loop of links', docker_archive(
+            str(tmp_path / 'loop.tar'), [good, good], links=[
+                ('l0/layer.tar', '../l1/layer.tar'), ('l1/layer.tar', '../l0/layer.tar')]),
+         None, 'loop of links'),
+        ('a layer linked to a host file', docker_archive(
+            str(tmp_path / 'host.tar'), [good], links=[('l0/layer.tar', '/etc/passwd')]),
+         None, 'outside itself'),
         ('a zstd layer on a host without zstd', docker_archive(
             str(tmp_path / 'zstd.tar'), [zstd_blob], ['sha256:' + hashlib.sha256(good).hexdigest()]),
          'nozstd', 'zstd'),
@@ -321,6 +334,15 @@ def test_hostile_archives_are_refused_and_nothing_is_kept(built, cocker, image_n
     stored = open(os.path.join(home, 'images', name, '1', 'layers')).read().split()[0]
     assert open(os.path.join(home, 'layers', stored.split(':')[1], 'rlayer', long_name)).read() \
         == 'long\n'
+    assert cocker('-a', 'del_image', '-m', name + ':1').rc == 0
+    # legacy docker save: a layer it has twice is a link to the first
+    empty = layer_tar([])
+    name = image_names()
+    r = cocker('-a', 'import', '--image-file', docker_archive(
+        str(tmp_path / 'twice.tar'), [good, empty, empty],
+        links=[('l2/layer.tar', '../l1/layer.tar')]), '-m', name + ':1')
+    assert r.rc == 0, r
+    assert len(open(os.path.join(home, 'images', name, '1', 'layers')).read().split()) == 3
     assert cocker('-a', 'del_image', '-m', name + ':1').rc == 0
     # the same zstd layer where the host has zstd
     name = image_names()
