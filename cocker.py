@@ -4615,6 +4615,14 @@ def install_oci(source, path, ref, force, platform):
         name, version = tag_to_image(image.tags[0])
     else:
         raise CockerError("the archive's image has no name: give -m NAME[:VERSION]")
+    store_image(source, image, name, version, force, '%s (%s)' % (
+        os.path.abspath(path), 'an OCI layout directory' if isinstance(source, DirSource)
+        else 'an archive'))
+
+
+def store_image(source, image, name, version, force, origin):
+    """The image of an archive or a registry (an ArchiveImage whose blobs source opens)
+    into the store as name:version: its layers (those not stored yet), then the version."""
     config, raw = read_json(source, image.config_name, image.config_digest)
     rootfs = config.get('rootfs') if isinstance(config, dict) else None
     diff_ids = (rootfs.get('diff_ids') if isinstance(rootfs, dict) else None) or []
@@ -4638,12 +4646,10 @@ def install_oci(source, path, ref, force, platform):
         with building_image(name, version, replace=force) as rlayer:
             staging = os.path.dirname(rlayer)
             write_small(os.path.join(staging, 'layers'), ''.join(d + '\n' for d in diff_ids))
-            write_small(os.path.join(staging, 'origin'), '%s (%s)' % (
-                os.path.abspath(path), 'an OCI layout directory' if isinstance(
-                    source, DirSource) else 'an archive'))
+            write_small(os.path.join(staging, 'origin'), origin)
             with open(os.path.join(staging, 'config.json'), 'wb') as f:
                 f.write(raw)
-    log('INFO', "imported '%s' as '%s' (%d layers)" % (path, image_ref_text(name, version),
+    log('INFO', "imported '%s' as '%s' (%d layers)" % (origin, image_ref_text(name, version),
                                                       len(diff_ids)))
 
 
@@ -4907,14 +4913,9 @@ def write_image_archive(path, fmt, ref, config, layers, oci_media):
     import hashlib
     import json
     import tarfile
-    layer_type = 'application/vnd.oci.image.layer.v1.tar' + ('+gzip' if oci_media else '')
     config_digest = 'sha256:' + hashlib.sha256(config).hexdigest()
-    manifest = json.dumps({
-        'schemaVersion': 2, 'mediaType': 'application/vnd.oci.image.manifest.v1+json',
-        'config': {'mediaType': 'application/vnd.oci.image.config.v1+json',
-                   'digest': config_digest, 'size': len(config)},
-        'layers': [{'mediaType': layer_type, 'digest': digest, 'size': os.path.getsize(p)}
-                   for p, _, digest in layers]}, sort_keys=True).encode('utf-8')
+    manifest = image_manifest(config, [(d, os.path.getsize(p)) for p, _, d in layers],
+                              'oci', oci_media)
     manifest_digest = 'sha256:' + hashlib.sha256(manifest).hexdigest()
     tag = 'localhost/%s' % (ref if ':' in ref else ref + ':latest')
     index = json.dumps({'schemaVersion': 2, 'manifests': [{
@@ -4945,6 +4946,28 @@ def write_image_archive(path, fmt, ref, config, layers, oci_media):
                 with open(layer, 'rb') as f:
                     t.addfile(info, f)
     return digest.hexdigest()
+
+
+MEDIA_TYPES = {                         #: (manifest, config, layer) of each kind
+    'oci': ('application/vnd.oci.image.manifest.v1+json',
+            'application/vnd.oci.image.config.v1+json', 'application/vnd.oci.image.layer.v1.tar'),
+    'docker': ('application/vnd.docker.distribution.manifest.v2+json',
+               'application/vnd.docker.container.image.v1+json',
+               'application/vnd.docker.image.rootfs.diff.tar')}
+
+
+def image_manifest(config, layers, kind, gzipped):
+    """The manifest (bytes) of a config and [(layer digest, size)], in kind's media types."""
+    import hashlib
+    import json
+    manifest_type, config_type, layer_type = MEDIA_TYPES[kind]
+    layer_type += ('.gzip' if kind == 'docker' else '+gzip') if gzipped else ''
+    return json.dumps({
+        'schemaVersion': 2, 'mediaType': manifest_type,
+        'config': {'mediaType': config_type, 'size': len(config),
+                   'digest': 'sha256:' + hashlib.sha256(config).hexdigest()},
+        'layers': [{'mediaType': layer_type, 'digest': digest, 'size': size}
+                   for digest, size in layers]}, sort_keys=True).encode('utf-8')
 
 
 def add_directory(t, name):
@@ -5732,7 +5755,7 @@ def registry_handler(store, auth, read_only, log_line):
                                            'detail': None}]}).encode()
             if self.has_body and not self.consumed:
                 self.close_connection = True    # its body unread: no next request on it
-            self.answer(error.status, body, 'application/json', error.headers, 'GET')
+            self.answer(error.status, body, 'application/json', error.headers, self.command)
 
         def unsupported(self):
             raise RegistryError(405, 'UNSUPPORTED', 'the operation is unsupported')
@@ -5912,6 +5935,764 @@ def registry_logger(path):
             sys.stderr.write(line)
             sys.stderr.flush()
     return log_line
+
+
+# =============================================================================
+# Image registry: the client
+# =============================================================================
+# push, pull and search against any registry of the OCI Distribution API: cocker's own,
+# the distribution registry, Harbor, Docker Hub.  Authentication as docker and podman do it
+# (Basic, or the Bearer token the 401 points to), with the credentials of -a login or of
+# the files those tools keep.  Everything pulled is checked as an import is (blob digests,
+# diff_ids, the archive guard) and installed through the same store_image.  Blobs are
+# downloaded into HOME/downloads first, where an interrupted one resumes with Range.
+
+REGISTRY_TIMEOUT = 60                   #: seconds a connection may stay silent
+REGISTRY_TRIES = 4                      #: attempts of a request that failed on the way
+MANIFEST_ACCEPT = ', '.join(MANIFEST_TYPES)
+DOWNLOAD_THREADS = 3
+DEFAULT_TAG = 'latest'
+
+
+class RemoteRef(object):
+    """A registry (host[:port]), a repository path in it and a tag or digest."""
+
+    def __init__(self, registry, repository, reference):
+        import re
+        self.registry, self.repository, self.reference = registry, repository, reference
+        if not re.fullmatch(REGISTRY_NAME, repository) or len(repository) > REGISTRY_NAME_MAX:
+            raise CockerError("'%s' is not a valid repository name (lower case letters, "
+                              "digits, . _ - separated, / between parts)"
+                              % printable(repository))
+        if not (re.fullmatch(REGISTRY_TAG, reference) or
+                re.fullmatch('sha256:[0-9a-f]{64}', reference)):
+            raise CockerError("'%s' is not a valid tag or digest" % printable(reference))
+
+    def __str__(self):
+        sep = '@' if self.reference.startswith('sha256:') else ':'
+        return '%s/%s%s%s' % (self.registry, self.repository, sep, self.reference)
+
+
+def registry_repo_path():
+    return os.path.join(HOME, 'registry')
+
+
+def split_repo(text):
+    """'HOST[:PORT][/PATH]' -> (HOST[:PORT], PATH or '')."""
+    registry, _, path = text.partition('/')
+    host, _, port = registry.rpartition(':') if registry.count(':') == 1 else (registry, '', '')
+    allowed = NAME_CHARS[:62] + '.-'
+    if not registry or any(c not in allowed for c in host) or host.startswith(('-', '.')) or \
+            (port and not (is_decimal(port) and 0 < int(port) < 65536)):
+        raise usage_error("'--repo' value[%s] invalid (HOST[:PORT][/PATH])" % printable(text))
+    return registry, path.strip('/')
+
+
+def remembered_repo(repo):
+    """--repo (then saved for later commands, as --srepo is), else the saved one."""
+    if repo:
+        split_repo(repo)
+        write_small(registry_repo_path(), repo)
+    text = read_small(registry_repo_path())
+    if not text:
+        raise CockerError('no registry yet: give --repo HOST[:PORT][/PATH]')
+    return split_repo(text)
+
+
+def is_full_reference(text):
+    """'registry.example:5000/team/app:1.2' names its registry; 'app:1.2' does not."""
+    first, slash, _ = text.partition('/')
+    return bool(slash) and first.strip('.') != '' and (
+        '.' in first or ':' in first or first == 'localhost')
+
+
+def pull_ref(options):
+    """The remote image of pull: -m as a full reference, else --repo's PATH/NAME:TAG."""
+    text = options.image
+    if is_full_reference(text):
+        registry, _, rest = text.partition('/')
+    else:
+        registry, path = remembered_repo(options.repo)
+        rest = '%s/%s' % (path, text) if path else text
+    if '@' in rest:
+        repository, _, reference = rest.partition('@')
+    elif ':' in rest.rsplit('/', 1)[-1]:
+        repository, _, reference = rest.rpartition(':')
+    else:
+        repository, reference = rest, DEFAULT_TAG
+    split_repo(registry)
+    return RemoteRef(registry, repository, reference)
+
+
+def push_ref(options, name, version):
+    """The remote image of push: --repo's PATH/NAME:VERSION ('_' is the tag latest)."""
+    registry, path = remembered_repo(options.repo)
+    repository = '%s/%s' % (path, name) if path else name
+    return RemoteRef(registry, repository.lower(),
+                     DEFAULT_TAG if version == NO_VERSION else version)
+
+
+# ---- credentials -----------------------------------------------------------------------
+
+def auth_files():
+    """Where credentials are looked up, first match wins: cocker's own (-a login), then
+    podman's and docker's."""
+    files = [os.path.join(HOME, 'auth.json')]
+    if os.environ.get('XDG_RUNTIME_DIR'):
+        files.append(os.path.join(os.environ['XDG_RUNTIME_DIR'], 'containers', 'auth.json'))
+    files.append(os.path.expanduser('~/.docker/config.json'))
+    return files
+
+
+def read_auth_file(path):
+    import json
+    try:
+        with open(path, 'rb') as f:
+            document = json.loads(f.read(1 << 20).decode('utf-8'))
+    except (OSError, ValueError):
+        return {}
+    auths = document.get('auths') if isinstance(document, dict) else None
+    return auths if isinstance(auths, dict) else {}
+
+
+def stored_credentials(registry):
+    """(user, password) for registry from the auth files, or None."""
+    import base64
+    for path in auth_files():
+        auths = read_auth_file(path)
+        for key in (registry, 'https://' + registry, 'http://' + registry,
+                    'https://%s/v1/' % registry):
+            entry = auths.get(key)
+            if isinstance(entry, dict) and isinstance(entry.get('auth'), str):
+                try:
+                    user, _, password = base64.b64decode(entry['auth']).decode(
+                        'utf-8').partition(':')
+                except (ValueError, UnicodeDecodeError):
+                    continue
+                return user, password
+    return None
+
+
+def save_credentials(registry, user, password):
+    """Into HOME/auth.json (0600, docker's format); None as user removes them."""
+    import base64
+    import json
+    path = os.path.join(HOME, 'auth.json')
+    with locked('registry', 'auth'):
+        auths = read_auth_file(path)
+        if user is None:
+            if auths.pop(registry, None) is None:
+                raise CockerError('not logged in to %s' % registry)
+        else:
+            auths[registry] = {'auth': base64.b64encode(
+                ('%s:%s' % (user, password)).encode('utf-8')).decode()}
+        fd = os.open(path + '.tmp', os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, 'w') as f:
+            json.dump({'auths': auths}, f, indent=1, sort_keys=True)
+        os.rename(path + '.tmp', path)
+
+
+# ---- HTTP ------------------------------------------------------------------------------
+
+class RegistryClient(object):
+    """Requests to one registry: TLS (verified, unless --insecure) or plain HTTP with
+    --insecure, keep-alive, the 401 challenge answered (Basic, or a Bearer token fetched
+    from the realm named), retries with back-off on resets and 5xx, redirects followed
+    without the Authorization header to another host."""
+
+    def __init__(self, registry, insecure=False, ca_file=None, credentials=None):
+        self.registry, self.insecure, self.ca_file = registry, insecure, ca_file
+        self.credentials = credentials if credentials is not None else \
+            stored_credentials(registry)
+        self.scheme = 'https'
+        self.connections = {}           # (scheme, host:port) -> connection
+        self.authorization = None       # the header of the last challenge answered
+
+    def copy(self):
+        """A client of its own for another thread, the authentication learnt shared."""
+        other = RegistryClient(self.registry, self.insecure, self.ca_file, self.credentials)
+        other.scheme, other.authorization = self.scheme, self.authorization
+        return other
+
+    def close(self):
+        for connection in self.connections.values():
+            connection.close()
+        self.connections = {}
+
+    # ---- connections
+    def connection(self, scheme, netloc):
+        import http.client
+        key = (scheme, netloc)
+        if key not in self.connections:
+            host, port = split_netloc(netloc, 443 if scheme == 'https' else 80)
+            proxy = proxy_for(scheme, host)
+            target = proxy or (host, port)
+            if scheme == 'https':
+                c = http.client.HTTPSConnection(target[0], target[1], timeout=REGISTRY_TIMEOUT,
+                                                context=self.tls_context())
+            else:
+                c = http.client.HTTPConnection(target[0], target[1], timeout=REGISTRY_TIMEOUT)
+            if proxy:
+                c.set_tunnel(host, port)
+            self.connections[key] = c
+        return self.connections[key]
+
+    def tls_context(self):
+        import ssl
+        if self.insecure:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            return context
+        ca_file = self.ca_file or registry_ca_file(self.registry)
+        try:
+            return ssl.create_default_context(cafile=ca_file)
+        except (OSError, ssl.SSLError) as e:
+            raise CockerError('cannot read the CA file %s: %s' % (ca_file, e))
+
+    def drop(self, scheme, netloc):
+        connection = self.connections.pop((scheme, netloc), None)
+        if connection is not None:
+            connection.close()
+
+    # ---- requests
+    def request(self, method, path, headers=None, body=None, ok=(200,), scope=None,
+                url=None, tries=REGISTRY_TRIES):
+        """The response (its body not read) of a request that got a status in ok; a
+        RegistryFailure with what the registry said otherwise."""
+        import http.client
+        import ssl
+        headers = dict(headers or {})
+        answered = False                # a 401 is answered once: a second one is final
+        for attempt in range(REGISTRY_TRIES + 1):
+            scheme, netloc, target = self.where(url or path)
+            send = dict(headers)
+            if netloc == self.registry and self.authorization:
+                send['Authorization'] = self.authorization
+            try:
+                response = self.send(method, scheme, netloc, target, send, body)
+            except ssl.SSLError as e:
+                if self.insecure and self.scheme == 'https' and url is None and \
+                        'WRONG_VERSION_NUMBER' in str(e):
+                    self.drop(scheme, netloc)
+                    self.scheme = 'http'        # --insecure: the registry speaks plain HTTP
+                    continue
+                raise CockerError('TLS with %s failed: %s' % (netloc, e.reason or e))
+            except (OSError, http.client.HTTPException) as e:
+                self.drop(scheme, netloc)
+                if attempt + 1 >= tries or not rewindable(body):
+                    raise CockerError('cannot reach %s: %s' % (netloc, getattr(
+                        e, 'strerror', None) or e or type(e).__name__))
+                self.back_off(attempt, body)
+                continue
+            if response.status == 401 and netloc == self.registry:
+                challenge = response.getheader('WWW-Authenticate', '')
+                text = failure_text(response)
+                if not answered and rewindable(body) and \
+                        self.answer_challenge(challenge, scope):
+                    answered = True
+                    rewind(body)
+                    continue
+                raise RegistryFailure(401, text if self.credentials else
+                                      text + ' (no credentials: -a login first)')
+            if response.status in (301, 302, 303, 307, 308) and method in ('GET', 'HEAD'):
+                url = self.absolute(response.getheader('Location', ''), scheme, netloc)
+                drain(response)
+                continue
+            if response.status >= 500 and attempt + 1 < tries and rewindable(body):
+                drain(response)
+                self.back_off(attempt, body)
+                continue
+            if response.status not in ok:
+                raise registry_failure(response)
+            return response
+        raise CockerError('%s %s: too many redirects or retries' % (method, path))
+
+    def send(self, method, scheme, netloc, target, headers, body):
+        connection = self.connection(scheme, netloc)
+        headers.setdefault('User-Agent', 'cocker/' + VERSION)
+        if body is None and method in ('PUT', 'POST', 'PATCH'):
+            headers['Content-Length'] = '0'
+        connection.request(method, target, body=body, headers=headers)
+        return connection.getresponse()
+
+    def where(self, url):
+        """(scheme, netloc, path?query) of a path of this registry or a full URL."""
+        import urllib.parse
+        if url.startswith('/'):
+            return self.scheme, self.registry, url
+        parts = urllib.parse.urlsplit(url)
+        return parts.scheme, parts.netloc, (parts.path or '/') + (
+            '?' + parts.query if parts.query else '')
+
+    def absolute(self, location, scheme, netloc):
+        import urllib.parse
+        return urllib.parse.urljoin('%s://%s/' % (scheme, netloc), location)
+
+    @staticmethod
+    def back_off(attempt, body):
+        time.sleep(min(0.5 * 2 ** attempt, 8))
+        rewind(body)
+
+    def answer_challenge(self, challenge, scope):
+        """Set the Authorization header a 401's WWW-Authenticate asks for; False if none
+        can be made."""
+        import base64
+        kind, _, params = challenge.partition(' ')
+        if kind.lower() == 'basic':
+            if not self.credentials:
+                return False
+            self.authorization = 'Basic ' + base64.b64encode(
+                ('%s:%s' % self.credentials).encode('utf-8')).decode()
+            return True
+        if kind.lower() == 'bearer':
+            token = self.fetch_token(parse_challenge(params), scope)
+            self.authorization = 'Bearer ' + token
+            return True
+        return False
+
+    def fetch_token(self, params, scope):
+        """A token from the realm (Docker's token protocol), with the credentials if any."""
+        import base64
+        import json
+        import urllib.parse
+        realm = params.get('realm')
+        if not realm or not realm.startswith(('https://', 'http://')):
+            raise CockerError('the registry asks for a token but names no realm')
+        query = {'service': params.get('service', '')}
+        if scope or params.get('scope'):
+            query['scope'] = scope or params['scope']
+        headers = {}
+        if self.credentials:
+            headers['Authorization'] = 'Basic ' + base64.b64encode(
+                ('%s:%s' % self.credentials).encode('utf-8')).decode()
+        scheme, netloc, target = self.where(realm)
+        target += ('&' if '?' in target else '?') + urllib.parse.urlencode(query)
+        try:
+            response = self.send('GET', scheme, netloc, target, headers, None)
+        except OSError as e:
+            raise CockerError('cannot reach the token service %s: %s' % (netloc, e))
+        if response.status != 200:
+            raise RegistryFailure(response.status, 'the token service refused: %s'
+                                  % failure_text(response))
+        try:
+            document = json.loads(response.read(1 << 20).decode('utf-8'))
+            return str(document.get('token') or document['access_token'])
+        except (ValueError, KeyError, AttributeError):
+            raise CockerError('the token service answered no token')
+
+
+class RegistryFailure(CockerError):
+    """What a registry answered when it refused: '404 manifest unknown: ...'."""
+
+    def __init__(self, status, text):
+        CockerError.__init__(self, '%d %s' % (status, text))
+        self.http_status = status
+
+
+def registry_failure(response):
+    return RegistryFailure(response.status, failure_text(response))
+
+
+def failure_text(response):
+    """The first error of an error body ('manifest unknown: ...'), else the reason."""
+    import json
+    data = response.read(64 << 10)
+    try:
+        error = json.loads(data.decode('utf-8'))['errors'][0]
+        text = str(error.get('message') or error.get('code') or response.reason)
+        code = str(error.get('code') or '').lower().replace('_', ' ')
+        if code and not text.lower().startswith(code):
+            text = '%s: %s' % (code, text)
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        text = response.reason or 'failed'
+    return printable(text[:300])
+
+
+def parse_challenge(params):
+    """'realm="https://auth",service="registry",scope="a:b:pull"' -> dict."""
+    import re
+    return dict((k.lower(), v) for k, v in re.findall(r'(\w+)="([^"]*)"', params))
+
+
+def registry_ca_file(registry):
+    """The CA of a registry where podman and docker users keep it (certs.d/HOST:PORT/
+    ca.crt: cocker's own, then theirs), else None: the system's CA store."""
+    for top in (os.path.join(HOME, 'certs.d'), '/etc/containers/certs.d', '/etc/docker/certs.d'):
+        path = os.path.join(top, registry, 'ca.crt')
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def split_netloc(netloc, default_port):
+    host, _, port = netloc.rpartition(':') if netloc.count(':') == 1 else (netloc, '', '')
+    return host.strip('[]'), int(port) if is_decimal(port) else default_port
+
+
+def proxy_for(scheme, host):
+    """(host, port) of the proxy https_proxy/http_proxy names for host, unless no_proxy
+    or a loopback address (never proxied, as Go's clients do) says otherwise."""
+    import urllib.parse
+    import urllib.request
+    if host in ('localhost', '::1') or host.startswith('127.'):
+        return None
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get(scheme)
+    if not proxy or urllib.request.proxy_bypass_environment(host):
+        return None
+    parts = urllib.parse.urlsplit(proxy if '://' in proxy else 'http://' + proxy)
+    return parts.hostname, parts.port or 3128
+
+
+def drain(response):
+    while response.read(CHUNK):
+        pass
+
+
+def rewindable(body):
+    return body is None or isinstance(body, bytes) or hasattr(body, 'seek')
+
+
+def rewind(body):
+    if hasattr(body, 'seek'):
+        body.seek(0)
+
+
+class BigReads(object):
+    """A file whose read() gives CHUNK bytes whatever http.client asks (it asks 8 KiB)."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def read(self, n=-1):
+        return self.f.read(CHUNK)
+
+    def seek(self, *args):
+        return self.f.seek(*args)
+
+
+# ---- pull ------------------------------------------------------------------------------
+
+def registry_pull(options):
+    """-a pull: the remote image (the host's platform of an index) into the store."""
+    ref = pull_ref(options)
+    platform = host_platform(options.platform)
+    client = RegistryClient(ref.registry, options.insecure, options.ca_file)
+    scope = 'repository:%s:pull' % ref.repository
+    try:
+        manifest, digest = fetch_manifest(client, ref, ref.reference, scope)
+        manifest, digest = platform_manifest(client, ref, manifest, digest, platform, scope)
+        if manifest.get('schemaVersion') != 2 or not isinstance(manifest.get('config'), dict):
+            raise CockerError('%s is not an image manifest of schema 2 (schema 1 images are '
+                              'not supported)' % ref)
+        layers = [l.get('digest') for l in manifest.get('layers') or []]
+        config_digest = manifest['config'].get('digest')
+        image = ArchiveImage(blob_name(config_digest), config_digest,
+                             [blob_name(d) for d in layers], layers, [str(ref)])
+        name, version = pulled_name(options, ref)
+        with RegistryBlobs(client, ref, scope) as source:
+            config, _ = read_json(source, image.config_name, config_digest)
+            diff_ids = (config.get('rootfs') or {}).get('diff_ids') or [] \
+                if isinstance(config, dict) else []
+            source.prefetch([(d, l) for d, l in zip(diff_ids, layers)
+                             if isinstance(d, str) and not os.path.isdir(layer_dir(d))])
+            try:
+                store_image(source, image, name, version, options.force,
+                              '%s (a registry, manifest %s)' % (ref, digest))
+            finally:
+                collect_layers()
+    except (TypeError, AttributeError, KeyError) as e:
+        raise CockerError('%s: the manifest is malformed (%s)' % (ref, e))
+    finally:
+        client.close()
+    log('INFO', "pulled '%s' as '%s'" % (ref, image_ref_text(name, version)))
+
+
+def pulled_name(options, ref):
+    """The local name and version: --to-image, else the repository's last part and the
+    tag (a digest: its first 12 hex digits)."""
+    if options.to_image:
+        return image_or_unversioned(options.to_image)
+    name = tag_to_image(ref.repository.rsplit('/', 1)[-1])[0]
+    version = digest_hex(ref.reference)[:12] if ref.reference.startswith('sha256:') \
+        else tag_to_image('x:' + ref.reference)[1]
+    return name, version
+
+
+def fetch_manifest(client, ref, reference, scope):
+    """(manifest, digest) of a tag or digest; a digest asked for is checked."""
+    import hashlib
+    import json
+    response = client.request('GET', '/v2/%s/manifests/%s' % (ref.repository, reference),
+                              {'Accept': MANIFEST_ACCEPT}, scope=scope)
+    data = response.read(MANIFEST_MAX + 1)
+    if len(data) > MANIFEST_MAX:
+        raise CockerError('%s: the manifest is too large' % ref)
+    digest = 'sha256:' + hashlib.sha256(data).hexdigest()
+    if reference.startswith('sha256:') and digest != reference:
+        raise CockerError('digest mismatch for the manifest %s: refused' % reference)
+    try:
+        document = json.loads(data.decode('utf-8'))
+    except ValueError:
+        raise CockerError('%s: the registry sent a manifest that is not JSON' % ref)
+    if not isinstance(document, dict):
+        raise CockerError('%s: the manifest is not a JSON object' % ref)
+    return document, digest
+
+
+def platform_manifest(client, ref, document, digest, platform, scope):
+    """The image manifest for platform: document itself, or the one its index picks."""
+    for _ in range(4):
+        if document.get('mediaType') not in (OCI_INDEX, DOCKER_LIST) and \
+                'manifests' not in document:
+            return document, digest
+        chosen = platform_descriptor(document, platform)
+        document, digest = fetch_manifest(client, ref, str(chosen.get('digest')), scope)
+    raise CockerError('%s: the indexes nest too deep' % ref)
+
+
+def platform_descriptor(index, platform):
+    """The descriptor of an index for platform, or the error that lists what it has."""
+    manifests = index.get('manifests') or []
+    for descriptor in manifests:
+        if isinstance(descriptor, dict) and platform_matches(descriptor.get('platform'),
+                                                             platform):
+            return descriptor
+    raise CockerError('no image for %s (there are %s)' % ('/'.join(p for p in platform if p),
+                                                           ', '.join(sorted(set(
+                                                               platform_text(d.get('platform'))
+                                                               for d in manifests))) or 'none'))
+
+
+class RegistryBlobs(object):
+    """The blobs of a remote repository as an image source (open(name), as TarSource):
+    each downloaded into HOME/downloads/HEX.part (resumed with Range where an earlier try
+    stopped), checked against its digest, then HEX until the pull ends."""
+
+    def __init__(self, client, ref, scope):
+        self.client, self.ref, self.scope = client, ref, scope
+        self.directory = os.path.join(HOME, 'downloads')
+        os.makedirs(self.directory, 0o700, exist_ok=True)
+        self.pending, self.done, self.pool = {}, [], None
+        self.forget_old_downloads()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+        for path in self.done:          # what is installed (or refused) is not kept
+            remove_file(path)
+
+    def forget_old_downloads(self, age=7 * 86400):
+        now = time.time()
+        for entry in os.listdir(self.directory):
+            path = os.path.join(self.directory, entry)
+            if now - os.lstat(path).st_mtime > age:
+                remove_file(path)
+
+    def prefetch(self, layers):
+        """Start downloading [(diff_id, digest)] in threads (one line per layer; on a
+        terminal one at a time, each with its progress)."""
+        if sys.stderr.isatty() or not layers:
+            return
+        import concurrent.futures
+        self.pool = concurrent.futures.ThreadPoolExecutor(DOWNLOAD_THREADS)
+        for _, digest in layers:
+            if digest not in self.pending:
+                self.pending[digest] = self.pool.submit(self.download, str(digest),
+                                                        self.client.copy())
+
+    def open(self, name):
+        digest = 'sha256:' + name.rsplit('/', 1)[-1]
+        future = self.pending.pop(digest, None)
+        path = future.result() if future is not None else self.download(digest, self.client)
+        return open(path, 'rb')
+
+    def download(self, digest, client):
+        """HOME/downloads/HEX, complete and checked -> its path."""
+        import hashlib
+        path = os.path.join(self.directory, digest_hex(digest))
+        with locked('download', digest_hex(digest)):
+            if os.path.exists(path):
+                return path
+            partial = path + '.part'
+            have = os.path.getsize(partial) if os.path.exists(partial) else 0
+            response = client.request('GET', '/v2/%s/blobs/%s' % (self.ref.repository, digest),
+                                      {'Range': 'bytes=%d-' % have} if have else {},
+                                      ok=(200, 206), scope=self.scope)
+            hashed = hashlib.sha256()
+            if response.status == 206:
+                with open(partial, 'rb') as f:  # what an earlier try got counts too
+                    for block in iter(lambda: f.read(CHUNK), b''):
+                        hashed.update(block)
+            else:
+                have = 0
+            total = have + int(response.getheader('Content-Length') or 0) or None
+            progress = Progress('pull %s' % digest[7:19], total)
+            progress.add(have)
+            with open(partial, 'ab' if have else 'wb') as f:
+                for block in iter(lambda: response.read(CHUNK), b''):
+                    hashed.update(block)
+                    f.write(block)
+                    progress.add(len(block))
+            progress.finish()
+            if 'sha256:' + hashed.hexdigest() != digest:
+                remove_file(partial)
+                raise CockerError('digest mismatch for blob %s: refused' % digest)
+            os.rename(partial, path)
+            self.done.append(path)
+            if not sys.stderr.isatty() and total and total > 4096:
+                sys.stderr.write('cocker: %s %s downloaded\n' % (digest[:19], size_text(total)))
+            return path
+
+
+# ---- push ------------------------------------------------------------------------------
+
+def registry_push(options):
+    """-a push: the image's layers (those the registry lacks), its config, its manifest."""
+    import hashlib
+    import tempfile
+    name, version = require_image(options.image)
+    ref = push_ref(options, name, version)
+    kind = options.format or 'docker'
+    if kind not in MEDIA_TYPES:
+        raise usage_error("'--format' value[%s] invalid for push (docker|oci)" % kind)
+    client = RegistryClient(ref.registry, options.insecure, options.ca_file)
+    scope = 'repository:%s:pull,push' % ref.repository
+    try:
+        with locked('image', name), tempfile.TemporaryDirectory(
+                prefix='.push.', dir=HOME) as work:
+            require_image(image_ref_text(name, version))
+            rlayers = exported_rlayers(name, version)
+            layers = [push_layer(client, ref, scope, rlayer, work, 'layer %d of %d' % (
+                n, len(rlayers))) for n, rlayer in enumerate(rlayers, 1)]
+            config = exported_config(name, version, [diff_id for _, _, diff_id in layers])
+            push_blob(client, ref, scope, 'sha256:' + hashlib.sha256(config).hexdigest(),
+                      config)
+            manifest = image_manifest(config, [(d, s) for d, s, _ in layers], kind, True)
+            drain(client.request('PUT', '/v2/%s/manifests/%s' % (
+                ref.repository, ref.reference), {'Content-Type': MEDIA_TYPES[kind][0]},
+                manifest, ok=(200, 201), scope=scope))
+    finally:
+        client.close()
+    log('INFO', "pushed '%s' to '%s'" % (image_ref_text(name, version), ref))
+
+
+def push_layer(client, ref, scope, rlayer, work, what):
+    """One layer to the registry unless it has it -> (digest, size, diff_id).  The gzip
+    blob written for a layer is remembered beside it (pushed-blob: digest, size, diff_id,
+    then where it went), so a push that finds it there compresses nothing."""
+    record = os.path.join(os.path.dirname(rlayer), 'pushed-blob')
+    lines = read_small(record, '').splitlines()
+    known = lines[0].split() if lines else []
+    if len(known) == 3 and is_decimal(known[1]):
+        digest, size, diff_id = known[0], int(known[1]), known[2]
+        if blob_exists(client, ref, scope, digest) or \
+                mount_blob(client, ref, scope, digest, lines[1:]):
+            say_progress('%s %s: the registry has it' % (what, digest[:19]))
+            return digest, size, diff_id
+    path, diff_id, digest = write_layer_blob(rlayer, work, True, what)
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+        push_blob(client, ref, scope, digest, BigReads(f), size)
+    remove_file(path)
+    where = '%s %s' % (ref.registry, ref.repository)
+    write_small(record, '\n'.join(['%s %d %s' % (digest, size, diff_id)] + [
+        l for l in lines[1:] if l != where][-20:] + [where]) + '\n')
+    say_progress('%s %s: %s pushed' % (what, digest[:19], size_text(size)))
+    return digest, size, diff_id
+
+
+def say_progress(text):
+    if not sys.stderr.isatty():
+        sys.stderr.write('cocker: %s\n' % printable(text))
+
+
+def blob_exists(client, ref, scope, digest):
+    try:
+        drain(client.request('HEAD', '/v2/%s/blobs/%s' % (ref.repository, digest),
+                             scope=scope))
+        return True
+    except RegistryFailure as e:
+        if e.http_status == 404:
+            return False
+        raise
+
+
+def mount_blob(client, ref, scope, digest, pushed):
+    """Mount the blob from another repository of this registry it was pushed to."""
+    import urllib.parse
+    for line in reversed(pushed):
+        registry, _, repository = line.partition(' ')
+        if registry == ref.registry and repository != ref.repository:
+            response = client.request('POST', '/v2/%s/blobs/uploads/?%s' % (
+                ref.repository, urllib.parse.urlencode({'mount': digest, 'from': repository})),
+                ok=(201, 202), scope=scope + ' repository:%s:pull' % repository)
+            drain(response)
+            if response.status == 201:
+                return True
+            cancel = response.getheader('Location')
+            if cancel:              # no mount: the upload it opened instead is let go
+                try:
+                    drain(client.request('DELETE', '', url=client.absolute(
+                        cancel, client.scheme, client.registry), ok=(204, 404)))
+                except CockerError:
+                    pass
+            return False
+    return False
+
+
+def push_blob(client, ref, scope, digest, body, size=None):
+    """A blob into the repository unless it has it: POST an upload, PUT it whole; a try
+    cut off (a reset, a registry restarted) starts a new upload, never resumes the old."""
+    headers = {'Content-Type': 'application/octet-stream',
+               'Content-Length': str(size if size is not None else len(body))}
+    for attempt in range(REGISTRY_TRIES):
+        if blob_exists(client, ref, scope, digest):
+            return
+        response = client.request('POST', '/v2/%s/blobs/uploads/' % ref.repository,
+                                  ok=(202,), scope=scope)
+        drain(response)
+        location = client.absolute(response.getheader('Location', ''), client.scheme,
+                                   client.registry)
+        location += ('&' if '?' in location else '?') + 'digest=' + digest
+        rewind(body)
+        try:
+            drain(client.request('PUT', '', headers, body, ok=(201, 204), scope=scope,
+                                 url=location, tries=1))
+            return
+        except CockerError as e:
+            if isinstance(e, RegistryFailure) or attempt + 1 == REGISTRY_TRIES:
+                raise
+            client.back_off(attempt, body)
+
+
+# ---- search and login ------------------------------------------------------------------
+
+def registry_repositories(client, path):
+    """Every repository of the registry under path (the catalog, page after page)."""
+    import json
+    found, target = [], '/v2/_catalog?n=1000'
+    for _ in range(1000):
+        response = client.request('GET', target, scope='registry:catalog:*')
+        link = response.getheader('Link', '')
+        document = json.loads(response.read(16 << 20).decode('utf-8'))
+        found += [str(r) for r in document.get('repositories') or []]
+        if 'rel="next"' not in link:
+            break
+        target = link.split(';')[0].strip('<> ')
+    prefix = path + '/' if path else ''
+    return [r for r in found if r.startswith(prefix)]
+
+
+def registry_tags(client, repository):
+    import json
+    response = client.request('GET', '/v2/%s/tags/list?n=1000' % repository,
+                              scope='repository:%s:pull' % repository)
+    return [str(t) for t in json.loads(response.read(16 << 20).decode('utf-8')).get('tags')
+            or []]
 
 
 # =============================================================================
@@ -6855,6 +7636,38 @@ def action_repo_gc(options):
     return EXIT_OK
 
 
+def action_push(options):
+    """Push an image to a registry (--repo HOST[:PORT][/PATH]) as PATH/NAME:VERSION."""
+    registry_push(options)
+    return ok()
+
+
+def action_pull(options):
+    """Pull an image from a registry into the local image NAME, version TAG."""
+    registry_pull(options)
+    return ok()
+
+
+def action_login(options):
+    """Check and keep (HOME/auth.json, 0600) the credentials of a registry."""
+    registry, _ = remembered_repo(options.repo)
+    user = check_user_name(options.user)
+    credentials = (user, read_password('password for %s at %s: ' % (user, registry)))
+    client = RegistryClient(registry, options.insecure, options.ca_file, credentials)
+    try:
+        drain(client.request('GET', '/v2/', scope='registry:catalog:*'))
+    finally:
+        client.close()
+    save_credentials(registry, *credentials)
+    return ok()
+
+
+def action_logout(options):
+    """Forget the credentials -a login kept for a registry."""
+    save_credentials(remembered_repo(options.repo)[0], None, None)
+    return ok()
+
+
 def action_spush(options):
     """Upload an image archive (and its sha256) to the repository."""
     push_image(require_image(options.image), repository(options.srepo), options.force)
@@ -6910,6 +7723,10 @@ ACTIONS = {
     'repo_user_add': action_repo_user_add,
     'repo_user_del': action_repo_user_del,
     'repo_gc': action_repo_gc,
+    'push': action_push,
+    'pull': action_pull,
+    'login': action_login,
+    'logout': action_logout,
     'spush': action_spush,
     'spull': action_spull,
     'rplfile': action_rplfile,
@@ -7035,10 +7852,26 @@ def layer_users():
 
 def show_repo_users(options):
     """The users of the repository and their rights."""
-    say('%-32s %s' % ('user', 'rights'))
-    say('-' * 40)
-    for user, (rights, _) in sorted(read_users(auth_file(options)).items()):
-        say('%-32s %s' % (printable(user), rights))
+    rows = ['%-32s %s' % (user, rights) for user, (rights, _) in
+            sorted(read_users(auth_file(options)).items())]
+    print_table('%-32s %s' % ('user', 'rights'), 40, rows)
+    return EXIT_OK
+
+
+def show_search(options):
+    """The repositories and tags of a registry (--match: those whose name contains it)."""
+    registry, path = remembered_repo(options.repo)
+    client = RegistryClient(registry, options.insecure, options.ca_file)
+    try:
+        rows = []
+        for repository in registry_repositories(client, path):
+            short = repository[len(path) + 1:] if path else repository
+            if options.match and options.match not in short:
+                continue
+            rows += ['%-45s %s' % (short, tag) for tag in registry_tags(client, repository)]
+    finally:
+        client.close()
+    print_table('%-45s %s' % ('repository', 'tag'), 70, rows)
     return EXIT_OK
 
 
@@ -7065,6 +7898,7 @@ SHOWS = {
     'container_limits': show_container_limits,
     'ssearch': show_ssearch,
     'repo_users': show_repo_users,
+    'search': show_search,
 }
 
 
@@ -7103,6 +7937,11 @@ USAGE = """USAGE : cocker -v
                -s ssearch [ --srepo (user@host[:port]) ] [ --match (text) ]
                -a spush (-m|--image) (image[:version]) [ --srepo (user@host[:port]) ] [ (-f|--forcely) ]
                -a spull (-m|--image) (image[:version]) [ --srepo (user@host[:port]) ] [ (-f|--forcely) ]
+               -a push (-m|--image) (image[:version]) [ --repo (host[:port][/path]) ] [ --format (docker|oci) ] [ registry options ]
+               -a pull (-m|--image) (name[:tag]|host[:port]/path/name[:tag|@digest]) [ --repo (host[:port][/path]) ] [ --to-image (image[:version]) ] [ --platform (os/arch[/variant]) ] [ (-f|--forcely) ] [ registry options ]
+               -s search [ --repo (host[:port][/path]) ] [ --match (text) ] [ registry options ]
+               -a login --user (user) [ --repo (host[:port]) ] [ registry options ]  (password from the terminal or stdin)
+               -a logout [ --repo (host[:port]) ]
                -a repo_server --listen (addr:port) [ --repo-dir (dir) ] [ --tls-cert (file) --tls-key (file) | --insecure ] [ --auth-file (file) ] [ --anonymous-pull ] [ --read-only ]
                -a repo_user_add --user (user) [ --rights (pull|push) ] [ --repo-dir (dir) | --auth-file (file) ]  (password from the terminal or stdin)
                -a repo_user_del --user (user) [ --repo-dir (dir) | --auth-file (file) ]
@@ -7113,6 +7952,7 @@ USAGE = """USAGE : cocker -v
 create options : [ --volume (host_path:container_path[:ro]) ][ --volume ... ] [ --host (hostname) ] [ --net (BRIDGE|HOST|CUSTOM) ] [ --host-eth (eth) ] [ --vip (ip) ] [ --port-mapping ([host_ip:]src_port:dst_port[/udp])[,...] ] [ security options ] [ run options ]
 cgroup options : [ --cpus [(cpu_num,...)|(cpu_num-cpu_num2)] ] [ --cpu-quota (percent%) ] [ --mem-limit (num|numK|numM|numG) ] [ --pids-limit (num) ]  ('none' drops a recorded limit; without --pids-limit: 4096)
 security options : [ --seccomp (default|unconfined) ] [ --no-new-privs ]  (recorded for later boots)
+registry options : [ --insecure ] [ --ca-file (file) ]  (--insecure: plain HTTP or an unverified certificate; the --repo given last is remembered)
    run options : [ --entrypoint (cmd) ] [ --env (KEY=VALUE) ]... [ --user (user[:group]) ]  (create and boot, recorded; an imported image's command, Env and User otherwise)
   enable debug : [ (-d|--debug) ]
    environment : COCKER_HOME (default /var/cocker), COCKER_IPTABLES (default iptables)
@@ -7144,7 +7984,7 @@ OPTIONS = {
     '--tls-cert': ('tls_cert', True), '--tls-key': ('tls_key', True),
     '--auth-file': ('auth_file', True), '--insecure': ('insecure', False),
     '--read-only': ('read_only', False), '--anonymous-pull': ('anonymous_pull', False),
-    '--rights': ('rights', True),
+    '--rights': ('rights', True), '--repo': ('repo', True), '--ca-file': ('ca_file', True),
     '--template-file': ('template_file', True), '--mapping-file': ('mapping_file', True),
     '--instance-file': ('instance_file', True),
     '--src-file': ('src_file', True), '--dst-file': ('dst_file', True),
@@ -7175,6 +8015,9 @@ REQUIRED = {
     'repo_server': [('listen', '--listen')],
     'repo_user_add': [('user', '--user')],
     'repo_user_del': [('user', '--user')],
+    'push': [('image', '--image')],
+    'pull': [('image', '--image')],
+    'login': [('user', '--user')],
     'spush': [('image', '--image')],
     'spull': [('image', '--image')],
     'rplfile': [('container', '--container'), ('template_file', '--template-file'),

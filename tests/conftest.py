@@ -137,6 +137,8 @@ def cocker_process(home_path, *args, **kw):
 
 def run_cocker(home_path, *args, **kw):
     data, timeout = kw.pop('input', None), kw.pop('timeout', 120)
+    if data is not None:
+        kw.setdefault('stdin', subprocess.PIPE)
     p = cocker_process(home_path, *args, **kw)
     out, err = p.communicate(data, timeout=timeout)
     return Result(p.returncode, out.decode('utf-8', 'replace'), err.decode('utf-8', 'replace'))

@@ -15,12 +15,14 @@ fi
 # and kernel headers build the attack tests' probe and planted NSS module; losetup and
 # nsenter (util-linux) for the attack tests; buildah (and skopeo, umoci, podman) build and
 # read the OCI and Docker archives of the image tests (podman runs them with runc: crun
-# refuses hybrid cgroups), zstd compresses one of their layers.
+# refuses hybrid cgroups), zstd compresses one of their layers; the distribution registry
+# (docker-registry), htpasswd (apache2-utils) and openssl for the registry tests.
 if command -v apt-get >/dev/null 2>&1; then
     missing=""
     for p in libc-bin procps iproute2 util-linux ncurses-bin coreutils iptables busybox-static \
              openssh-server openssh-client passwd tar gzip debootstrap groff-base bash \
-             gcc libc6-dev linux-libc-dev iputils-ping buildah skopeo umoci podman runc zstd; do
+             gcc libc6-dev linux-libc-dev iputils-ping buildah skopeo umoci podman runc zstd \
+             docker-registry apache2-utils openssl; do
         dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
     done
     if [ -n "$missing" ]; then
@@ -30,7 +32,8 @@ if command -v apt-get >/dev/null 2>&1; then
 elif command -v dnf >/dev/null 2>&1; then
     dnf install -y -q glibc-common procps-ng iproute util-linux ncurses coreutils iptables busybox \
         openssh-server openssh-clients shadow-utils tar gzip debootstrap groff bash \
-        gcc glibc-static kernel-headers iputils buildah skopeo umoci podman runc zstd
+        gcc glibc-static kernel-headers iputils buildah skopeo umoci podman runc zstd \
+        docker-distribution httpd-tools openssl
 fi
 
 # The Debian tree the debootstrap image test packs, downloaded here, once, and kept between

@@ -1,0 +1,256 @@
+"""cocker's own registry and cocker's registry client, against real clients and servers no
+one here wrote: skopeo and podman against cocker's server (TLS with a CA made here, Basic
+auth), cocker's client against cocker's server and the distribution registry
+(docker-registry), all on 127.0.0.1."""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+
+import pytest
+
+from conftest import (cocker_process, free_loopback_port, run_cocker, wait_for)
+from test_e2e_oci import (APP_CHECK, APP_SEEN, Buildah, app_files, base_files, check_app,
+                          image_names, podman)   # noqa: F401 (fixtures)
+
+PASSWORDS = {'alice': 'alice-secret', 'bob': 'bob-secret'}
+
+
+@pytest.fixture(scope='module')
+def built(tmp_path_factory):
+    """A docker-archive of 'app:2' (2 layers over busybox, as the OCI tests build it)."""
+    if shutil.which('buildah') is None or shutil.which('skopeo') is None:
+        pytest.fail('buildah or skopeo is missing: tests/run.sh installs them')
+    top = str(tmp_path_factory.mktemp('buildah'))
+    b = Buildah(top)
+    try:
+        b.layer('scratch', base_files, 'base:1')
+        b.layer('base:1', app_files, 'app:2')
+        b('push', '-q', 'app:2', 'docker-archive:%s/app.tar:app:2' % top)
+    finally:
+        b.close()
+    return os.path.join(top, 'app.tar')
+
+
+@pytest.fixture(scope='module')
+def certs(tmp_path_factory):
+    """A CA and a certificate of 127.0.0.1 signed by it: {'dir', 'ca', 'cert', 'key'};
+    dir holds ca.crt alone (skopeo's and podman's --cert-dir)."""
+    top = str(tmp_path_factory.mktemp('certs'))
+    ca, ca_key = os.path.join(top, 'ca.pem'), os.path.join(top, 'ca.key')
+    cert, key = os.path.join(top, 'server.pem'), os.path.join(top, 'server.key')
+    ext = os.path.join(top, 'ext')
+    with open(ext, 'w') as f:
+        f.write('subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n')
+    quiet = {'stdout': subprocess.DEVNULL, 'stderr': subprocess.DEVNULL}
+    subprocess.check_call(['openssl', 'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout',
+                           ca_key, '-out', ca, '-subj', '/CN=cocker test CA', '-days', '2'],
+                          **quiet)
+    subprocess.check_call(['openssl', 'req', '-newkey', 'rsa:2048', '-nodes', '-keyout', key,
+                           '-out', cert + '.csr', '-subj', '/CN=127.0.0.1'], **quiet)
+    subprocess.check_call(['openssl', 'x509', '-req', '-in', cert + '.csr', '-CA', ca, '-CAkey',
+                           ca_key, '-CAcreateserial', '-out', cert, '-days', '2', '-extfile',
+                           ext], **quiet)
+    cert_dir = os.path.join(top, 'certdir')
+    os.mkdir(cert_dir)
+    shutil.copy(ca, os.path.join(cert_dir, 'ca.crt'))
+    return {'dir': cert_dir, 'ca': ca, 'ca_key': ca_key, 'cert': cert, 'key': key}
+
+
+class Server(object):
+    """A registry process on 127.0.0.1:port; listening() waits for it, stop() ends it."""
+
+    def __init__(self, argv, port, env=None, home=None):
+        self.port, self.address = port, '127.0.0.1:%d' % port
+        if home is not None:
+            self.proc = cocker_process(home, *argv)
+        else:
+            self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         env=env)
+        import socket
+
+        def up():
+            assert self.proc.poll() is None, 'the registry ended: %r' % (
+                self.proc.communicate(timeout=5),)
+            try:
+                socket.create_connection(('127.0.0.1', port), timeout=1).close()
+                return True
+            except OSError:
+                return False
+        wait_for(up, timeout=20, what='the registry on port %d' % port)
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        out, err = self.proc.communicate(timeout=30)
+        return self.proc.returncode, err.decode('utf-8', 'replace')
+
+
+def cocker_registry(home, certs, repo_dir, port=None, extra=()):
+    port = port or free_loopback_port()
+    return Server(['-a', 'repo_server', '--listen', '127.0.0.1:%d' % port, '--repo-dir',
+                   repo_dir, '--tls-cert', certs['cert'], '--tls-key', certs['key']] +
+                  list(extra), port, home=home)
+
+
+@pytest.fixture(scope='module')
+def ours(home, certs, tmp_path_factory):
+    """cocker's registry with TLS and two users: alice pushes, bob pulls."""
+    repo_dir = str(tmp_path_factory.mktemp('registry'))
+    for user, rights in (('alice', 'push'), ('bob', 'pull')):
+        r = run_cocker(home, '-a', 'repo_user_add', '--user', user, '--rights', rights,
+                       '--repo-dir', repo_dir, input=(PASSWORDS[user] + '\n').encode())
+        assert r.rc == 0, r
+    server = cocker_registry(home, certs, repo_dir)
+    server.dir = repo_dir
+    yield server
+    rc, err = server.stop()
+    assert rc == 0, err
+    assert '"GET /v2/" 200' in open(os.path.join(repo_dir, 'access.log')).read()
+
+
+@pytest.fixture
+def second_home():
+    """Another COCKER_HOME (a second host), removed afterwards with what it made."""
+    path = tempfile.mkdtemp(prefix='cocker-test2-')
+    yield path
+    for name in os.listdir(os.path.join(path, 'containers')) if os.path.isdir(
+            os.path.join(path, 'containers')) else []:
+        if not name.startswith('.'):
+            run_cocker(path, '-a', 'destroy', '-c', name, '-h', '-f')
+    assert not [l for l in open('/proc/mounts') if path in l]
+    shutil.rmtree(path)
+
+
+def login(home, server, user, certs, password=None):
+    return run_cocker(home, '-a', 'login', '--repo', server.address, '--user', user,
+                      '--ca-file', certs['ca'], input=((password or PASSWORDS[user]) +
+                                                       '\n').encode())
+
+
+def stored_image(home, name, version):
+    """(the files of each layer, config) of an image in a store."""
+    d = os.path.join(home, 'images', name, version)
+    layers = open(os.path.join(d, 'layers')).read().split()
+    return [tree_listing(os.path.join(home, 'layers', l.split(':')[1], 'rlayer'))
+            for l in layers], json.load(open(os.path.join(d, 'config.json')))
+
+
+def tree_listing(root):
+    """Every entry under root: path, mode, owner, link target or content digest, xattrs."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for entry in sorted(dirnames + filenames):
+            path = os.path.join(dirpath, entry)
+            st = os.lstat(path)
+            if os.path.islink(path):
+                what = os.readlink(path)
+            elif os.path.isfile(path):
+                what = hashlib.sha256(open(path, 'rb').read()).hexdigest()
+            else:
+                what = st.st_rdev
+            found.append((os.path.relpath(path, root), st.st_mode, st.st_uid, st.st_gid,
+                          what, sorted(os.listxattr(path, follow_symlinks=False))))
+    return sorted(found)
+
+
+def test_skopeo_and_podman_use_our_registry_and_cocker_pushes_and_pulls(
+        ours, certs, built, cocker, home, names, image_names, podman, second_home):
+    ref = '%s/team/app:2' % ours.address
+    tls = ['--dest-cert-dir', certs['dir']]
+    r = subprocess.run(['skopeo', 'copy', '-q'] + tls + ['--dest-creds', 'bob:bob-secret',
+                       'docker-archive:' + built, 'docker://' + ref], stderr=subprocess.PIPE)
+    assert r.returncode != 0 and b'denied' in r.stderr, 'bob may only pull'
+    subprocess.check_call(['skopeo', 'copy', '-q'] + tls + ['--dest-creds', 'alice:alice-secret',
+                                                            'docker-archive:' + built,
+                                                            'docker://' + ref])
+    inspected = json.loads(subprocess.check_output(
+        ['skopeo', 'inspect', '--cert-dir', certs['dir'], '--creds', 'bob:bob-secret',
+         'docker://' + ref]))
+    assert len(inspected['Layers']) == 2, inspected
+    podman('pull', '-q', '--cert-dir', certs['dir'], '--creds', 'bob:bob-secret', ref)
+    assert podman.run(ref, '/bin/sh', '-c', APP_CHECK) == APP_SEEN
+    # cocker's client: a wrong password, then alice's
+    r = login(home, ours, 'alice', certs, 'wrong')
+    assert r.rc == 255 and len(r.err.splitlines()) == 1 and '401' in r.err, r
+    assert login(home, ours, 'alice', certs).rc == 0
+    assert oct(os.stat(os.path.join(home, 'auth.json')).st_mode & 0o777) == '0o600'
+    name = image_names()
+    r = cocker('-a', 'pull', '-m', 'team/app:2', '--repo', ours.address, '--ca-file',
+               certs['ca'], '--to-image', name + ':2')
+    assert r.rc == 0 and r.out == 'OK\n', r
+    check_app(cocker, names, name + ':2')
+    r = cocker('-a', 'push', '-m', name + ':2', '--repo', ours.address + '/mine', '--ca-file',
+               certs['ca'])
+    assert r.rc == 0, r
+    # a second host, its CA where podman's users put it: bob pulls what alice pushed;
+    # the same files and config, and it boots
+    os.makedirs(os.path.join(second_home, 'certs.d', ours.address))
+    shutil.copy(certs['ca'], os.path.join(second_home, 'certs.d', ours.address, 'ca.crt'))
+    assert login(second_home, ours, 'bob', certs).rc == 0
+    r = run_cocker(second_home, '-a', 'pull', '-m', '%s/mine/%s:2' % (ours.address, name))
+    assert r.rc == 0, r
+    assert stored_image(second_home, name, '2')[0] == stored_image(home, name, '2')[0]
+    assert stored_image(second_home, name, '2')[1]['config'] == \
+        stored_image(home, name, '2')[1]['config']
+    check_app(lambda *a: run_cocker(second_home, *a), names, name + ':2')
+    r = cocker('-s', 'search', '--repo', ours.address, '--ca-file', certs['ca'])
+    rows = [l.split() for l in r.out.splitlines()[2:]]
+    assert r.rc == 0 and ['team/app', '2'] in rows and ['mine/%s' % name, '2'] in rows, r
+    r = cocker('-s', 'search', '--match', 'team', '--ca-file', certs['ca'])
+    assert r.rc == 0 and [l.split() for l in r.out.splitlines()[2:]] == [['team/app', '2']], \
+        'the --repo given last is remembered: %r' % (r,)
+
+
+def error_line(r):
+    """The one error line of a failed command (progress lines of each layer may precede)."""
+    errors = [l for l in r.err.splitlines() if l.startswith('*** ERROR')]
+    assert len(errors) == 1 and r.err.splitlines()[-1] == errors[0], r
+    return errors[0]
+
+
+def test_registry_errors_are_one_clear_line(ours, certs, built, cocker, home, image_names,
+                                           second_home):
+    assert login(home, ours, 'alice', certs).rc == 0
+    base = ['--repo', ours.address, '--ca-file', certs['ca']]
+    mine = image_names()
+    assert cocker('-a', 'import', '--image-file', built, '-m', mine + ':1').rc == 0
+    assert cocker('-a', 'push', '-m', mine + ':1', *base).rc == 0
+    for what, image, text in (
+            ('an unknown tag', mine + ':nope', '404 manifest unknown'),
+            ('an unknown repository', 'nobody/here:1', '404 manifest unknown'),
+            ('a name with ..', '../app:1', 'not a valid repository name')):
+        r = cocker('-a', 'pull', '-m', image, '--to-image', image_names() + ':1', *base)
+        assert r.rc == 255 and len(r.err.splitlines()) == 1 and text in r.err, (what, r)
+    # no credentials, then bob's, who may only pull
+    r = run_cocker(second_home, '-a', 'push', '-m', 'x', *base)
+    assert r.rc == 255 and "image 'x' not found" in r.err, r
+    assert run_cocker(second_home, '-a', 'import', '--image-file', built, '-m', 'x:1').rc == 0
+    r = run_cocker(second_home, '-a', 'push', '-m', 'x:1', *base)
+    assert r.rc == 255 and len(r.err.splitlines()) == 1 and '401' in r.err, r
+    assert login(second_home, ours, 'bob', certs).rc == 0
+    r = run_cocker(second_home, '-a', 'push', '-m', 'x:1', *base)
+    assert r.rc == 255 and len(r.err.splitlines()) == 1 and '403 denied' in r.err, r
+    assert run_cocker(second_home, '-a', 'del_image', '-m', 'x:1').rc == 0
+    # a blob whose bytes are not its digest (the registry's disk corrupted): refused
+    blobs = os.path.join(ours.dir, 'blobs', 'sha256')
+    biggest = max(os.listdir(blobs), key=lambda b: os.path.getsize(os.path.join(blobs, b)))
+    path = os.path.join(blobs, biggest)
+    data = open(path, 'rb').read()
+    try:
+        with open(path, 'wb') as f:
+            f.write(data[:-1] + bytes([data[-1] ^ 1]))
+        r = run_cocker(second_home, '-a', 'pull', '-m', mine + ':1', *base)
+        assert r.rc == 255 and 'digest mismatch for blob sha256:' + biggest in error_line(r), r
+    finally:
+        with open(path, 'wb') as f:
+            f.write(data)
+    assert os.listdir(os.path.join(second_home, 'layers')) == [], 'no layer kept'
+    assert not os.path.exists(os.path.join(second_home, 'images', mine))
+    assert [e for e in os.listdir(os.path.join(second_home, 'downloads'))] == []
+    r = run_cocker(second_home, '-a', 'pull', '-m', mine + ':1', *base)
+    assert r.rc == 0, 'the registry mended, the pull goes through: %r' % (r,)
