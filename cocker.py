@@ -6258,9 +6258,8 @@ class RegistryClient(object):
         realm = params.get('realm')
         if not realm or not realm.startswith(('https://', 'http://')):
             raise CockerError('the registry asks for a token but names no realm')
-        query = {'service': params.get('service', '')}
-        if scope or params.get('scope'):
-            query['scope'] = scope or params['scope']
+        query = [('service', params.get('service', ''))] + [
+            ('scope', s) for s in (scope or params.get('scope') or '').split()]
         headers = {}
         if self.credentials:
             headers['Authorization'] = 'Basic ' + base64.b64encode(

@@ -254,3 +254,179 @@ def test_registry_errors_are_one_clear_line(ours, certs, built, cocker, home, im
     assert [e for e in os.listdir(os.path.join(second_home, 'downloads'))] == []
     r = run_cocker(second_home, '-a', 'pull', '-m', mine + ':1', *base)
     assert r.rc == 0, 'the registry mended, the pull goes through: %r' % (r,)
+
+
+# ---- the distribution registry, with htpasswd and with token authentication -------------
+
+def distribution(tmp, certs, auth, port=None):
+    """docker-registry on 127.0.0.1 with TLS, storage in tmp, auth the config's auth part."""
+    if shutil.which('docker-registry') is None:
+        pytest.fail('docker-registry is missing: tests/run.sh installs it')
+    port = port or free_loopback_port()
+    config = os.path.join(tmp, 'config.yml')
+    with open(config, 'w') as f:
+        f.write('version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n'
+                '    rootdirectory: %s\n  delete:\n    enabled: true\n'
+                'http:\n  addr: 127.0.0.1:%d\n  tls:\n    certificate: %s\n    key: %s\n'
+                'auth:\n%s' % (os.path.join(tmp, 'storage'), port, certs['cert'], certs['key'],
+                                auth))
+    return Server(['docker-registry', 'serve', config], port)
+
+
+@pytest.fixture(scope='module')
+def htpasswd_registry(certs, tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp('distribution'))
+    users = os.path.join(tmp, 'htpasswd')
+    with open(users, 'wb') as f:
+        f.write(subprocess.check_output(['htpasswd', '-Bbn', 'alice', PASSWORDS['alice']]))
+    server = distribution(tmp, certs, '  htpasswd:\n    realm: test\n    path: %s\n' % users)
+    yield server
+    server.stop()
+
+
+def b64url(data):
+    import base64
+    return base64.urlsafe_b64encode(data).rstrip(b'=').decode()
+
+
+class TokenService(object):
+    """Docker's token protocol on 127.0.0.1: alice, with her password, gets every scope
+    she asks for in an RS256 token signed by the CA's key (its certificate in x5c)."""
+
+    def __init__(self, certs):
+        import http.server
+        import threading
+        self.certs, self.issued = certs, []
+        der = subprocess.check_output(['openssl', 'x509', '-in', certs['ca'], '-outform', 'DER'])
+        import base64
+        self.x5c = base64.b64encode(der).decode()
+        service = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                import urllib.parse
+                query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+                expected = 'Basic ' + base64.b64encode(
+                    ('alice:' + PASSWORDS['alice']).encode()).decode()
+                if self.headers.get('Authorization') != expected:
+                    self.send_response(401)
+                    self.send_header('Content-Length', '0')
+                    self.end_headers()
+                    return
+                body = json.dumps({'token': service.token(query.get('scope', []))}).encode()
+                self.send_response(200)
+                self.send_header('Content-Type', 'application/json')
+                self.send_header('Content-Length', str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+        self.server = http.server.HTTPServer(('127.0.0.1', 0), Handler)
+        self.realm = 'http://127.0.0.1:%d/token' % self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever)
+        self.thread.daemon = True
+        self.thread.start()
+
+    def token(self, scopes):
+        import time
+        import uuid
+        access = []
+        for scope in scopes:
+            kind, name, actions = scope.split(':')[0], ':'.join(scope.split(':')[1:-1]), \
+                scope.split(':')[-1]
+            access.append({'type': kind, 'name': name, 'actions': actions.split(',')})
+        now = int(time.time())
+        head = b64url(json.dumps({'typ': 'JWT', 'alg': 'RS256', 'x5c': [self.x5c]}).encode())
+        claims = b64url(json.dumps({'iss': 'cocker-test', 'sub': 'alice', 'aud': 'test-registry',
+                                    'exp': now + 300, 'nbf': now - 10, 'iat': now,
+                                    'jti': uuid.uuid4().hex, 'access': access}).encode())
+        signed = subprocess.run(['openssl', 'dgst', '-sha256', '-sign', self.certs['ca_key']],
+                                input=('%s.%s' % (head, claims)).encode(),
+                                stdout=subprocess.PIPE, check=True).stdout
+        self.issued.append(scopes)
+        return '%s.%s.%s' % (head, claims, b64url(signed))
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope='module')
+def token_registry(certs, tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp('distribution-token'))
+    tokens = TokenService(certs)
+    server = distribution(tmp, certs, '  token:\n    realm: %s\n    service: test-registry\n'
+                          '    issuer: cocker-test\n    rootcertbundle: %s\n'
+                          % (tokens.realm, certs['ca']))
+    server.tokens = tokens
+    yield server
+    server.stop()
+    tokens.close()
+
+
+def test_the_distribution_registry_with_htpasswd_and_with_tokens(
+        htpasswd_registry, token_registry, certs, built, cocker, home, names, image_names):
+    name = image_names()
+    assert cocker('-a', 'import', '--image-file', built, '-m', name + ':1').rc == 0
+    for server in (htpasswd_registry, token_registry):
+        base = ['--repo', server.address + '/team', '--ca-file', certs['ca']]
+        r = cocker('-a', 'push', '-m', name + ':1', *base)
+        assert r.rc == 255 and '401' in error_line(r), 'not logged in yet: %r' % (r,)
+        assert login(home, server, 'alice', certs).rc == 0
+        r = cocker('-a', 'push', '-m', name + ':1', *base)
+        assert r.rc == 0, r
+        r = cocker('-a', 'push', '-m', name + ':1', '--format', 'oci', '--repo',
+                   server.address + '/oci', '--ca-file', certs['ca'])
+        assert r.rc == 0 and 'the registry has it' in r.err, 'mounted, or there: %r' % (r,)
+        r = cocker('-s', 'search', '--match', name, *base)
+        assert r.rc == 0 and [l.split() for l in r.out.splitlines()[2:]] == [[name, '1']], r
+        back = image_names()
+        r = cocker('-a', 'pull', '-m', '%s:1' % name, '--to-image', back + ':1', *base)
+        assert r.rc == 0, r
+        check_app(cocker, names, back + ':1')
+        manifest = json.loads(subprocess.check_output(
+            ['skopeo', 'inspect', '--raw', '--cert-dir', certs['dir'], '--creds',
+             'alice:' + PASSWORDS['alice'], 'docker://%s/oci/%s:1' % (server.address, name)]))
+        assert manifest['mediaType'] == 'application/vnd.oci.image.manifest.v1+json'
+    assert any(s and s[0] == 'repository:team/%s:pull,push' % name
+               for s in token_registry.tokens.issued), token_registry.tokens.issued
+
+
+def test_a_pull_of_an_index_takes_the_host_platform(htpasswd_registry, certs, home, cocker,
+                                                   image_names, tmp_path):
+    """An index of two images (amd64 and arm64, told apart by a file), pushed by buildah."""
+    b = Buildah(str(tmp_path / 'b'))
+
+    def marked(arch):
+        def change(root):
+            base_files(root)
+            with open(os.path.join(root, 'etc', 'arch'), 'w') as f:
+                f.write(arch + '\n')
+        return change
+    name = image_names()
+    ref = '%s/multi/%s:1' % (htpasswd_registry.address, name)
+    try:
+        b.layer('scratch', marked('amd64'), 'one:amd64')
+        b.layer('scratch', marked('arm64'), 'one:arm64')
+        b('manifest', 'create', 'multi')
+        b('manifest', 'add', '--arch', 'arm64', 'multi', 'containers-storage:localhost/one:arm64')
+        b('manifest', 'add', '--arch', 'amd64', 'multi', 'containers-storage:localhost/one:amd64')
+        b('manifest', 'push', '-q', '--all', '--cert-dir', certs['dir'], '--creds',
+          'alice:' + PASSWORDS['alice'], 'multi', 'docker://' + ref)
+    finally:
+        b.close()
+    assert login(home, htpasswd_registry, 'alice', certs).rc == 0
+    for platform, local, arch in ((None, image_names(), 'amd64'),
+                                  ('linux/arm64', image_names(), 'arm64')):
+        extra = ['--platform', platform] if platform else []
+        r = cocker('-a', 'pull', '-m', ref, '--to-image', local + ':1', '--ca-file',
+                   certs['ca'], *extra)
+        assert r.rc == 0, r
+        layers = open(os.path.join(home, 'images', local, '1', 'layers')).read().split()
+        stored = os.path.join(home, 'layers', layers[0].split(':')[1], 'rlayer', 'etc', 'arch')
+        assert open(stored).read() == arch + '\n', platform
+    r = cocker('-a', 'pull', '-m', ref, '--to-image', image_names() + ':1', '--ca-file',
+               certs['ca'], '--platform', 'linux/s390x')
+    assert r.rc == 255 and 'no image for linux/s390x (there are linux/amd64, linux/arm64)' in \
+        error_line(r), r
