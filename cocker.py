@@ -5236,12 +5236,15 @@ class RegistryStore(object):
                     digest.update(chunk)
                     f.write(chunk)
                     size += len(chunk)
+                f.flush()
         except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
             self.cancel(name, upload)   # a full disk: this upload goes, the others go on
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise RegistryError(507, 'BLOB_UPLOAD_INVALID',
-                                    'no space left in the registry storage')
-            raise
+            for _ in chunks:
+                pass                    # the rest of the body read, so the client hears why
+            raise RegistryError(507, 'BLOB_UPLOAD_INVALID',
+                                'no space left in the registry storage')
         self.hashes[upload] = (digest, size)
         return size
 
@@ -5767,10 +5770,17 @@ def registry_handler(store, auth, read_only, log_line):
                 int(self.headers.get('Content-Length') or 0) > 0
 
         def body_chunks(self):
-            self.consumed = True        # (a body read half-way is never read again)
+            """The request body as it comes; consumed once all of it was read."""
+            for chunk in self.raw_body():
+                yield chunk
+            self.consumed = True
+
+        def raw_body(self):
             if 'chunked' in self.headers.get('Transfer-Encoding', '').lower():
                 while True:
                     line = self.rfile.readline(1024)
+                    if not line:
+                        raise ConnectionResetError('the client went away')
                     size = int(line.split(b';')[0].strip() or b'0', 16)
                     if size == 0:
                         while self.rfile.readline(1024) not in (b'\r\n', b'\n', b''):
@@ -6514,6 +6524,7 @@ class RegistryBlobs(object):
         import hashlib
         path = os.path.join(self.directory, digest_hex(digest))
         with locked('download', digest_hex(digest)):
+            self.done.append(path)          # (one a killed pull finished: used, then gone)
             if os.path.exists(path):
                 return path
             partial = path + '.part'
@@ -6541,7 +6552,6 @@ class RegistryBlobs(object):
                 remove_file(partial)
                 raise CockerError('digest mismatch for blob %s: refused' % digest)
             os.rename(partial, path)
-            self.done.append(path)
             if not sys.stderr.isatty() and total and total > 4096:
                 sys.stderr.write('cocker: %s %s downloaded\n' % (digest[:19], size_text(total)))
             return path

@@ -430,3 +430,207 @@ def test_a_pull_of_an_index_takes_the_host_platform(htpasswd_registry, certs, ho
                certs['ca'], '--platform', 'linux/s390x')
     assert r.rc == 255 and 'no image for linux/s390x (there are linux/amd64, linux/arm64)' in \
         error_line(r), r
+
+
+# ---- faults: kills, a full disk, many clients at once ------------------------------------
+
+class SlowProxy(object):
+    """A TCP relay 127.0.0.1:port -> target at about rate bytes a second each way, so a
+    transfer lasts long enough to be cut in the middle."""
+
+    def __init__(self, target_port, rate=8 << 20):
+        import socket
+        import threading
+        self.target_port, self.rate = target_port, rate
+        self.listener = socket.socket()
+        self.listener.bind(('127.0.0.1', 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        self.address = '127.0.0.1:%d' % self.port
+        self.open = []
+        t = threading.Thread(target=self.accept)
+        t.daemon = True
+        t.start()
+
+    def accept(self):
+        import socket
+        import threading
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(('127.0.0.1', self.target_port))
+            except OSError:
+                client.close()
+                continue
+            self.open += [client, server]
+            for a, b in ((client, server), (server, client)):
+                t = threading.Thread(target=self.pipe, args=(a, b))
+                t.daemon = True
+                t.start()
+
+    def pipe(self, source, sink):
+        import time
+        try:
+            while True:
+                data = source.recv(64 << 10)
+                if not data:
+                    break
+                sink.sendall(data)
+                time.sleep(len(data) / float(self.rate))
+        except OSError:
+            pass
+        for s in (source, sink):
+            try:
+                s.shutdown(2)
+            except OSError:
+                pass
+
+    def close(self):
+        self.listener.close()
+        for s in self.open:
+            s.close()
+
+
+def random_image(cocker, tmp_path, name, megabytes):
+    """A cockerimage of one file of random bytes (nothing to compress), imported as name."""
+    import tarfile
+    tree = tmp_path / ('tree-' + name)
+    tree.mkdir()
+    with open(str(tree / 'random'), 'wb') as f:
+        f.write(os.urandom(megabytes << 20))
+    archive = str(tmp_path / (name + '.cockerimage'))
+    with tarfile.open(archive, 'w:gz', compresslevel=1) as t:
+        t.add(str(tree / 'random'), 'random')
+    r = cocker('-a', 'import', '--image-file', archive, '-m', name)
+    assert r.rc == 0, r
+    return hashlib.sha256(open(str(tree / 'random'), 'rb').read()).hexdigest()
+
+
+def blobs_are_whole(repo_dir):
+    blobs = os.path.join(repo_dir, 'blobs', 'sha256')
+    for entry in os.listdir(blobs):
+        with open(os.path.join(blobs, entry), 'rb') as f:
+            assert hashlib.sha256(f.read()).hexdigest() == entry, 'a partial blob is served'
+
+
+def test_a_registry_killed_mid_upload_serves_no_partial_blob_and_the_push_completes(
+        certs, cocker, home, image_names, tmp_path, second_home):
+    repo_dir = str(tmp_path / 'repo')
+    server = cocker_registry(home, certs, repo_dir)        # TLS, not verified: --insecure
+    proxy = SlowProxy(server.port)
+    name = image_names()
+    digest = random_image(cocker, tmp_path, name, 48)
+    push = cocker_process(home, '-a', 'push', '-m', name, '--repo', proxy.address,
+                          '--insecure')
+    uploads = os.path.join(repo_dir, 'uploads')
+    try:
+        wait_for(lambda: any(os.path.getsize(os.path.join(uploads, e)) > (4 << 20)
+                             for e in os.listdir(uploads) if not e.endswith('.name')),
+                 timeout=60, what='the upload to be under way')
+        server.proc.kill()                              # kill -9 in the middle of the blob
+        server.stop()
+        blobs_are_whole(repo_dir)
+        server = cocker_registry(home, certs, repo_dir, port=server.port)
+        out, err = push.communicate(timeout=120)
+        assert push.returncode == 0, err
+    finally:
+        if push.poll() is None:
+            push.kill()
+            push.communicate()
+        proxy.close()
+    blobs_are_whole(repo_dir)
+    # the image is whole in the registry: a pull on a second host has the same bytes
+    r = run_cocker(second_home, '-a', 'pull', '-m', '%s/%s:latest' % (server.address, name),
+                   '--to-image', 'back:1', '--insecure')
+    assert r.rc == 0, r
+    layer = open(os.path.join(second_home, 'images', 'back', '1', 'layers')).read().split()
+    stored = os.path.join(second_home, 'layers', layer[0].split(':')[1], 'rlayer', 'random')
+    assert hashlib.sha256(open(stored, 'rb').read()).hexdigest() == digest
+    # a garbage collection keeps what manifests need, and a fresh upload
+    r = cocker('-a', 'repo_gc', '--repo-dir', repo_dir)
+    assert r.rc == 0 and r.out.startswith('removed 0 blobs'), r
+    assert server.stop()[0] == 0
+
+
+def test_a_pull_killed_midway_resumes_and_leaves_no_half_image(certs, cocker, home,
+                                                               image_names, tmp_path,
+                                                               second_home):
+    repo_dir = str(tmp_path / 'repo')
+    server = cocker_registry(home, certs, repo_dir, extra=['--insecure'])
+    proxy = SlowProxy(server.port)
+    name = image_names()
+    digest = random_image(cocker, tmp_path, name, 32)
+    try:
+        assert cocker('-a', 'push', '-m', name, '--repo', server.address, '--insecure').rc == 0
+        pull = cocker_process(second_home, '-a', 'pull', '-m', '%s/%s' % (proxy.address, name),
+                              '--insecure')
+        downloads = os.path.join(second_home, 'downloads')
+        wait_for(lambda: os.path.isdir(downloads) and any(
+            os.path.getsize(os.path.join(downloads, e)) > (4 << 20)
+            for e in os.listdir(downloads)), timeout=60, what='the download to be under way')
+        pull.kill()
+        pull.communicate()
+        r = run_cocker(second_home, '-s', 'images')
+        assert r.rc == 0 and name not in r.out, 'no half image'
+        partial = [e for e in os.listdir(downloads) if e.endswith('.part')]
+        assert len(partial) == 1, os.listdir(downloads)
+        r = run_cocker(second_home, '-a', 'pull', '-m', '%s/%s' % (server.address, name),
+                       '--insecure')
+        assert r.rc == 0, r
+    finally:
+        proxy.close()
+    log = open(os.path.join(repo_dir, 'access.log')).read()
+    assert '"GET /v2/%s/blobs/sha256:' % name in log and '" 206 ' in log, 'resumed with Range'
+    layer = open(os.path.join(second_home, 'images', name, 'latest', 'layers')).read().split()
+    stored = os.path.join(second_home, 'layers', layer[0].split(':')[1], 'rlayer', 'random')
+    assert hashlib.sha256(open(stored, 'rb').read()).hexdigest() == digest
+    assert os.listdir(downloads) == [], 'the download went once installed'
+    assert server.stop()[0] == 0
+
+
+def test_a_full_registry_disk_fails_that_upload_only(certs, cocker, home, image_names,
+                                                     tmp_path):
+    repo_dir = str(tmp_path / 'small')
+    os.mkdir(repo_dir)
+    subprocess.check_call(['mount', '-t', 'tmpfs', '-o', 'size=16m', 'tmpfs', repo_dir])
+    try:
+        server = cocker_registry(home, certs, repo_dir, extra=['--insecure'])
+        big, small = image_names(), image_names()
+        random_image(cocker, tmp_path, big, 40)
+        random_image(cocker, tmp_path, small, 1)
+        r = cocker('-a', 'push', '-m', big, '--repo', server.address, '--insecure')
+        assert r.rc == 255 and '507' in error_line(r) and 'no space left' in error_line(r), r
+        assert [e for e in os.listdir(os.path.join(repo_dir, 'uploads'))] == [], \
+            'the failed upload is gone'
+        r = cocker('-a', 'push', '-m', small, '--repo', server.address, '--insecure')
+        assert r.rc == 0, 'the registry goes on serving: %r' % (r,)
+        assert server.stop()[0] == 0
+    finally:
+        subprocess.call(['umount', repo_dir])
+
+
+def test_many_clients_at_once(ours, certs, built, cocker, home, image_names):
+    assert login(home, ours, 'alice', certs).rc == 0
+    base = ['--ca-file', certs['ca']]
+    name = image_names()
+    assert cocker('-a', 'import', '--image-file', built, '-m', name + ':1').rc == 0
+    assert cocker('-a', 'push', '-m', name + ':1', '--repo', ours.address + '/many', *base).rc == 0
+    pulled = [image_names() for _ in range(8)]
+    procs = [cocker_process(home, '-a', 'pull', '-m', '%s/many/%s:1' % (ours.address, name),
+                            '--to-image', p + ':1', *base) for p in pulled]
+    procs += [cocker_process(home, '-a', 'push', '-m', name + ':1', '--repo',
+                             '%s/push%d' % (ours.address, n), *base) for n in range(4)]
+    results = [(p.wait(timeout=300), p.communicate()) for p in procs]
+    assert all(rc == 0 for rc, _ in results), results
+    layers = open(os.path.join(home, 'images', name, '1', 'layers')).read()
+    for p in pulled:
+        r = cocker('-s', 'image_info', '-m', p + ':1')
+        assert r.rc == 0 and len([l for l in r.out.splitlines() if l.startswith(
+            'layer: sha256:')]) == len(layers.split()), r
+    r = cocker('-s', 'search', '--repo', ours.address, '--match', 'push', *base)
+    assert sorted(l.split()[0] for l in r.out.splitlines()[2:]) == \
+        ['push%d/%s' % (n, name) for n in range(4)], r
+    blobs_are_whole(ours.dir)
