@@ -5992,10 +5992,14 @@ def split_repo(text):
     registry, _, path = text.partition('/')
     host, _, port = registry.rpartition(':') if registry.count(':') == 1 else (registry, '', '')
     allowed = NAME_CHARS[:62] + '.-'
+    import re
+    path = path.strip('/')
     if not registry or any(c not in allowed for c in host) or host.startswith(('-', '.')) or \
-            (port and not (is_decimal(port) and 0 < int(port) < 65536)):
-        raise usage_error("'--repo' value[%s] invalid (HOST[:PORT][/PATH])" % printable(text))
-    return registry, path.strip('/')
+            (port and not (is_decimal(port) and 0 < int(port) < 65536)) or \
+            (path and not re.fullmatch(REGISTRY_NAME, path)):
+        raise usage_error("'--repo' value[%s] invalid (HOST[:PORT][/PATH], PATH in lower case)"
+                          % printable(text))
+    return registry, path
 
 
 def remembered_repo(repo):
@@ -6231,6 +6235,10 @@ class RegistryClient(object):
         if url.startswith('/'):
             return self.scheme, self.registry, url
         parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ('https', 'http') or not parts.netloc or \
+                parts.scheme == 'http' and not self.insecure and parts.netloc == self.registry:
+            raise CockerError('the registry sent the client to %s: refused (only https, '
+                              'or http with --insecure)' % printable(url[:200]))
         return parts.scheme, parts.netloc, (parts.path or '/') + (
             '?' + parts.query if parts.query else '')
 

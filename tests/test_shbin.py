@@ -153,3 +153,5 @@ def test_pip_install_puts_the_scripts_beside_cocker(tmp_path):
         f == 'cockerinit.py' for _, _, files in os.walk(str(prefix / 'lib')) for f in files)
     assert os.path.exists(str(prefix / 'share' / 'cocker' / 'cocker.bash-completion'))
     assert os.path.exists(str(prefix / 'share' / 'man' / 'man1' / 'cocker.1'))
+    unit = str(prefix / 'lib' / 'systemd' / 'system' / 'cocker-repo-server.service')
+    assert 'ExecStart=cocker -a repo_server --listen' in open(unit).read()

@@ -732,3 +732,90 @@ def test_the_staging_cleaner_knows_every_name_it_leaves(tmp_path, monkeypatch):
     cocker.clean_legacy_staging(legacy, 'app')
     assert sorted(os.listdir(legacy)) == ['.deleting.0.x', '1.0', '2.0', '3.0'], \
         'pid 0 is never taken for a dead owner; the rest is swept, 3.0 put back'
+
+
+# ---- registries ------------------------------------------------------------------------
+
+def test_a_password_hash_is_salted_and_checks_only_its_password():
+    one, two = cocker.password_hash('s3cret', rounds=1000), cocker.password_hash('s3cret',
+                                                                               rounds=1000)
+    assert one != two and one.startswith('pbkdf2_sha256$1000$'), 'a salt of its own each'
+    assert cocker.password_matches('s3cret', one) and not cocker.password_matches('s3cre', one)
+    assert not cocker.password_matches('s3cret', 'md5$1$x$y')
+    assert not cocker.password_matches('s3cret', 'garbage')
+
+
+@pytest.mark.parametrize('text,ref', [
+    ('registry.example:5000/team/app:1.2', ('registry.example:5000', 'team/app', '1.2')),
+    ('localhost/app', ('localhost', 'app', 'latest')),
+    ('127.0.0.1:5000/a/b/c@sha256:' + 'a' * 64, ('127.0.0.1:5000', 'a/b/c', 'sha256:' + 'a' * 64)),
+])
+def test_a_full_pull_reference_names_its_registry(text, ref):
+    class Options(object):
+        image, repo = text, None
+    got = cocker.pull_ref(Options())
+    assert (got.registry, got.repository, got.reference) == ref
+
+
+@pytest.mark.parametrize('repository', ['../x', 'UPPER', 'a//b', '_blobs', 'a/_tags', 'a-', '',
+                                        'a' * 256, 'a/..', 'x\ny'])
+def test_repository_names_follow_the_distribution_grammar(repository):
+    with pytest.raises(cocker.CockerError):
+        cocker.RemoteRef('r', repository, 'latest')
+
+
+@pytest.mark.parametrize('tag', ['..', '.x', '-x', 'a/b', 'a' * 129, 'sha256:abc', 'x y'])
+def test_tags_follow_the_distribution_grammar(tag):
+    with pytest.raises(cocker.CockerError):
+        cocker.RemoteRef('r', 'a', tag)
+
+
+@pytest.mark.parametrize('text', ['', '-host', 'host:0', 'host:99999', 'ho st', 'h/../x:1:2'])
+def test_bad_repo_values_are_usage_errors(text):
+    with pytest.raises(cocker.CockerError) as e:
+        cocker.split_repo(text)
+    assert e.value.status == cocker.EXIT_USAGE
+
+
+def test_a_bearer_challenge_is_parsed():
+    assert cocker.parse_challenge('realm="https://auth.example/token",service="reg",'
+                                  'scope="repository:a/b:pull,push"') == {
+        'realm': 'https://auth.example/token', 'service': 'reg',
+        'scope': 'repository:a/b:pull,push'}
+
+
+def test_loopback_is_never_proxied(monkeypatch):
+    monkeypatch.setenv('https_proxy', 'http://proxy.example:3128')
+    monkeypatch.delenv('no_proxy', raising=False)
+    assert cocker.proxy_for('https', '127.0.0.1') is None
+    assert cocker.proxy_for('https', 'localhost') is None
+    assert cocker.proxy_for('https', 'registry.example') == ('proxy.example', 3128)
+    monkeypatch.setenv('no_proxy', '.example')
+    assert cocker.proxy_for('https', 'registry.example') is None
+
+
+def test_parallel_gzip_is_one_ordinary_member(tmp_path):
+    import gzip
+    import zlib
+    data = os.urandom(3 << 20) + b'text ' * 400000
+    with cocker.ParallelGzip(6) as packer:
+        out = b''.join(packer.compress(data[i:i + 10240]) for i in range(0, len(data), 10240))
+        out += packer.flush()
+    assert gzip.decompress(out) == data
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    assert d.decompress(out) == data and d.eof and d.unused_data == b'', 'one member'
+    with cocker.ParallelGzip(1) as packer:
+        assert gzip.decompress(packer.flush()) == b''
+
+
+def test_in_thread_hands_over_items_and_errors_in_order():
+    def items():
+        yield 1
+        yield 2
+        raise cocker.CockerError('boom')
+    got = []
+    with pytest.raises(cocker.CockerError):
+        for item in cocker.in_thread(items()):
+            got.append(item)
+    assert got == [1, 2]
+    assert list(cocker.in_thread(iter(range(100)), depth=2)) == list(range(100))
