@@ -4184,7 +4184,20 @@ def gunzip(read):
 def in_thread(items, depth=8):
     """The items of an iterator, made by a thread of their own while the caller works on
     the ones before (zlib and hashlib let go of the GIL: inflating on one CPU, hashing and
-    guarding on another); what the thread raises is raised here, in its place."""
+    guarding on another)."""
+    def fill(put):
+        for item in items:
+            put(item)
+    return from_thread(fill, depth)
+
+
+class Abandoned(Exception):
+    """The reader of from_thread went away: its thread stops making more."""
+
+
+def from_thread(fill, depth=8):
+    """What fill(put) puts, in order, made by a thread of its own while the caller works on
+    what came before; what the thread raises is raised here, in its place."""
     import queue
     import threading
     made, stop = queue.Queue(depth), threading.Event()
@@ -4195,16 +4208,19 @@ def in_thread(items, depth=8):
                 return made.put(entry, timeout=0.1)
             except queue.Full:
                 continue
+        raise Abandoned()
 
     def produce():
         try:
-            for item in items:
-                hand_over(('item', item))
-                if stop.is_set():
-                    return
+            fill(lambda item: hand_over(('item', item)))
             hand_over(('end', None))
+        except Abandoned:
+            pass
         except BaseException as e:      # (CockerError, OSError...): for the caller
-            hand_over(('error', e))
+            try:
+                hand_over(('error', e))
+            except Abandoned:
+                pass
     worker = threading.Thread(target=produce)
     worker.daemon = True
     worker.start()
@@ -4835,20 +4851,29 @@ def stacked_config_path(name, version, above=()):
 
 def write_layer_blob(rlayer, work, compress, what):
     """A layer of rlayer as a tar (gzip if compress) in work -> (path, diff_id, digest)."""
+    path = os.path.join(work, 'layer.%s' % os.urandom(4).hex())
+    with open(path, 'wb') as out:
+        diff_id, digest, _ = write_layer(rlayer, out.write, compress, 'export ' + what)
+    return path, diff_id, digest
+
+
+def write_layer(rlayer, out, compress, what):
+    """The layer tar of rlayer (gzip if compress) to out(bytes) -> (diff_id, digest, size)."""
     import contextlib
     import hashlib
     import tarfile
     tar_digest, blob_digest = hashlib.sha256(), hashlib.sha256()
-    path = os.path.join(work, 'layer.%s' % os.urandom(4).hex())
-    progress = Progress('export ' + what)
-    with open(path, 'wb') as out, (ParallelGzip(LAYER_GZIP_LEVEL) if compress else
-                                   contextlib.suppress()) as packer:     # (None)
+    size = [0]
+    progress = Progress(what)
+    with (ParallelGzip(LAYER_GZIP_LEVEL) if compress else contextlib.suppress()) as packer:
         def write(data):
             tar_digest.update(data)
             progress.add(len(data))
             data = packer.compress(data) if packer else data
-            blob_digest.update(data)
-            out.write(data)
+            if data:
+                blob_digest.update(data)
+                size[0] += len(data)
+                out(data)
         stream = WriteOnlyFile(write)
         # utf-8 whatever the locale: names and xattr values go back to their own bytes
         with tarfile.open(fileobj=stream, mode='w|', format=tarfile.PAX_FORMAT,
@@ -4861,9 +4886,10 @@ def write_layer_blob(rlayer, work, compress, what):
         if packer:
             tail = packer.flush()
             blob_digest.update(tail)
-            out.write(tail)
+            size[0] += len(tail)
+            out(tail)
     progress.finish()
-    return path, 'sha256:' + tar_digest.hexdigest(), 'sha256:' + blob_digest.hexdigest()
+    return 'sha256:' + tar_digest.hexdigest(), 'sha256:' + blob_digest.hexdigest(), size[0]
 
 
 class WriteOnlyFile(object):
@@ -5961,6 +5987,7 @@ REGISTRY_TIMEOUT = 60                   #: seconds a connection may stay silent
 REGISTRY_TRIES = 4                      #: attempts of a request that failed on the way
 MANIFEST_ACCEPT = ', '.join(MANIFEST_TYPES)
 DOWNLOAD_THREADS = 3
+PUSH_THREADS = 1
 DEFAULT_TAG = 'latest'
 
 
@@ -6226,7 +6253,8 @@ class RegistryClient(object):
         headers.setdefault('User-Agent', 'cocker/' + VERSION)
         if body is None and method in ('PUT', 'POST', 'PATCH'):
             headers['Content-Length'] = '0'
-        connection.request(method, target, body=body, headers=headers)
+        connection.request(method, target, body=body, headers=headers,
+                           encode_chunked='Transfer-Encoding' in headers)
         return connection.getresponse()
 
     def where(self, url):
@@ -6373,19 +6401,6 @@ def rewindable(body):
 def rewind(body):
     if hasattr(body, 'seek'):
         body.seek(0)
-
-
-class BigReads(object):
-    """A file whose read() gives CHUNK bytes whatever http.client asks (it asks 8 KiB)."""
-
-    def __init__(self, f):
-        self.f = f
-
-    def read(self, n=-1):
-        return self.f.read(CHUNK)
-
-    def seek(self, *args):
-        return self.f.seek(*args)
 
 
 # ---- pull ------------------------------------------------------------------------------
@@ -6570,7 +6585,6 @@ class RegistryBlobs(object):
 def registry_push(options):
     """-a push: the image's layers (those the registry lacks), its config, its manifest."""
     import hashlib
-    import tempfile
     name, version = require_image(options.image)
     ref = push_ref(options, name, version)
     kind = options.format or 'docker'
@@ -6579,12 +6593,9 @@ def registry_push(options):
     client = RegistryClient(ref.registry, options.insecure, options.ca_file)
     scope = 'repository:%s:pull,push' % ref.repository
     try:
-        with locked('image', name), tempfile.TemporaryDirectory(
-                prefix='.push.', dir=HOME) as work:
+        with locked('image', name):
             require_image(image_ref_text(name, version))
-            rlayers = exported_rlayers(name, version)
-            layers = [push_layer(client, ref, scope, rlayer, work, 'layer %d of %d' % (
-                n, len(rlayers))) for n, rlayer in enumerate(rlayers, 1)]
+            layers = push_layers(client, ref, scope, exported_rlayers(name, version))
             config = exported_config(name, version, [diff_id for _, _, diff_id in layers])
             push_blob(client, ref, scope, 'sha256:' + hashlib.sha256(config).hexdigest(),
                       config)
@@ -6597,7 +6608,18 @@ def registry_push(options):
     log('INFO', "pushed '%s' to '%s'" % (image_ref_text(name, version), ref))
 
 
-def push_layer(client, ref, scope, rlayer, work, what):
+def push_layers(client, ref, scope, rlayers):
+    """Every layer, PUSH_THREADS at a time (while one thread walks its tree in Python,
+    the others compress, hash and send) -> [(digest, size, diff_id)], bottom first."""
+    import concurrent.futures
+    with concurrent.futures.ThreadPoolExecutor(PUSH_THREADS) as pool:
+        pushing = [pool.submit(push_layer, client.copy(), ref, scope, rlayer,
+                               'layer %d of %d' % (n, len(rlayers)))
+                   for n, rlayer in enumerate(rlayers, 1)]
+        return [future.result() for future in pushing]
+
+
+def push_layer(client, ref, scope, rlayer, what):
     """One layer to the registry unless it has it -> (digest, size, diff_id).  The gzip
     blob written for a layer is remembered beside it (pushed-blob: digest, size, diff_id,
     then where it went), so a push that finds it there compresses nothing."""
@@ -6610,16 +6632,50 @@ def push_layer(client, ref, scope, rlayer, work, what):
                 mount_blob(client, ref, scope, digest, lines[1:]):
             say_progress('%s %s: the registry has it' % (what, digest[:19]))
             return digest, size, diff_id
-    path, diff_id, digest = write_layer_blob(rlayer, work, True, what)
-    size = os.path.getsize(path)
-    with open(path, 'rb') as f:
-        push_blob(client, ref, scope, digest, BigReads(f), size)
-    remove_file(path)
+    digest, size, diff_id = stream_layer(client, ref, scope, rlayer, what)
     where = '%s %s' % (ref.registry, ref.repository)
     write_small(record, '\n'.join(['%s %d %s' % (digest, size, diff_id)] + [
         l for l in lines[1:] if l != where][-20:] + [where]) + '\n')
     say_progress('%s %s: %s pushed' % (what, digest[:19], size_text(size)))
     return digest, size, diff_id
+
+
+def stream_layer(client, ref, scope, rlayer, what):
+    """Upload a layer as it is written (tar, gzip, chunked PATCH: no file in between, and
+    both CPUs busy), then PUT its digest -> (digest, size, diff_id).  Cut off, it starts
+    anew: a stream cannot be sent twice."""
+    for attempt in range(REGISTRY_TRIES):
+        location = start_upload(client, ref, scope)
+        written = {}
+
+        def fill(put):
+            written['ids'] = write_layer(rlayer, put, True, 'push ' + what)
+        try:
+            response = client.request('PATCH', '', {'Content-Type': 'application/octet-stream',
+                                                    'Transfer-Encoding': 'chunked'},
+                                      from_thread(fill), ok=(202,), scope=scope,
+                                      url=location, tries=1)
+            drain(response)
+            diff_id, digest, size = written['ids']
+            location = client.absolute(response.getheader('Location') or location,
+                                       client.scheme, client.registry)
+            drain(client.request('PUT', '', None, None, ok=(201, 204), scope=scope, tries=1,
+                                 url=location + ('&' if '?' in location else '?') +
+                                 'digest=' + digest))
+            return digest, size, diff_id
+        except CockerError as e:
+            if isinstance(e, RegistryFailure) or attempt + 1 == REGISTRY_TRIES:
+                raise
+            client.back_off(attempt, None)
+    raise CockerError('%s could not be sent' % what)
+
+
+def start_upload(client, ref, scope):
+    """POST a new upload -> its absolute location."""
+    response = client.request('POST', '/v2/%s/blobs/uploads/' % ref.repository, ok=(202,),
+                              scope=scope)
+    drain(response)
+    return client.absolute(response.getheader('Location', ''), client.scheme, client.registry)
 
 
 def say_progress(text):
@@ -6669,11 +6725,7 @@ def push_blob(client, ref, scope, digest, body, size=None):
     for attempt in range(REGISTRY_TRIES):
         if blob_exists(client, ref, scope, digest):
             return
-        response = client.request('POST', '/v2/%s/blobs/uploads/' % ref.repository,
-                                  ok=(202,), scope=scope)
-        drain(response)
-        location = client.absolute(response.getheader('Location', ''), client.scheme,
-                                   client.registry)
+        location = start_upload(client, ref, scope)
         location += ('&' if '?' in location else '?') + 'digest=' + digest
         rewind(body)
         try:
