@@ -5169,6 +5169,9 @@ MANIFEST_TYPES = (
     'application/vnd.oci.image.manifest.v1+json', OCI_INDEX,
     'application/vnd.docker.distribution.manifest.v2+json', DOCKER_LIST)
 RIGHTS = ('pull', 'push')               #: push includes pull
+MAX_CONNECTIONS = 256                   #: served at once; more wait in the listen queue
+MAX_CONNECTIONS_PER_CLIENT = 32         #: from one address (a slow client holds a thread)
+DIGEST_PATTERN = 'sha256:[0-9a-f]{64}'
 
 
 class RegistryError(Exception):
@@ -5225,15 +5228,18 @@ class RegistryStore(object):
         """A small blob (a manifest) into blobs/ -> its digest."""
         import hashlib
         digest = 'sha256:' + hashlib.sha256(data).hexdigest()
-        path = self.blob_path(digest)
-        if not os.path.exists(path):
-            tmp = os.path.join(self.root, 'uploads', '.%s.tmp' % os.urandom(8).hex())
-            with open(tmp, 'wb') as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, path)
+        if not os.path.exists(self.blob_path(digest)):
+            self.write_file(self.blob_path(digest), data)
         return digest
+
+    def write_file(self, path, data):
+        """data into path, whole or not at all (written in uploads/, then renamed)."""
+        tmp = os.path.join(self.root, 'uploads', '.%s.tmp' % os.urandom(8).hex())
+        with open(tmp, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
 
     # ---- uploads
     def start_upload(self, name):
@@ -5250,54 +5256,77 @@ class RegistryStore(object):
 
     def append(self, name, upload, chunks, start=None):
         """Append what chunks yields; start, if given, must be where the upload stands."""
-        size = self.upload_size(name, upload)
-        if start is not None and start != size:
-            raise RegistryError(416, 'BLOB_UPLOAD_INVALID', 'the chunk starts at %d, the '
-                                'upload is at %d' % (start, size),
-                                [('Range', '0-%d' % max(size - 1, 0))])
-        digest = self.running_hash(upload, size)
-        try:
-            with open(self.upload_path(upload), 'ab') as f:
+        with self.upload_file(name, upload) as f:
+            size = os.fstat(f.fileno()).st_size
+            if start is not None and start != size:
+                raise RegistryError(416, 'BLOB_UPLOAD_INVALID', 'the chunk starts at %d, the '
+                                    'upload is at %d' % (start, size),
+                                    [('Range', '0-%d' % max(size - 1, 0))])
+            digest = self.running_hash(upload, f, size)
+            try:
                 for chunk in chunks:
                     digest.update(chunk)
                     f.write(chunk)
                     size += len(chunk)
                 f.flush()
-        except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            self.cancel(name, upload)   # a full disk: this upload goes, the others go on
-            for _ in chunks:
-                pass                    # the rest of the body read, so the client hears why
-            raise RegistryError(507, 'BLOB_UPLOAD_INVALID',
-                                'no space left in the registry storage')
-        self.hashes[upload] = (digest, size)
-        return size
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                self.cancel(name, upload)   # a full disk: this upload goes, the others go on
+                for _ in chunks:
+                    pass                    # the rest of the body read: the client hears why
+                raise RegistryError(507, 'BLOB_UPLOAD_INVALID',
+                                    'no space left in the registry storage')
+            self.hashes[upload] = (digest, size)
+            return size
 
-    def running_hash(self, upload, size):
+    def upload_file(self, name, upload):
+        """The upload, open for appending under its lock (one request at a time on it), or
+        404 once it is finished or cancelled."""
+        path = self.upload_path(upload)
+        try:
+            f = open(path, 'ab+')
+        except FileNotFoundError:
+            raise RegistryError(404, 'BLOB_UPLOAD_UNKNOWN', 'blob upload unknown')
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            live = os.path.samestat(os.fstat(f.fileno()), os.stat(path))
+        except FileNotFoundError:
+            live = False
+        if not live or read_small(path + '.name') != name:
+            f.close()
+            raise RegistryError(404, 'BLOB_UPLOAD_UNKNOWN', 'blob upload unknown')
+        return f
+
+    def running_hash(self, upload, f, size):
         """The sha256 of the upload so far: kept from its last chunk, or (after a restart
         of the server) computed from what is on disk."""
         import hashlib
         digest, seen = self.hashes.pop(upload, (None, -1))
         if seen != size:
             digest = hashlib.sha256()
-            with open(self.upload_path(upload), 'rb') as f:
-                for block in iter(lambda: f.read(CHUNK), b''):
-                    digest.update(block)
+            f.seek(0)
+            for block in iter(lambda: f.read(CHUNK), b''):
+                digest.update(block)
         return digest
 
     def finish(self, name, upload, digest):
-        """The upload becomes the blob digest, if that is what it holds."""
+        """The upload becomes the blob digest, if that is what it holds; a blob stored
+        already is kept as it is (never replaced: another repository may serve it)."""
         digest_hex(digest)
         path = self.upload_path(upload)
-        running = self.running_hash(upload, self.upload_size(name, upload))
-        if 'sha256:' + running.hexdigest() != digest:
-            self.cancel(name, upload)
-            raise RegistryError(400, 'DIGEST_INVALID', 'the upload does not match %s' % digest)
-        with open(path, 'rb+') as f:
+        with self.upload_file(name, upload) as f:
+            running = self.running_hash(upload, f, os.fstat(f.fileno()).st_size)
+            if 'sha256:' + running.hexdigest() != digest:
+                self.cancel(name, upload)
+                raise RegistryError(400, 'DIGEST_INVALID', 'the upload does not match %s'
+                                    % digest)
             os.fsync(f.fileno())
-        os.rename(path, self.blob_path(digest))     # the same blob twice: one copy stays
-        remove_file(path + '.name')
+            try:
+                os.link(path, self.blob_path(digest))  # the same blob twice: one copy stays
+            except FileExistsError:
+                pass
+            self.cancel(name, upload)
         self.link_blob(name, digest)
 
     def cancel(self, name, upload):
@@ -5307,12 +5336,15 @@ class RegistryStore(object):
 
     # ---- manifests and tags
     def manifest_digest(self, name, reference):
-        if reference.startswith('sha256:'):
+        import re
+        if re.fullmatch(DIGEST_PATTERN, reference):
             digest = reference
-        else:
+        elif re.fullmatch(REGISTRY_TAG, reference):
             digest = read_small(self.repo_path(name, '_tags', reference))
-        if not digest or not os.path.exists(self.repo_path(name, '_manifests',
-                                                          digest_hex(digest))):
+        else:
+            raise RegistryError(400, 'MANIFEST_INVALID', 'invalid tag or digest')
+        if not digest or not re.fullmatch(DIGEST_PATTERN, digest) or not os.path.isfile(
+                self.repo_path(name, '_manifests', digest_hex(digest))):
             raise RegistryError(404, 'MANIFEST_UNKNOWN', 'manifest unknown')
         return digest
 
@@ -5335,7 +5367,7 @@ class RegistryStore(object):
         self.link_blob(name, digest)
         if not reference.startswith('sha256:'):
             os.makedirs(self.repo_path(name, '_tags'), exist_ok=True)
-            write_small(self.repo_path(name, '_tags', reference), digest)
+            self.write_file(self.repo_path(name, '_tags', reference), digest.encode())
         return digest
 
     def check_manifest(self, name, media_type, data):
@@ -5343,7 +5375,7 @@ class RegistryStore(object):
         import json
         try:
             document = json.loads(data.decode('utf-8'))
-        except ValueError:
+        except (ValueError, RecursionError):
             document = None
         if not isinstance(document, dict):
             raise RegistryError(400, 'MANIFEST_INVALID', 'the manifest is not a JSON object')
@@ -5354,9 +5386,11 @@ class RegistryStore(object):
         try:
             if 'manifests' in document or media_type in (OCI_INDEX, DOCKER_LIST):
                 for child in document.get('manifests') or []:
+                    digest_hex(str(child['digest']))
                     self.manifest_digest(name, str(child['digest']))
             else:
                 for blob in [document['config']] + list(document.get('layers') or []):
+                    digest_hex(str(blob['digest']))
                     if not self.has_blob(name, str(blob['digest'])):
                         raise RegistryError(400, 'MANIFEST_BLOB_UNKNOWN',
                                             'blob %s is unknown to the repository'
@@ -5381,6 +5415,10 @@ class RegistryStore(object):
             return sorted(os.listdir(self.repo_path(name, '_tags')))
         except FileNotFoundError:
             return []
+
+    def is_repository(self, name):
+        return os.path.isdir(self.repo_path(name, '_manifests')) or \
+            os.path.isdir(self.repo_path(name, '_blobs'))
 
     def repositories(self):
         """Every repository name (a directory with cocker's entries in it), sorted."""
@@ -5439,6 +5477,9 @@ def password_hash(password, salt=None, rounds=PBKDF2_ROUNDS):
     key = hashlib.pbkdf2_hmac('sha256', password.encode('utf-8'), salt, rounds)
     return 'pbkdf2_sha256$%d$%s$%s' % (rounds, base64.b64encode(salt).decode(),
                                        base64.b64encode(key).decode())
+
+
+UNKNOWN_USER_HASH = 'pbkdf2_sha256$%d$AAAAAAAAAAAAAAAAAAAAAA==$' % PBKDF2_ROUNDS
 
 
 def password_matches(password, stored):
@@ -5509,8 +5550,11 @@ class Authenticator(object):
                 user, _, password = base64.b64decode(header[6:]).decode('utf-8').partition(':')
             except (ValueError, UnicodeDecodeError):
                 return None, None
+            if not user and not password:   # ':' (clients without credentials): anonymous
+                return None, 'pull' if self.anonymous_pull else None
             entry = self.users.get(user)
             if entry is None:
+                password_matches(password, UNKNOWN_USER_HASH)   # (as slow as a known user)
                 return user, None
             key = hashlib.sha256(('%s\0%s\0%s' % (user, password, entry[1])).encode(
                 'utf-8', 'surrogateescape')).digest()
@@ -5559,7 +5603,7 @@ def registry_handler(store, auth, read_only, log_line):
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = 'HTTP/1.1'
         server_version = 'cocker-registry/' + VERSION
-        timeout = 120                   # a silent client never holds a thread for long
+        timeout = 30                    # a silent client never holds a thread for long
 
         def do_GET(self):
             self.serve('GET')
@@ -5581,9 +5625,11 @@ def registry_handler(store, auth, read_only, log_line):
 
         def serve(self, method):
             self.started, self.sent, self.user, self.consumed = time.time(), 0, '-', False
+            self.head_sent = False
             url = urllib.parse.urlsplit(self.path)
             self.query = dict(urllib.parse.parse_qsl(url.query))
             try:
+                self.check_framing()
                 self.check_rights(method, url.path)
                 for pattern, handler in routes:
                     match = pattern.fullmatch(url.path)
@@ -5601,11 +5647,23 @@ def registry_handler(store, auth, read_only, log_line):
             except (ConnectionError, socket.timeout) as e:
                 self.close_connection = True    # the client went away or fell silent
                 self.status = 'aborted (%s)' % printable(str(e)[:100])
-            except (OSError, ValueError) as e:  # the storage failed, a malformed chunk size
+            except Exception as e:              # the storage failed; anything unforeseen
                 self.close_connection = True
                 self.fail(RegistryError(500, 'UNKNOWN', 'the registry failed: %s' % printable(
-                    getattr(e, 'strerror', None) or str(e))))
+                    getattr(e, 'strerror', None) or str(e) or type(e).__name__)))
+            if self.has_body and not self.consumed:
+                self.close_connection = True    # a body unread is never taken for a request
             self.log_request_line(method)
+
+        def check_framing(self):
+            """One body length, a number: else 400 and the connection closed."""
+            length = self.headers.get('Content-Length')
+            chunked = 'chunked' in self.headers.get('Transfer-Encoding', '').lower()
+            if (length is not None and (not is_decimal(length.strip()) or chunked)) or \
+                    len(self.headers.get_all('Content-Length') or []) > 1:
+                self.close_connection = True
+                self.consumed = True            # (nothing of it will be read)
+                raise RegistryError(400, 'UNSUPPORTED', 'malformed Content-Length')
 
         # ---- authentication
         def check_rights(self, method, path):
@@ -5614,12 +5672,14 @@ def registry_handler(store, auth, read_only, log_line):
             wanted = 'pull' if method in ('GET', 'HEAD') else 'push'
             user, rights = auth.rights(self.headers.get('Authorization'))
             self.user = printable(user or '-')
-            if rights is None or (wanted == 'push' and rights != 'push'):
-                raise RegistryError(401 if rights is None else 403,
-                                    'UNAUTHORIZED' if rights is None else 'DENIED',
-                                    'authentication required' if rights is None else
-                                    'requested access to the resource is denied',
+            if path.rstrip('/') == '/v2' and user is None:
+                rights = None           # the base challenges: clients learn to send who they are
+            if rights == 'push' or rights == wanted:
+                return
+            if rights is None or user is None:      # (anonymous: credentials may do more)
+                raise RegistryError(401, 'UNAUTHORIZED', 'authentication required',
                                     [('WWW-Authenticate', 'Basic realm="cocker"')])
+            raise RegistryError(403, 'DENIED', 'requested access to the resource is denied')
 
         def require_push(self):
             if read_only:
@@ -5633,7 +5693,7 @@ def registry_handler(store, auth, read_only, log_line):
             self.answer_list(method, 'repositories', store.repositories(), '/v2/_catalog')
 
         def api_tags(self, method, name):
-            if not os.path.isdir(store.repo_path(name)):
+            if not store.is_repository(name):
                 raise RegistryError(404, 'NAME_UNKNOWN', 'repository name not known to registry')
             self.answer_list(method, 'tags', store.tags(name), '/v2/%s/tags/list' % name,
                              {'name': name})
@@ -5757,7 +5817,7 @@ def registry_handler(store, auth, read_only, log_line):
                 return 0, size - 1
             first, _, last = text.replace('bytes=', '', 1).partition('-')
             if not is_decimal(first) or (last and not is_decimal(last)) or \
-                    int(first) >= size:
+                    int(first) >= size or (last and int(last) < int(first)):
                 raise RegistryError(416, 'BLOB_UNKNOWN', 'range not satisfiable',
                                     [('Content-Range', 'bytes */%d' % size)])
             return int(first), min(int(last), size - 1) if last else size - 1
@@ -5769,6 +5829,7 @@ def registry_handler(store, auth, read_only, log_line):
                 self.sent = len(data)
 
         def send_head(self, status, media_type, length, headers):
+            self.head_sent = True
             self.send_response_only(status)
             self.send_header('Docker-Distribution-API-Version', 'registry/2.0')
             if media_type:
@@ -5780,6 +5841,10 @@ def registry_handler(store, auth, read_only, log_line):
             self.status = status
 
         def fail(self, error):
+            if self.head_sent:              # too late for an answer: the connection ends
+                self.close_connection = True
+                self.status = '%s, then %d' % (getattr(self, 'status', '-'), error.status)
+                return
             body = json.dumps({'errors': [{'code': error.code, 'message': str(error),
                                            'detail': None}]}).encode()
             if self.has_body and not self.consumed:
@@ -5792,8 +5857,9 @@ def registry_handler(store, auth, read_only, log_line):
         # ---- request bodies: Content-Length or chunked
         @property
         def has_body(self):
+            length = (self.headers.get('Content-Length') or '0').strip()
             return 'chunked' in self.headers.get('Transfer-Encoding', '').lower() or \
-                int(self.headers.get('Content-Length') or 0) > 0
+                not is_decimal(length) or int(length) > 0
 
         def body_chunks(self):
             """The request body as it comes; consumed once all of it was read."""
@@ -5807,7 +5873,7 @@ def registry_handler(store, auth, read_only, log_line):
                     line = self.rfile.readline(1024)
                     if not line:
                         raise ConnectionResetError('the client went away')
-                    size = int(line.split(b';')[0].strip() or b'0', 16)
+                    size = chunk_size(line)
                     if size == 0:
                         while self.rfile.readline(1024) not in (b'\r\n', b'\n', b''):
                             pass
@@ -5861,6 +5927,14 @@ def registry_handler(store, auth, read_only, log_line):
     return Handler
 
 
+def chunk_size(line):
+    """The size of a chunk of a chunked body: 1 to 16 hex digits (an extension after ';')."""
+    digits = line.split(b';')[0].strip()
+    if not 0 < len(digits) <= 16 or digits.strip(b'0123456789abcdefABCDEF'):
+        raise RegistryError(400, 'BLOB_UPLOAD_INVALID', 'malformed chunk size')
+    return int(digits, 16)
+
+
 def parse_listen(text):
     """'ADDR:PORT' or '[V6]:PORT' -> (address, port)."""
     host, _, port = text.rpartition(':')
@@ -5898,6 +5972,7 @@ def serve_registry(options):
     context = tls_server_context(options) if options.tls_cert else None
     log_line = registry_logger(os.path.join(store.root, 'access.log'))
     handler = registry_handler(store, auth, options.read_only, log_line)
+    lock, connections = threading.Lock(), {}       # client address -> connections served
 
     class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
         daemon_threads = True
@@ -5908,6 +5983,30 @@ def serve_registry(options):
         def server_bind(self):          # (without HTTPServer's reverse lookup of the name)
             socketserver.TCPServer.server_bind(self)
             self.server_name, self.server_port = host, self.server_address[1]
+
+        def process_request(self, request, client_address):
+            if not self.admit(client_address[0]):
+                log_line('%s refused: too many connections' % client_address[0])
+                self.shutdown_request(request)
+                return
+            socketserver.ThreadingMixIn.process_request(self, request, client_address)
+
+        def admit(self, address):
+            with lock:
+                if sum(connections.values()) >= MAX_CONNECTIONS or \
+                        connections.get(address, 0) >= MAX_CONNECTIONS_PER_CLIENT:
+                    return False
+                connections[address] = connections.get(address, 0) + 1
+                return True
+
+        def process_request_thread(self, request, client_address):
+            try:
+                socketserver.ThreadingMixIn.process_request_thread(self, request, client_address)
+            finally:
+                with lock:
+                    connections[client_address[0]] -= 1
+                    if not connections[client_address[0]]:
+                        del connections[client_address[0]]
 
         def finish_request(self, request, client_address):
             if context is not None:     # the handshake in the request's own thread
@@ -5933,9 +6032,9 @@ def serve_registry(options):
         threading.Thread(target=server.shutdown).start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)
-    log_line('serving %s on %s://%s (%s)' % (store.root, 'https' if context else 'http',
-                                              options.listen, 'users of %s' % auth.path
-                                              if auth else 'no authentication'))
+    log_line('serving %s on %s://%s (%s)' % (
+        store.root, 'https' if context else 'http', options.listen, 'users of %s' % auth.path
+        if auth else 'no users file: anyone who reaches it may pull and push'))
     try:
         server.serve_forever(poll_interval=0.5)
     finally:
@@ -6147,6 +6246,7 @@ class RegistryClient(object):
             stored_credentials(registry)
         self.scheme = 'https'
         self.connections = {}           # (scheme, host:port) -> connection
+        self.responses = {}             # (scheme, host:port) -> its last response
         self.authorization = None       # the header of the last challenge answered
 
     def copy(self):
@@ -6249,13 +6349,18 @@ class RegistryClient(object):
         raise CockerError('%s %s: too many redirects or retries' % (method, path))
 
     def send(self, method, scheme, netloc, target, headers, body):
+        last = self.responses.get((scheme, netloc))
+        if last is not None and not last.isclosed():
+            self.drop(scheme, netloc)       # a body left unread (drain stops): a new connection
         connection = self.connection(scheme, netloc)
         headers.setdefault('User-Agent', 'cocker/' + VERSION)
         if body is None and method in ('PUT', 'POST', 'PATCH'):
             headers['Content-Length'] = '0'
         connection.request(method, target, body=body, headers=headers,
                            encode_chunked='Transfer-Encoding' in headers)
-        return connection.getresponse()
+        response = connection.getresponse()
+        self.responses[(scheme, netloc)] = response
+        return response
 
     def where(self, url):
         """(scheme, netloc, path?query) of a path of this registry or a full URL."""
@@ -6264,7 +6369,7 @@ class RegistryClient(object):
             return self.scheme, self.registry, url
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ('https', 'http') or not parts.netloc or \
-                parts.scheme == 'http' and not self.insecure and parts.netloc == self.registry:
+                parts.scheme == 'http' and not self.insecure:
             raise CockerError('the registry sent the client to %s: refused (only https, '
                               'or http with --insecure)' % printable(url[:200]))
         return parts.scheme, parts.netloc, (parts.path or '/') + (
@@ -6389,9 +6494,15 @@ def proxy_for(scheme, host):
     return parts.hostname, parts.port or 3128
 
 
-def drain(response):
-    while response.read(CHUNK):
-        pass
+def drain(response, limit=64 << 10):
+    """Read what is left of a response, up to limit (a body without end is not waited
+    for: its connection is not used again)."""
+    left = limit
+    while left > 0:
+        data = response.read(min(left, CHUNK))
+        if not data:
+            return
+        left -= len(data)
 
 
 def rewindable(body):
@@ -6423,6 +6534,8 @@ def registry_pull(options):
                              [blob_name(d) for d in layers], layers, [str(ref)])
         name, version = pulled_name(options, ref)
         with RegistryBlobs(client, ref, scope) as source:
+            for descriptor in [manifest['config']] + list(manifest.get('layers') or []):
+                source.sizes[descriptor.get('digest')] = descriptor.get('size')
             config, _ = read_json(source, image.config_name, config_digest)
             diff_ids = (config.get('rootfs') or {}).get('diff_ids') or [] \
                 if isinstance(config, dict) else []
@@ -6479,7 +6592,9 @@ def platform_manifest(client, ref, document, digest, platform, scope):
                 'manifests' not in document:
             return document, digest
         chosen = platform_descriptor(document, platform)
-        document, digest = fetch_manifest(client, ref, str(chosen.get('digest')), scope)
+        child = str(chosen.get('digest'))
+        digest_hex(child)                   # a digest, never a tag: the index pins it
+        document, digest = fetch_manifest(client, ref, child, scope)
     raise CockerError('%s: the indexes nest too deep' % ref)
 
 
@@ -6506,6 +6621,7 @@ class RegistryBlobs(object):
         self.directory = os.path.join(HOME, 'downloads')
         os.makedirs(self.directory, 0o700, exist_ok=True)
         self.pending, self.done, self.pool = {}, [], None
+        self.sizes = {}                 # digest -> size its descriptor gives (read no more)
         self.forget_old_downloads()
 
     def __enter__(self):
@@ -6545,6 +6661,9 @@ class RegistryBlobs(object):
     def download(self, digest, client):
         """HOME/downloads/HEX, complete and checked -> its path."""
         import hashlib
+        size = self.sizes.get(digest)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise CockerError('the manifest gives blob %s no size' % printable(digest[:80]))
         path = os.path.join(self.directory, digest_hex(digest))
         with locked('download', digest_hex(digest)):
             self.done.append(path)          # (one a killed pull finished: used, then gone)
@@ -6552,31 +6671,39 @@ class RegistryBlobs(object):
                 return path
             partial = path + '.part'
             have = os.path.getsize(partial) if os.path.exists(partial) else 0
+            have = have if have < size else 0
             response = client.request('GET', '/v2/%s/blobs/%s' % (self.ref.repository, digest),
                                       {'Range': 'bytes=%d-' % have} if have else {},
                                       ok=(200, 206), scope=self.scope)
+            if response.status != 206 or not (response.getheader('Content-Range') or '').replace(
+                    'bytes ', '').startswith('%d-' % have):
+                have = 0                    # the whole blob, from its start
             hashed = hashlib.sha256()
-            if response.status == 206:
-                with open(partial, 'rb') as f:  # what an earlier try got counts too
-                    for block in iter(lambda: f.read(CHUNK), b''):
-                        hashed.update(block)
-            else:
-                have = 0
-            total = have + int(response.getheader('Content-Length') or 0) or None
-            progress = Progress('pull %s' % digest[7:19], total)
-            progress.add(have)
-            with open(partial, 'ab' if have else 'wb') as f:
-                for block in iter(lambda: response.read(CHUNK), b''):
+            with open(partial, 'ab+' if have else 'wb+') as f:
+                f.seek(0)
+                for block in iter(lambda: f.read(CHUNK), b''):
+                    hashed.update(block)    # what an earlier try got counts too
+                progress = Progress('pull %s' % digest[7:19], size)
+                progress.add(have)
+                while True:
+                    block = response.read(min(CHUNK, size - have + 1))
+                    if not block:
+                        break
+                    have += len(block)
+                    if have > size:
+                        remove_file(partial)
+                        raise CockerError('blob %s is larger than its manifest says: refused'
+                                          % digest)
                     hashed.update(block)
                     f.write(block)
                     progress.add(len(block))
-            progress.finish()
+                progress.finish()
             if 'sha256:' + hashed.hexdigest() != digest:
                 remove_file(partial)
                 raise CockerError('digest mismatch for blob %s: refused' % digest)
             os.rename(partial, path)
-            if not sys.stderr.isatty() and total and total > 4096:
-                sys.stderr.write('cocker: %s %s downloaded\n' % (digest[:19], size_text(total)))
+            if not sys.stderr.isatty() and size > 4096:
+                sys.stderr.write('cocker: %s %s downloaded\n' % (digest[:19], size_text(size)))
             return path
 
 
@@ -6742,13 +6869,11 @@ def push_blob(client, ref, scope, digest, body, size=None):
 
 def registry_repositories(client, path):
     """Every repository of the registry under path (the catalog, page after page)."""
-    import json
     found, target = [], '/v2/_catalog?n=1000'
-    for _ in range(1000):
+    for _ in range(100):
         response = client.request('GET', target, scope='registry:catalog:*')
         link = response.getheader('Link', '')
-        document = json.loads(response.read(16 << 20).decode('utf-8'))
-        found += [str(r) for r in document.get('repositories') or []]
+        found += [str(r) for r in registry_json(response, 'catalog').get('repositories') or []]
         if 'rel="next"' not in link:
             break
         target = link.split(';')[0].strip('<> ')
@@ -6757,11 +6882,21 @@ def registry_repositories(client, path):
 
 
 def registry_tags(client, repository):
-    import json
     response = client.request('GET', '/v2/%s/tags/list?n=1000' % repository,
                               scope='repository:%s:pull' % repository)
-    return [str(t) for t in json.loads(response.read(16 << 20).decode('utf-8')).get('tags')
-            or []]
+    return [str(t) for t in registry_json(response, 'tag list').get('tags') or []]
+
+
+def registry_json(response, what):
+    """A JSON object the registry answered (4 MiB at most), or one clear error."""
+    import json
+    try:
+        document = json.loads(response.read(MANIFEST_MAX).decode('utf-8'))
+    except (ValueError, RecursionError):
+        document = None
+    if not isinstance(document, dict):
+        raise CockerError('the registry sent a malformed %s' % what)
+    return document
 
 
 # =============================================================================

@@ -90,11 +90,13 @@ class Server(object):
         return self.proc.returncode, err.decode('utf-8', 'replace')
 
 
-def cocker_registry(home, certs, repo_dir, port=None, extra=()):
+def cocker_registry(home, certs, repo_dir, port=None, extra=(), tls=True):
+    """cocker -a repo_server on 127.0.0.1 (TLS with the test CA's certificate, unless
+    not tls: then plain HTTP)."""
     port = port or free_loopback_port()
+    serving = ['--tls-cert', certs['cert'], '--tls-key', certs['key']] if tls else ['--insecure']
     return Server(['-a', 'repo_server', '--listen', '127.0.0.1:%d' % port, '--repo-dir',
-                   repo_dir, '--tls-cert', certs['cert'], '--tls-key', certs['key']] +
-                  list(extra), port, home=home)
+                   repo_dir] + serving + list(extra), port, home=home)
 
 
 @pytest.fixture(scope='module')
@@ -290,8 +292,8 @@ def b64url(data):
 
 
 class TokenService(object):
-    """Docker's token protocol on 127.0.0.1: alice, with her password, gets every scope
-    she asks for in an RS256 token signed by the CA's key (its certificate in x5c)."""
+    """Docker's token protocol on https://127.0.0.1: alice, with her password, gets every
+    scope she asks for in an RS256 token signed by the CA's key (its certificate in x5c)."""
 
     def __init__(self, certs):
         import http.server
@@ -322,8 +324,12 @@ class TokenService(object):
 
             def log_message(self, *args):
                 pass
+        import ssl
         self.server = http.server.HTTPServer(('127.0.0.1', 0), Handler)
-        self.realm = 'http://127.0.0.1:%d/token' % self.server.server_address[1]
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certs['cert'], certs['key'])
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.realm = 'https://127.0.0.1:%d/token' % self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever)
         self.thread.daemon = True
         self.thread.start()
@@ -393,9 +399,10 @@ def test_the_distribution_registry_with_htpasswd_and_with_tokens(
                for s in token_registry.tokens.issued), token_registry.tokens.issued
 
 
-def test_a_pull_of_an_index_takes_the_host_platform(htpasswd_registry, certs, home, cocker,
-                                                   image_names, tmp_path):
-    """An index of two images (amd64 and arm64, told apart by a file), pushed by buildah."""
+def test_a_pull_of_an_index_takes_the_host_platform(htpasswd_registry, ours, certs, home,
+                                                   cocker, image_names, tmp_path):
+    """An index of two images (amd64 and arm64, told apart by a file), pushed by buildah to
+    the distribution registry and to cocker's (which keeps it byte for byte)."""
     b = Buildah(str(tmp_path / 'b'))
 
     def marked(arch):
@@ -405,31 +412,199 @@ def test_a_pull_of_an_index_takes_the_host_platform(htpasswd_registry, certs, ho
                 f.write(arch + '\n')
         return change
     name = image_names()
-    ref = '%s/multi/%s:1' % (htpasswd_registry.address, name)
+    refs = ['%s/multi/%s:1' % (server.address, name) for server in (htpasswd_registry, ours)]
     try:
         b.layer('scratch', marked('amd64'), 'one:amd64')
         b.layer('scratch', marked('arm64'), 'one:arm64')
         b('manifest', 'create', 'multi')
         b('manifest', 'add', '--arch', 'arm64', 'multi', 'containers-storage:localhost/one:arm64')
         b('manifest', 'add', '--arch', 'amd64', 'multi', 'containers-storage:localhost/one:amd64')
-        b('manifest', 'push', '-q', '--all', '--cert-dir', certs['dir'], '--creds',
-          'alice:' + PASSWORDS['alice'], 'multi', 'docker://' + ref)
+        for ref in refs:
+            b('manifest', 'push', '-q', '--all', '--cert-dir', certs['dir'], '--creds',
+              'alice:' + PASSWORDS['alice'], 'multi', 'docker://' + ref)
     finally:
         b.close()
-    assert login(home, htpasswd_registry, 'alice', certs).rc == 0
-    for platform, local, arch in ((None, image_names(), 'amd64'),
-                                  ('linux/arm64', image_names(), 'arm64')):
-        extra = ['--platform', platform] if platform else []
-        r = cocker('-a', 'pull', '-m', ref, '--to-image', local + ':1', '--ca-file',
-                   certs['ca'], *extra)
+    raw = [subprocess.check_output(['skopeo', 'inspect', '--raw', '--cert-dir', certs['dir'],
+                                    '--creds', 'alice:' + PASSWORDS['alice'], 'docker://' + ref])
+           for ref in refs]
+    assert raw[0] == raw[1] and b'"manifests"' in raw[0], 'the index, byte for byte'
+    for server, ref in zip((htpasswd_registry, ours), refs):
+        assert login(home, server, 'alice', certs).rc == 0
+        for platform, local, arch in ((None, image_names(), 'amd64'),
+                                      ('linux/arm64', image_names(), 'arm64')):
+            extra = ['--platform', platform] if platform else []
+            r = cocker('-a', 'pull', '-m', ref, '--to-image', local + ':1', '--ca-file',
+                       certs['ca'], *extra)
+            assert r.rc == 0, r
+            layers = open(os.path.join(home, 'images', local, '1', 'layers')).read().split()
+            stored = os.path.join(home, 'layers', layers[0].split(':')[1], 'rlayer', 'etc',
+                                  'arch')
+            assert open(stored).read() == arch + '\n', platform
+        r = cocker('-a', 'pull', '-m', ref, '--to-image', image_names() + ':1', '--ca-file',
+                   certs['ca'], '--platform', 'linux/s390x')
+        assert r.rc == 255 and 'no image for linux/s390x (there are linux/amd64, ' \
+            'linux/arm64)' in error_line(r), r
+    # by digest: the index's own
+    digest = 'sha256:' + hashlib.sha256(raw[1]).hexdigest()
+    local = image_names()
+    r = cocker('-a', 'pull', '-m', '%s/multi/%s@%s' % (ours.address, name, digest),
+               '--to-image', local + ':1', '--ca-file', certs['ca'])
+    assert r.rc == 0, r
+
+
+def test_anonymous_pull_read_only_delete_and_garbage_collection(certs, cocker, home, built,
+                                                                image_names, tmp_path):
+    repo_dir = str(tmp_path / 'repo')
+    name = image_names()
+    assert cocker('-a', 'import', '--image-file', built, '-m', name + ':1').rc == 0
+    users = os.path.join(repo_dir, 'users')
+    os.makedirs(repo_dir)
+    assert run_cocker(home, '-a', 'repo_user_add', '--user', 'alice', '--rights', 'push',
+                      '--auth-file', users, input=b'pw\n').rc == 0
+    r = cocker('-s', 'repo_users', '--repo-dir', repo_dir)
+    assert r.rc == 0 and [l.split() for l in r.out.splitlines()[2:]] == [['alice', 'push']], r
+    server = cocker_registry(home, certs, repo_dir, extra=['--insecure', '--anonymous-pull'])
+    creds = ['--creds', 'alice:pw', '--tls-verify=false']
+    try:
+        ref = 'docker://%s/anon/%s:1' % (server.address, name)
+        subprocess.check_call(['skopeo', 'copy', '-q', '--dest-creds', 'alice:pw',
+                               '--dest-tls-verify=false', 'docker-archive:' + built, ref])
+        # anyone may pull, nobody without credentials may push
+        assert json.loads(subprocess.check_output(['skopeo', 'inspect', '--tls-verify=false',
+                                                   '--no-creds', ref]))['Name']
+        r = subprocess.run(['skopeo', 'copy', '-q', '--dest-tls-verify=false', '--dest-no-creds',
+                            'docker-archive:' + built, ref.replace(':1', ':2')],
+                           stderr=subprocess.PIPE)
+        assert r.returncode != 0, 'an anonymous push'
+        # a deleted image: its blobs go at the next collection once old enough
+        subprocess.check_call(['skopeo', 'delete'] + creds + [ref])
+        r = subprocess.run(['skopeo', 'inspect'] + creds + [ref], stderr=subprocess.PIPE)
+        assert r.returncode != 0 and b'manifest unknown' in r.stderr
+        blobs = os.path.join(repo_dir, 'blobs', 'sha256')
+        assert cocker('-a', 'repo_gc', '--repo-dir', repo_dir).out.startswith('removed 0 ')
+        for entry in os.listdir(blobs):                  # an hour and more ago
+            os.utime(os.path.join(blobs, entry), (1, 1))
+        r = cocker('-a', 'repo_gc', '--repo-dir', repo_dir)
+        assert r.rc == 0 and r.out.startswith('removed 4 blobs'), r     # 2 layers, config, manifest
+        assert os.listdir(blobs) == []
+    finally:
+        assert server.stop()[0] == 0
+    # read-only: pulls only
+    server = cocker_registry(home, certs, repo_dir, extra=['--insecure', '--read-only'])
+    ref = 'docker://%s/anon/%s:1' % (server.address, name)
+    try:
+        r = subprocess.run(['skopeo', 'copy', '-q', '--dest-tls-verify=false', '--dest-creds',
+                            'alice:pw', 'docker-archive:' + built, ref], stderr=subprocess.PIPE)
+        assert r.returncode != 0 and b'read-only' in r.stderr, r.stderr
+    finally:
+        assert server.stop()[0] == 0
+
+
+class Misbehaving(object):
+    """A registry on 127.0.0.1 that answers from a table (path -> (status, headers, body)),
+    and notes every request's headers; unknown paths are 404."""
+
+    def __init__(self, table):
+        import http.server
+        import threading
+        self.table, self.seen = table, []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = 'HTTP/1.1'
+
+            def do_GET(self):
+                outer.seen.append((self.path, dict(self.headers)))
+                status, headers, body = outer.table.get(self.path, (404, {}, b'{}'))
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header('Content-Length', str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            do_HEAD = do_GET
+
+            def log_message(self, *args):
+                pass
+        import socketserver
+
+        class Threading(socketserver.ThreadingMixIn, http.server.HTTPServer):
+            daemon_threads = True       # (clients keep connections open: one thread each)
+        self.server = Threading(('127.0.0.1', 0), Handler)
+        self.address = '127.0.0.1:%d' % self.server.server_address[1]
+        t = threading.Thread(target=self.server.serve_forever)
+        t.daemon = True
+        t.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_blob_redirect_gets_no_credentials_and_bad_blobs_are_refused(cocker, home,
+                                                                       image_names, second_home):
+    """A registry sends the layer to blob storage on another port: the Authorization header
+    stays home; a layer whose bytes differ, a redirect to file://, each refused."""
+    import base64
+    import gzip
+    import io
+    import tarfile
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode='w') as t:
+        info = tarfile.TarInfo('hello')
+        info.size = 3
+        t.addfile(info, io.BytesIO(b'hi\n'))
+    layer = gzip.compress(raw.getvalue())
+    digest = lambda data: 'sha256:' + hashlib.sha256(data).hexdigest()
+    config = json.dumps({'architecture': 'amd64', 'os': 'linux', 'rootfs': {
+        'type': 'layers', 'diff_ids': [digest(raw.getvalue())]}}).encode()
+    storage = Misbehaving({'/blob': (200, {}, layer),
+                           '/bad': (200, {}, layer[:-1] + bytes([layer[-1] ^ 1])),
+                           '/long': (200, {}, layer + b'x' * 100000)})
+    registry = Misbehaving({})
+    try:
+        def manifest(location):
+            body = json.dumps({'schemaVersion': 2, 'mediaType':
+                               'application/vnd.oci.image.manifest.v1+json',
+                               'config': {'digest': digest(config), 'size': len(config)},
+                               'layers': [{'digest': digest(layer), 'size': len(layer)}]}).encode()
+            return body
+        need = {'WWW-Authenticate': 'Basic realm="x"'}
+        auth = 'Basic ' + base64.b64encode(b'u:p').decode()
+        registry.table.update({
+            '/v2/': (200, {}, b'{}'),
+            '/v2/a/manifests/good': (200, {'Content-Type': 'application/vnd.oci.image.manifest'
+                                           '.v1+json'}, manifest('/blob')),
+            '/v2/a/blobs/' + digest(config): (200, {}, config),
+            '/v2/a/blobs/' + digest(layer): (307, {'Location': 'http://%s/blob' % storage.address},
+                                             b'')})
+        with open(os.path.join(second_home, 'auth.json'), 'w') as f:
+            json.dump({'auths': {registry.address: {'auth': auth[6:]}}}, f)
+        del need
+        r = run_cocker(second_home, '-a', 'pull', '-m', '%s/a:good' % registry.address,
+                       '--insecure', '--to-image', 'good:1')
         assert r.rc == 0, r
-        layers = open(os.path.join(home, 'images', local, '1', 'layers')).read().split()
-        stored = os.path.join(home, 'layers', layers[0].split(':')[1], 'rlayer', 'etc', 'arch')
-        assert open(stored).read() == arch + '\n', platform
-    r = cocker('-a', 'pull', '-m', ref, '--to-image', image_names() + ':1', '--ca-file',
-               certs['ca'], '--platform', 'linux/s390x')
-    assert r.rc == 255 and 'no image for linux/s390x (there are linux/amd64, linux/arm64)' in \
-        error_line(r), r
+        assert storage.seen and all('Authorization' not in h for _, h in storage.seen), \
+            'credentials went to the blob storage: %r' % storage.seen
+        assert run_cocker(second_home, '-a', 'del_image', '-m', 'good:1').rc == 0
+        # the storage sends other bytes, then more bytes than the manifest says
+        for path, text in (('/bad', 'digest mismatch'), ('/long', 'larger than its manifest')):
+            registry.table['/v2/a/blobs/' + digest(layer)] = (
+                307, {'Location': 'http://%s%s' % (storage.address, path)}, b'')
+            r = run_cocker(second_home, '-a', 'pull', '-m', '%s/a:good' % registry.address,
+                           '--insecure', '--to-image', 'bad:1')
+            assert r.rc == 255 and text in error_line(r), r
+        # a redirect to a host file
+        registry.table['/v2/a/blobs/' + digest(layer)] = (307, {'Location': 'file:///etc/passwd'},
+                                                         b'')
+        r = run_cocker(second_home, '-a', 'pull', '-m', '%s/a:good' % registry.address,
+                       '--insecure', '--to-image', 'file:1')
+        assert r.rc == 255 and 'refused' in error_line(r), r
+        assert os.listdir(os.path.join(second_home, 'images')) == []
+        assert os.listdir(os.path.join(second_home, 'layers')) == []
+    finally:
+        storage.close()
+        registry.close()
 
 
 # ---- faults: kills, a full disk, many clients at once ------------------------------------
@@ -634,3 +809,105 @@ def test_many_clients_at_once(ours, certs, built, cocker, home, image_names):
     assert sorted(l.split()[0] for l in r.out.splitlines()[2:]) == \
         ['push%d/%s' % (n, name) for n in range(4)], r
     blobs_are_whole(ours.dir)
+
+
+def raw_request(address, data, timeout=10):
+    """Send bytes to the registry, return all it answers until it closes (or goes quiet)."""
+    import socket
+    host, port = address.split(':')
+    s = socket.create_connection((host, int(port)), timeout=timeout)
+    try:
+        s.sendall(data)
+        out = b''
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            out += chunk
+        return out
+    finally:
+        s.close()
+
+
+def test_hostile_clients_get_errors_and_the_blobs_stay_whole(certs, home, tmp_path):
+    """What a client with push rights (here: no users, an open registry) may try."""
+    import http.client
+    repo_dir = str(tmp_path / 'repo')
+    server = cocker_registry(home, certs, repo_dir, tls=False)
+    host, port = server.address.split(':')
+
+    def request(method, path, body=None, headers=None):
+        c = http.client.HTTPConnection(host, int(port), timeout=10)
+        c.request(method, path, body=body, headers=headers or {})
+        r = c.getresponse()
+        data = r.read()
+        c.close()
+        return r.status, dict(r.getheaders()), data
+    try:
+        blob = os.urandom(2000)
+        digest = 'sha256:' + hashlib.sha256(blob).hexdigest()
+        status, headers, _ = request('POST', '/v2/victim/app/blobs/uploads/?digest=' + digest,
+                                     blob)
+        assert status == 201
+        # an upload raced by a second request on the same upload id: the blob stays whole
+        status, headers, _ = request('POST', '/v2/evil/x/blobs/uploads/')
+        location = headers['Location']
+        import socket
+        slow = socket.create_connection((host, int(port)))
+        slow.sendall(b'PATCH %s HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n'
+                     % location.encode())
+        import threading
+        done = []
+        t = threading.Thread(target=lambda: done.append(request(
+            'PUT', location + '?digest=' + digest, blob)))
+        t.start()
+        t.join(2)
+        slow.sendall(b'G' * 100)
+        slow.recv(4096)
+        slow.close()
+        t.join(10)
+        assert done and done[0][0] in (400, 404), 'the PUT waited, then the upload had more'
+        assert open(os.path.join(repo_dir, 'blobs', 'sha256', digest[7:]), 'rb').read() == blob
+        # an index whose child names a host file
+        status, _, _ = request('PUT', '/v2/evil/x/manifests/t', json.dumps({
+            'schemaVersion': 2, 'mediaType': 'application/vnd.oci.image.index.v1+json',
+            'manifests': [{'digest': '../' * 12 + 'etc/passwd'}]}).encode(),
+            {'Content-Type': 'application/vnd.oci.image.index.v1+json'})
+        assert status == 400
+        # a manifest nested deep, a negative chunk size, a bad Content-Length, a bad Range
+        status, _, _ = request('PUT', '/v2/evil/x/manifests/t', b'[' * 100000,
+                               {'Content-Type': 'application/vnd.oci.image.manifest.v1+json'})
+        assert status == 400
+        status, headers, _ = request('POST', '/v2/evil/x/blobs/uploads/')
+        answer = raw_request(server.address, b'PATCH %s HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:'
+                             b' chunked\r\n\r\n-1\r\n' % headers['Location'].encode() +
+                             b'x' * (1 << 20))
+        assert answer.startswith(b'HTTP/1.1 400'), answer[:200]
+        answer = raw_request(server.address, b'PUT /v2/evil/x/manifests/t HTTP/1.1\r\nHost: x'
+                             b'\r\nContent-Length: abc\r\n\r\n')
+        assert answer.startswith(b'HTTP/1.1 400'), answer[:200]
+        status, _, _ = request('GET', '/v2/victim/app/blobs/' + digest, None,
+                               {'Range': 'bytes=5-3'})
+        assert status == 416
+        status, _, data = request('GET', '/v2/victim/app/blobs/' + digest, None,
+                                  {'Range': 'bytes=10-19'})
+        assert status == 206 and data == blob[10:20]
+        # a body on a GET is never taken for a request of its own
+        smuggled = b'DELETE /v2/victim/app/blobs/%s HTTP/1.1\r\nHost: x\r\n\r\n' % \
+            digest.encode()
+        raw_request(server.address, b'GET /v2/ HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n'
+                    b'\r\n' % len(smuggled) + smuggled, timeout=2)
+        assert request('HEAD', '/v2/victim/app/blobs/' + digest)[0] == 200
+        # names that would leave the directory or meet cocker's own entries
+        for path in ('/v2/../../etc/manifests/x', '/v2/a/_tags/manifests/x',
+                     '/v2/%2e%2e/x/manifests/y', '/v2/a//b/manifests/x',
+                     '/v2/a/manifests/..', '/v2/_blobs/x/tags/list'):
+            assert request('GET', path)[0] in (400, 404), path
+        status, _, data = request('GET', '/v2/victim/tags/list')
+        assert status == 404, 'a parent path is no repository'
+    finally:
+        assert server.stop()[0] == 0
+    blobs_are_whole(repo_dir)
