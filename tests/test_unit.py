@@ -819,3 +819,32 @@ def test_in_thread_hands_over_items_and_errors_in_order():
             got.append(item)
     assert got == [1, 2]
     assert list(cocker.in_thread(iter(range(100)), depth=2)) == list(range(100))
+
+
+def test_credentials_come_from_cocker_then_podman_then_docker(tmp_path, monkeypatch):
+    import base64
+    import json
+    monkeypatch.setattr(cocker, 'HOME', str(tmp_path / 'home'))
+    monkeypatch.setenv('HOME', str(tmp_path / 'user'))
+    monkeypatch.setenv('XDG_RUNTIME_DIR', str(tmp_path / 'run'))
+    os.makedirs(str(tmp_path / 'home'))
+    os.makedirs(str(tmp_path / 'user' / '.docker'))
+    os.makedirs(str(tmp_path / 'run' / 'containers'))
+
+    def auths(path, entries):
+        with open(str(path), 'w') as f:
+            json.dump({'auths': dict((k, {'auth': base64.b64encode(v.encode()).decode()})
+                                     for k, v in entries.items())}, f)
+    auths(tmp_path / 'user' / '.docker' / 'config.json', {'https://reg.example': 'd:1',
+                                                          'other.example:5000': 'd:2'})
+    auths(tmp_path / 'run' / 'containers' / 'auth.json', {'reg.example': 'p:1'})
+    assert cocker.stored_credentials('reg.example') == ('p', '1'), "podman's before docker's"
+    assert cocker.stored_credentials('other.example:5000') == ('d', '2')
+    assert cocker.stored_credentials('nowhere.example') is None
+    cocker.save_credentials('reg.example', 'c', 'pw:with:colons')
+    assert cocker.stored_credentials('reg.example') == ('c', 'pw:with:colons'), 'ours first'
+    assert oct(os.stat(str(tmp_path / 'home' / 'auth.json')).st_mode & 0o777) == '0o600'
+    cocker.save_credentials('reg.example', None, None)
+    assert cocker.stored_credentials('reg.example') == ('p', '1')
+    with pytest.raises(cocker.CockerError):
+        cocker.save_credentials('reg.example', None, None)
