@@ -3138,31 +3138,66 @@ def write_quietly(fd, text):
 
 
 def monitor_container(name, init, exec_cmd, ready_w):
-    """Fork PID 1 in new namespaces, copy its log, wait for it and record its exit status."""
+    """Run PID 1, and again as the container's restart policy says, until it ends for good
+    or the operator stops it (SIGTERM: shutdown, kill, destroy)."""
+    import signal
+    state = {'init': None, 'stopping': False}
+
+    def stop(signum, frame):            # shutdown: SIGTERM to PID 1, SIGKILL after a while
+        state['stopping'] = True
+        if state['init']:
+            signal.alarm(STOP_TIMEOUT)
+            signal_process(state['init'], signal.SIGTERM)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGALRM, lambda signum, frame: signal_process(state['init'], SIGKILL))
+    restarts = 0
+    while True:
+        started = time.time()
+        status = run_pid1(name, init, exec_cmd, ready_w, state)
+        ready_w = None                  # (the CLI heard the first READY; the rest are ours)
+        if state['stopping'] or not restart_wanted(name, status, restarts):
+            return
+        if not sleep_unless_stopped(restart_delay(restarts, time.time() - started), state):
+            return
+        restarts += 1
+        write_attr(name, 'restart_count', str(restarts))
+        log('INFO', "restarting container '%s' (restart %d, after exit status %d)"
+            % (name, restarts, status))
+
+
+def run_pid1(name, init, exec_cmd, ready_w, state):
+    """Fork PID 1 in a new pid namespace, copy its log, wait for it -> its exit status.  A
+    restart has no CLI waiting for READY: the monitor reads the ready pipe itself."""
     import signal
     log_r, log_w = os.pipe()
     alive_r, alive_w = os.pipe()
+    ready_r = None
+    if ready_w is None:
+        ready_r, ready_w = os.pipe()
     # our own later children (ip, iptables at teardown) stay in the host's pid namespace
     init_pid = fork_in_pid_namespace()
     if init_pid == 0:
         boot_child(name, init, exec_cmd, {'ready': ready_w, 'log': log_w, 'alive': alive_r})
     for fd in (log_w, alive_r, ready_w):
         os.close(fd)
+    state['init'] = init_pid
     write_attr(name, 'init_pid', str(init_pid))
-
-    def stop(signum, frame):            # shutdown: SIGTERM to PID 1, SIGKILL after a while
-        signal.alarm(STOP_TIMEOUT)
-        signal_process(init_pid, signal.SIGTERM)
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGALRM, lambda signum, frame: signal_process(init_pid, SIGKILL))
     copy_log(log_r, container_file(name, 'cockerinit.log'))    # until PID 1 is gone
     _, wait_status = os.waitpid(init_pid, 0)
     status = exit_status(wait_status)
     signal.alarm(0)
+    state['init'] = None
+    os.close(alive_w)
+    if ready_r is not None:
+        answer = os.read(ready_r, 4096)
+        os.close(ready_r)
+        if not answer.startswith(READY):
+            log('WARN', "restart of container '%s' failed: %s" % (
+                name, answer.decode('utf-8', 'replace').strip() or 'no answer'))
     write_attr(name, 'exit_status', str(status))
     log('INFO', "container '%s' stopped, PID 1 exit status %d" % (name, status))
-    os.close(alive_w)
+    return status
 
 
 def copy_log(log_r, log_file):
@@ -3306,6 +3341,7 @@ def make_container(options, name, layers, fill=None, boot=None):
             record_limits(name, options)
             record_security(name, options)
             record_run_options(name, options)
+            record_production_options(name, options)
             log('INFO', "created container '%s' from '%s'" % (name, options.image))
             if boot:
                 start_container(name, options.exec_cmd)
@@ -3340,6 +3376,8 @@ def remove_container(name):
 
 def start_container(name, exec_cmd=None):
     """Boot a stopped container; return when cockerinit serves, or raise with the cause."""
+    for key in ('stopped_by_operator', 'restart_count'):
+        write_attr(name, key, None)     # a boot starts the policy's count anew
     images = [ref.split(':')[0] for ref in split_list(pinned_layers(name))]
     with locked_images(*images, shared=True):       # del_image waits, then sees us running
         pin_layers(name)
@@ -3457,6 +3495,128 @@ def write_image_settings(name, exec_cmd):
     return fields is not None
 
 
+# ---- restart policies and autostart --------------------------------------------------
+# The monitor runs PID 1 again when it ends and the policy says so (Docker's and Podman's
+# policies); the host steps stay in place meanwhile, so a restart is a new PID 1 in the
+# same root, network and cgroups.  Autostart: -a autostart boots the marked containers
+# after a host boot, by priority; -a shutdown_all stops every container before it halts.
+
+RESTART_POLICIES = ('no', 'on-failure', 'always', 'unless-stopped')
+RESTART_DELAY = (0.1, 30.0)             #: the first back-off and its cap (doubling between)
+RESTART_STEADY = 10                     #: seconds of running after which back-off starts anew
+
+
+def parse_restart(text):
+    """'no', 'on-failure[:MAX]', 'always', 'unless-stopped' -> (policy, MAX or None)."""
+    policy, colon, most = text.partition(':')
+    if policy not in RESTART_POLICIES or (colon and (policy != 'on-failure' or not (
+            is_decimal(most) and 0 < int(most) < 1 << 31))):
+        raise usage_error("'--restart' value[%s] invalid (no, on-failure[:MAX], always, "
+                          "unless-stopped)" % printable(text))
+    return policy, int(most) if colon else None
+
+
+def restart_wanted(name, status, restarts):
+    """Whether the monitor runs PID 1 again after it ended with status."""
+    policy, most = parse_restart(read_attr(name, 'restart') or 'no')
+    if policy == 'no' or read_attr(name, 'stopped_by_operator'):
+        return False
+    if policy == 'on-failure':
+        return status != 0 and (most is None or restarts < most)
+    return True
+
+
+def restart_delay(restarts, ran):
+    """Seconds before restart number restarts + 1: doubling, capped, from the start again
+    after a run of RESTART_STEADY seconds."""
+    first, cap = RESTART_DELAY
+    return first if ran >= RESTART_STEADY else min(cap, first * 2 ** restarts)
+
+
+def sleep_unless_stopped(seconds, state):
+    """Wait, unless the operator stops the container meanwhile -> False if so."""
+    deadline = time.time() + seconds
+    while not state['stopping'] and time.time() < deadline:
+        time.sleep(min(0.05, max(0.0, deadline - time.time())))
+    return not state['stopping']
+
+
+def record_production_options(name, options):
+    """--restart, --autostart and --autostart-delay of create or update, kept."""
+    if options.restart is not None:
+        parse_restart(options.restart)
+        write_attr(name, 'restart', None if options.restart == 'no' else options.restart)
+    if options.autostart is not None:
+        write_attr(name, 'autostart', None if options.autostart == 'off' else
+                   str(autostart_priority(options.autostart)))
+    if options.autostart_delay is not None:
+        write_attr(name, 'autostart_delay', str(autostart_delay(options.autostart_delay)))
+
+
+def autostart_priority(text):
+    if text.lstrip('-').isdigit() and abs(int(text)) < 1 << 31:
+        return int(text)
+    raise usage_error("'--autostart' value[%s] invalid (a priority number, or off)"
+                      % printable(text))
+
+
+def autostart_delay(text):
+    if is_decimal(text) and int(text) <= 3600:
+        return int(text)
+    raise usage_error("'--autostart-delay' value[%s] invalid (seconds, 0 to 3600)"
+                      % printable(text))
+
+
+def autostart_containers():
+    """[(name, priority, delay)] of the containers marked for autostart, in boot order:
+    the highest priority first (LXD's boot.autostart.priority), then by name."""
+    marked = []
+    for name in list_containers():
+        priority = read_attr(name, 'autostart')
+        if priority is not None and priority.lstrip('-').isdigit():
+            marked.append((name, int(priority), int(read_attr(name, 'autostart_delay') or 0)))
+    return sorted(marked, key=lambda m: (-m[1], m[0]))
+
+
+def boot_marked_containers():
+    """-a autostart: boot every marked container that is not running, in order, waiting
+    its delay after each; a failure is reported and the others still boot -> failures."""
+    failed = 0
+    for name, _, delay in autostart_containers():
+        try:
+            with locked('container', name):
+                repair_if_dead(name)
+                if is_running(name):
+                    continue
+                start_container(name)
+            log('INFO', "autostarted container '%s'" % name)
+            say('%s: booted' % name)
+            time.sleep(delay)
+        except CockerError as e:
+            failed += 1
+            report('%s: %s' % (name, e.message), e.status)
+    return failed
+
+
+def shutdown_every_container():
+    """-a shutdown_all: stop every running container, the autostart order reversed (the
+    unmarked first) -> failures."""
+    order = [name for name, _, _ in reversed(autostart_containers())]
+    failed = 0
+    for name in [n for n in list_containers() if n not in order] + order:
+        try:
+            with locked_to_stop(name):
+                repair_if_dead(name)
+                if not is_running(name):
+                    continue
+                stop_container(name, SIGTERM)
+            say('%s: shut down' % name)
+        except CockerError as e:
+            failed += 1
+            report('%s: %s' % (name, e.message), e.status)
+    return failed
+
+
 def record_run_options(name, options):
     """--entrypoint, --env and --user of create or boot, kept for later boots."""
     if options.entrypoint is not None:
@@ -3469,13 +3629,15 @@ def record_run_options(name, options):
 
 def stop_container(name, sig, force=False):
     """Stop a running container with SIGTERM (shutdown) or SIGKILL (kill) and tear it down;
-    with force, a stopped one's leftovers are torn down instead of an error."""
+    with force, a stopped one's leftovers are torn down instead of an error.  Its restart
+    policy never undoes this (stopped_by_operator, written before any signal)."""
     repair_if_dead(name)
     if not is_running(name):
         if force:
             teardown_container(name)
             return
         raise CockerError("container '%s' is not running" % name)
+    write_attr(name, 'stopped_by_operator', '1')
     monitor = read_pid(name)
     debug('stopping %s (monitor %s) with signal %d', name, monitor, sig)
     if sig == SIGKILL:
@@ -7735,6 +7897,26 @@ def action_vip(options):
     return ok()
 
 
+def action_update(options):
+    """Change the restart policy and autostart of a stopped container."""
+    name = require_container(options.container)
+    with locked('container', name):
+        repair_if_dead(name)
+        require_stopped(name, 'update changes only')
+        record_production_options(name, options)
+    return ok()
+
+
+def action_autostart(options):
+    """At host boot: boot the containers marked for autostart, by priority."""
+    return EXIT_FAILED if boot_marked_containers() else EXIT_OK
+
+
+def action_shutdown_all(options):
+    """Before the host halts: shut every running container down."""
+    return EXIT_FAILED if shutdown_every_container() else EXIT_OK
+
+
 def action_port_mapping(options):
     """Change the port mappings of a stopped container (used from its next boot)."""
     change_stopped_container(require_container(options.container), 'port_mapping',
@@ -7916,6 +8098,9 @@ ACTIONS = {
     'vip': action_vip,
     'port_mapping': action_port_mapping,
     'del_bridge': action_del_bridge,
+    'update': action_update,
+    'autostart': action_autostart,
+    'shutdown_all': action_shutdown_all,
     'version': action_version,
     'copy_image': action_copy_image,
     'del_image': action_del_image,
@@ -8153,7 +8338,10 @@ USAGE = """USAGE : cocker -v
                -a repo_gc [ --repo-dir (dir) ]
                -a install_test [ --version (version) ] [ (-f|--forcely) ]
                -a del_bridge
-create options : [ --volume (host_path:container_path[:ro]) ][ --volume ... ] [ --host (hostname) ] [ --net (BRIDGE|HOST|CUSTOM) ] [ --host-eth (eth) ] [ --vip (ip) ] [ --port-mapping ([host_ip:]src_port:dst_port[/udp])[,...] ] [ security options ] [ run options ]
+               -a update (-c|--container) (container) [ --restart (policy) ] [ --autostart [ (priority)|off ] ] [ --autostart-delay (seconds) ]
+               -a autostart
+               -a shutdown_all
+create options : [ --volume (host_path:container_path[:ro]) ][ --volume ... ] [ --host (hostname) ] [ --net (BRIDGE|HOST|CUSTOM) ] [ --host-eth (eth) ] [ --vip (ip) ] [ --port-mapping ([host_ip:]src_port:dst_port[/udp])[,...] ] [ --restart (no|on-failure[:max]|always|unless-stopped) ] [ --autostart [ (priority) ] ] [ --autostart-delay (seconds) ] [ security options ] [ run options ]
 cgroup options : [ --cpus [(cpu_num,...)|(cpu_num-cpu_num2)] ] [ --cpu-quota (percent%) ] [ --mem-limit (num|numK|numM|numG) ] [ --pids-limit (num) ]  ('none' drops a recorded limit; without --pids-limit: 4096)
 security options : [ --seccomp (default|unconfined) ] [ --no-new-privs ]  (recorded for later boots)
 registry options : [ --insecure ] [ --ca-file (file) ]  (--insecure: plain HTTP or an unverified certificate; the --repo given last is remembered)
@@ -8188,6 +8376,8 @@ OPTIONS = {
     '--tls-cert': ('tls_cert', True), '--tls-key': ('tls_key', True),
     '--auth-file': ('auth_file', True), '--insecure': ('insecure', False),
     '--read-only': ('read_only', False), '--anonymous-pull': ('anonymous_pull', False),
+    '--restart': ('restart', True), '--autostart': ('autostart', True),
+    '--autostart-delay': ('autostart_delay', True),
     '--rights': ('rights', True), '--repo': ('repo', True), '--ca-file': ('ca_file', True),
     '--template-file': ('template_file', True), '--mapping-file': ('mapping_file', True),
     '--instance-file': ('instance_file', True),
@@ -8216,6 +8406,7 @@ REQUIRED = {
     'to_container': [('from_image', '--from-image'), ('to_container', '--to-container')],
     'export': [('image', '--image')],
     'import': [('image_file', '--image-file')],
+    'update': [('container', '--container')],
     'repo_server': [('listen', '--listen')],
     'repo_user_add': [('user', '--user')],
     'repo_user_del': [('user', '--user')],
@@ -8258,6 +8449,11 @@ def parse_args(argv):
         if arg in ('--help', '-?'):
             options.action = 'help'
             return options
+        if arg == '--autostart' and (i + 1 >= len(argv) or not (
+                argv[i + 1].lstrip('-').isdigit() or argv[i + 1] == 'off')):
+            options.autostart = '0'     # (its priority may be left out)
+            i += 1
+            continue
         spec = OPTIONS.get(arg)
         if spec is None or (spec[1] and i + 1 >= len(argv)):
             raise CockerError("invalid parameter '%s'" % arg, EXIT_USAGE)
@@ -8303,6 +8499,12 @@ def check_args(options):
         except ValueError as e:
             raise usage_error("'-e' value[%s] invalid: %s" % (options.exec_cmd, e))
     check_run_options(options)
+    if options.restart is not None:
+        parse_restart(options.restart)
+    if options.autostart not in (None, 'off'):
+        autostart_priority(options.autostart)
+    if options.autostart_delay is not None:
+        autostart_delay(options.autostart_delay)
     if options.format is not None and options.format not in EXPORT_FORMATS:
         raise usage_error("'--format' value[%s] invalid (%s)" % (options.format,
                                                                  '|'.join(EXPORT_FORMATS)))
