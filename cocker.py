@@ -202,12 +202,18 @@ def log(level, text, depth=1):
         pass
 
 
-def append_log(path, data):
-    """Append to a log file, rotating it to PATH.1 once it grows past LOG_ROTATE_BYTES."""
+def append_log(path, data, limit=LOG_ROTATE_BYTES, keep=1):
+    """Append to a log file; one that would grow past limit first becomes PATH.1 (PATH.1
+    becoming PATH.2, up to keep of them; the oldest goes)."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        if os.fstat(fd).st_size > LOG_ROTATE_BYTES:
+        if os.fstat(fd).st_size and os.fstat(fd).st_size + len(data) > limit:
+            for n in range(keep, 1, -1):
+                if os.path.exists('%s.%d' % (path, n - 1)):
+                    os.rename('%s.%d' % (path, n - 1), '%s.%d' % (path, n))
             os.rename(path, path + '.1')
+            os.close(fd)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         os.write(fd, data)
     finally:
         os.close(fd)
@@ -2609,16 +2615,21 @@ def parse_cpu_quota(text):
     return value
 
 
-def parse_size(text):
+def size_bytes(text, option):
     """'100M' -> bytes: a number with K, M, G or T (powers of 1024), an optional B."""
     upper = text.upper()
     digits = upper[:-1] if upper.endswith('B') else upper
     unit = digits[-1:] if digits[-1:] in ('K', 'M', 'G', 'T') else ''
     digits = digits[:len(digits) - len(unit)]
     if not is_decimal(digits):
-        raise usage_error("--mem-limit value '%s' is invalid (bytes, or a number with K, M "
-                          "or G, e.g. 100M)" % text)
-    size = int(digits) * SIZE_UNITS[unit]
+        raise usage_error("%s value '%s' is invalid (bytes, or a number with K, M or G, "
+                          "e.g. 100M)" % (option, printable(text)))
+    return int(digits) * SIZE_UNITS[unit]
+
+
+def parse_size(text):
+    """--mem-limit's value -> bytes."""
+    size = size_bytes(text, '--mem-limit')
     if size < MIN_MEMORY:
         raise usage_error("--mem-limit value '%s' is too small (at least %dM)"
                           % (text, MIN_MEMORY >> 20))
@@ -3183,7 +3194,7 @@ def run_pid1(name, init, exec_cmd, ready_w, state):
         os.close(fd)
     state['init'] = init_pid
     write_attr(name, 'init_pid', str(init_pid))
-    copy_log(log_r, container_file(name, 'cockerinit.log'))    # until PID 1 is gone
+    copy_log(log_r, container_file(name, 'cockerinit.log'), *log_rotation(name))
     _, wait_status = os.waitpid(init_pid, 0)
     status = exit_status(wait_status)
     signal.alarm(0)
@@ -3200,14 +3211,15 @@ def run_pid1(name, init, exec_cmd, ready_w, state):
     return status
 
 
-def copy_log(log_r, log_file):
-    """cockerinit (and a -e command) write to the log pipe; EOF once PID 1 is gone."""
+def copy_log(log_r, log_file, limit, keep):
+    """cockerinit (and the main process) write to the log pipe; EOF once PID 1 is gone.
+    The log is rotated: keep files of limit bytes at most besides the current one."""
     while True:
         chunk = os.read(log_r, 65536)
         if not chunk:
             return
         try:
-            append_log(log_file, chunk)
+            append_log(log_file, chunk, limit, keep)
         except OSError:
             pass
 
@@ -3495,6 +3507,110 @@ def write_image_settings(name, exec_cmd):
     return fields is not None
 
 
+# ---- the container's log ---------------------------------------------------------------
+# cp/cockerinit.log holds what cockerinit and the main process write (the monitor copies
+# it from PID 1's log pipe), rotated at --log-size into cockerinit.log.1 ... .N
+# (--log-count N), so a chatty container never fills COCKER_HOME.
+
+LOG_DEFAULTS = ('10M', 2)               #: --log-size, --log-count when not given
+LOG_FILES_MAX = 100
+
+
+def log_rotation(name):
+    """(bytes a log file may hold, rotated files kept) of a container."""
+    size = parse_log_size(read_attr(name, 'log_size') or LOG_DEFAULTS[0])
+    count = read_attr(name, 'log_count')
+    return size, int(count) if count and is_decimal(count) else LOG_DEFAULTS[1]
+
+
+def parse_log_size(text):
+    size = size_bytes(text, '--log-size')
+    if size < 64 << 10:
+        raise usage_error("'--log-size' value[%s] is too small (at least 64K)" % printable(text))
+    return size
+
+
+def parse_log_count(text):
+    if not is_decimal(text) or not 0 < int(text) <= LOG_FILES_MAX:
+        raise usage_error("'--log-count' value[%s] invalid (1 to %d rotated files)"
+                          % (printable(text), LOG_FILES_MAX))
+    return int(text)
+
+
+def log_files(name):
+    """The container's log files, oldest first."""
+    base = container_file(name, 'cockerinit.log')
+    rotated = []
+    for n in range(LOG_FILES_MAX, 0, -1):
+        if os.path.exists('%s.%d' % (base, n)):
+            rotated.append('%s.%d' % (base, n))
+    return rotated + ([base] if os.path.exists(base) else [])
+
+
+def show_log(name, tail=None, follow=False):
+    """-s logs: the log (its last tail lines), then with follow what comes, until the
+    container stops; control characters escaped (it is the container's text)."""
+    lines, current = [], None
+    for path in log_files(name):
+        f = open(path, 'rb')
+        lines += f.read().splitlines(True)
+        if path.endswith('.log'):
+            current = f                 # kept open: follow goes on from where it ends
+        else:
+            f.close()
+    try:
+        for line in lines[-tail:] if tail is not None else lines:
+            write_log_text(line)
+        if follow:
+            follow_log(name, current)
+    finally:
+        if current is not None:
+            current.close()
+
+
+def write_log_text(data):
+    try:
+        sys.stdout.write(printable(data.decode('utf-8', 'surrogateescape'), keep='\n\t'))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise ReaderGone()
+
+
+def follow_log(name, f):
+    """What the log gets (f: the current file, read up to here), through its rotations,
+    until the container stops."""
+    path = container_file(name, 'cockerinit.log')
+    while True:
+        running = is_running(name)
+        if f is None or not same_file(f, path):
+            if f is not None:
+                drain_log(f)            # the end of the file that was rotated away
+                f.close()
+            f = open(path, 'rb') if os.path.exists(path) else None
+        if f is not None:
+            drain_log(f)
+        if not running:
+            break
+        time.sleep(0.1)
+    if f is not None:
+        f.close()
+
+
+def same_file(f, path):
+    try:
+        return os.path.samestat(os.fstat(f.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def drain_log(f):
+    while True:
+        data = f.read(65536)
+        if not data:
+            return
+        write_log_text(data)
+
+
 # ---- restart policies and autostart --------------------------------------------------
 # The monitor runs PID 1 again when it ends and the policy says so (Docker's and Podman's
 # policies); the host steps stay in place meanwhile, so a restart is a new PID 1 in the
@@ -3551,6 +3667,11 @@ def record_production_options(name, options):
                    str(autostart_priority(options.autostart)))
     if options.autostart_delay is not None:
         write_attr(name, 'autostart_delay', str(autostart_delay(options.autostart_delay)))
+    if options.log_size is not None:
+        parse_log_size(options.log_size)
+        write_attr(name, 'log_size', options.log_size)
+    if options.log_count is not None:
+        write_attr(name, 'log_count', str(parse_log_count(options.log_count)))
 
 
 def autostart_priority(text):
@@ -8129,6 +8250,28 @@ ACTIONS = {
 # =============================================================================
 # The columns and widths of the C cocker: runbooks parse them.
 
+def print_listing(options, records, header, rule_width, row):
+    """A listing: with --format json a JSON array of its records (sizes in bytes, times in
+    ISO 8601, UTC), else the C cocker's table of row(record) lines -> EXIT_OK."""
+    if options.format == 'json':
+        import json
+        say(json.dumps([dict((k, iso_time(v) if k in ('modified', 'started') and
+                              isinstance(v, float) else v) for k, v in r.items() if k != 'text')
+                        for r in records], indent=1, sort_keys=True))
+    else:
+        print_table(header, rule_width, [row(r) for r in records])
+    return EXIT_OK
+
+
+def local_time(stamp):
+    """A time as the C cocker's listings show it (local, to the second)."""
+    return time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(stamp))
+
+
+def iso_time(stamp):
+    return time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(stamp))
+
+
 def print_table(header, rule_width, rows):
     """A header, a rule of dashes and the rows, as the C cocker prints them; nothing at all
     when there is no row."""
@@ -8141,7 +8284,7 @@ def print_table(header, rule_width, rows):
 
 def show_images(options):
     """List images and their versions."""
-    rows = []
+    records = []
     try:
         names = sorted(n for n in os.listdir(images_dir()) if not n.startswith('.'))
     except FileNotFoundError:
@@ -8150,57 +8293,85 @@ def show_images(options):
         versions = image_versions(name)
         versions.sort(key=lambda v: (version_key(v) is not None, version_key(v) or (), v))
         for version in versions:
-            path = image_dir(name, version)
-            mtime = time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(os.stat(path).st_mtime))
-            size = sum(tree_size(rlayer) for rlayer in image_rlayers(name, version, real=True))
-            rows.append('%-30s %-10s %-19s %s' % (name, version, mtime, size_text(size)))
-    print_table('%-30s %-10s %-19s %-10s' % ('image_id', 'version', 'modify_datetime', 'size'),
-                68, rows)
-    return EXIT_OK
+            records.append({
+                'name': name, 'version': version,
+                'modified': os.stat(image_dir(name, version)).st_mtime,
+                'size': sum(tree_size(rlayer) for rlayer in image_rlayers(name, version,
+                                                                           real=True)),
+                'layers': image_layer_ids(name, version)})
+    return print_listing(options, records, '%-30s %-10s %-19s %-10s' % (
+        'image_id', 'version', 'modify_datetime', 'size'), 68, lambda r: '%-30s %-10s %-19s %s'
+        % (r['name'], r['version'], local_time(r['modified']), size_text(r['size'])))
 
 
 def show_containers(options):
     """List containers with their status: RUNNING(pid) or STOPED."""
-    rows = []
-    for name in list_containers():
+    records = [container_record(name) for name in list_containers()]
+    return print_listing(options, records, '%-20s %-20s %-10s %-10s %-16s %-10s %s' % (
+        'container_id', 'image', 'hostname', 'net', 'netns', 'size', 'status'), 107,
+        lambda r: '%-20s %-20s %-10s %-10s %-16s %-10s %s' % (
+            r['name'], r['image'], r['hostname'], r['net'], r['netns'], size_text(r['size']),
+            'RUNNING(%s)' % (r['pid'] or '') if r['state'] == 'running' else 'STOPED'))
+
+
+def container_record(name):
+    """What -s containers says of a container (a dead one repaired on the way, when its
+    lock is free)."""
+    status = container_status(name)
+    if status == 'DEAD':
+        with locked('container', name, wait=False) as held:
+            if held:
+                try:
+                    repair_if_dead(name)
+                except (OSError, CockerError) as e:
+                    log('ERROR', 'repair of %s: %s' % (name, error_text(e)))
         status = container_status(name)
-        if status == 'DEAD':
-            with locked('container', name, wait=False) as held:
-                if held:
-                    try:
-                        repair_if_dead(name)
-                    except (OSError, CockerError) as e:
-                        log('ERROR', 'repair of %s: %s' % (name, error_text(e)))
-            status = container_status(name)
-        if status == 'RUNNING':
-            status = 'RUNNING(%s)' % (read_attr(name, 'pid') or '')
-        elif status == 'DEAD':
-            status = 'STOPED'
-        rows.append('%-20s %-20s %-10s %-10s %-16s %-10s %s' % (
-            name, read_attr(name, 'image', ''), read_attr(name, 'hostname', ''),
-            read_attr(name, 'net', ''), read_attr(name, 'netns', ''),
-            size_text(tree_size(container_file(name, 'rwlayer'))), status))
-    print_table('%-20s %-20s %-10s %-10s %-16s %-10s %s' % (
-        'container_id', 'image', 'hostname', 'net', 'netns', 'size', 'status'), 107, rows)
-    return EXIT_OK
+    running = status == 'RUNNING'
+    return {'name': name, 'image': read_attr(name, 'image', ''),
+            'hostname': read_attr(name, 'hostname', ''), 'net': read_attr(name, 'net', ''),
+            'netns': read_attr(name, 'netns', ''),
+            'size': tree_size(container_file(name, 'rwlayer')),
+            'state': 'running' if running else 'stopped',
+            'pid': number_attr(name, 'pid') if running else None}
+
+
+def number_attr(name, key):
+    value = read_attr(name, key)
+    return int(value) if value is not None and value.lstrip('-').isdigit() else None
 
 
 def show_container_limits(options):
     """Recorded limits of one container (-c) or all, with memory and process use when running."""
-    rows = []
+    records = []
     for name in [require_container(options.container)] if options.container else list_containers():
-        values = [pids_limit_text(name) if key == 'pids_limit' else read_attr(name, key) or '-'
-                  for _, key in LIMITS]
+        record = limits_record(name)
         memory = pids = None
         if container_status(name) == 'RUNNING':
             memory, pids = cgroup_usage(name)
-        rows.append('%-20s %-10s %-10s %-10s %-10s %-10s %s' % tuple(
-            [name] + values + [size_text(memory) if memory is not None else '-',
-                               pids if pids is not None else '-']))
-    print_table('%-20s %-10s %-10s %-10s %-10s %-10s %s' % (
+        record.update(name=name, mem_usage=memory, pids=pids)
+        records.append(record)
+    return print_listing(options, records, '%-20s %-10s %-10s %-10s %-10s %-10s %s' % (
         'container_id', 'cpus', 'cpu_quota', 'mem_limit', 'pids_limit', 'mem_usage', 'pids'),
-        84, rows)
-    return EXIT_OK
+        84, lambda r: '%-20s %-10s %-10s %-10s %-10s %-10s %s' % tuple(
+            [r['name']] + [r['text'][key] for _, key in LIMITS] +
+            [size_text(r['mem_usage']) if r['mem_usage'] is not None else '-',
+             r['pids'] if r['pids'] is not None else '-']))
+
+
+def limits_record(name):
+    """The recorded limits, for JSON (cpus a list, cpu_quota a percentage, mem_limit in
+    bytes, pids_limit a number or null), and as the table shows them ('text', not in JSON)."""
+    text = dict((key, read_attr(name, key) or '-') for _, key in LIMITS)
+    text['pids_limit'] = pids_limit_text(name)
+    record = {'pids_limit': int(text['pids_limit']) if is_decimal(text['pids_limit']) else None,
+              'text': text}
+    for key, parse in (('cpus', parse_cpu_list), ('cpu_quota', parse_cpu_quota),
+                       ('mem_limit', parse_size)):
+        try:
+            record[key] = parse(read_attr(name, key)) if read_attr(name, key) else None
+        except (ValueError, CockerError):
+            record[key] = None          # (a value this host no longer takes: shown as text)
+    return record
 
 
 def show_image_info(options):
@@ -8241,10 +8412,10 @@ def layer_users():
 
 def show_repo_users(options):
     """The users of the repository and their rights."""
-    rows = ['%-32s %s' % (user, rights) for user, (rights, _) in
-            sorted(read_users(auth_file(options)).items())]
-    print_table('%-32s %s' % ('user', 'rights'), 40, rows)
-    return EXIT_OK
+    records = [{'user': user, 'rights': rights} for user, (rights, _) in
+               sorted(read_users(auth_file(options)).items())]
+    return print_listing(options, records, '%-32s %s' % ('user', 'rights'), 40,
+                         lambda r: '%-32s %s' % (r['user'], r['rights']))
 
 
 def show_search(options):
@@ -8252,15 +8423,63 @@ def show_search(options):
     registry, path = remembered_repo(options.repo)
     client = RegistryClient(registry, options.insecure, options.ca_file)
     try:
-        rows = []
+        records = []
         for repository in registry_repositories(client, path):
             short = repository[len(path) + 1:] if path else repository
             if options.match and options.match not in short:
                 continue
-            rows += ['%-45s %s' % (short, tag) for tag in registry_tags(client, repository)]
+            records += [{'repository': short, 'tag': tag}
+                        for tag in registry_tags(client, repository)]
     finally:
         client.close()
-    print_table('%-45s %s' % ('repository', 'tag'), 70, rows)
+    return print_listing(options, records, '%-45s %s' % ('repository', 'tag'), 70,
+                         lambda r: '%-45s %s' % (r['repository'], r['tag']))
+
+
+def show_inspect(options):
+    """Everything known about one container, as one JSON object."""
+    import json
+    say(json.dumps(inspect_record(require_container(options.container)), indent=1,
+                   sort_keys=True))
+    return EXIT_OK
+
+
+def inspect_record(name):
+    """-s inspect's object (its keys documented in the man page, never renamed)."""
+    record = container_record(name)
+    running = record['state'] == 'running'
+    policy, most = parse_restart(read_attr(name, 'restart') or 'no')
+    started = os.path.getmtime(container_file(name, 'init_pid')) if running and \
+        os.path.exists(container_file(name, 'init_pid')) else None
+    record.update({
+        'images': split_list(pinned_layers(name)),
+        'layers': [os.path.realpath(os.path.join(HOME, p)) for p in container_layers(name)],
+        'root': container_file(name, 'merged'),
+        'network': {'model': record.pop('net'), 'netns': record.pop('netns') or None,
+                    'vip': read_attr(name, 'vip'), 'host_eth': read_attr(name, 'host_eth'),
+                    'port_mappings': split_list(read_attr(name, 'port_mapping') or '')},
+        'volumes': [{'host': h, 'container': c, 'read_only': ro}
+                    for h, c, ro in container_volumes(name)],
+        'limits': limits_record(name),
+        'security': {'seccomp': read_attr(name, 'seccomp') or 'default',
+                     'no_new_privs': bool(read_attr(name, 'no_new_privs'))},
+        'restart': {'policy': policy, 'maximum': most,
+                    'count': number_attr(name, 'restart_count') or 0},
+        'autostart': {'priority': number_attr(name, 'autostart'),
+                      'delay': number_attr(name, 'autostart_delay') or 0},
+        'init_pid': number_attr(name, 'init_pid') if running else None,
+        'started': iso_time(started) if started else None,
+        'exit_status': number_attr(name, 'exit_status'),
+        'stopped_by_operator': bool(read_attr(name, 'stopped_by_operator'))})
+    del record['limits']['text']
+    return record
+
+
+def show_logs(options):
+    """What the container's main process and cockerinit wrote (--tail N: the last N lines;
+    --follow: then what comes, until the container stops)."""
+    name = require_container(options.container)
+    show_log(name, int(options.tail) if options.tail is not None else None, options.follow)
     return EXIT_OK
 
 
@@ -8273,10 +8492,11 @@ def show_container_root(options):
 
 def show_ssearch(options):
     """List the image archives in the repository (--match: those whose name contains it)."""
-    rows = ['%-45s %-19s %s' % (image_id, stamp, size_text(size)) for image_id, stamp, size
-            in repository_archives(repository(options.srepo), options.match)]
-    print_table('%-45s %-19s %-10s' % ('image_id', 'modify_datetime', 'size'), 70, rows)
-    return EXIT_OK
+    records = [{'image_id': image_id, 'modified': stamp, 'size': size} for image_id, stamp, size
+               in repository_archives(repository(options.srepo), options.match)]
+    return print_listing(options, records, '%-45s %-19s %-10s' % (
+        'image_id', 'modify_datetime', 'size'), 70, lambda r: '%-45s %-19s %s' % (
+        r['image_id'], r['modified'], size_text(r['size'])))
 
 
 SHOWS = {
@@ -8288,6 +8508,8 @@ SHOWS = {
     'ssearch': show_ssearch,
     'repo_users': show_repo_users,
     'search': show_search,
+    'inspect': show_inspect,
+    'logs': show_logs,
 }
 
 
@@ -8303,6 +8525,9 @@ USAGE = """USAGE : cocker -v
                -s container_root (-c|--container) (container)
                -s image_info (-m|--image) (image[:version])
                -s container_limits [ (-c|--container) (container) ]
+               -s inspect (-c|--container) (container)
+               -s logs (-c|--container) (container) [ --tail (lines) ] [ --follow ]
+  (listings)   -s images|containers|container_limits|ssearch|search|repo_users ... [ --format json ]
                -a create (-m|--image) (image[:version])[,(image[:version])]... [ create options ] [ (-c|--container) (container) ] [ (-b|--boot) [ cgroup options ] [ (-t|--attach) | (-e|--exec) (cmd|"program para1 ...") ] ]
                -a boot (-c|--container) (container) [ --host-eth (eth) ] [ cgroup options ] [ security options ] [ run options ] [ (-t|--attach) | (-e|--exec) (cmd|"program para1 ...") ]
                -a attach (-c|--container) (container)
@@ -8338,10 +8563,10 @@ USAGE = """USAGE : cocker -v
                -a repo_gc [ --repo-dir (dir) ]
                -a install_test [ --version (version) ] [ (-f|--forcely) ]
                -a del_bridge
-               -a update (-c|--container) (container) [ --restart (policy) ] [ --autostart [ (priority)|off ] ] [ --autostart-delay (seconds) ]
+               -a update (-c|--container) (container) [ --restart (policy) ] [ --autostart [ (priority)|off ] ] [ --autostart-delay (seconds) ] [ --log-size (size) ] [ --log-count (files) ]
                -a autostart
                -a shutdown_all
-create options : [ --volume (host_path:container_path[:ro]) ][ --volume ... ] [ --host (hostname) ] [ --net (BRIDGE|HOST|CUSTOM) ] [ --host-eth (eth) ] [ --vip (ip) ] [ --port-mapping ([host_ip:]src_port:dst_port[/udp])[,...] ] [ --restart (no|on-failure[:max]|always|unless-stopped) ] [ --autostart [ (priority) ] ] [ --autostart-delay (seconds) ] [ security options ] [ run options ]
+create options : [ --volume (host_path:container_path[:ro]) ][ --volume ... ] [ --host (hostname) ] [ --net (BRIDGE|HOST|CUSTOM) ] [ --host-eth (eth) ] [ --vip (ip) ] [ --port-mapping ([host_ip:]src_port:dst_port[/udp])[,...] ] [ --restart (no|on-failure[:max]|always|unless-stopped) ] [ --autostart [ (priority) ] ] [ --autostart-delay (seconds) ] [ --log-size (size) ] [ --log-count (files) ] [ security options ] [ run options ]
 cgroup options : [ --cpus [(cpu_num,...)|(cpu_num-cpu_num2)] ] [ --cpu-quota (percent%) ] [ --mem-limit (num|numK|numM|numG) ] [ --pids-limit (num) ]  ('none' drops a recorded limit; without --pids-limit: 4096)
 security options : [ --seccomp (default|unconfined) ] [ --no-new-privs ]  (recorded for later boots)
 registry options : [ --insecure ] [ --ca-file (file) ]  (--insecure: plain HTTP or an unverified certificate; the --repo given last is remembered)
@@ -8378,6 +8603,8 @@ OPTIONS = {
     '--read-only': ('read_only', False), '--anonymous-pull': ('anonymous_pull', False),
     '--restart': ('restart', True), '--autostart': ('autostart', True),
     '--autostart-delay': ('autostart_delay', True),
+    '--log-size': ('log_size', True), '--log-count': ('log_count', True),
+    '--tail': ('tail', True), '--follow': ('follow', False),
     '--rights': ('rights', True), '--repo': ('repo', True), '--ca-file': ('ca_file', True),
     '--template-file': ('template_file', True), '--mapping-file': ('mapping_file', True),
     '--instance-file': ('instance_file', True),
@@ -8423,6 +8650,8 @@ REQUIRED = {
                 ('dst_file', '--dst-file')],
     'container_root': [('container', '--container')],
     'image_info': [('image', '--image')],
+    'inspect': [('container', '--container')],
+    'logs': [('container', '--container')],
 }
 
 
@@ -8505,9 +8734,16 @@ def check_args(options):
         autostart_priority(options.autostart)
     if options.autostart_delay is not None:
         autostart_delay(options.autostart_delay)
-    if options.format is not None and options.format not in EXPORT_FORMATS:
+    if options.log_size is not None:
+        parse_log_size(options.log_size)
+    if options.log_count is not None:
+        parse_log_count(options.log_count)
+    if options.tail is not None and not is_decimal(options.tail):
+        raise usage_error("'--tail' value[%s] invalid (a number of lines)" % options.tail)
+    formats = ('json',) if options.show else EXPORT_FORMATS
+    if options.format is not None and options.format not in formats:
         raise usage_error("'--format' value[%s] invalid (%s)" % (options.format,
-                                                                 '|'.join(EXPORT_FORMATS)))
+                                                                 '|'.join(formats)))
     if options.container is not None:
         check_name('container', options.container)
     if options.vip is not None:
