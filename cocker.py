@@ -4014,30 +4014,41 @@ def write_flushed(out, data):
     out.flush()
 
 
-def run_in_container(name, cmd, interactive=False, user=None):
+def run_in_container(name, cmd, interactive=False, user=None, cwd=None, env=(), tty=False):
     """-a run: stdout and stderr kept apart, the command's exit status returned; with -i
-    cocker's stdin is passed on (else the command reads /dev/null, as ssh -n does)."""
+    cocker's stdin is passed on (else the command reads /dev/null, as ssh -n does); with
+    -t on a pty, the caller's terminal raw meanwhile, as attach has it.  user, cwd and
+    env (KEY=VALUE) are the command's, over the image's."""
     import signal
+    request = {'cmd': cmd, 'stdin': '1' if interactive else None, 'user': user, 'cwd': cwd,
+               'env': '\n'.join(env) or None}
+    if tty:
+        return terminal_session(name, request, 'run -t')
     # a reader that stops early (cocker -a run ... | head) ends us quietly, like cat
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    request = {'cmd': cmd, 'stdin': '1' if interactive else None, 'user': user}
     return session(name, connect_container(name), request, stdin_fd=0 if interactive else None)
 
 
 def attach_container(name):
     """-a attach: a login shell on a new pty; the terminal is raw until it ends."""
+    return terminal_session(name, {}, 'attach', greeting='connect to container ok')
+
+
+def terminal_session(name, request, what, greeting=None):
+    """A session on a pty: the window size passed on and followed, the terminal raw until
+    the session ends."""
     import signal
     import termios
     import tty
     if not os.isatty(0):
-        raise CockerError('attach needs a terminal on stdin (use -a run for scripts)')
+        raise CockerError('%s needs a terminal on stdin (use -a run for scripts)' % what)
     rows, cols, xpix, ypix = window_size(0)
-    request = {'tty': '1', 'term': os.environ.get('TERM', 'xterm'),
-               'LANG': os.environ.get('LANG'),
-               'rows': rows, 'cols': cols, 'xpix': xpix, 'ypix': ypix}
+    request = dict(request, tty='1', term=os.environ.get('TERM', 'xterm'),
+                   LANG=os.environ.get('LANG'), rows=rows, cols=cols, xpix=xpix, ypix=ypix)
     saved = termios.tcgetattr(0)
     sock = connect_container(name)              # fail before touching the terminal
-    say('connect to container ok')
+    if greeting:
+        say(greeting)
     # SIGTERM or SIGHUP must still give the terminal back: end through the finally below
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda s, f: sys.exit(128 + s))
@@ -7984,7 +7995,8 @@ def action_attach(options):
 def action_run(options):
     """Run a command in a running container; exit with its status."""
     return run_in_container(require_container(options.container), options.cmd,
-                            options.interactive, options.user)
+                            options.interactive, options.user, options.workdir, options.env,
+                            options.attach)
 
 
 def action_shutdown(options):
@@ -8534,7 +8546,7 @@ USAGE = """USAGE : cocker -v
                -a rplfile (-c|--container) (container) (--template-file) (template_file) (--mapping-file) (mapping_file) [ (--instance-file) (instance_file) ]
                -a putfile (-c|--container) (container) (--src-file) (host_path) (--dst-file) (container_path)
                -a getfile (-c|--container) (container) (--src-file) (container_path) (--dst-file) (host_path)
-               -a run (-c|--container) (container) (--cmd) (cmd) [ (-i|--interactive) ] [ --user (user[:group]) ]
+               -a run (-c|--container) (container) (--cmd) (cmd) [ (-i|--interactive) ] [ -t ] [ (-u|--user) (user[:group]) ] [ (-w|--workdir) (dir) ] [ --env (KEY=VALUE) ]...
                -a shutdown (-c|--container) (container) [ (-f|--forcely) ]
                -a kill (-c|--container) (container) [ (-f|--forcely) ]
                -a destroy (-c|--container) (container) [ (-f|--forcely) ] [ (-h|--shutdown) ]
@@ -8590,6 +8602,7 @@ OPTIONS = {
     '-t': ('attach', False), '--attach': ('attach', False),
     '-e': ('exec_cmd', True), '--exec': ('exec_cmd', True),
     '--entrypoint': ('entrypoint', True), '--env': ('env', True), '--user': ('user', True),
+    '-u': ('user', True), '-w': ('workdir', True), '--workdir': ('workdir', True),
     '-h': ('shutdown', False), '--shutdown': ('shutdown', False),
     '--cmd': ('cmd', True),
     '--from-image': ('from_image', True), '--to-image': ('to_image', True),
@@ -8761,6 +8774,10 @@ def check_args(options):
 
 
 def check_run_options(options):
+    if options.workdir is not None and (not options.workdir.startswith('/') or
+                                        '\n' in options.workdir or '\0' in options.workdir):
+        raise usage_error("'--workdir' value[%s] invalid (an absolute path in the container)"
+                          % printable(options.workdir))
     for item in options.env:
         if '=' not in item or item.startswith('=') or '\n' in item or '\0' in item:
             raise usage_error("'--env' value[%s] invalid (KEY=VALUE)" % item)

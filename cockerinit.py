@@ -475,7 +475,7 @@ def reset_oom_score():
         pass
 
 
-def exec_child(argv, env, stdio, ctty=None, cwd=None, creds=None):
+def exec_child(argv, env, stdio, ctty=None, cwd=None, creds=None, make_cwd=True):
     """In a forked child: new session, stdio, clean descriptors, the user (uid, gid,
     groups) and directory asked for, exec; never returns."""
     try:
@@ -494,7 +494,7 @@ def exec_child(argv, env, stdio, ctty=None, cwd=None, creds=None):
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         reset_oom_score()
         os.umask(0o022)
-        if cwd is not None and not os.path.isdir(cwd):
+        if cwd is not None and make_cwd and not os.path.isdir(cwd):
             os.makedirs(cwd, 0o755)             # as Docker makes a missing WorkingDir
         if creds is not None:                   # a user other than root keeps no capability
             os.setgroups(creds[2])
@@ -555,7 +555,14 @@ def serve_session(conn, hostname):
                        LOGNAME=user.partition(':')[0])
         if IMAGE.get('set'):
             image_env(env)
-        request['cwd'] = IMAGE['cwd'] if cmd is not None else None
+        for item in (request.get('env') or '').split('\n') if cmd is not None else ():
+            key, sep, value = item.partition('=')
+            if sep and key:
+                env[key] = value            # run --env, over the image's
+        # run -w names a directory that must be there (as docker exec -w); the image's
+        # WorkingDir is made when missing (as docker run does)
+        request['make_cwd'] = not request.get('cwd')
+        request['cwd'] = (request.get('cwd') or IMAGE['cwd']) if cmd is not None else None
         request['creds'] = creds
         argv = [shell, '-l'] if cmd is None else [shell, '-c', cmd]
         log('session %s: %s' % ('tty' if request.get('tty') else 'pipes', ' '.join(argv)))
@@ -578,8 +585,8 @@ def start_command(request, argv, env):
         fcntl.ioctl(slave, termios.TIOCSWINSZ, size)
         pid = os.fork()
         if pid == 0:
-            exec_child(argv, env, (slave, slave, slave), ctty=slave,
-                       cwd=request.get('cwd'), creds=request.get('creds'))
+            exec_child(argv, env, (slave, slave, slave), ctty=slave, cwd=request.get('cwd'),
+                       creds=request.get('creds'), make_cwd=request.get('make_cwd'))
         os.close(slave)
         return pid, {master: b'O'}, master, master
     out_r, out_w = os.pipe()
@@ -591,7 +598,7 @@ def start_command(request, argv, env):
     pid = os.fork()
     if pid == 0:
         exec_child(argv, env, (in_r, out_w, err_w), cwd=request.get('cwd'),
-                   creds=request.get('creds'))
+                   creds=request.get('creds'), make_cwd=request.get('make_cwd'))
     for fd in (in_r, out_w, err_w):
         os.close(fd)
     return pid, {out_r: b'O', err_r: b'E'}, in_w, None
