@@ -2550,7 +2550,7 @@ MIN_MEMORY = 4 << 20                #: below this not even cockerinit starts
 SIZE_UNITS = {'': 1, 'K': 1 << 10, 'M': 1 << 20, 'G': 1 << 30, 'T': 1 << 40}
 #: cgroup-v1 controllers a container always gets (accounting, devices), and the one it gets
 #: for --cpus
-V1_CONTROLLERS = ('cpu', 'cpuacct', 'memory', 'pids', 'devices')
+V1_CONTROLLERS = ('cpu', 'cpuacct', 'memory', 'pids', 'blkio', 'devices')
 #: a v1 host's cgroup2 tree (systemd's hybrid layout): no controllers, but device programs
 HYBRID_V2_TREE = 'unified'
 
@@ -2723,7 +2723,7 @@ def device_rules():
 def v1_plan(root, name, limits):
     """([], [(directory, [(file, value)])]) on a cgroup-v1 host, one per hierarchy, and the
     cgroup2 tree of a hybrid host for the device program."""
-    files = {'cpu': [], 'cpuacct': [], 'memory': [], 'pids': [],
+    files = {'cpu': [], 'cpuacct': [], 'memory': [], 'pids': [], 'blkio': [],
              'devices': [('devices.deny', 'a')] + [('devices.allow', r) for r in device_rules()]}
     if limits.cpus:
         files['cpuset'] = [('cpuset.cpus', limits.cpus)]
@@ -2976,6 +2976,30 @@ def remove_cgroup(directory, timeout=5.0):
             raise CockerError('cgroup %s cannot be removed: processes %s are still in it'
                               % (directory, ' '.join(pids) or '(none listed)'))
         time.sleep(0.02)
+
+
+def cgroup_counters(name):
+    """(CPU time in ns, bytes read, bytes written) of a container's cgroups, None where its
+    cgroups do not count them (v1: cpuacct, blkio; v2: cpu.stat, io.stat)."""
+    cpu = read = written = None
+    for directory in container_cgroups(name):
+        value = read_small(os.path.join(directory, 'cpuacct.usage'))
+        if value is not None and value.strip().isdigit():
+            cpu = int(value)
+        for line in (read_small(os.path.join(directory, 'cpu.stat')) or '').splitlines():
+            if line.startswith('usage_usec ') and line.split()[1].isdigit():
+                cpu = int(line.split()[1]) * 1000
+        text = read_small(os.path.join(directory, 'blkio.throttle.io_service_bytes_recursive'))
+        if text is not None:
+            lines = [l.split() for l in text.splitlines()]
+            read = sum(int(l[2]) for l in lines if len(l) == 3 and l[1] == 'Read')
+            written = sum(int(l[2]) for l in lines if len(l) == 3 and l[1] == 'Write')
+        text = read_small(os.path.join(directory, 'io.stat'))
+        if text is not None:
+            fields = [f.partition('=') for l in text.splitlines() for f in l.split()[1:]]
+            read = sum(int(v) for k, _, v in fields if k == 'rbytes' and v.isdigit())
+            written = sum(int(v) for k, _, v in fields if k == 'wbytes' and v.isdigit())
+    return cpu, read, written
 
 
 def cgroup_usage(name):
@@ -8386,6 +8410,35 @@ def limits_record(name):
     return record
 
 
+STATS_INTERVAL = 0.5                    #: seconds -s stats measures CPU use over
+
+
+def show_stats(options):
+    """CPU use (percent of one CPU over STATS_INTERVAL), memory, processes and block I/O of
+    the running containers (-c: of one)."""
+    names = [require_container(options.container)] if options.container else \
+        [n for n in list_containers() if container_status(n) == 'RUNNING']
+    before = dict((n, (time.time(), cgroup_counters(n)[0])) for n in names)
+    time.sleep(STATS_INTERVAL if names else 0)
+    records = []
+    for name in names:
+        cpu, read, written = cgroup_counters(name)
+        memory, pids = cgroup_usage(name)
+        then, cpu_then = before[name]
+        percent = None if cpu is None or cpu_then is None else \
+            round(max(cpu - cpu_then, 0) / 1e9 / max(time.time() - then, 1e-6) * 100, 1)
+        records.append({'name': name, 'cpu_percent': percent, 'mem_usage': memory,
+                        'mem_limit': limits_record(name)['mem_limit'], 'pids': pids,
+                        'block_read': read, 'block_write': written})
+    dash = lambda value, show=str: '-' if value is None else show(value)
+    return print_listing(options, records, '%-20s %-8s %-10s %-10s %-6s %-10s %s' % (
+        'container_id', 'cpu%', 'mem_usage', 'mem_limit', 'pids', 'blk_read', 'blk_write'),
+        80, lambda r: '%-20s %-8s %-10s %-10s %-6s %-10s %s' % (
+            r['name'], dash(r['cpu_percent'], lambda v: '%.1f%%' % v),
+            dash(r['mem_usage'], size_text), dash(r['mem_limit'], size_text), dash(r['pids']),
+            dash(r['block_read'], size_text), dash(r['block_write'], size_text)))
+
+
 def show_image_info(options):
     """What an image is: where it came from, its layers (how many images share each) and
     the config it runs with."""
@@ -8522,6 +8575,7 @@ SHOWS = {
     'search': show_search,
     'inspect': show_inspect,
     'logs': show_logs,
+    'stats': show_stats,
 }
 
 
@@ -8539,7 +8593,8 @@ USAGE = """USAGE : cocker -v
                -s container_limits [ (-c|--container) (container) ]
                -s inspect (-c|--container) (container)
                -s logs (-c|--container) (container) [ --tail (lines) ] [ --follow ]
-  (listings)   -s images|containers|container_limits|ssearch|search|repo_users ... [ --format json ]
+               -s stats [ (-c|--container) (container) ]
+  (listings)   -s images|containers|container_limits|stats|ssearch|search|repo_users ... [ --format json ]
                -a create (-m|--image) (image[:version])[,(image[:version])]... [ create options ] [ (-c|--container) (container) ] [ (-b|--boot) [ cgroup options ] [ (-t|--attach) | (-e|--exec) (cmd|"program para1 ...") ] ]
                -a boot (-c|--container) (container) [ --host-eth (eth) ] [ cgroup options ] [ security options ] [ run options ] [ (-t|--attach) | (-e|--exec) (cmd|"program para1 ...") ]
                -a attach (-c|--container) (container)

@@ -500,7 +500,12 @@ def exec_child(argv, env, stdio, ctty=None, cwd=None, creds=None, make_cwd=True)
             os.setgroups(creds[2])
             os.setgid(creds[1])
             os.setuid(creds[0])
-        os.chdir(cwd or ('/root' if os.path.isdir('/root') else '/'))
+        try:
+            os.chdir(cwd or ('/root' if os.path.isdir('/root') else '/'))
+        except OSError as e:
+            os.write(2, ('cockerinit: cannot change to %s: %s\n' % (cwd, e.strerror)).encode(
+                'utf-8', 'replace'))
+            os._exit(127)
         if NO_NEW_PRIVS:            # last: no setuid or file capability raises the command
             prctl(PR_SET_NO_NEW_PRIVS, 1)
         os.execve(argv[0], [a.encode('utf-8', 'surrogateescape') for a in argv],
