@@ -126,3 +126,93 @@ def test_a_host_reboot_brings_back_exactly_the_marked_containers_in_order(
         assert status_of(cocker, name) == 'STOPED'
     assert cocker('-a', 'update', '-c', low, '--autostart', 'off').rc == 0
     assert attr(home, low, 'autostart') is None
+
+
+def test_json_listings_say_what_the_text_listings_say(cocker, test_image, names, home):
+    import json
+    name = names('js')
+    assert cocker('-a', 'create', '-m', test_image, '-c', name, '--mem-limit', '64M',
+                  '--restart', 'on-failure:3', '--autostart', '7', '--volume', '/tmp:/mnt:ro',
+                  '-b').rc == 0
+    text = [l.split() for l in cocker('-s', 'containers').out.splitlines()[2:]]
+    records = json.loads(cocker('-s', 'containers', '--format', 'json').out)
+    assert sorted(r['name'] for r in records) == sorted(row[0] for row in text)
+    mine = [r for r in records if r['name'] == name][0]
+    row = [row for row in text if row[0] == name][0]
+    assert row[-1] == 'RUNNING(%d)' % mine['pid'] and mine['state'] == 'running'
+    assert (mine['image'], mine['hostname'], mine['net']) == tuple(row[1:4])
+    images = json.loads(cocker('-s', 'images', '--format', 'json').out)
+    text = [l.split() for l in cocker('-s', 'images').out.splitlines()[2:]]
+    assert [(i['name'], i['version']) for i in images] == [tuple(t[:2]) for t in text]
+    assert all(isinstance(i['size'], int) and i['modified'].endswith('Z') for i in images)
+    limits = [r for r in json.loads(cocker('-s', 'container_limits', '--format', 'json').out)
+              if r['name'] == name][0]
+    assert limits['mem_limit'] == 64 << 20 and limits['pids_limit'] == 4096 and \
+        isinstance(limits['mem_usage'], int)
+    inspected = json.loads(cocker('-s', 'inspect', '-c', name).out)
+    assert inspected['restart'] == {'policy': 'on-failure', 'maximum': 3, 'count': 0}
+    assert inspected['autostart'] == {'priority': 7, 'delay': 0}
+    assert inspected['volumes'] == [{'host': '/tmp', 'container': '/mnt', 'read_only': True}]
+    assert inspected['network']['model'] == 'HOST' and inspected['init_pid'] == int(
+        open(container_path(home, name, 'init_pid')).read())
+    assert inspected['layers'] and all(os.path.isdir(p) for p in inspected['layers'])
+    stats = json.loads(cocker('-s', 'stats', '-c', name, '--format', 'json').out)
+    assert stats[0]['name'] == name and stats[0]['cpu_percent'] is not None
+    assert cocker('-s', 'images', '--format', 'yaml').rc == 7
+    assert cocker('-a', 'destroy', '-c', name, '-h').rc == 0
+
+
+def test_logs_are_capped_and_followed(cocker, test_image, names, home):
+    from conftest import cocker_process
+    name = names('lg')
+    # about 200 MB of output; at most 1 MiB in each of the current file and 2 rotated ones
+    r = cocker('-a', 'create', '-m', test_image, '-c', name, '--log-size', '1M',
+               '--log-count', '2', '-b', '-e',
+               "sh -c 'yes 0123456789abcdefghijklmnopqrstuvwxyz0123456789 | head -c 200000000;"
+               " echo; echo done'")
+    assert r.rc == 0, r
+    wait_for(lambda: status_of(cocker, name) == 'STOPED', timeout=180, what='200 MB written')
+    files = [f for f in os.listdir(container_path(home, name)) if f.startswith('cockerinit.log')]
+    assert sorted(files) == ['cockerinit.log', 'cockerinit.log.1', 'cockerinit.log.2'], files
+    assert sum(os.path.getsize(container_path(home, name, f)) for f in files) <= 3 << 20
+    r = cocker('-s', 'logs', '-c', name, '--tail', '2')
+    assert r.rc == 0 and r.out.splitlines()[0] == 'done', r.out[-300:]
+    # --follow: the lines as they come, and its end with the container's
+    assert cocker('-a', 'boot', '-c', name, '-e',
+                  "sh -c 'echo one; sleep 2; echo two; sleep 1'").rc == 0
+    follow = cocker_process(home, '-s', 'logs', '-c', name, '--follow')
+    try:
+        import select
+        seen = b''
+        deadline = time.time() + 20
+        while b'one\n' not in seen and time.time() < deadline:
+            if select.select([follow.stdout], [], [], 0.5)[0]:
+                seen += os.read(follow.stdout.fileno(), 65536)
+        assert b'one\n' in seen and b'two\n' not in seen, 'one, while two is still to come'
+        out, err = follow.communicate(timeout=30)
+        assert follow.returncode == 0 and b'two\n' in seen + out, err
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+            follow.communicate()
+    assert cocker('-a', 'destroy', '-c', name).rc == 0
+
+
+def test_a_fuller_run(cocker, test_image, names, home, terminal):
+    name = names('fr')
+    assert cocker('-a', 'create', '-m', test_image, '-c', name, '-b').rc == 0
+    r = cocker('-a', 'run', '-c', name, '-u', 'nobody', '-w', '/tmp', '--env', 'A=1',
+               '--env', 'B=two words', '--cmd', 'echo $A $B $(pwd) $(id -u)')
+    assert r.rc == 0 and r.out == '1 two words /tmp 65534\n', r
+    r = cocker('-a', 'run', '-c', name, '-w', '/no/such/dir', '--cmd', 'pwd')
+    assert r.rc == 127 and 'cannot change to /no/such/dir' in r.err, r
+    r = cocker('-a', 'run', '-c', name, '-w', 'relative', '--cmd', 'pwd')
+    assert r.rc == 7, r
+    # -t: a pty of the container, the window size of the caller's terminal
+    t = terminal('-a', 'run', '-c', name, '-t', '--cmd', 'tty; stty size; exit 3',
+                 rows=30, cols=100)
+    text = t.expect('30 100')
+    assert t.wait() == 3 and '/dev/pts/' in text, text
+    r = cocker('-a', 'run', '-c', name, '-t', '--cmd', 'true')
+    assert r.rc == 255 and 'needs a terminal' in r.err
+    assert cocker('-a', 'destroy', '-c', name, '-h').rc == 0
