@@ -5357,14 +5357,20 @@ def parse_srepo(text):
 
 def repository(srepo):
     """The repository of --srepo (then saved for later commands), else the saved one."""
-    if srepo:
-        parse_srepo(srepo)
-        write_small(srepo_path(), srepo)
-    text = read_small(srepo_path())
+    return remembered(srepo, srepo_path(), parse_srepo, 'no image repository yet: give '
+                      '--srepo USER@HOST[:PORT] (-s ssearch saves it)')
+
+
+def remembered(value, path, parse, missing):
+    """parse(value), value then saved in path for later commands; else parse of the value
+    saved there; else the error missing."""
+    if value:
+        parse(value)
+        write_small(path, value)
+    text = read_small(path)
     if not text:
-        raise CockerError('no image repository yet: give --srepo USER@HOST[:PORT] '
-                          '(-s ssearch saves it)')
-    return parse_srepo(text)
+        raise CockerError(missing)
+    return parse(text)
 
 
 def ssh_command(repo, command):
@@ -6448,13 +6454,8 @@ def split_repo(text):
 
 def remembered_repo(repo):
     """--repo (then saved for later commands, as --srepo is), else the saved one."""
-    if repo:
-        split_repo(repo)
-        write_small(registry_repo_path(), repo)
-    text = read_small(registry_repo_path())
-    if not text:
-        raise CockerError('no registry yet: give --repo HOST[:PORT][/PATH]')
-    return split_repo(text)
+    return remembered(repo, registry_repo_path(), split_repo,
+                      'no registry yet: give --repo HOST[:PORT][/PATH]')
 
 
 def is_full_reference(text):

@@ -412,6 +412,24 @@ def main(argv=None):
     return run_benchmark('bench.py', lambda python: Bench(python, args.repeat), args.python)
 
 
+def image_bench_main(program, description, make_bench, argv=None):
+    """The command line of the image and registry benchmarks: --repeat, --size-mb,
+    --python; make_bench(python, repeat, size in bytes) builds the benchmark object."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument('--repeat', type=int, default=3, metavar='N')
+    parser.add_argument('--size-mb', type=int, default=200, metavar='MB')
+    parser.add_argument('--python', metavar='PATH')
+    args = parser.parse_args(argv)
+    if args.repeat < 1 or args.size_mb < 1:
+        parser.error('--repeat and --size-mb must be at least 1')
+    if os.geteuid() != 0:
+        sys.stderr.write('%s: cocker needs root\n' % program)
+        return 1
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return run_benchmark(program, lambda python: make_bench(python, args.repeat,
+                                                            args.size_mb << 20), args.python)
+
+
 def run_benchmark(program, make_bench, python=None):
     """Set up, measure, always clean up, then report; return the exit status (2 when
     something was left behind).  make_bench(python) builds the benchmark object."""

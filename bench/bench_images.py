@@ -21,15 +21,13 @@ removed at the end.
 Runs under Python 3.6 and newer.
 """
 
-import argparse
 import os
 import shutil
-import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import (bench_home, median, on_sigterm, python_version,  # noqa: E402
-                   remove_home, run_benchmark, run_checked)
+from bench import (bench_home, image_bench_main, median, python_version,  # noqa: E402
+                   remove_home, run_checked)
 
 
 def fill_tree(target, size):
@@ -193,20 +191,7 @@ def split_tree(source, target, part, parts):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description='cocker export/import against tar czf/xzf '
-                                     '(run as root).')
-    parser.add_argument('--repeat', type=int, default=3, metavar='N')
-    parser.add_argument('--size-mb', type=int, default=200, metavar='MB')
-    parser.add_argument('--python', metavar='PATH')
-    args = parser.parse_args(argv)
-    if args.repeat < 1 or args.size_mb < 1:
-        parser.error('--repeat and --size-mb must be at least 1')
-    if os.geteuid() != 0:
-        sys.stderr.write('bench_images.py: cocker needs root\n')
-        return 1
-    signal.signal(signal.SIGTERM, on_sigterm)
-    return run_benchmark('bench_images.py', lambda python: ImageBench(
-        python, args.repeat, args.size_mb << 20), args.python)
+    return image_bench_main('bench_images.py', 'cocker export/import against tar czf/xzf and skopeo (run as root).', ImageBench, argv)
 
 
 if __name__ == '__main__':

@@ -20,18 +20,16 @@ a note.  Everything made here is removed at the end.
 Runs under Python 3.6 and newer.
 """
 
-import argparse
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import (BenchError, bench_home, median, on_sigterm, python_version,  # noqa: E402
-                   remove_home, run_benchmark, run_checked)
+from bench import (BenchError, bench_home, image_bench_main, median,  # noqa: E402
+                   python_version, remove_home, run_checked)
 from bench_images import LAYERS, fill_tree, split_tree  # noqa: E402
 
 
@@ -219,20 +217,7 @@ class RegistryBench(object):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description='cocker push/pull and repo_server against '
-                                     'skopeo and the distribution registry (run as root).')
-    parser.add_argument('--repeat', type=int, default=3, metavar='N')
-    parser.add_argument('--size-mb', type=int, default=200, metavar='MB')
-    parser.add_argument('--python', metavar='PATH')
-    args = parser.parse_args(argv)
-    if args.repeat < 1 or args.size_mb < 1:
-        parser.error('--repeat and --size-mb must be at least 1')
-    if os.geteuid() != 0:
-        sys.stderr.write('bench_registry.py: cocker needs root\n')
-        return 1
-    signal.signal(signal.SIGTERM, on_sigterm)
-    return run_benchmark('bench_registry.py', lambda python: RegistryBench(
-        python, args.repeat, args.size_mb << 20), args.python)
+    return image_bench_main('bench_registry.py', 'cocker push/pull and repo_server against skopeo and the distribution registry (run as root).', RegistryBench, argv)
 
 
 if __name__ == '__main__':

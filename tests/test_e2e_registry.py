@@ -14,26 +14,10 @@ import tempfile
 import pytest
 
 from conftest import (cocker_process, free_loopback_port, run_cocker, wait_for)
-from test_e2e_oci import (APP_CHECK, APP_SEEN, Buildah, app_files, base_files, check_app,
-                          image_names, podman)   # noqa: F401 (fixtures)
+from test_e2e_oci import (APP_CHECK, APP_SEEN, Buildah, base_files, check_app,  # noqa: F401
+                          built, image_names, podman)   # (the last three: fixtures)
 
 PASSWORDS = {'alice': 'alice-secret', 'bob': 'bob-secret'}
-
-
-@pytest.fixture(scope='module')
-def built(tmp_path_factory):
-    """A docker-archive of 'app:2' (2 layers over busybox, as the OCI tests build it)."""
-    if shutil.which('buildah') is None or shutil.which('skopeo') is None:
-        pytest.fail('buildah or skopeo is missing: tests/run.sh installs them')
-    top = str(tmp_path_factory.mktemp('buildah'))
-    b = Buildah(top)
-    try:
-        b.layer('scratch', base_files, 'base:1')
-        b.layer('base:1', app_files, 'app:2')
-        b('push', '-q', 'app:2', 'docker-archive:%s/app.tar:app:2' % top)
-    finally:
-        b.close()
-    return os.path.join(top, 'app.tar')
 
 
 @pytest.fixture(scope='module')
@@ -165,10 +149,10 @@ def test_skopeo_and_podman_use_our_registry_and_cocker_pushes_and_pulls(
     ref = '%s/team/app:2' % ours.address
     tls = ['--dest-cert-dir', certs['dir']]
     r = subprocess.run(['skopeo', 'copy', '-q'] + tls + ['--dest-creds', 'bob:bob-secret',
-                       'docker-archive:' + built, 'docker://' + ref], stderr=subprocess.PIPE)
+                       'docker-archive:' + built['docker'], 'docker://' + ref], stderr=subprocess.PIPE)
     assert r.returncode != 0 and b'denied' in r.stderr, 'bob may only pull'
     subprocess.check_call(['skopeo', 'copy', '-q'] + tls + ['--dest-creds', 'alice:alice-secret',
-                                                            'docker-archive:' + built,
+                                                            'docker-archive:' + built['docker'],
                                                             'docker://' + ref])
     inspected = json.loads(subprocess.check_output(
         ['skopeo', 'inspect', '--cert-dir', certs['dir'], '--creds', 'bob:bob-secret',
@@ -220,7 +204,7 @@ def test_registry_errors_are_one_clear_line(ours, certs, built, cocker, home, im
     assert login(home, ours, 'alice', certs).rc == 0
     base = ['--repo', ours.address, '--ca-file', certs['ca']]
     mine = image_names()
-    assert cocker('-a', 'import', '--image-file', built, '-m', mine + ':1').rc == 0
+    assert cocker('-a', 'import', '--image-file', built['docker'], '-m', mine + ':1').rc == 0
     assert cocker('-a', 'push', '-m', mine + ':1', *base).rc == 0
     for what, image, text in (
             ('an unknown tag', mine + ':nope', '404 manifest unknown'),
@@ -231,7 +215,7 @@ def test_registry_errors_are_one_clear_line(ours, certs, built, cocker, home, im
     # no credentials, then bob's, who may only pull
     r = run_cocker(second_home, '-a', 'push', '-m', 'x', *base)
     assert r.rc == 255 and "image 'x' not found" in r.err, r
-    assert run_cocker(second_home, '-a', 'import', '--image-file', built, '-m', 'x:1').rc == 0
+    assert run_cocker(second_home, '-a', 'import', '--image-file', built['docker'], '-m', 'x:1').rc == 0
     r = run_cocker(second_home, '-a', 'push', '-m', 'x:1', *base)
     assert r.rc == 255 and len(r.err.splitlines()) == 1 and '401' in r.err, r
     assert login(second_home, ours, 'bob', certs).rc == 0
@@ -374,7 +358,7 @@ def token_registry(certs, tmp_path_factory):
 def test_the_distribution_registry_with_htpasswd_and_with_tokens(
         htpasswd_registry, token_registry, certs, built, cocker, home, names, image_names):
     name = image_names()
-    assert cocker('-a', 'import', '--image-file', built, '-m', name + ':1').rc == 0
+    assert cocker('-a', 'import', '--image-file', built['docker'], '-m', name + ':1').rc == 0
     for server in (htpasswd_registry, token_registry):
         base = ['--repo', server.address + '/team', '--ca-file', certs['ca']]
         r = cocker('-a', 'push', '-m', name + ':1', *base)
@@ -456,7 +440,7 @@ def test_anonymous_pull_read_only_delete_and_garbage_collection(certs, cocker, h
                                                                 image_names, tmp_path):
     repo_dir = str(tmp_path / 'repo')
     name = image_names()
-    assert cocker('-a', 'import', '--image-file', built, '-m', name + ':1').rc == 0
+    assert cocker('-a', 'import', '--image-file', built['docker'], '-m', name + ':1').rc == 0
     users = os.path.join(repo_dir, 'users')
     os.makedirs(repo_dir)
     assert run_cocker(home, '-a', 'repo_user_add', '--user', 'alice', '--rights', 'push',
@@ -468,12 +452,12 @@ def test_anonymous_pull_read_only_delete_and_garbage_collection(certs, cocker, h
     try:
         ref = 'docker://%s/anon/%s:1' % (server.address, name)
         subprocess.check_call(['skopeo', 'copy', '-q', '--dest-creds', 'alice:pw',
-                               '--dest-tls-verify=false', 'docker-archive:' + built, ref])
+                               '--dest-tls-verify=false', 'docker-archive:' + built['docker'], ref])
         # anyone may pull, nobody without credentials may push
         assert json.loads(subprocess.check_output(['skopeo', 'inspect', '--tls-verify=false',
                                                    '--no-creds', ref]))['Name']
         r = subprocess.run(['skopeo', 'copy', '-q', '--dest-tls-verify=false', '--dest-no-creds',
-                            'docker-archive:' + built, ref.replace(':1', ':2')],
+                            'docker-archive:' + built['docker'], ref.replace(':1', ':2')],
                            stderr=subprocess.PIPE)
         assert r.returncode != 0, 'an anonymous push'
         # a deleted image: its blobs go at the next collection once old enough
@@ -494,7 +478,7 @@ def test_anonymous_pull_read_only_delete_and_garbage_collection(certs, cocker, h
     ref = 'docker://%s/anon/%s:1' % (server.address, name)
     try:
         r = subprocess.run(['skopeo', 'copy', '-q', '--dest-tls-verify=false', '--dest-creds',
-                            'alice:pw', 'docker-archive:' + built, ref], stderr=subprocess.PIPE)
+                            'alice:pw', 'docker-archive:' + built['docker'], ref], stderr=subprocess.PIPE)
         assert r.returncode != 0 and b'read-only' in r.stderr, r.stderr
     finally:
         assert server.stop()[0] == 0
@@ -791,7 +775,7 @@ def test_many_clients_at_once(ours, certs, built, cocker, home, image_names):
     assert login(home, ours, 'alice', certs).rc == 0
     base = ['--ca-file', certs['ca']]
     name = image_names()
-    assert cocker('-a', 'import', '--image-file', built, '-m', name + ':1').rc == 0
+    assert cocker('-a', 'import', '--image-file', built['docker'], '-m', name + ':1').rc == 0
     assert cocker('-a', 'push', '-m', name + ':1', '--repo', ours.address + '/many', *base).rc == 0
     pulled = [image_names() for _ in range(8)]
     procs = [cocker_process(home, '-a', 'pull', '-m', '%s/many/%s:1' % (ours.address, name),
