@@ -1169,7 +1169,7 @@ def clean_staging(store):
         kind, _, rest = entry.partition('.')
         owner, _, rest = rest.partition('.')
         pid, _, start = owner.partition('-')
-        if is_decimal(pid) and is_decimal(start) and process_start_time(int(pid)) == int(start):
+        if owner_running(owner):
             continue                    # its command still runs
         try:
             if kind == 'old' and store == images_dir():
@@ -1179,6 +1179,12 @@ def clean_staging(store):
         except (OSError, CockerError) as e:
             log('WARN', 'cannot clean %s: %s' % (entry, error_text(e)))
     tidy_staging(store)
+
+
+def owner_running(owner):
+    """Does the 'PID-START' of staging_owner() still name a running process?"""
+    pid, _, start = owner.partition('-')
+    return is_decimal(pid) and is_decimal(start) and process_start_time(int(pid)) == int(start)
 
 
 def claim_and_remove(store, path):
@@ -3092,9 +3098,10 @@ PID1_STEPS = (
 )
 
 
-def boot_container(name, exec_cmd):
+def boot_container(name, exec_cmd, stdio=None):
     """The CLI's part of a boot: the host steps, the monitor, the wait for READY; all of it
-    undone if any fails."""
+    undone if any fails.  stdio: {'stdin', 'stdout', 'stderr': fd, 'tty': bool} of a
+    one-shot run, for its main process."""
     init = cockerinit_program()
     with Rollback(teardown_container, name) as undo:
         for setup, _ in HOST_STEPS:
@@ -3103,7 +3110,7 @@ def boot_container(name, exec_cmd):
         monitor = os.fork()
         if monitor == 0:
             os.close(ready_r)
-            run_monitor(name, init, exec_cmd, ready_w)      # never returns
+            run_monitor(name, init, exec_cmd, ready_w, stdio)   # never returns
         os.close(ready_w)
         undo.push(stop_monitor, name, monitor)
         debug('monitor of %s is pid %d, waiting for cockerinit', name, monitor)
@@ -3130,12 +3137,12 @@ def wait_until_ready(name, ready_r):
                           % (name, container_file(name, 'cockerinit.log')))
 
 
-def run_monitor(name, init, exec_cmd, ready_w):
+def run_monitor(name, init, exec_cmd, ready_w, stdio=None):
     """The monitor process: never returns; whatever happens, the host steps are undone."""
     status = 1
     try:
-        become_monitor(name, ready_w)
-        monitor_container(name, init, exec_cmd, ready_w)
+        become_monitor(name, {ready_w} | stdio_fds(stdio))
+        monitor_container(name, init, exec_cmd, ready_w, stdio)
         status = 0
     except BaseException as e:          # a fork child's boundary: never back into the CLI
         write_quietly(ready_w, error_text(e))
@@ -3148,15 +3155,16 @@ def run_monitor(name, init, exec_cmd, ready_w):
             os._exit(status)
 
 
-def become_monitor(name, ready_w):
-    """A session of its own, nothing of the CLI's descriptors, running.lock held (the
-    kernel drops it when the monitor dies: a kill -9 can never leave a false RUNNING)."""
+def become_monitor(name, keep):
+    """A session of its own, nothing of the CLI's descriptors (but those in keep),
+    running.lock held (the kernel drops it when the monitor dies: a kill -9 can never
+    leave a false RUNNING)."""
     os.setsid()
     os.chdir('/')                       # do not pin the caller's working directory
     devnull = os.open('/dev/null', os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
-    close_fds_except({0, 1, 2, ready_w})
+    close_fds_except({0, 1, 2} | keep)
     prctl(PR_SET_NAME, b'cocker-monitor')
     running = os.open(container_file(name, 'running.lock'),
                       os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -3172,7 +3180,11 @@ def write_quietly(fd, text):
         pass
 
 
-def monitor_container(name, init, exec_cmd, ready_w):
+def stdio_fds(stdio):
+    return set(v for k, v in (stdio or {}).items() if k != 'tty')
+
+
+def monitor_container(name, init, exec_cmd, ready_w, stdio=None):
     """Run PID 1, and again as the container's restart policy says, until it ends for good
     or the operator stops it (SIGTERM: shutdown, kill, destroy)."""
     import signal
@@ -3189,8 +3201,8 @@ def monitor_container(name, init, exec_cmd, ready_w):
     restarts = 0
     while True:
         started = time.time()
-        status = run_pid1(name, init, exec_cmd, ready_w, state)
-        ready_w = None                  # (the CLI heard the first READY; the rest are ours)
+        status = run_pid1(name, init, exec_cmd, ready_w, state, stdio)
+        ready_w, stdio = None, None     # (the CLI heard the first READY; the rest are ours)
         if state['stopping'] or not restart_wanted(name, status, restarts):
             return
         if not sleep_unless_stopped(restart_delay(restarts, time.time() - started), state):
@@ -3201,7 +3213,7 @@ def monitor_container(name, init, exec_cmd, ready_w):
             % (name, restarts, status))
 
 
-def run_pid1(name, init, exec_cmd, ready_w, state):
+def run_pid1(name, init, exec_cmd, ready_w, state, stdio=None):
     """Fork PID 1 in a new pid namespace, copy its log, wait for it -> its exit status.  A
     restart has no CLI waiting for READY: the monitor reads the ready pipe itself."""
     import signal
@@ -3211,10 +3223,12 @@ def run_pid1(name, init, exec_cmd, ready_w, state):
     if ready_w is None:
         ready_r, ready_w = os.pipe()
     # our own later children (ip, iptables at teardown) stay in the host's pid namespace
+    fds = {'ready': ready_w, 'log': log_w, 'alive': alive_r}
+    fds.update((k, v) for k, v in (stdio or {}).items() if k != 'tty')
     init_pid = fork_in_pid_namespace()
     if init_pid == 0:
-        boot_child(name, init, exec_cmd, {'ready': ready_w, 'log': log_w, 'alive': alive_r})
-    for fd in (log_w, alive_r, ready_w):
+        boot_child(name, init, exec_cmd, fds, bool((stdio or {}).get('tty')))
+    for fd in fds.values():
         os.close(fd)
     state['init'] = init_pid
     write_attr(name, 'init_pid', str(init_pid))
@@ -3269,14 +3283,14 @@ def fork_in_pid_namespace(proc=None):
         os.close(home)
 
 
-def boot_child(name, init, exec_cmd, fds):
+def boot_child(name, init, exec_cmd, fds, tty=False):
     """PID 1 of the new pid namespace: PID1_STEPS, then the exec of cockerinit; never
     returns."""
     try:
         boot = Boot(name, fds)
         for step in PID1_STEPS:
             step(boot)
-        exec_cockerinit(boot, init, exec_cmd)
+        exec_cockerinit(boot, init, exec_cmd, tty)
     except BaseException as e:          # a fork child's boundary: never back into the CLI
         write_quietly(fds['ready'], 'boot %s: %s' % (name, error_text(e)))
     os._exit(1)
@@ -3302,7 +3316,7 @@ def enter_private_namespaces():
     mount(None, '/', None, MS_REC | MS_PRIVATE)
 
 
-def exec_cockerinit(boot, init, exec_cmd):
+def exec_cockerinit(boot, init, exec_cmd, tty=False):
     """cockerinit gets the descriptors, its settings in the environment, and the log pipe
     as stdout and stderr; nothing else of ours."""
     name, fds = boot.name, boot.fds
@@ -3319,6 +3333,8 @@ def exec_cockerinit(boot, init, exec_cmd):
         env['COCKER_EXEC'] = exec_cmd
     if os.path.exists(container_file(name, 'main')):
         env['COCKER_MAIN'] = '1'
+    if tty:
+        env['COCKER_TTY'] = '1'         # the one-shot's stdio is a terminal: its ctty
     os.dup2(fds['log'], 1)
     os.dup2(fds['log'], 2)
     close_fds_except({0, 1, 2} | set(fds.values()))
@@ -3343,9 +3359,9 @@ def stop_monitor(name, pid, sig=SIGTERM, timeout=STOP_TIMEOUT + 5):
     reap_if_child(pid)
 
 
-def reap_if_child(pid):
+def reap_if_child(pid, block=False):
     try:
-        os.waitpid(pid, os.WNOHANG)
+        os.waitpid(pid, 0 if block else os.WNOHANG)
     except ChildProcessError:
         pass
 
@@ -3357,7 +3373,7 @@ def reap_if_child(pid):
 # undo.  A command that finds a container dead (its monitor gone, its leftovers still on the
 # host) repairs it first, explicitly, under that lock.
 
-def make_container(options, name, layers, fill=None, boot=None):
+def make_container(options, name, layers, fill=None, boot=None, stdio=None):
     """Make the container (its VIP, CUSTOM namespace, limits) and, with -b, boot it;
     everything undone on failure.  True if it was booted."""
     boot = options.boot if boot is None else boot
@@ -3380,7 +3396,7 @@ def make_container(options, name, layers, fill=None, boot=None):
             record_production_options(name, options)
             log('INFO', "created container '%s' from '%s'" % (name, options.image))
             if boot:
-                start_container(name, options.exec_cmd)
+                start_container(name, options.exec_cmd, stdio)
     return boot
 
 
@@ -3410,7 +3426,7 @@ def remove_container(name):
     discard(containers_dir(), container_dir(name))
 
 
-def start_container(name, exec_cmd=None):
+def start_container(name, exec_cmd=None, stdio=None):
     """Boot a stopped container; return when cockerinit serves, or raise with the cause."""
     for key in ('stopped_by_operator', 'restart_count'):
         write_attr(name, key, None)     # a boot starts the policy's count anew
@@ -3421,7 +3437,7 @@ def start_container(name, exec_cmd=None):
               ' '.join(container_layers(name)) or '(rwlayer only)')
         if write_image_settings(name, exec_cmd):
             exec_cmd = None             # it is in cp/main, with the image's entrypoint
-        boot_container(name, exec_cmd)
+        boot_container(name, exec_cmd, stdio)
 
 
 def boot_stopped(name, options):
@@ -3440,6 +3456,172 @@ def boot_stopped(name, options):
                        None if options.host_eth == 'none' else options.host_eth)
         start_container(name, options.exec_cmd)
         log('INFO', "booted container '%s'" % name)
+
+
+# ---- one-shot runs (create ... -b -e CMD --rm) -------------------------------------------
+# As docker run --rm: the main process gets cocker's stdin (with -i), stdout and stderr
+# through pipes cocker relays (never cocker's own descriptors: a host file or terminal in
+# a container's hands could be chmod'ed or fed keystrokes), or with -t a pty cocker makes;
+# its exit status is cocker's, and the container goes when it ends.  HOME/oneshot/NAME
+# names the cocker that owns it: a cocker killed meanwhile is noticed by the next command,
+# which removes the container.
+
+def one_shot(options, layers, image_name):
+    """Create, boot, relay, destroy -> the main process's exit status."""
+    if not options.boot:
+        raise usage_error("'--rm' runs one command: add -b and -e")
+    if (options.restart or 'no') != 'no' or options.autostart is not None:
+        raise usage_error("'--rm' does not go with --restart or --autostart")
+    name = options.container or '%s-%s' % (image_name[:40], os.urandom(4).hex())
+    check_name('container', name)
+    claim_one_shot(name)
+    relay = OneShotRelay(options.attach, options.interactive)
+    try:
+        try:
+            make_container(options, name, layers, boot=True, stdio=relay.container_ends())
+        finally:
+            relay.close_container_ends()
+        status = relay.copy_until_done(name)
+    except KeyboardInterrupt:
+        status = 130
+    finally:
+        relay.close()
+        remove_one_shot(name)
+    return status
+
+
+def one_shot_dir():
+    return os.path.join(HOME, 'oneshot')
+
+
+def claim_one_shot(name):
+    """HOME/oneshot/NAME: this cocker owns the container (pid and start time)."""
+    os.makedirs(one_shot_dir(), 0o700, exist_ok=True)
+    path = os.path.join(one_shot_dir(), name)
+    if os.path.exists(path) or os.path.lexists(container_dir(name)):
+        raise CockerError("container '%s' exist" % name)
+    write_small(path, staging_owner())
+
+
+def remove_one_shot(name):
+    """The container of a one-shot run goes (stopped first), then its entry."""
+    if os.path.isdir(container_dir(name)):
+        destroy_container(name, shutdown=True, force=True)
+    remove_file(os.path.join(one_shot_dir(), name))
+
+
+def clean_one_shots():
+    """The containers of one-shot runs whose cocker was killed (cheap: one small directory)."""
+    try:
+        entries = os.listdir(one_shot_dir())
+    except FileNotFoundError:
+        return
+    for name in entries:
+        if name.startswith('.') or owner_running(read_small(os.path.join(one_shot_dir(), name),
+                                                            '')):
+            continue
+        try:
+            with locked('oneshot', name, wait=False) as held:
+                if held:
+                    remove_one_shot(name)
+        except (OSError, CockerError) as e:
+            log('WARN', 'cannot remove one-shot container %s: %s' % (name, error_text(e)))
+
+
+class OneShotRelay(object):
+    """cocker's side of a one-shot run's stdio: three pipes (or a pty with -t) whose other
+    ends go to the main process, copied until both output ends close."""
+
+    def __init__(self, tty, interactive):
+        self.tty, self.interactive = tty, interactive
+        self.saved = None
+        if tty:
+            if not os.isatty(0):
+                raise CockerError("'-t' needs a terminal on stdin")
+            self.master, slave = os.openpty()
+            set_window_size(self.master, window_size(0))
+            self.ends = {'stdin': slave, 'stdout': os.dup(slave), 'stderr': os.dup(slave),
+                         'tty': True}
+            self.outputs = {self.master: 1}
+        else:
+            in_r, self.in_w = os.pipe() if interactive else (os.open('/dev/null', os.O_RDONLY),
+                                                              None)
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
+            self.ends = {'stdin': in_r, 'stdout': out_w, 'stderr': err_w}
+            self.outputs = {out_r: 1, err_r: 2}
+
+    def container_ends(self):
+        return self.ends
+
+    def close_container_ends(self):
+        for key, fd in list(self.ends.items()):
+            if key != 'tty':
+                os.close(fd)
+        self.ends = {}
+
+    def copy_until_done(self, name):
+        """Relay until the command's outputs close; then wait for the container to stop
+        -> the exit status of its main process."""
+        import select
+        import signal
+        inputs = {}
+        if self.tty:
+            import termios
+            import tty
+            self.saved = termios.tcgetattr(0)
+            tty.setraw(0)
+            inputs = {0: self.master}
+            signal.signal(signal.SIGWINCH,
+                          lambda s, f: set_window_size(self.master, window_size(0)))
+        elif self.interactive:
+            inputs = {0: self.in_w}
+        while self.outputs:
+            try:
+                readable = select.select(list(self.outputs) + list(inputs), [], [])[0]
+            except InterruptedError:
+                continue
+            for fd in readable:
+                self.move(fd, inputs)
+        monitor = read_pid(name)
+        if monitor is not None:
+            reap_if_child(monitor, block=True)
+        status = read_attr(name, 'exit_status')
+        return int(status) if status and status.isdigit() else 255
+
+    def move(self, fd, inputs):
+        """One read from fd to where it goes; an end that closed is dropped."""
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            data = b''
+        if fd in inputs:
+            if not data:
+                if not self.tty:
+                    os.close(inputs[fd])    # the command sees the end of its input
+                del inputs[fd]
+                return
+            os.write(inputs[fd], data)
+            return
+        if not data:
+            del self.outputs[fd]
+            os.close(fd)
+            return
+        try:
+            os.write(self.outputs[fd], data)
+        except BrokenPipeError:
+            pass
+
+    def close(self):
+        if self.saved is not None:
+            import termios
+            termios.tcsetattr(0, termios.TCSAFLUSH, self.saved)
+        self.close_container_ends()
+        for fd in list(self.outputs) + ([self.in_w] if getattr(self, 'in_w', None) else []):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 # ---- an imported image's command, environment, working directory and user --------------
@@ -3934,6 +4116,11 @@ def window_size(fd):
         return struct.unpack('HHHH', fcntl.ioctl(fd, termios.TIOCGWINSZ, b'\0' * 8))
     except OSError:
         return (24, 80, 0, 0)
+
+
+def set_window_size(fd, size):
+    import termios
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack('HHHH', *size))
 
 
 def session(name, sock, request, stdin_fd=None, tty=False):
@@ -7992,10 +8179,13 @@ def action_install_test(options):
 
 
 def action_create(options):
-    """Create a container from one or more stacked images (first is lowest)."""
+    """Create a container from one or more stacked images (first is lowest); with --rm, a
+    one-shot run of -e's command (its exit status is ours)."""
     refs = split_list(options.image)
     with locked_images(*[parse_image_ref(ref)[0] for ref in refs], shared=True):
         resolved = [resolve_image(ref) for ref in refs]     # no image goes while we use it
+        if options.rm:
+            return one_shot(options, layers_text(resolved), resolved[-1][0])
         name = options.container or resolved[-1][0]
         booted = make_container(options, name, layers_text(resolved))
     return after_boot(name, options) if booted else ok()
@@ -8659,7 +8849,7 @@ OPTIONS = {
     '-e': ('exec_cmd', True), '--exec': ('exec_cmd', True),
     '--entrypoint': ('entrypoint', True), '--env': ('env', True), '--user': ('user', True),
     '-u': ('user', True), '-w': ('workdir', True), '--workdir': ('workdir', True),
-    '-h': ('shutdown', False), '--shutdown': ('shutdown', False),
+    '-h': ('shutdown', False), '--shutdown': ('shutdown', False), '--rm': ('rm', False),
     '--cmd': ('cmd', True),
     '--from-image': ('from_image', True), '--to-image': ('to_image', True),
     '--from-container': ('from_container', True), '--to-container': ('to_container', True),
@@ -8787,8 +8977,8 @@ def check_args(options):
     for attr, option in REQUIRED.get(word, []):
         if not getattr(options, attr) or (attr == 'image' and not split_list(options.image)):
             raise usage_error("expect '%s' with action '%s %s'" % (option, kind, word))
-    if options.attach and options.exec_cmd is not None:
-        raise usage_error("'-t' and '-e' cannot be used together")
+    if options.attach and options.exec_cmd is not None and not options.rm:
+        raise usage_error("'-t' and '-e' cannot be used together (but with --rm)")
     if options.exec_cmd is not None:
         import shlex
         try:
@@ -8873,6 +9063,7 @@ def clean_stores():
     """What commands killed half-way left behind (cheap: one directory, seldom there)."""
     for store in (images_dir(), containers_dir(), layers_dir()):
         clean_staging(store)
+    clean_one_shots()
 
 
 # =============================================================================

@@ -57,7 +57,8 @@ import tty
 CONFIG_ENV = ('COCKER_ROOT', 'COCKER_SOCKDIR', 'COCKER_HOSTNAME', 'COCKER_EXEC', 'COCKER_MAIN',
               'COCKER_SECCOMP', 'COCKER_NO_NEW_PRIVS',
               'COCKER_READY_FD', 'COCKER_LOG_FD', 'COCKER_CONSOLE_FD', 'COCKER_ALIVE_PIPE',
-              'COCKER_ALIVE_FD')
+              'COCKER_ALIVE_FD', 'COCKER_STDIN_FD', 'COCKER_STDOUT_FD', 'COCKER_STDERR_FD',
+              'COCKER_TTY')
 SOCKET_NAME = 'cocker.sock'
 READY = b'READY'
 STOP_GRACE = 5                        #: seconds between SIGTERM and SIGKILL at shutdown
@@ -72,6 +73,8 @@ SHELLS = ('/bin/bash', '/bin/sh', '/usr/bin/bash', '/usr/bin/sh')
 #: an imported image's command, environment, working directory and user (cocker's cp/main):
 #: {'arg': [...], 'env': ['K=V', ...], 'cwd': path or None, 'user': text or None}
 IMAGE = {'arg': [], 'env': [], 'cwd': None, 'user': None, 'stop': None}
+MAIN_STDIO = []                             #: a one-shot run's stdin, stdout, stderr
+TTY = False                                 #: ... and they are a terminal (COCKER_TTY)
 USER_FILE_MAX = 4 << 20                 #: the largest /etc/passwd or /etc/group read
 ID_LIMIT = (1 << 32) - 1                #: uids and gids are below (-1 means "unchanged")
 
@@ -790,13 +793,17 @@ def enter_root(root):
 
 def start_main_command(argv, env, cwd=None, creds=None):
     """The container's main process (-e, or an imported image's command), output to the
-    container log."""
+    container log; or, for a one-shot run, on the pipes or the terminal cocker passed."""
     argv = [find_program(argv[0], env.get('PATH', SESSION_PATH), cwd or '/root')] + argv[1:]
-    stdin = os.open('/dev/null', os.O_RDONLY)
+    stdio = list(MAIN_STDIO) or [os.open('/dev/null', os.O_RDONLY), 1, 2]
+    tty = stdio[0] if MAIN_STDIO and TTY else None
+    if tty is not None:
+        env.setdefault('TERM', 'xterm')
     pid = os.fork()
     if pid == 0:
-        exec_child(argv, env, (stdin, 1, 2), cwd=cwd, creds=creds)
-    os.close(stdin)
+        exec_child(argv, env, stdio, ctty=tty, cwd=cwd, creds=creds)
+    for fd in set(stdio) - {1, 2}:
+        os.close(fd)                        # the command holds them: its end is their end
     log('main command %d: %s' % (pid, ' '.join(argv)))
     return pid
 
@@ -922,6 +929,10 @@ def take_config():
                                      for k in ('READY', 'ALIVE', 'CONSOLE', 'LOG'))
     for fd in (ready, alive, console, log_fd):
         os.set_inheritable(fd, False)
+    if config['COCKER_STDIN_FD']:           # a one-shot run: the main process's stdio
+        MAIN_STDIO.extend(int(config['COCKER_%s_FD' % k]) for k in ('STDIN', 'STDOUT', 'STDERR'))
+        for fd in MAIN_STDIO:
+            os.set_inheritable(fd, False)
     return config, ready, alive, console
 
 
@@ -937,8 +948,9 @@ def set_up(config):
     enter_root(config['COCKER_ROOT'])
     confine(last_cap, seccomp=config['COCKER_SECCOMP'] != 'unconfined')
     prctl(PR_SET_DUMPABLE, 0)                   # again: credentials changed
-    global NO_NEW_PRIVS
+    global NO_NEW_PRIVS, TTY
     NO_NEW_PRIVS = config['COCKER_NO_NEW_PRIVS'] == '1'
+    TTY = config['COCKER_TTY'] == '1'
     # stdin came from the host (/dev/null of the monitor): use the container's own
     null = os.open('/dev/null', os.O_RDWR)
     os.dup2(null, 0)
