@@ -8787,6 +8787,7 @@ USAGE = """USAGE : cocker -v
                -s stats [ (-c|--container) (container) ]
   (listings)   -s images|containers|container_limits|stats|ssearch|search|repo_users ... [ --format json ]
                -a create (-m|--image) (image[:version])[,(image[:version])]... [ create options ] [ (-c|--container) (container) ] [ (-b|--boot) [ cgroup options ] [ (-t|--attach) | (-e|--exec) (cmd|"program para1 ...") ] ]
+               -a create (-m|--image) (image[:version])[,...] [ create options ] [ (-c|--container) (container) ] (-b|--boot) (-e|--exec) (cmd) --rm [ (-i|--interactive) ] [ -t ]  (one-shot: its exit status is ours)
                -a boot (-c|--container) (container) [ --host-eth (eth) ] [ cgroup options ] [ security options ] [ run options ] [ (-t|--attach) | (-e|--exec) (cmd|"program para1 ...") ]
                -a attach (-c|--container) (container)
                -a rplfile (-c|--container) (container) (--template-file) (template_file) (--mapping-file) (mapping_file) [ (--instance-file) (instance_file) ]

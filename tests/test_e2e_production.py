@@ -216,3 +216,35 @@ def test_a_fuller_run(cocker, test_image, names, home, terminal):
     r = cocker('-a', 'run', '-c', name, '-t', '--cmd', 'true')
     assert r.rc == 255 and 'needs a terminal' in r.err
     assert cocker('-a', 'destroy', '-c', name, '-h').rc == 0
+
+
+def test_a_one_shot_run_passes_stdio_and_status_and_leaves_nothing(cocker, test_image, names,
+                                                                   home, terminal):
+    from conftest import cocker_process
+    before = sorted(os.listdir(os.path.join(home, 'containers')))
+    r = cocker('-a', 'create', '-m', test_image, '-b', '--rm', '-e',
+               "sh -c 'echo out; echo err >&2; exit 7'")
+    assert (r.rc, r.out, r.err) == (7, 'out\n', 'err\n'), r
+    r = cocker('-a', 'create', '-m', test_image, '-c', names('os'), '-b', '--rm', '-i', '-e',
+               "sh -c 'tr a-z A-Z; echo end'", input=b'some input\n')
+    assert (r.rc, r.out) == (0, 'SOME INPUT\nend\n'), r
+    r = cocker('-a', 'create', '-m', test_image, '--rm', '-e', 'true')
+    assert r.rc == 7 and '-b' in r.err, 'a one-shot needs -b'
+    assert sorted(os.listdir(os.path.join(home, 'containers'))) == before
+    # -t: the command's stdio is a terminal
+    t = terminal('-a', 'create', '-m', test_image, '-b', '-t', '--rm', '-e',
+                 "sh -c 'test -t 0 && test -t 1 && echo on-a-terminal; exit 4'")
+    assert 'on-a-terminal' in t.expect('on-a-terminal') and t.wait() == 4
+    # interrupted (Ctrl-C): the container goes at once; killed: the next command removes it
+    for sig, name in ((signal.SIGINT, names('int')), (signal.SIGKILL, names('kil'))):
+        p = cocker_process(home, '-a', 'create', '-m', test_image, '-c', name, '-b', '--rm',
+                           '-e', 'sleep 1000')
+        wait_for(lambda: status_of(cocker, name) == 'RUNNING', what='the one-shot to run')
+        p.send_signal(sig)
+        p.communicate(timeout=60)
+        if sig == signal.SIGKILL:
+            assert os.path.isdir(container_path(home, name)), 'killed: nothing could clean up'
+            cocker('-s', 'images')
+        assert not os.path.exists(container_path(home, name)), sig
+    assert sorted(os.listdir(os.path.join(home, 'containers'))) == before
+    assert os.listdir(os.path.join(home, 'oneshot')) == []
