@@ -204,19 +204,36 @@ def log(level, text, depth=1):
 
 def append_log(path, data, limit=LOG_ROTATE_BYTES, keep=1):
     """Append to a log file; one that would grow past limit first becomes PATH.1 (PATH.1
-    becoming PATH.2, up to keep of them; the oldest goes)."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    becoming PATH.2, up to keep of them; older ones go).  Writers that rotate at once take
+    turns (a flock on the file), so no record is lost."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+    fd = os.open(path, flags, 0o600)
     try:
         if os.fstat(fd).st_size and os.fstat(fd).st_size + len(data) > limit:
-            for n in range(keep, 1, -1):
-                if os.path.exists('%s.%d' % (path, n - 1)):
-                    os.rename('%s.%d' % (path, n - 1), '%s.%d' % (path, n))
-            os.rename(path, path + '.1')
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                ours = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                ours = False                # rotated meanwhile: the new file takes it
+            if ours:
+                rotate_log(path, keep)
             os.close(fd)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(path, flags, 0o600)
         os.write(fd, data)
     finally:
         os.close(fd)
+
+
+def rotate_log(path, keep):
+    """PATH.N-1 -> PATH.N ... PATH -> PATH.1; what is beyond keep (a count lowered) goes."""
+    n = keep + 1
+    while os.path.exists('%s.%d' % (path, n)):
+        os.unlink('%s.%d' % (path, n))
+        n += 1
+    for n in range(keep, 1, -1):
+        if os.path.exists('%s.%d' % (path, n - 1)):
+            os.rename('%s.%d' % (path, n - 1), '%s.%d' % (path, n))
+    os.rename(path, path + '.1')
 
 
 def error_text(e):
@@ -3198,14 +3215,15 @@ def monitor_container(name, init, exec_cmd, ready_w, stdio=None):
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGALRM, lambda signum, frame: signal_process(state['init'], SIGKILL))
-    restarts = 0
+    restarts = quick = 0                # all restarts; those after a short run, in a row
     while True:
         started = time.time()
         status = run_pid1(name, init, exec_cmd, ready_w, state, stdio)
         ready_w, stdio = None, None     # (the CLI heard the first READY; the rest are ours)
         if state['stopping'] or not restart_wanted(name, status, restarts):
             return
-        if not sleep_unless_stopped(restart_delay(restarts, time.time() - started), state):
+        quick = 0 if time.time() - started >= RESTART_STEADY else quick + 1
+        if not sleep_unless_stopped(restart_delay(quick), state):
             return
         restarts += 1
         write_attr(name, 'restart_count', str(restarts))
@@ -3215,8 +3233,15 @@ def monitor_container(name, init, exec_cmd, ready_w, stdio=None):
 
 def run_pid1(name, init, exec_cmd, ready_w, state, stdio=None):
     """Fork PID 1 in a new pid namespace, copy its log, wait for it -> its exit status.  A
-    restart has no CLI waiting for READY: the monitor reads the ready pipe itself."""
+    restart has no CLI waiting for READY: the monitor reads the ready pipe itself.  The
+    operator's SIGTERM waits (blocked) until PID 1's pid is known, so none is lost."""
     import signal
+    rotation = log_rotation(name)
+    stops = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    if state['stopping']:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+        return 0
     log_r, log_w = os.pipe()
     alive_r, alive_w = os.pipe()
     ready_r = None
@@ -3227,16 +3252,20 @@ def run_pid1(name, init, exec_cmd, ready_w, state, stdio=None):
     fds.update((k, v) for k, v in (stdio or {}).items() if k != 'tty')
     init_pid = fork_in_pid_namespace()
     if init_pid == 0:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)   # (an exec keeps the mask)
         boot_child(name, init, exec_cmd, fds, bool((stdio or {}).get('tty')))
     for fd in fds.values():
         os.close(fd)
     state['init'] = init_pid
     write_attr(name, 'init_pid', str(init_pid))
-    copy_log(log_r, container_file(name, 'cockerinit.log'), *log_rotation(name))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)   # a shutdown meanwhile: now handled
+    copy_log(log_r, container_file(name, 'cockerinit.log'), *rotation)
+    os.close(log_r)
     _, wait_status = os.waitpid(init_pid, 0)
     status = exit_status(wait_status)
     signal.alarm(0)
     state['init'] = None
+    write_attr(name, 'init_pid', None)  # never a pid that another process may get next
     os.close(alive_w)
     if ready_r is not None:
         answer = os.read(ready_r, 4096)
@@ -3723,10 +3752,14 @@ LOG_FILES_MAX = 100
 
 
 def log_rotation(name):
-    """(bytes a log file may hold, rotated files kept) of a container."""
-    size = parse_log_size(read_attr(name, 'log_size') or LOG_DEFAULTS[0])
-    count = read_attr(name, 'log_count')
-    return size, int(count) if count and is_decimal(count) else LOG_DEFAULTS[1]
+    """(bytes a log file may hold, rotated files kept) of a container (the defaults for
+    values no cocker wrote)."""
+    try:
+        size = parse_log_size(read_attr(name, 'log_size') or LOG_DEFAULTS[0])
+        count = parse_log_count(read_attr(name, 'log_count') or str(LOG_DEFAULTS[1]))
+    except CockerError:
+        return parse_log_size(LOG_DEFAULTS[0]), LOG_DEFAULTS[1]
+    return size, count
 
 
 def parse_log_size(text):
@@ -3756,65 +3789,85 @@ def log_files(name):
 def show_log(name, tail=None, follow=False):
     """-s logs: the log (its last tail lines), then with follow what comes, until the
     container stops; control characters escaped (it is the container's text)."""
-    lines, current = [], None
-    for path in log_files(name):
-        f = open(path, 'rb')
-        lines += f.read().splitlines(True)
-        if path.endswith('.log'):
-            current = f                 # kept open: follow goes on from where it ends
-        else:
-            f.close()
+    reader = LogReader(name)
+    data = reader.read_new()
+    if tail is not None:
+        lines = data.splitlines(True)       # (the files joined: a line cut by a rotation
+        data = b''.join(lines[len(lines) - tail:])      # counts once)
+    write_log_text(data)
     try:
-        for line in lines[-tail:] if tail is not None else lines:
-            write_log_text(line)
-        if follow:
-            follow_log(name, current)
+        while follow:
+            running = is_running(name)
+            write_log_text(reader.read_new())
+            if not running:
+                break
+            time.sleep(0.1)
     finally:
-        if current is not None:
-            current.close()
+        reader.close()
+
+
+class LogReader(object):
+    """Reads a container's log files, each once, through any number of rotations: a
+    rotated file is read to its end and done; the current one stays open (its descriptor
+    follows it when it is rotated in turn).  Files are known by inode, each held open while
+    it is listed, so that no new file can come with a done one's inode."""
+
+    def __init__(self, name):
+        self.name, self.done, self.open = name, {}, {}
+
+    def read_new(self):
+        """What was written since the last call, the oldest first."""
+        data = []
+        files = log_files(self.name)
+        listed = set(self.key(p) for p in files)
+        for key in [k for k in self.open if k not in listed]:
+            data.append(self.open[key].read())  # rotated away between two reads: oldest
+            self.finished(key)
+        for key in [k for k in self.done if k not in listed]:
+            self.done.pop(key).close()      # gone: its inode may now come again
+        for n, path in enumerate(files):
+            key, f = self.file(path)
+            if key is None or key in self.done:
+                continue
+            data.append(f.read())
+            if n < len(files) - 1:          # rotated: it gets no more
+                self.finished(key)
+        return b''.join(data)
+
+    @staticmethod
+    def key(path):
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def file(self, path):
+        key = self.key(path)
+        if key is not None and key not in self.open and key not in self.done:
+            try:
+                self.open[key] = open(path, 'rb')
+            except FileNotFoundError:       # (renamed between the stat and the open)
+                return None, None
+        return key, self.open.get(key)
+
+    def finished(self, key):
+        self.done[key] = self.open.pop(key)
+
+    def close(self):
+        for f in list(self.open.values()) + list(self.done.values()):
+            f.close()
+        self.open, self.done = {}, {}
 
 
 def write_log_text(data):
+    if not data:
+        return
     try:
         sys.stdout.write(printable(data.decode('utf-8', 'surrogateescape'), keep='\n\t'))
         sys.stdout.flush()
     except BrokenPipeError:
         raise ReaderGone()
-
-
-def follow_log(name, f):
-    """What the log gets (f: the current file, read up to here), through its rotations,
-    until the container stops."""
-    path = container_file(name, 'cockerinit.log')
-    while True:
-        running = is_running(name)
-        if f is None or not same_file(f, path):
-            if f is not None:
-                drain_log(f)            # the end of the file that was rotated away
-                f.close()
-            f = open(path, 'rb') if os.path.exists(path) else None
-        if f is not None:
-            drain_log(f)
-        if not running:
-            break
-        time.sleep(0.1)
-    if f is not None:
-        f.close()
-
-
-def same_file(f, path):
-    try:
-        return os.path.samestat(os.fstat(f.fileno()), os.stat(path))
-    except FileNotFoundError:
-        return False
-
-
-def drain_log(f):
-    while True:
-        data = f.read(65536)
-        if not data:
-            return
-        write_log_text(data)
 
 
 # ---- restart policies and autostart --------------------------------------------------
@@ -3841,18 +3894,24 @@ def parse_restart(text):
 def restart_wanted(name, status, restarts):
     """Whether the monitor runs PID 1 again after it ended with status."""
     policy, most = parse_restart(read_attr(name, 'restart') or 'no')
-    if policy == 'no' or read_attr(name, 'stopped_by_operator'):
+    if policy == 'no' or operator_stopping(name):
         return False
     if policy == 'on-failure':
         return status != 0 and (most is None or restarts < most)
     return True
 
 
-def restart_delay(restarts, ran):
-    """Seconds before restart number restarts + 1: doubling, capped, from the start again
-    after a run of RESTART_STEADY seconds."""
+def operator_stopping(name):
+    """Is a shutdown, kill or destroy under way?  (Its cocker wrote itself down before any
+    signal; one killed before it signalled stops nothing.)"""
+    return owner_running(read_attr(name, 'stopped_by_operator') or '')
+
+
+def restart_delay(quick):
+    """Seconds before a restart that follows quick short runs (shorter than RESTART_STEADY)
+    in a row: doubling, capped."""
     first, cap = RESTART_DELAY
-    return first if ran >= RESTART_STEADY else min(cap, first * 2 ** restarts)
+    return min(cap, first * 2 ** min(quick, 16))
 
 
 def sleep_unless_stopped(seconds, state):
@@ -3881,8 +3940,8 @@ def record_production_options(name, options):
 
 
 def autostart_priority(text):
-    if text.lstrip('-').isdigit() and abs(int(text)) < 1 << 31:
-        return int(text)
+    if parse_int(text) is not None and abs(parse_int(text)) < 1 << 31:
+        return parse_int(text)
     raise usage_error("'--autostart' value[%s] invalid (a priority number, or off)"
                       % printable(text))
 
@@ -3899,9 +3958,9 @@ def autostart_containers():
     the highest priority first (LXD's boot.autostart.priority), then by name."""
     marked = []
     for name in list_containers():
-        priority = read_attr(name, 'autostart')
-        if priority is not None and priority.lstrip('-').isdigit():
-            marked.append((name, int(priority), int(read_attr(name, 'autostart_delay') or 0)))
+        priority = number_attr(name, 'autostart')
+        if priority is not None:
+            marked.append((name, priority, max(number_attr(name, 'autostart_delay') or 0, 0)))
     return sorted(marked, key=lambda m: (-m[1], m[0]))
 
 
@@ -3919,9 +3978,9 @@ def boot_marked_containers():
             log('INFO', "autostarted container '%s'" % name)
             say('%s: booted' % name)
             time.sleep(delay)
-        except CockerError as e:
+        except (OSError, CockerError) as e:
             failed += 1
-            report('%s: %s' % (name, e.message), e.status)
+            report('%s: %s' % (name, error_text(e)), EXIT_FAILED)
     return failed
 
 
@@ -3938,9 +3997,9 @@ def shutdown_every_container():
                     continue
                 stop_container(name, SIGTERM)
             say('%s: shut down' % name)
-        except CockerError as e:
+        except (OSError, CockerError) as e:
             failed += 1
-            report('%s: %s' % (name, e.message), e.status)
+            report('%s: %s' % (name, error_text(e)), EXIT_FAILED)
     return failed
 
 
@@ -3964,7 +4023,7 @@ def stop_container(name, sig, force=False):
             teardown_container(name)
             return
         raise CockerError("container '%s' is not running" % name)
-    write_attr(name, 'stopped_by_operator', '1')
+    write_attr(name, 'stopped_by_operator', staging_owner())     # (this cocker: PID-START)
     monitor = read_pid(name)
     debug('stopping %s (monitor %s) with signal %d', name, monitor, sig)
     if sig == SIGKILL:
@@ -8563,8 +8622,15 @@ def container_record(name):
 
 
 def number_attr(name, key):
-    value = read_attr(name, key)
-    return int(value) if value is not None and value.lstrip('-').isdigit() else None
+    return parse_int(read_attr(name, key))
+
+
+def parse_int(text):
+    """An integer written as one (an optional '-', ASCII digits), else None."""
+    if text is None:
+        return None
+    digits = text[1:] if text.startswith('-') else text
+    return int(text) if is_decimal(digits) else None
 
 
 def show_container_limits(options):
@@ -8704,12 +8770,19 @@ def inspect_record(name):
     """-s inspect's object (its keys documented in the man page, never renamed)."""
     record = container_record(name)
     running = record['state'] == 'running'
-    policy, most = parse_restart(read_attr(name, 'restart') or 'no')
+    try:
+        policy, most = parse_restart(read_attr(name, 'restart') or 'no')
+    except CockerError:
+        policy, most = None, None       # (a value no cocker wrote)
+    try:
+        layers = [os.path.realpath(os.path.join(HOME, p)) for p in container_layers(name)]
+    except CockerError:
+        layers = None                   # an image of it is gone (del_image -f)
     started = os.path.getmtime(container_file(name, 'init_pid')) if running and \
         os.path.exists(container_file(name, 'init_pid')) else None
     record.update({
         'images': split_list(pinned_layers(name)),
-        'layers': [os.path.realpath(os.path.join(HOME, p)) for p in container_layers(name)],
+        'layers': layers,
         'root': container_file(name, 'merged'),
         'network': {'model': record.pop('net'), 'netns': record.pop('netns') or None,
                     'vip': read_attr(name, 'vip'), 'host_eth': read_attr(name, 'host_eth'),
@@ -8939,7 +9012,7 @@ def parse_args(argv):
             options.action = 'help'
             return options
         if arg == '--autostart' and (i + 1 >= len(argv) or not (
-                argv[i + 1].lstrip('-').isdigit() or argv[i + 1] == 'off')):
+                parse_int(argv[i + 1]) is not None or argv[i + 1] == 'off')):
             options.autostart = '0'     # (its priority may be left out)
             i += 1
             continue

@@ -33,6 +33,7 @@ def test_on_failure_restarts_up_to_its_maximum(cocker, test_image, names, home):
     time.sleep(1)
     assert status_of(cocker, name) == 'STOPED' and attr(home, name, 'restart_count') == '2'
     assert attr(home, name, 'exit_status') == '1'
+    assert attr(home, name, 'init_pid') is None, 'no pid of a process that is gone'
     log = open(container_path(home, name, 'cockerinit.log')).read()
     assert log.count('ran\n') == 3, 'the first run and two restarts'
     # a main process that succeeds is not restarted by on-failure
@@ -177,6 +178,7 @@ def test_logs_are_capped_and_followed(cocker, test_image, names, home):
     assert sum(os.path.getsize(container_path(home, name, f)) for f in files) <= 3 << 20
     r = cocker('-s', 'logs', '-c', name, '--tail', '2')
     assert r.rc == 0 and r.out.splitlines()[0] == 'done', r.out[-300:]
+    assert cocker('-s', 'logs', '-c', name, '--tail', '0').out == ''
     # --follow: the lines as they come, and its end with the container's
     assert cocker('-a', 'boot', '-c', name, '-e',
                   "sh -c 'echo one; sleep 2; echo two; sleep 1'").rc == 0

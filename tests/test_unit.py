@@ -848,3 +848,37 @@ def test_credentials_come_from_cocker_then_podman_then_docker(tmp_path, monkeypa
     assert cocker.stored_credentials('reg.example') == ('p', '1')
     with pytest.raises(cocker.CockerError):
         cocker.save_credentials('reg.example', None, None)
+
+
+def test_the_restart_back_off_doubles_and_is_capped():
+    assert [cocker.restart_delay(n) for n in range(4)] == [0.1, 0.2, 0.4, 0.8]
+    assert cocker.restart_delay(5000) == cocker.RESTART_DELAY[1], 'no overflow, the cap'
+
+
+@pytest.mark.parametrize('text,value', [('7', 7), ('-3', -3), ('0', 0), ('--3', None),
+                                        ('²', None), ('', None), (None, None), ('1e3', None)])
+def test_integers_are_parsed_strictly(text, value):
+    assert cocker.parse_int(text) == value
+
+
+def test_the_log_reader_sees_every_byte_through_rotations(tmp_path, monkeypatch):
+    monkeypatch.setattr(cocker, 'HOME', str(tmp_path))
+    os.makedirs(str(tmp_path / 'containers' / 'c'))
+    path = str(tmp_path / 'containers' / 'c' / 'cockerinit.log')
+    reader = cocker.LogReader('c')
+    seen, written = [], []
+    for n in range(300):
+        chunk = ('line %d\n' % n).encode() * 300     # each chunk: a rotation
+        cocker.append_log(path, chunk, limit=4096, keep=3)
+        written.append(chunk)
+        if n % 2:                   # two rotations may come between two reads
+            seen.append(reader.read_new())
+    seen.append(reader.read_new())
+    reader.close()
+    assert b''.join(seen) == b''.join(written)
+    assert sorted(os.listdir(str(tmp_path / 'containers' / 'c'))) == [
+        'cockerinit.log', 'cockerinit.log.1', 'cockerinit.log.2', 'cockerinit.log.3']
+    cocker.append_log(path, b'x' * 5000, limit=4096, keep=1)     # a count lowered
+    cocker.append_log(path, b'y', limit=4096, keep=1)
+    assert sorted(os.listdir(str(tmp_path / 'containers' / 'c'))) == [
+        'cockerinit.log', 'cockerinit.log.1']
