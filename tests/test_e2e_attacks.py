@@ -84,7 +84,7 @@ def init_pid(home, name):
 
 
 def container_cgroups(home, name):
-    return json.load(open(container_path(home, name, 'cgroups')))
+    return open(container_path(home, name, 'cgroups')).read().split()
 
 
 # ---- capabilities ----------------------------------------------------------------------

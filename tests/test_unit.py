@@ -882,3 +882,17 @@ def test_the_log_reader_sees_every_byte_through_rotations(tmp_path, monkeypatch)
     cocker.append_log(path, b'y', limit=4096, keep=1)
     assert sorted(os.listdir(str(tmp_path / 'containers' / 'c'))) == [
         'cockerinit.log', 'cockerinit.log.1']
+
+
+def test_the_cgroups_file_is_read_in_both_formats(tmp_path, monkeypatch):
+    monkeypatch.setattr(cocker, 'HOME', str(tmp_path))
+    os.makedirs(str(tmp_path / 'containers' / 'c'))
+    path = str(tmp_path / 'containers' / 'c' / 'cgroups')
+    with open(path, 'w') as f:
+        f.write('/sys/fs/cgroup/cpu/cocker/c\n/sys/fs/cgroup/memory/cocker/c\n')
+    assert cocker.container_cgroups('c') == ['/sys/fs/cgroup/cpu/cocker/c',
+                                             '/sys/fs/cgroup/memory/cocker/c']
+    with open(path, 'w') as f:          # as cocker 1.0 wrote it
+        f.write('["/sys/fs/cgroup/cpu/cocker/c", "/sys/fs/cgroup/memory/cocker/c"]')
+    assert cocker.container_cgroups('c') == ['/sys/fs/cgroup/cpu/cocker/c',
+                                             '/sys/fs/cgroup/memory/cocker/c']
