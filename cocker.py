@@ -6166,338 +6166,346 @@ def registry_routes():
         (r'/v2/%s/blobs/(?P<digest>sha256:[0-9a-f]{64})' % name, 'api_blob'))]
 
 
+class RegistryRequests(object):
+    """What a registry does with each request, one method an endpoint; mixed into
+    http.server's handler by registry_handler (http.server loads only when a registry runs),
+    with its store, auth (None: no users), read_only, log_line and routes."""
+
+    def do_GET(self):
+        self.serve('GET')
+
+    def do_HEAD(self):
+        self.serve('HEAD')
+
+    def do_PUT(self):
+        self.serve('PUT')
+
+    def do_POST(self):
+        self.serve('POST')
+
+    def do_PATCH(self):
+        self.serve('PATCH')
+
+    def do_DELETE(self):
+        self.serve('DELETE')
+
+    def serve(self, method):
+        import socket
+        import urllib.parse
+        self.started, self.sent, self.user, self.consumed = time.time(), 0, '-', False
+        self.head_sent = False
+        url = urllib.parse.urlsplit(self.path)
+        self.query = dict(urllib.parse.parse_qsl(url.query))
+        try:
+            self.check_framing()
+            self.check_rights(method, url.path)
+            for pattern, handler in self.routes:
+                match = pattern.fullmatch(url.path)
+                if match and len(match.groupdict().get('name') or '') <= REGISTRY_NAME_MAX:
+                    getattr(self, handler)(method, **match.groupdict())
+                    break
+            else:
+                raise RegistryError(404, 'NAME_INVALID' if url.path.startswith('/v2/')
+                                    else 'UNSUPPORTED', 'no such endpoint or invalid '
+                                    'repository name')
+        except RegistryError as e:
+            self.fail(e)
+        except CockerError as e:
+            self.fail(RegistryError(400, 'DIGEST_INVALID', str(e)))
+        except (ConnectionError, socket.timeout) as e:
+            self.close_connection = True    # the client went away or fell silent
+            self.status = 'aborted (%s)' % printable(str(e)[:100])
+        except Exception as e:              # the storage failed; anything unforeseen
+            self.close_connection = True
+            self.fail(RegistryError(500, 'UNKNOWN', 'the registry failed: %s' % printable(
+                getattr(e, 'strerror', None) or str(e) or type(e).__name__)))
+        if self.has_body and not self.consumed:
+            self.close_connection = True    # a body unread is never taken for a request
+        self.log_request_line(method)
+
+    def check_framing(self):
+        """One body length, a number: else 400 and the connection closed."""
+        length = self.headers.get('Content-Length')
+        chunked = 'chunked' in self.headers.get('Transfer-Encoding', '').lower()
+        if (length is not None and (not is_decimal(length.strip()) or chunked)) or \
+                len(self.headers.get_all('Content-Length') or []) > 1:
+            self.close_connection = True
+            self.consumed = True            # (nothing of it will be read)
+            raise RegistryError(400, 'UNSUPPORTED', 'malformed Content-Length')
+
+    # ---- authentication
+    def check_rights(self, method, path):
+        if self.auth is None:
+            return
+        wanted = 'pull' if method in ('GET', 'HEAD') else 'push'
+        user, rights = self.auth.rights(self.headers.get('Authorization'))
+        self.user = printable(user or '-')
+        if path.rstrip('/') == '/v2' and user is None:
+            rights = None           # the base challenges: clients learn to send who they are
+        if rights == 'push' or rights == wanted:
+            return
+        if rights is None or user is None:      # (anonymous: credentials may do more)
+            raise RegistryError(401, 'UNAUTHORIZED', 'authentication required',
+                                [('WWW-Authenticate', 'Basic realm="cocker"')])
+        raise RegistryError(403, 'DENIED', 'requested access to the resource is denied')
+
+    def require_push(self):
+        if self.read_only:
+            raise RegistryError(405, 'UNSUPPORTED', 'the registry is read-only')
+
+    # ---- endpoints
+    def api_base(self, method):
+        self.answer(200, b'{}', 'application/json', method=method)
+
+    def api_catalog(self, method):
+        self.answer_list(method, 'repositories', self.store.repositories(), '/v2/_catalog')
+
+    def api_tags(self, method, name):
+        if not self.store.is_repository(name):
+            raise RegistryError(404, 'NAME_UNKNOWN', 'repository name not known to registry')
+        self.answer_list(method, 'tags', self.store.tags(name), '/v2/%s/tags/list' % name,
+                         {'name': name})
+
+    def api_manifest(self, method, name, ref):
+        if method in ('GET', 'HEAD'):
+            digest, media_type, data = self.store.read_manifest(name, ref)
+            self.answer(200, data, media_type, [('Docker-Content-Digest', digest)],
+                        method)
+        elif method == 'PUT':
+            self.require_push()
+            data = self.body(MANIFEST_MAX)
+            digest = self.store.put_manifest(name, ref, self.headers.get('Content-Type'), data)
+            self.answer(201, b'', headers=[
+                ('Location', '/v2/%s/manifests/%s' % (name, digest)),
+                ('Docker-Content-Digest', digest)])
+        elif method == 'DELETE':
+            self.require_push()
+            self.store.delete_manifest(name, ref)
+            self.answer(202, b'')
+        else:
+            self.unsupported()
+
+    def api_blob(self, method, name, digest):
+        if method == 'DELETE':
+            self.require_push()
+            self.store.delete_blob(name, digest)
+            self.answer(202, b'')
+        elif method in ('GET', 'HEAD'):
+            with self.store.open_blob(name, digest) as f:
+                self.send_blob(method, f, digest)
+        else:
+            self.unsupported()
+
+    def api_upload_start(self, method, name):
+        if method != 'POST':
+            return self.unsupported()
+        self.require_push()
+        mount, source = self.query.get('mount'), self.query.get('from')
+        if mount and source and self.mountable(source, mount):
+            self.store.link_blob(name, mount)
+            self.drain_body()
+            return self.blob_created(name, mount)
+        upload = self.store.start_upload(name)
+        if 'digest' in self.query:           # monolithic: the blob is the body
+            self.store.append(name, upload, self.body_chunks())
+            self.store.finish(name, upload, self.query['digest'])
+            return self.blob_created(name, self.query['digest'])
+        self.drain_body()
+        self.upload_status(202, name, upload, 0)
+
+    def mountable(self, source, digest):
+        import re
+        return re.fullmatch(REGISTRY_NAME, source) is not None and \
+            self.store.has_blob(source, digest)
+
+    def api_upload(self, method, name, upload):
+        if method == 'GET':
+            return self.upload_status(204, name, upload, self.store.upload_size(name, upload))
+        self.require_push()
+        if method == 'DELETE':
+            self.store.upload_size(name, upload)
+            self.store.cancel(name, upload)
+            return self.answer(204, b'')
+        if method == 'PATCH':
+            start = self.content_range_start()
+            size = self.store.append(name, upload, self.body_chunks(), start)
+            return self.upload_status(202, name, upload, size)
+        if method == 'PUT':
+            if 'digest' not in self.query:
+                raise RegistryError(400, 'DIGEST_INVALID', 'the final PUT needs ?digest=')
+            self.store.append(name, upload, self.body_chunks())
+            self.store.finish(name, upload, self.query['digest'])
+            return self.blob_created(name, self.query['digest'])
+        self.unsupported()
+
+    # ---- answers
+    def blob_created(self, name, digest):
+        self.answer(201, b'', headers=[('Location', '/v2/%s/blobs/%s' % (name, digest)),
+                                       ('Docker-Content-Digest', digest)])
+
+    def upload_status(self, status, name, upload, size):
+        self.answer(status, b'', headers=[
+            ('Location', '/v2/%s/blobs/uploads/%s' % (name, upload)),
+            ('Range', '0-%d' % max(size - 1, 0)), ('Docker-Upload-UUID', upload),
+            ('OCI-Chunk-Min-Length', '0')])
+
+    def answer_list(self, method, key, items, path, extra=None):
+        """A paginated list (?n=&last=), with a Link header to the next page."""
+        last, count = self.query.get('last'), self.query.get('n')
+        if last:
+            items = [i for i in items if i > last]
+        import json
+        import urllib.parse
+        headers = []
+        if count is not None:
+            if not is_decimal(count):
+                raise RegistryError(400, 'PAGINATION_NUMBER_INVALID', 'invalid number')
+            if len(items) > int(count):
+                items = items[:int(count)]
+                headers.append(('Link', '<%s?n=%s&last=%s>; rel="next"' % (
+                    path, count, urllib.parse.quote(items[-1] if items else ''))))
+        document = dict(extra or {})
+        document[key] = items
+        self.answer(200, json.dumps(document).encode(), 'application/json', headers, method)
+
+    def send_blob(self, method, f, digest):
+        size = os.fstat(f.fileno()).st_size
+        start, end = self.requested_range(size)
+        headers = [('Docker-Content-Digest', digest), ('Accept-Ranges', 'bytes')]
+        partial = size and (start, end) != (0, size - 1)
+        if partial:
+            headers.append(('Content-Range', 'bytes %d-%d/%d' % (start, end, size)))
+        self.send_head(206 if partial else 200, 'application/octet-stream',
+                       end - start + 1 if size else 0, headers)
+        if method == 'GET' and size:
+            self.wfile.flush()
+            self.sent = self.connection.sendfile(f, start, end - start + 1)
+
+    def requested_range(self, size):
+        text = self.headers.get('Range')
+        if not text or not size:
+            return 0, size - 1
+        first, _, last = text.replace('bytes=', '', 1).partition('-')
+        if not is_decimal(first) or (last and not is_decimal(last)) or \
+                int(first) >= size or (last and int(last) < int(first)):
+            raise RegistryError(416, 'BLOB_UNKNOWN', 'range not satisfiable',
+                                [('Content-Range', 'bytes */%d' % size)])
+        return int(first), min(int(last), size - 1) if last else size - 1
+
+    def answer(self, status, data, media_type=None, headers=(), method=None):
+        self.send_head(status, media_type, len(data), headers)
+        if method != 'HEAD' and data:
+            self.wfile.write(data)
+            self.sent = len(data)
+
+    def send_head(self, status, media_type, length, headers):
+        self.head_sent = True
+        self.send_response_only(status)
+        self.send_header('Docker-Distribution-API-Version', 'registry/2.0')
+        if media_type:
+            self.send_header('Content-Type', media_type)
+        self.send_header('Content-Length', str(length))
+        for key, value in headers:
+            self.send_header(key, value)
+        self.end_headers()
+        self.status = status
+
+    def fail(self, error):
+        import json
+        if self.head_sent:              # too late for an answer: the connection ends
+            self.close_connection = True
+            self.status = '%s, then %d' % (getattr(self, 'status', '-'), error.status)
+            return
+        body = json.dumps({'errors': [{'code': error.code, 'message': str(error),
+                                       'detail': None}]}).encode()
+        if self.has_body and not self.consumed:
+            self.close_connection = True    # its body unread: no next request on it
+        self.answer(error.status, body, 'application/json', error.headers, self.command)
+
+    def unsupported(self):
+        raise RegistryError(405, 'UNSUPPORTED', 'the operation is unsupported')
+
+    # ---- request bodies: Content-Length or chunked
+    @property
+    def has_body(self):
+        length = (self.headers.get('Content-Length') or '0').strip()
+        return 'chunked' in self.headers.get('Transfer-Encoding', '').lower() or \
+            not is_decimal(length) or int(length) > 0
+
+    def body_chunks(self):
+        """The request body as it comes; consumed once all of it was read."""
+        for chunk in self.raw_body():
+            yield chunk
+        self.consumed = True
+
+    def raw_body(self):
+        if 'chunked' in self.headers.get('Transfer-Encoding', '').lower():
+            while True:
+                line = self.rfile.readline(1024)
+                if not line:
+                    raise ConnectionResetError('the client went away')
+                size = chunk_size(line)
+                if size == 0:
+                    while self.rfile.readline(1024) not in (b'\r\n', b'\n', b''):
+                        pass
+                    return
+                while size:
+                    data = self.rfile.read(min(size, CHUNK))
+                    if not data:
+                        raise ConnectionResetError('the client went away')
+                    size -= len(data)
+                    yield data
+                self.rfile.readline(1024)
+        left = int(self.headers.get('Content-Length') or 0)
+        while left > 0:
+            data = self.rfile.read(min(left, CHUNK))
+            if not data:
+                raise ConnectionResetError('the client went away')
+            left -= len(data)
+            yield data
+
+    def body(self, limit):
+        data = b''
+        for chunk in self.body_chunks():
+            data += chunk
+            if len(data) > limit:
+                self.close_connection = True
+                raise RegistryError(413, 'SIZE_INVALID', 'the manifest is too large')
+        return data
+
+    def drain_body(self):
+        for _ in self.body_chunks():
+            pass
+
+    def content_range_start(self):
+        text = self.headers.get('Content-Range')
+        if not text:
+            return None
+        first = text.replace('bytes', '').strip(' =').partition('-')[0]
+        if not is_decimal(first):
+            raise RegistryError(416, 'BLOB_UPLOAD_INVALID', 'invalid Content-Range')
+        return int(first)
+
+    # ---- logging: one line a request, control characters escaped
+    def log_request_line(self, method):
+        self.log_line('%s %s "%s %s" %s %d %.3fs' % (
+            self.client_address[0], self.user, method, printable(self.path[:300]),
+            getattr(self, 'status', '-'), self.sent, time.time() - self.started))
+
+    def log_message(self, format, *args):
+        pass                        # (http.server's own lines: ours say it all)
+
+
 def registry_handler(store, auth, read_only, log_line):
     """The request handler class of a registry serving store."""
     import http.server
-    import json
-    import socket
-    import urllib.parse
-    routes = registry_routes()
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(RegistryRequests, http.server.BaseHTTPRequestHandler):
         protocol_version = 'HTTP/1.1'
         server_version = 'cocker-registry/' + VERSION
         timeout = 30                    # a silent client never holds a thread for long
-
-        def do_GET(self):
-            self.serve('GET')
-
-        def do_HEAD(self):
-            self.serve('HEAD')
-
-        def do_PUT(self):
-            self.serve('PUT')
-
-        def do_POST(self):
-            self.serve('POST')
-
-        def do_PATCH(self):
-            self.serve('PATCH')
-
-        def do_DELETE(self):
-            self.serve('DELETE')
-
-        def serve(self, method):
-            self.started, self.sent, self.user, self.consumed = time.time(), 0, '-', False
-            self.head_sent = False
-            url = urllib.parse.urlsplit(self.path)
-            self.query = dict(urllib.parse.parse_qsl(url.query))
-            try:
-                self.check_framing()
-                self.check_rights(method, url.path)
-                for pattern, handler in routes:
-                    match = pattern.fullmatch(url.path)
-                    if match and len(match.groupdict().get('name') or '') <= REGISTRY_NAME_MAX:
-                        getattr(self, handler)(method, **match.groupdict())
-                        break
-                else:
-                    raise RegistryError(404, 'NAME_INVALID' if url.path.startswith('/v2/')
-                                        else 'UNSUPPORTED', 'no such endpoint or invalid '
-                                        'repository name')
-            except RegistryError as e:
-                self.fail(e)
-            except CockerError as e:
-                self.fail(RegistryError(400, 'DIGEST_INVALID', str(e)))
-            except (ConnectionError, socket.timeout) as e:
-                self.close_connection = True    # the client went away or fell silent
-                self.status = 'aborted (%s)' % printable(str(e)[:100])
-            except Exception as e:              # the storage failed; anything unforeseen
-                self.close_connection = True
-                self.fail(RegistryError(500, 'UNKNOWN', 'the registry failed: %s' % printable(
-                    getattr(e, 'strerror', None) or str(e) or type(e).__name__)))
-            if self.has_body and not self.consumed:
-                self.close_connection = True    # a body unread is never taken for a request
-            self.log_request_line(method)
-
-        def check_framing(self):
-            """One body length, a number: else 400 and the connection closed."""
-            length = self.headers.get('Content-Length')
-            chunked = 'chunked' in self.headers.get('Transfer-Encoding', '').lower()
-            if (length is not None and (not is_decimal(length.strip()) or chunked)) or \
-                    len(self.headers.get_all('Content-Length') or []) > 1:
-                self.close_connection = True
-                self.consumed = True            # (nothing of it will be read)
-                raise RegistryError(400, 'UNSUPPORTED', 'malformed Content-Length')
-
-        # ---- authentication
-        def check_rights(self, method, path):
-            if auth is None:
-                return
-            wanted = 'pull' if method in ('GET', 'HEAD') else 'push'
-            user, rights = auth.rights(self.headers.get('Authorization'))
-            self.user = printable(user or '-')
-            if path.rstrip('/') == '/v2' and user is None:
-                rights = None           # the base challenges: clients learn to send who they are
-            if rights == 'push' or rights == wanted:
-                return
-            if rights is None or user is None:      # (anonymous: credentials may do more)
-                raise RegistryError(401, 'UNAUTHORIZED', 'authentication required',
-                                    [('WWW-Authenticate', 'Basic realm="cocker"')])
-            raise RegistryError(403, 'DENIED', 'requested access to the resource is denied')
-
-        def require_push(self):
-            if read_only:
-                raise RegistryError(405, 'UNSUPPORTED', 'the registry is read-only')
-
-        # ---- endpoints
-        def api_base(self, method):
-            self.answer(200, b'{}', 'application/json', method=method)
-
-        def api_catalog(self, method):
-            self.answer_list(method, 'repositories', store.repositories(), '/v2/_catalog')
-
-        def api_tags(self, method, name):
-            if not store.is_repository(name):
-                raise RegistryError(404, 'NAME_UNKNOWN', 'repository name not known to registry')
-            self.answer_list(method, 'tags', store.tags(name), '/v2/%s/tags/list' % name,
-                             {'name': name})
-
-        def api_manifest(self, method, name, ref):
-            if method in ('GET', 'HEAD'):
-                digest, media_type, data = store.read_manifest(name, ref)
-                self.answer(200, data, media_type, [('Docker-Content-Digest', digest)],
-                            method)
-            elif method == 'PUT':
-                self.require_push()
-                data = self.body(MANIFEST_MAX)
-                digest = store.put_manifest(name, ref, self.headers.get('Content-Type'), data)
-                self.answer(201, b'', headers=[
-                    ('Location', '/v2/%s/manifests/%s' % (name, digest)),
-                    ('Docker-Content-Digest', digest)])
-            elif method == 'DELETE':
-                self.require_push()
-                store.delete_manifest(name, ref)
-                self.answer(202, b'')
-            else:
-                self.unsupported()
-
-        def api_blob(self, method, name, digest):
-            if method == 'DELETE':
-                self.require_push()
-                store.delete_blob(name, digest)
-                self.answer(202, b'')
-            elif method in ('GET', 'HEAD'):
-                with store.open_blob(name, digest) as f:
-                    self.send_blob(method, f, digest)
-            else:
-                self.unsupported()
-
-        def api_upload_start(self, method, name):
-            if method != 'POST':
-                return self.unsupported()
-            self.require_push()
-            mount, source = self.query.get('mount'), self.query.get('from')
-            if mount and source and self.mountable(source, mount):
-                store.link_blob(name, mount)
-                self.drain_body()
-                return self.blob_created(name, mount)
-            upload = store.start_upload(name)
-            if 'digest' in self.query:           # monolithic: the blob is the body
-                store.append(name, upload, self.body_chunks())
-                store.finish(name, upload, self.query['digest'])
-                return self.blob_created(name, self.query['digest'])
-            self.drain_body()
-            self.upload_status(202, name, upload, 0)
-
-        def mountable(self, source, digest):
-            import re
-            return re.fullmatch(REGISTRY_NAME, source) is not None and \
-                store.has_blob(source, digest)
-
-        def api_upload(self, method, name, upload):
-            if method == 'GET':
-                return self.upload_status(204, name, upload, store.upload_size(name, upload))
-            self.require_push()
-            if method == 'DELETE':
-                store.upload_size(name, upload)
-                store.cancel(name, upload)
-                return self.answer(204, b'')
-            if method == 'PATCH':
-                start = self.content_range_start()
-                size = store.append(name, upload, self.body_chunks(), start)
-                return self.upload_status(202, name, upload, size)
-            if method == 'PUT':
-                if 'digest' not in self.query:
-                    raise RegistryError(400, 'DIGEST_INVALID', 'the final PUT needs ?digest=')
-                store.append(name, upload, self.body_chunks())
-                store.finish(name, upload, self.query['digest'])
-                return self.blob_created(name, self.query['digest'])
-            self.unsupported()
-
-        # ---- answers
-        def blob_created(self, name, digest):
-            self.answer(201, b'', headers=[('Location', '/v2/%s/blobs/%s' % (name, digest)),
-                                           ('Docker-Content-Digest', digest)])
-
-        def upload_status(self, status, name, upload, size):
-            self.answer(status, b'', headers=[
-                ('Location', '/v2/%s/blobs/uploads/%s' % (name, upload)),
-                ('Range', '0-%d' % max(size - 1, 0)), ('Docker-Upload-UUID', upload),
-                ('OCI-Chunk-Min-Length', '0')])
-
-        def answer_list(self, method, key, items, path, extra=None):
-            """A paginated list (?n=&last=), with a Link header to the next page."""
-            last, count = self.query.get('last'), self.query.get('n')
-            if last:
-                items = [i for i in items if i > last]
-            headers = []
-            if count is not None:
-                if not is_decimal(count):
-                    raise RegistryError(400, 'PAGINATION_NUMBER_INVALID', 'invalid number')
-                if len(items) > int(count):
-                    items = items[:int(count)]
-                    headers.append(('Link', '<%s?n=%s&last=%s>; rel="next"' % (
-                        path, count, urllib.parse.quote(items[-1] if items else ''))))
-            document = dict(extra or {})
-            document[key] = items
-            self.answer(200, json.dumps(document).encode(), 'application/json', headers, method)
-
-        def send_blob(self, method, f, digest):
-            size = os.fstat(f.fileno()).st_size
-            start, end = self.requested_range(size)
-            headers = [('Docker-Content-Digest', digest), ('Accept-Ranges', 'bytes')]
-            partial = size and (start, end) != (0, size - 1)
-            if partial:
-                headers.append(('Content-Range', 'bytes %d-%d/%d' % (start, end, size)))
-            self.send_head(206 if partial else 200, 'application/octet-stream',
-                           end - start + 1 if size else 0, headers)
-            if method == 'GET' and size:
-                self.wfile.flush()
-                self.sent = self.connection.sendfile(f, start, end - start + 1)
-
-        def requested_range(self, size):
-            text = self.headers.get('Range')
-            if not text or not size:
-                return 0, size - 1
-            first, _, last = text.replace('bytes=', '', 1).partition('-')
-            if not is_decimal(first) or (last and not is_decimal(last)) or \
-                    int(first) >= size or (last and int(last) < int(first)):
-                raise RegistryError(416, 'BLOB_UNKNOWN', 'range not satisfiable',
-                                    [('Content-Range', 'bytes */%d' % size)])
-            return int(first), min(int(last), size - 1) if last else size - 1
-
-        def answer(self, status, data, media_type=None, headers=(), method=None):
-            self.send_head(status, media_type, len(data), headers)
-            if method != 'HEAD' and data:
-                self.wfile.write(data)
-                self.sent = len(data)
-
-        def send_head(self, status, media_type, length, headers):
-            self.head_sent = True
-            self.send_response_only(status)
-            self.send_header('Docker-Distribution-API-Version', 'registry/2.0')
-            if media_type:
-                self.send_header('Content-Type', media_type)
-            self.send_header('Content-Length', str(length))
-            for key, value in headers:
-                self.send_header(key, value)
-            self.end_headers()
-            self.status = status
-
-        def fail(self, error):
-            if self.head_sent:              # too late for an answer: the connection ends
-                self.close_connection = True
-                self.status = '%s, then %d' % (getattr(self, 'status', '-'), error.status)
-                return
-            body = json.dumps({'errors': [{'code': error.code, 'message': str(error),
-                                           'detail': None}]}).encode()
-            if self.has_body and not self.consumed:
-                self.close_connection = True    # its body unread: no next request on it
-            self.answer(error.status, body, 'application/json', error.headers, self.command)
-
-        def unsupported(self):
-            raise RegistryError(405, 'UNSUPPORTED', 'the operation is unsupported')
-
-        # ---- request bodies: Content-Length or chunked
-        @property
-        def has_body(self):
-            length = (self.headers.get('Content-Length') or '0').strip()
-            return 'chunked' in self.headers.get('Transfer-Encoding', '').lower() or \
-                not is_decimal(length) or int(length) > 0
-
-        def body_chunks(self):
-            """The request body as it comes; consumed once all of it was read."""
-            for chunk in self.raw_body():
-                yield chunk
-            self.consumed = True
-
-        def raw_body(self):
-            if 'chunked' in self.headers.get('Transfer-Encoding', '').lower():
-                while True:
-                    line = self.rfile.readline(1024)
-                    if not line:
-                        raise ConnectionResetError('the client went away')
-                    size = chunk_size(line)
-                    if size == 0:
-                        while self.rfile.readline(1024) not in (b'\r\n', b'\n', b''):
-                            pass
-                        return
-                    while size:
-                        data = self.rfile.read(min(size, CHUNK))
-                        if not data:
-                            raise ConnectionResetError('the client went away')
-                        size -= len(data)
-                        yield data
-                    self.rfile.readline(1024)
-            left = int(self.headers.get('Content-Length') or 0)
-            while left > 0:
-                data = self.rfile.read(min(left, CHUNK))
-                if not data:
-                    raise ConnectionResetError('the client went away')
-                left -= len(data)
-                yield data
-
-        def body(self, limit):
-            data = b''
-            for chunk in self.body_chunks():
-                data += chunk
-                if len(data) > limit:
-                    self.close_connection = True
-                    raise RegistryError(413, 'SIZE_INVALID', 'the manifest is too large')
-            return data
-
-        def drain_body(self):
-            for _ in self.body_chunks():
-                pass
-
-        def content_range_start(self):
-            text = self.headers.get('Content-Range')
-            if not text:
-                return None
-            first = text.replace('bytes', '').strip(' =').partition('-')[0]
-            if not is_decimal(first):
-                raise RegistryError(416, 'BLOB_UPLOAD_INVALID', 'invalid Content-Range')
-            return int(first)
-
-        # ---- logging: one line a request, control characters escaped
-        def log_request_line(self, method):
-            log_line('%s %s "%s %s" %s %d %.3fs' % (
-                self.client_address[0], self.user, method, printable(self.path[:300]),
-                getattr(self, 'status', '-'), self.sent, time.time() - self.started))
-
-        def log_message(self, format, *args):
-            pass                        # (http.server's own lines: ours say it all)
-
+    Handler.store, Handler.auth, Handler.read_only = store, auth, read_only
+    Handler.log_line, Handler.routes = staticmethod(log_line), registry_routes()
     return Handler
 
 
@@ -6528,10 +6536,7 @@ def auth_file(options):
 
 def serve_registry(options):
     """Serve the registry in the foreground until SIGTERM or SIGINT."""
-    import http.server
     import signal
-    import socket
-    import socketserver
     import threading
     host, port = parse_listen(options.listen)
     if not options.tls_cert and not options.insecure:
@@ -6546,59 +6551,8 @@ def serve_registry(options):
     context = tls_server_context(options) if options.tls_cert else None
     log_line = registry_logger(os.path.join(store.root, 'access.log'))
     handler = registry_handler(store, auth, options.read_only, log_line)
-    lock, connections = threading.Lock(), {}       # client address -> connections served
-
-    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
-        daemon_threads = True
-        allow_reuse_address = True
-        request_queue_size = 128
-        address_family = socket.AF_INET6 if ':' in host else socket.AF_INET
-
-        def server_bind(self):          # (without HTTPServer's reverse lookup of the name)
-            socketserver.TCPServer.server_bind(self)
-            self.server_name, self.server_port = host, self.server_address[1]
-
-        def process_request(self, request, client_address):
-            if not self.admit(client_address[0]):
-                log_line('%s refused: too many connections' % client_address[0])
-                self.shutdown_request(request)
-                return
-            socketserver.ThreadingMixIn.process_request(self, request, client_address)
-
-        def admit(self, address):
-            with lock:
-                if sum(connections.values()) >= MAX_CONNECTIONS or \
-                        connections.get(address, 0) >= MAX_CONNECTIONS_PER_CLIENT:
-                    return False
-                connections[address] = connections.get(address, 0) + 1
-                return True
-
-        def process_request_thread(self, request, client_address):
-            try:
-                socketserver.ThreadingMixIn.process_request_thread(self, request, client_address)
-            finally:
-                with lock:
-                    connections[client_address[0]] -= 1
-                    if not connections[client_address[0]]:
-                        del connections[client_address[0]]
-
-        def finish_request(self, request, client_address):
-            if context is not None:     # the handshake in the request's own thread
-                request.settimeout(30)
-                try:
-                    request = context.wrap_socket(request, server_side=True)
-                except (OSError, ValueError) as e:
-                    log_line('%s TLS handshake failed: %s' % (client_address[0], printable(
-                        str(e)[:200])))
-                    request.close()
-                    return
-            handler(request, client_address, self)
-
-        def handle_error(self, request, client_address):
-            log_line('%s connection failed: %s' % (client_address[0], printable(
-                str(sys.exc_info()[1])[:200])))
     try:
-        server = Server((host, port), handler)
+        server = registry_server_class(host, context, log_line)((host, port), handler)
     except OSError as e:
         raise CockerError('cannot listen on %s: %s' % (options.listen, e.strerror))
 
@@ -6614,6 +6568,68 @@ def serve_registry(options):
     finally:
         server.server_close()
     log_line('stopped')
+
+
+def registry_server_class(host, context, log_line):
+    """http.server's threading server as a registry needs it: no reverse lookup of its
+    name, at most MAX_CONNECTIONS (MAX_CONNECTIONS_PER_CLIENT from one address), the TLS
+    handshake (context, or None) in each connection's own thread, failures logged."""
+    import http.server
+    import socket
+    import socketserver
+    import threading
+    lock, connections = threading.Lock(), {}       # client address -> connections served
+
+    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+        request_queue_size = 128
+        address_family = socket.AF_INET6 if ':' in host else socket.AF_INET
+
+        def server_bind(self):
+            socketserver.TCPServer.server_bind(self)
+            self.server_name, self.server_port = host, self.server_address[1]
+
+        def process_request(self, request, client_address):
+            if not admit(client_address[0]):
+                log_line('%s refused: too many connections' % client_address[0])
+                self.shutdown_request(request)
+                return
+            socketserver.ThreadingMixIn.process_request(self, request, client_address)
+
+        def process_request_thread(self, request, client_address):
+            try:
+                socketserver.ThreadingMixIn.process_request_thread(self, request, client_address)
+            finally:
+                with lock:
+                    connections[client_address[0]] -= 1
+                    if not connections[client_address[0]]:
+                        del connections[client_address[0]]
+
+        def finish_request(self, request, client_address):
+            if context is not None:
+                request.settimeout(30)
+                try:
+                    request = context.wrap_socket(request, server_side=True)
+                except (OSError, ValueError) as e:
+                    log_line('%s TLS handshake failed: %s' % (client_address[0], printable(
+                        str(e)[:200])))
+                    request.close()
+                    return
+            self.RequestHandlerClass(request, client_address, self)
+
+        def handle_error(self, request, client_address):
+            log_line('%s connection failed: %s' % (client_address[0], printable(
+                str(sys.exc_info()[1])[:200])))
+
+    def admit(address):
+        with lock:
+            if sum(connections.values()) >= MAX_CONNECTIONS or \
+                    connections.get(address, 0) >= MAX_CONNECTIONS_PER_CLIENT:
+                return False
+            connections[address] = connections.get(address, 0) + 1
+            return True
+    return Server
 
 
 def tls_server_context(options):

@@ -156,4 +156,4 @@ def test_pip_install_puts_the_scripts_beside_cocker(tmp_path):
     unit = str(prefix / 'lib' / 'systemd' / 'system' / 'cocker-repo-server.service')
     assert 'ExecStart=cocker -a repo_server --listen' in open(unit).read()
     unit = str(prefix / 'lib' / 'systemd' / 'system' / 'cocker-autostart.service')
-    assert 'ExecStart=cocker -a autostart' in open(unit).read()
+    assert 'ExecStart=-cocker -a autostart' in open(unit).read()
