@@ -852,8 +852,7 @@ def start_image_command(config, hostname):
         return start_main_command(IMAGE['arg'], env, IMAGE['cwd'],
                                   creds if IMAGE['user'] else None)
     if config['COCKER_EXEC']:
-        import shlex                        # (here only: it loads re, 7 ms a boot)
-        return start_main_command(shlex.split(config['COCKER_EXEC']),
+        return start_main_command(config['exec_argv'],
                                   {'PATH': SESSION_PATH, 'HOME': '/root', 'container': 'cocker'})
     return None
 
@@ -929,6 +928,11 @@ def take_config():
                                      for k in ('READY', 'ALIVE', 'CONSOLE', 'LOG'))
     for fd in (ready, alive, console, log_fd):
         os.set_inheritable(fd, False)
+    if config['COCKER_EXEC']:
+        # split here, on the host's side of pivot_root: nothing is ever imported from the
+        # container's tree (and only -e pays for shlex, which loads re)
+        import shlex
+        config['exec_argv'] = shlex.split(config['COCKER_EXEC'])
     if config['COCKER_STDIN_FD']:           # a one-shot run: the main process's stdio
         MAIN_STDIO.extend(int(config['COCKER_%s_FD' % k]) for k in ('STDIN', 'STDOUT', 'STDERR'))
         for fd in MAIN_STDIO:
