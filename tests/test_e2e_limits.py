@@ -146,8 +146,8 @@ def test_cgroups_are_removed_however_the_container_stops(how, limited, cocker, h
         pid = open(container_path(home, name, 'init_pid' if 'PID 1' in how else 'pid')).read()
         os.kill(int(pid), 9)
         if 'PID 1' in how:
-            wait_for(lambda: not os.path.exists(container_path(home, name, 'init_pid')),
-                     what='the monitor to clean up')
+            wait_for(lambda: not os.path.exists(container_path(home, name, 'pid')),
+                     what='the monitor to clean up')      # (its pid file goes last)
         else:
             wait_for(lambda: not os.path.exists('/proc/%s' % pid), what='the monitor to die')
             assert cocker('-s', 'containers').rc == 0

@@ -438,8 +438,9 @@ def test_nothing_of_a_stopped_container_is_left(how, server, cocker, home):
         else:
             pid = open(os.path.join(cp, 'init_pid' if 'PID 1' in how else 'pid')).read()
             os.kill(int(pid), 9)
-        # the monitor cleans up after its PID 1; a dead monitor is found by the next command
-        wait_for(lambda: not os.path.exists(os.path.join(cp, 'init_pid'))
+        # the monitor cleans up after its PID 1 (its pid file goes last); a dead monitor is
+        # found by the next command
+        wait_for(lambda: not os.path.exists(os.path.join(cp, 'pid'))
                  or 'monitor' in how, what='the container to stop')
         if 'monitor' in how:
             listing = cocker('-s', 'containers').out.splitlines()
