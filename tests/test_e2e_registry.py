@@ -45,6 +45,21 @@ def certs(tmp_path_factory):
     return {'dir': cert_dir, 'ca': ca, 'ca_key': ca_key, 'cert': cert, 'key': key}
 
 
+STARTED = []                    #: every registry process started, for the cleanup below
+
+
+@pytest.fixture(autouse=True)
+def no_registry_left():
+    """The registries a test started are gone after it, pass or fail."""
+    before = len(STARTED)
+    yield
+    for server in STARTED[before:]:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.communicate()
+    del STARTED[before:]
+
+
 class Server(object):
     """A registry process on 127.0.0.1:port; listening() waits for it, stop() ends it."""
 
@@ -55,6 +70,7 @@ class Server(object):
         else:
             self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                          env=env)
+        STARTED.append(self)
         import socket
 
         def up():
