@@ -374,6 +374,12 @@ def remove_home(home):
     return []
 
 
+def leave_home(home):
+    """Out of a benchmark's COCKER_HOME (it was the working directory), then remove it."""
+    os.chdir('/')
+    return remove_home(home) if home and os.path.isdir(home) else []
+
+
 def python_version(python):
     try:
         out = subprocess.check_output(

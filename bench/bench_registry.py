@@ -29,7 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import (BenchError, bench_home, image_bench_main, median,  # noqa: E402
-                   python_version, remove_home, run_checked)
+                   python_version, leave_home, run_checked)
 from bench_images import LAYERS, fill_tree, split_tree  # noqa: E402
 
 
@@ -177,10 +177,7 @@ class RegistryBench(object):
     def cleanup(self):
         for registry in list(self.registries):
             registry.stop()
-        os.chdir('/')
-        if self.home and os.path.isdir(self.home):
-            return remove_home(self.home)
-        return []
+        return leave_home(self.home)
 
     def report(self):
         ms = dict((k, median(v) * 1000.0) for k, v in self.times.items())
