@@ -5029,17 +5029,26 @@ def open_image_source(path):
 def read_json(source, name, digest=None):
     """A small JSON file of the archive (its digest checked when it has one)."""
     import hashlib
-    import json
     with source.open(name) as f:
         data = f.read(BLOB_MAX_JSON + 1)
     if len(data) > BLOB_MAX_JSON:
         raise CockerError("'%s' in the archive is too large" % printable(name))
     if digest is not None and 'sha256:' + hashlib.sha256(data).hexdigest() != digest:
         raise CockerError('blob %s does not match its digest: refused' % digest)
+    return parse_json(data, "'%s' in the archive" % printable(name)), data
+
+
+def parse_json(data, what, kind=object):
+    """JSON from outside -> the document (a kind), or one error line (deep nesting too)."""
+    import json
     try:
-        return json.loads(data.decode('utf-8')), data
-    except ValueError as e:
-        raise CockerError("'%s' in the archive is not JSON (%s)" % (printable(name), e))
+        document = json.loads(data.decode('utf-8'))
+    except (ValueError, RecursionError) as e:
+        raise CockerError('%s is not JSON (%s)' % (what, str(e)[:100]))
+    if not isinstance(document, kind):
+        raise CockerError('%s is not a JSON %s' % (what, 'object' if kind is dict else
+                                                    kind.__name__))
+    return document
 
 
 def blob_name(digest):
@@ -7143,16 +7152,15 @@ def pulled_name(options, ref):
     tag (a digest: its first 12 hex digits)."""
     if options.to_image:
         return image_or_unversioned(options.to_image)
-    name = tag_to_image(ref.repository.rsplit('/', 1)[-1])[0]
-    version = digest_hex(ref.reference)[:12] if ref.reference.startswith('sha256:') \
-        else tag_to_image('x:' + ref.reference)[1]
-    return name, version
+    last = ref.repository.rsplit('/', 1)[-1]
+    if ref.reference.startswith('sha256:'):
+        return tag_to_image(last)[0], digest_hex(ref.reference)[:12]
+    return tag_to_image('%s:%s' % (last, ref.reference))
 
 
 def fetch_manifest(client, ref, reference, scope):
     """(manifest, digest) of a tag or digest; a digest asked for is checked."""
     import hashlib
-    import json
     response = client.request('GET', '/v2/%s/manifests/%s' % (ref.repository, reference),
                               {'Accept': MANIFEST_ACCEPT}, scope=scope)
     data = response.read(MANIFEST_MAX + 1)
@@ -7161,13 +7169,7 @@ def fetch_manifest(client, ref, reference, scope):
     digest = 'sha256:' + hashlib.sha256(data).hexdigest()
     if reference.startswith('sha256:') and digest != reference:
         raise CockerError('digest mismatch for the manifest %s: refused' % reference)
-    try:
-        document = json.loads(data.decode('utf-8'))
-    except ValueError:
-        raise CockerError('%s: the registry sent a manifest that is not JSON' % ref)
-    if not isinstance(document, dict):
-        raise CockerError('%s: the manifest is not a JSON object' % ref)
-    return document, digest
+    return parse_json(data, 'the manifest of %s' % ref, dict), digest
 
 
 def platform_manifest(client, ref, document, digest, platform, scope):
@@ -7474,14 +7476,7 @@ def registry_tags(client, repository):
 
 def registry_json(response, what):
     """A JSON object the registry answered (4 MiB at most), or one clear error."""
-    import json
-    try:
-        document = json.loads(response.read(MANIFEST_MAX).decode('utf-8'))
-    except (ValueError, RecursionError):
-        document = None
-    if not isinstance(document, dict):
-        raise CockerError('the registry sent a malformed %s' % what)
-    return document
+    return parse_json(response.read(MANIFEST_MAX), 'the registry\'s %s' % what, dict)
 
 
 # =============================================================================
