@@ -5624,8 +5624,9 @@ def remembered(value, path, parse, missing):
     """parse(value), value then saved in path for later commands; else parse of the value
     saved there; else the error missing."""
     if value:
-        parse(value)
+        parsed = parse(value)
         write_small(path, value)
+        return parsed  # never read back: a command run beside this one may have saved its own
     text = read_small(path)
     if not text:
         raise CockerError(missing)
