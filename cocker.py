@@ -1,8 +1,10 @@
 #!/bin/sh
 # Run as a program, sh executes the next line: Python loads this file through the import
 # system, which keeps its compiled form in __pycache__ (compiling all of it at every start
-# would cost more than Python's own start-up).  Read by Python, the line is only a string.
-"exec" "${COCKER_PYTHON:-python3}" "-c" "import sys;from importlib.machinery import SourceFileLoader as L;p=sys.argv[1];m=sys.modules['cocker']=type(sys)('cocker');m.__file__=p;exec(L('cocker',p).get_code('cocker'),m.__dict__);sys.exit(m.main(sys.argv[2:]))" "$0" "$@"
+# would cost more than Python's own start-up), isolated and without site packages (-I -S:
+# no module planted in the caller's directory or named by PYTHON* variables is ever loaded
+# by root, and the site scan's 5 ms are saved).  Read by Python, the line is only a string.
+"exec" "${COCKER_PYTHON:-python3}" "-I" "-S" "-c" "import sys;from importlib.machinery import SourceFileLoader as L;p=sys.argv[1];m=sys.modules['cocker']=type(sys)('cocker');m.__file__=p;exec(L('cocker',p).get_code('cocker'),m.__dict__);sys.exit(m.main(sys.argv[2:]))" "$0" "$@"
 """cocker: a container engine for Linux servers that manages containers like virtual hosts.
 
 A successor of the C cocker, written for the Python standard library only (3.6 and newer),
@@ -141,6 +143,8 @@ def log_path():
 # debug() the -d trace on stderr, log() the record in COCKER_HOME/cocker.log.
 
 DEBUG = False
+#: when this command started (-d prints each step's time since then: where a boot spends it)
+STARTED = time.time()
 
 
 class CockerError(Exception):
@@ -182,7 +186,8 @@ def debug(fmt, *args):
     """Trace one step on stderr under -d, and in the log."""
     if DEBUG:
         text = fmt % args if args else fmt
-        sys.stderr.write('cocker: %s\n' % printable(text))
+        sys.stderr.write('cocker: %6.1f ms %s\n' % ((time.time() - STARTED) * 1000,
+                                                     printable(text)))
         sys.stderr.flush()
         log('DEBUG', text, depth=2)
 
@@ -3127,6 +3132,7 @@ def boot_container(name, exec_cmd, stdio=None):
     with Rollback(teardown_container, name) as undo:
         for setup, _ in HOST_STEPS:
             setup(name)
+            debug('boot of %s: %s done', name, setup.__name__)
         ready_r, ready_w = os.pipe()
         monitor = os.fork()
         if monitor == 0:
@@ -3163,6 +3169,7 @@ def run_monitor(name, init, exec_cmd, ready_w, stdio=None):
     status = 1
     try:
         become_monitor(name, {ready_w} | stdio_fds(stdio))
+        debug('monitor of %s: set up', name)
         monitor_container(name, init, exec_cmd, ready_w, stdio)
         status = 0
     except BaseException as e:          # a fork child's boundary: never back into the CLI
@@ -3208,17 +3215,17 @@ def stdio_fds(stdio):
 def monitor_container(name, init, exec_cmd, ready_w, stdio=None):
     """Run PID 1, and again as the container's restart policy says, until it ends for good
     or the operator stops it (SIGTERM: shutdown, kill, destroy)."""
-    import signal
+    import _signal
     state = {'init': None, 'stopping': False}
 
     def stop(signum, frame):            # shutdown: SIGTERM to PID 1, SIGKILL after a while
         state['stopping'] = True
         if state['init']:
-            signal.alarm(STOP_TIMEOUT)
-            signal_process(state['init'], signal.SIGTERM)
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGALRM, lambda signum, frame: signal_process(state['init'], SIGKILL))
+            _signal.alarm(STOP_TIMEOUT)
+            signal_process(state['init'], _signal.SIGTERM)
+    _signal.signal(_signal.SIGTERM, stop)
+    _signal.signal(_signal.SIGINT, stop)
+    _signal.signal(_signal.SIGALRM, lambda signum, frame: signal_process(state['init'], SIGKILL))
     restarts = quick = 0                # all restarts; those after a short run, in a row
     while True:
         started = time.time()
@@ -3239,12 +3246,12 @@ def run_pid1(name, init, exec_cmd, ready_w, state, stdio=None):
     """Fork PID 1 in a new pid namespace, copy its log, wait for it -> its exit status.  A
     restart has no CLI waiting for READY: the monitor reads the ready pipe itself.  The
     operator's SIGTERM waits (blocked) until PID 1's pid is known, so none is lost."""
-    import signal
+    import _signal
     rotation = log_rotation(name)
-    stops = {signal.SIGTERM, signal.SIGINT}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    stops = {_signal.SIGTERM, _signal.SIGINT}
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, stops)
     if state['stopping']:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+        _signal.pthread_sigmask(_signal.SIG_UNBLOCK, stops)
         return 0
     log_r, log_w = os.pipe()
     alive_r, alive_w = os.pipe()
@@ -3256,18 +3263,18 @@ def run_pid1(name, init, exec_cmd, ready_w, state, stdio=None):
     fds.update((k, v) for k, v in (stdio or {}).items() if k != 'tty')
     init_pid = fork_in_pid_namespace()
     if init_pid == 0:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)   # (an exec keeps the mask)
+        _signal.pthread_sigmask(_signal.SIG_UNBLOCK, stops)   # (an exec keeps the mask)
         boot_child(name, init, exec_cmd, fds, bool((stdio or {}).get('tty')))
     for fd in fds.values():
         os.close(fd)
     state['init'] = init_pid
     write_attr(name, 'init_pid', str(init_pid))
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)   # a shutdown meanwhile: now handled
+    _signal.pthread_sigmask(_signal.SIG_UNBLOCK, stops)   # a shutdown meanwhile: now handled
     copy_log(log_r, container_file(name, 'cockerinit.log'), *rotation)
     os.close(log_r)
     _, wait_status = os.waitpid(init_pid, 0)
     status = exit_status(wait_status)
-    signal.alarm(0)
+    _signal.alarm(0)
     state['init'] = None
     write_attr(name, 'init_pid', None)  # never a pid that another process may get next
     os.close(alive_w)
@@ -3321,8 +3328,9 @@ def boot_child(name, init, exec_cmd, fds, tty=False):
     returns."""
     try:
         boot = Boot(name, fds)
-        for step in PID1_STEPS:
+        for number, step in enumerate(PID1_STEPS, 1):
             step(boot)
+            debug('PID 1 of %s: step %d done', name, number)
         exec_cockerinit(boot, init, exec_cmd, tty)
     except BaseException as e:          # a fork child's boundary: never back into the CLI
         write_quietly(fds['ready'], 'boot %s: %s' % (name, error_text(e)))
@@ -3597,7 +3605,7 @@ class OneShotRelay(object):
         """Relay until the command's outputs close; then wait for the container to stop
         -> the exit status of its main process."""
         import select
-        import signal
+        import _signal
         inputs = {}
         if self.tty:
             import termios
@@ -3605,8 +3613,8 @@ class OneShotRelay(object):
             self.saved = termios.tcgetattr(0)
             tty.setraw(0)
             inputs = {0: self.master}
-            signal.signal(signal.SIGWINCH,
-                          lambda s, f: set_window_size(self.master, window_size(0)))
+            _signal.signal(_signal.SIGWINCH,
+                           lambda s, f: set_window_size(self.master, window_size(0)))
         elif self.interactive:
             inputs = {0: self.in_w}
         while self.outputs:
@@ -4156,13 +4164,14 @@ def split_frames(buf):
 
 
 def connect_container(name):
-    """A connected socket to the container's cockerinit."""
-    import socket
+    """A connected socket to the container's cockerinit (_socket: socket.py's enums cost a
+    run 8 ms)."""
+    import _socket
     require_running(name)
     # bind/connect go through /proc/self/fd so that a long COCKER_HOME never hits the
     # 108-byte limit of a socket path
     dfd = os.open(container_dir(name), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     try:
         sock.connect('/proc/self/fd/%d/cocker.sock' % dfd)
     except OSError as e:
@@ -4214,7 +4223,6 @@ class Session(object):
 
     def relay(self):
         import select
-        import signal
         try:
             while self.status is None:
                 readers = [self.sock] + ([self.wake_r] if self.wake_r else [])
@@ -4237,13 +4245,14 @@ class Session(object):
         finally:
             self.sock.close()
             if self.wake_r is not None:
+                import signal
                 signal.set_wakeup_fd(-1)
 
     def send_queued(self):
-        import socket
+        import _socket
         try:
             del self.outgoing[:self.sock.send(self.outgoing,
-                                              socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)]
+                                              _socket.MSG_DONTWAIT | _socket.MSG_NOSIGNAL)]
         except BlockingIOError:
             pass
         except (BrokenPipeError, ConnectionResetError):

@@ -37,8 +37,8 @@ import ctypes
 import fcntl
 import os
 import select
-import signal
-import socket
+import _signal                  # (not signal, socket: their enums cost 10 ms a boot)
+import _socket
 import stat
 import struct
 import sys
@@ -61,7 +61,7 @@ CONFIG_ENV = ('COCKER_ROOT', 'COCKER_SOCKDIR', 'COCKER_HOSTNAME', 'COCKER_EXEC',
 SOCKET_NAME = 'cocker.sock'
 READY = b'READY'
 STOP_GRACE = 5                        #: seconds between SIGTERM and SIGKILL at shutdown
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  #: each stops the container
+STOP_SIGNALS = (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP)  #: each stops the container
 REQUEST_TIMEOUT = 10                  #: a client must send its request within this
 INPUT_LIMIT = 1 << 20                 #: input held for a command before the client must wait
 EXIT_LINGER = 0.2                     #: output still read this long after a command exits
@@ -432,7 +432,7 @@ def stop_main(pid, sig, grace):
 
 def stop_all(grace):
     """SIGTERM every process of the container, reap for `grace` seconds, SIGKILL the rest."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
+    for sig, wait in ((_signal.SIGTERM, grace), (_signal.SIGKILL, 5)):
         try:
             os.kill(-1, sig)
         except ProcessLookupError:
@@ -488,12 +488,12 @@ def exec_child(argv, env, stdio, ctty=None, cwd=None, creds=None, make_cwd=True)
             os.dup2(fd, target)
         os.closerange(3, 65536)
         # nothing of the host's process state: every signal default, a usual umask
-        for sig in range(1, signal.NSIG):
+        for sig in range(1, _signal.NSIG):
             try:
-                signal.signal(sig, signal.SIG_DFL)
+                _signal.signal(sig, _signal.SIG_DFL)
             except (OSError, ValueError):
                 pass
-        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, [])
         reset_oom_score()
         os.umask(0o022)
         if cwd is not None and make_cwd and not os.path.isdir(cwd):
@@ -544,7 +544,7 @@ def serve_session(conn, hostname):
     """One attach or run session, in its own process: never returns."""
     status = 1
     try:
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize('3i'))
+        creds = conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, struct.calcsize('3i'))
         if struct.unpack('3i', creds)[1] != 0:
             raise ValueError('only root may open a session')
         request, rest = read_request(conn)
@@ -615,8 +615,8 @@ def wake_pipe():
     """A pipe that signal handlers write a byte to, so a select() sees every SIGCHLD
     (the handler itself does nothing) -> (read end, write end)."""
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK)
-    signal.signal(signal.SIGCHLD, lambda s, f: None)
-    signal.set_wakeup_fd(wake_w)
+    _signal.signal(_signal.SIGCHLD, lambda s, f: None)
+    _signal.set_wakeup_fd(wake_w)
     return wake_r, wake_w
 
 
@@ -638,7 +638,7 @@ def relay(conn, request, argv, env, buf):
     finally:
         if status is None:          # the client went away or failed: hang up the command
             try:
-                os.killpg(pid, signal.SIGHUP)
+                os.killpg(pid, _signal.SIGHUP)
             except ProcessLookupError:
                 pass
     if status is None:
@@ -768,7 +768,7 @@ def bind_control_socket(sockdir):
         os.unlink(path)
     except FileNotFoundError:
         pass
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:
         listener.bind(path)
@@ -996,16 +996,16 @@ class Pid1(object):
         self.main_pid = None                # the -e command, which stops the container
         self.stopping = []                  # the stop signals received
         for sig in STOP_SIGNALS:
-            signal.signal(sig, lambda s, f: self.stopping.append(s))
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+            _signal.signal(sig, lambda s, f: self.stopping.append(s))
+        _signal.signal(_signal.SIGPIPE, _signal.SIG_IGN)
         self.wake_r, self.wake_w = wake_pipe()
         self.readers = [listener, alive, self.wake_r, console]
 
     def leave_to_session(self):
         """In a session's process: nothing of PID 1 stays but the connection."""
         for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
-        signal.set_wakeup_fd(-1)
+            _signal.signal(sig, _signal.SIG_DFL)
+        _signal.set_wakeup_fd(-1)
         self.listener.close()
         for fd in (self.alive, self.wake_r, self.wake_w, self.console, self.console_slave):
             os.close(fd)
@@ -1057,7 +1057,7 @@ class Pid1(object):
     def accept_session(self):
         """One new connection, served by a process of its own."""
         try:
-            conn, _ = self.listener.accept()
+            conn = accept(self.listener)
         except OSError:
             return
         try:
@@ -1069,6 +1069,12 @@ class Pid1(object):
             self.leave_to_session()
             serve_session(conn, self.hostname)
         conn.close()
+
+
+def accept(listener):
+    """A new connection, blocking (_socket's accept gives its descriptor)."""
+    fd, _ = listener._accept()
+    return _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM, 0, fd)
 
 
 def refuse_session(conn, error):

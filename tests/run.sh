@@ -49,7 +49,8 @@ fi
 PY=${PYTHON:-$(python3 -c 'import sys; print(sys.executable)')}
 "$PY" -m pytest --version >/dev/null 2>&1 || "$PY" -m pip install -q pytest
 # ansible-core for the Ansible collection's test (a test-only dependency, as pytest is)
-"$PY" -c "import ansible" 2>/dev/null || "$PY" -m pip install -q ansible-core
+# (-I: the collection's own ansible/ directory here would pass for the package)
+"$PY" -I -c "import ansible.release" 2>/dev/null || "$PY" -m pip install -q ansible-core
 # setuptools and wheel: the pip install test builds offline (--no-build-isolation --no-index)
 "$PY" -c "import setuptools, wheel" 2>/dev/null || "$PY" -m pip install -q setuptools wheel
 

@@ -383,7 +383,11 @@ def test_debug_traces_steps_and_the_log_records_actions(cocker, test_image, name
     name = names('dbg')
     r = cocker('-a', 'create', '-m', 'test', '-c', name, '-b', '-d')
     assert r.rc == 0
-    assert 'cocker: mounted root on' in r.err and 'is ready' in r.err
+    # each step with the time since the command started: where a boot spends it
+    assert re.search(r'^cocker: +\d+\.\d ms mounted root on', r.err, re.M), r.err
+    assert re.search(r'^cocker: +\d+\.\d ms boot of %s: setup_cgroups done$' % name, r.err,
+                     re.M), r.err
+    assert 'is ready' in r.err
     log = open(os.path.join(home, 'cocker.log')).read()
     assert re.search(r'\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6} \| INFO  \| \d+:cocker.py:\d+ \| '
                      r'cocker -a create -m test -c %s -b -d' % name, log)
