@@ -468,6 +468,16 @@ def session_env(request, hostname, shell):
     return env
 
 
+def default_signals():
+    """Every signal default and none blocked: what PID 1 starts from, and its commands."""
+    for sig in range(1, _signal.NSIG):
+        try:
+            _signal.signal(sig, _signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
+    _signal.pthread_sigmask(_signal.SIG_SETMASK, [])
+
+
 def reset_oom_score():
     """PID 1 is shielded from the OOM killer (cocker sets that); its children are not."""
     try:
@@ -487,13 +497,7 @@ def exec_child(argv, env, stdio, ctty=None, cwd=None, creds=None, make_cwd=True)
         for target, fd in enumerate(stdio):
             os.dup2(fd, target)
         os.closerange(3, 65536)
-        # nothing of the host's process state: every signal default, a usual umask
-        for sig in range(1, _signal.NSIG):
-            try:
-                _signal.signal(sig, _signal.SIG_DFL)
-            except (OSError, ValueError):
-                pass
-        _signal.pthread_sigmask(_signal.SIG_SETMASK, [])
+        default_signals()               # nothing of the host's process state
         reset_oom_score()
         os.umask(0o022)
         if cwd is not None and make_cwd and not os.path.isdir(cwd):
@@ -780,6 +784,16 @@ def bind_control_socket(sockdir):
     return listener
 
 
+def shut_off_imports():
+    """No module can be loaded from here on (one found in a container would run with us);
+    those already loaded still are.  Builtin and frozen ones come from no file."""
+    sys.meta_path[:] = [f for f in sys.meta_path
+                        if getattr(f, '__name__', None) in ('BuiltinImporter', 'FrozenImporter')]
+    sys.path[:] = []
+    sys.path_hooks[:] = []
+    sys.path_importer_cache.clear()
+
+
 def enter_root(root):
     """pivot_root into the container root and detach the host's tree (not chroot)."""
     os.chdir(root)
@@ -906,6 +920,28 @@ def user_entries(path, fields):
 # main() checks how it was started, sets up (everything that can fail, reported on the
 # ready pipe), reports READY and serves: one event at a time until the container stops.
 
+def show_as(argv, env):
+    """What /proc/self/cmdline and environ show (ps, pgrep, a look from the host): this
+    program's own command line and settings, not those of the cocker command PID 1 was
+    forked from.  Written over the old ones in place, as setproctitle does, padded with NUL
+    bytes; the words that do not fit are left out.  Best effort."""
+    try:
+        with open('/proc/self/stat', 'rb') as f:
+            fields = f.read().rsplit(b')', 1)[1].split()
+        arg_start, arg_end, env_start, env_end = (int(n) for n in fields[45:49])
+        with open('/proc/self/mem', 'r+b', buffering=0) as mem:
+            for words, start, end in ((argv, arg_start, arg_end), (env, env_start, env_end)):
+                data = b''
+                for word in words:
+                    word = word.encode('utf-8', 'surrogateescape') + b'\0'
+                    if len(data) + len(word) <= end - start:
+                        data += word
+                mem.seek(start)
+                mem.write(data.ljust(end - start, b'\0'))
+    except (OSError, ValueError):
+        pass
+
+
 def refuse_to_run(argv):
     """The exit status when this is not a container's PID 1 started by cocker, else None."""
     if '-v' in argv:
@@ -920,10 +956,9 @@ def refuse_to_run(argv):
     return None
 
 
-def take_config():
-    """COCKER_* out of the environment (no command sees them) -> (config, ready, alive,
-    console), the descriptors cocker handed over kept from every command."""
-    config = dict((key, os.environ.pop(key, None)) for key in CONFIG_ENV)
+def take_config(config):
+    """The descriptors cocker handed over, kept from every command -> (ready, alive,
+    console)."""
     ready, alive, console, log_fd = (int(config['COCKER_%s_FD' % k])
                                      for k in ('READY', 'ALIVE', 'CONSOLE', 'LOG'))
     for fd in (ready, alive, console, log_fd):
@@ -937,7 +972,7 @@ def take_config():
         MAIN_STDIO.extend(int(config['COCKER_%s_FD' % k]) for k in ('STDIN', 'STDOUT', 'STDERR'))
         for fd in MAIN_STDIO:
             os.set_inheritable(fd, False)
-    return config, ready, alive, console
+    return ready, alive, console
 
 
 def set_up(config):
@@ -945,6 +980,7 @@ def set_up(config):
     with open('/proc/sys/kernel/cap_last_cap') as f:
         last_cap = int(f.read())
     time.localtime()                             # load the time zone while the host's is here
+    shut_off_imports()
     listener = bind_control_socket(config['COCKER_SOCKDIR'])
     if config['COCKER_MAIN'] == '1':            # a host file of cocker's, read before we leave
         IMAGE.update(read_image_settings(config['COCKER_SOCKDIR']))
@@ -967,11 +1003,21 @@ def set_up(config):
 
 
 def main(argv):
+    """cockerinit run as a program: -v, or --container NAME with cocker's settings in the
+    environment (cocker itself calls serve_container() in the process it forked)."""
     refused = refuse_to_run(argv)
     if refused is not None:
         return refused
+    return serve_container(argv[1], dict((key, os.environ.pop(key, None))
+                                         for key in CONFIG_ENV))
+
+
+def serve_container(name, config):
+    """PID 1's life from cocker's settings (CONFIG_ENV's names, text values): set up,
+    READY, serve until the container stops -> the exit status."""
     prctl(PR_SET_DUMPABLE, 0)
-    config, ready, alive, console = take_config()
+    _signal.signal(_signal.SIGPIPE, _signal.SIG_IGN)    # (as Python starts a program)
+    ready, alive, console = take_config(config)
     try:
         listener, console_slave = set_up(config)
         pid1 = Pid1(listener, alive, console, console_slave, config['COCKER_HOSTNAME'] or '')
@@ -982,7 +1028,7 @@ def main(argv):
         return 1
     os.write(ready, READY)
     os.close(ready)
-    log('--- cockerinit ready: container %s ---' % argv[1])
+    log('--- cockerinit ready: container %s ---' % name)
     return pid1.serve()
 
 
