@@ -392,16 +392,18 @@ def read_small(path, default=None):
         return default
 
 
-def write_small(path, text):
-    """Write a state file atomically: a crash leaves the old value or the new, never half.
-    The temporary file is new (O_EXCL, a name no one can guess), so a link planted beside
-    a user's file (the export's .sha256) is never written through."""
+def write_small(path, text, durable=True):
+    """Write a state file atomically: a crash leaves the old value or the new, never half
+    (durable: a power cut too).  The temporary file is new (O_EXCL, a name no one can
+    guess), so a link planted beside a user's file (the export's .sha256) is never written
+    through."""
     tmp = '%s.tmp%d.%s' % (path, os.getpid(), os.urandom(4).hex())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o644)
     try:
         os.write(fd, text.encode('utf-8'))
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
@@ -1317,11 +1319,16 @@ def read_attr(name, key, default=None):
     return read_small(container_file(name, key), default)
 
 
+#: what only a running container has: the pids of its monitor and PID 1 die with the host,
+#: so a power cut can only make them stale, as a kill -9 does (and that is detected)
+RUNTIME_ATTRS = ('pid', 'init_pid')
+
+
 def write_attr(name, key, value):
     if value is None:
         remove_file(container_file(name, key))
     else:
-        write_small(container_file(name, key), value)
+        write_small(container_file(name, key), value, durable=key not in RUNTIME_ATTRS)
 
 
 def require_container(name):
@@ -3115,7 +3122,7 @@ HOST_STEPS = (
     (mount_container_root, unmount_root),
 )
 #: files of a running container that the teardown removes last
-RUNNING_FILES = ('pid', 'init_pid', 'cocker.sock')
+RUNNING_FILES = RUNTIME_ATTRS + ('cocker.sock',)
 
 
 def teardown_container(name):
