@@ -1,4 +1,4 @@
-"""Start-up and lifecycle benchmark of cocker, against floors measured in the same run.
+"""Start-up and lifecycle benchmark of cocker, against floors and peers measured in the same run.
 
 What is measured (median wall-clock time of --repeat runs, time.perf_counter, each command
 a fresh process started with subprocess, stdout and stderr piped, stdin /dev/null):
@@ -17,26 +17,52 @@ a fresh process started with subprocess, stdout and stderr piped, stdin /dev/nul
                               a new container (a new name each repetition); each of the four
                               steps is also shown on its own
     -a run                    -a run --cmd true into one container created and booted once
+    one-shot                  -a create -m test -c NAME -b -e true --rm, as docker run --rm:
+                              create, boot, run, remove in one command (a new name each time)
 
-and three ratios: cocker -v / python -c pass (target <= 1.5), full cycle / unshare floor,
--a run / python -c pass.
+and two peers, each optional (installed with apt-get or dnf when missing, skipped with a
+note when that fails or its first run does; --no-peers skips both):
+
+    runc run                  `runc --root STATE run --bundle BUNDLE ID` of /bin/true: the
+                              bundle's config from `runc spec` (terminal off, its own empty
+                              network namespace, cgroups under /cocker-bench-*-runc/ID), its
+                              root the test image's directory, read-only; a new ID each time
+    podman run --rm           of /bin/true in the test image imported into a podman storage
+                              of this run's own (--root under COCKER_HOME, --runroot and
+                              --tmpdir under /tmp/pbr-*), runtime runc, cgroupfs under
+                              /cocker-bench-*-podman, no events, --network none, ulimits nofile
+                              and nproc 1024 (podman's default is above this host's); the
+                              import goes through a private tmpfs over /var/lib/containers,
+                              so that the host's blob cache is not written
+
+The report gives the ratios cocker -v / python -c pass (target <= 1.5), one-shot / runc
+run (target <= 2) and one-shot / podman run --rm (target <= 0.25), for information full
+cycle / unshare floor, -a run / python -c pass, full cycle / runc run and full cycle /
+podman run --rm, and the absolute targets: full cycle <= 80 ms, its boot <= 30 ms, its
+destroy -h <= 20 ms, -a run <= 20 ms.  A target missed is marked MISSED.
 
 cocker runs with a real interpreter (COCKER_PYTHON), never a pyenv shim: --python PATH,
 else $COCKER_PYTHON, else the interpreter running this script.  PYTHONDONTWRITEBYTECODE is
 dropped from the environment, so that the copy keeps its bytecode as on a host.  Everything
 happens in a temporary COCKER_HOME (/tmp/cocker-bench-*), built with -a install_test and
 removed at the end together with every container made here, pass or fail; /var/cocker is
-never touched.  The run fails loudly if a mount or a process of it is left behind.
+never touched.  The peers' containers, images, runc state, mounts and cgroups go too.  The
+run fails loudly if a mount or a process of it is left behind.  Nothing is sent beyond
+loopback: the peers' containers have an empty network namespace of their own (runc's default
+spec, podman --network none), cocker's run true in the host's (HOST, the default) and send
+nothing; only a peer missing is installed, from the host's package repositories.
 
 Run it as root from the repository:
 
     sudo /usr/bin/python3 bench/bench.py
     python3 bench/bench.py --repeat 5          (already root)
+    python3 bench/bench.py --no-peers          (cocker and its floors only)
 
 Runs under Python 3.6 and newer.
 """
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -49,10 +75,17 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COCKER = os.path.join(REPO, 'cocker.py')
 BENCH_CONTAINER = 'bench'
+PODMAN_IMAGE = 'localhost/cocker-bench:latest'
+PODMAN_SYSTEM_DIR = '/var/lib/containers'       # podman import's blob cache, whatever --root
+RUNC_DEFAULT_ROOT = '/run/runc'                 # where podman's runc keeps its state
 
 
 class BenchError(Exception):
-    pass
+    """A failed step; brief is one line of it (for a note)."""
+
+    def __init__(self, message, brief=None):
+        Exception.__init__(self, message)
+        self.brief = brief or message.split('\n')[0]
 
 
 # ---------------------------------------------------------------------------------------
@@ -83,8 +116,30 @@ def run_checked(argv, env, what=None):
     if proc.returncode != 0:
         raise BenchError('%s failed with exit status %d\n  command: %s\n  stdout: %s\n  stderr: %s'
                          % (what or 'command', proc.returncode, command_text(argv),
-                            out.strip() or '(empty)', err.strip() or '(empty)'))
+                            out.strip() or '(empty)', err.strip() or '(empty)'),
+                         '%s: exit status %d: %s' % (what or argv[0], proc.returncode,
+                                                     last_line(err) or last_line(out)))
     return elapsed, out
+
+
+def last_line(text):
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else '(no output)'
+
+
+def run_quietly(argv, env=None):
+    """Run a cleanup command; a failure is written to stderr, never raised."""
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env, universal_newlines=True)
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            sys.stderr.write('cleanup: %s: exit %d: %s\n'
+                             % (command_text(argv), proc.returncode, err.strip()))
+        return proc.returncode == 0
+    except OSError as e:
+        sys.stderr.write('cleanup: %s: %s\n' % (command_text(argv), e))
+        return False
 
 
 def median(values):
@@ -175,19 +230,293 @@ def processes_using(home):
     return found
 
 
+def process_stat(pid):
+    """(command name, state, start time in clock ticks since boot) of a process, or None."""
+    try:
+        with open('/proc/%s/stat' % pid) as f:
+            text = f.read()
+    except OSError:
+        return None
+    # the name is in parentheses and may hold anything: the fields follow the last ')'
+    name = text[text.index('(') + 1:text.rindex(')')]
+    fields = text[text.rindex(')') + 2:].split()
+    return name, fields[0], int(fields[19])
+
+
+def zombies_named(name, since):
+    """Zombies called name started at or after since (clock ticks): conmon double-forks,
+    so that the ones of our podman runs are reaped by pid 1, not by us."""
+    found = []
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            stat = process_stat(entry)
+            if stat and stat[0] == name and stat[1] == 'Z' and stat[2] >= since:
+                found.append(int(entry))
+    return found
+
+
+# ---------------------------------------------------------------------------------------
+# cgroups the peers make
+# ---------------------------------------------------------------------------------------
+
+def cgroup_hierarchies():
+    """Mount points of the cgroup (v1) and cgroup2 file systems, e.g. /sys/fs/cgroup/memory
+    and /sys/fs/cgroup/unified on a hybrid host."""
+    found = []
+    with open('/proc/mounts') as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 2 and fields[2] in ('cgroup', 'cgroup2'):
+                found.append(unescape_mount(fields[1]))
+    return sorted(set(found))
+
+
+def remove_cgroup(path):
+    """rmdir the cgroup path (e.g. /name) and those below it in every hierarchy, deepest
+    first; return the problems (strings).  An empty cgroup goes; one in use stays."""
+    problems = []
+    for hierarchy in cgroup_hierarchies():
+        top = os.path.join(hierarchy, path.lstrip('/'))
+        if not os.path.isdir(top):
+            continue
+        for dirpath, _, _ in os.walk(top, topdown=False):
+            try:
+                os.rmdir(dirpath)
+            except OSError as e:
+                problems.append('cgroup %s: %s' % (dirpath, e.strerror))
+    return problems
+
+
+# ---------------------------------------------------------------------------------------
+# Peers: runc and podman running /bin/true in the test image
+# ---------------------------------------------------------------------------------------
+
+def install_tools(tools):
+    """apt-get (else dnf) install of the packages named as the tools; return None when it
+    worked, else why not (one line)."""
+    if shutil.which('apt-get'):
+        argv = ['apt-get', 'install', '-y', '-qq', '--no-install-recommends'] + list(tools)
+    elif shutil.which('dnf'):
+        argv = ['dnf', 'install', '-y', '-q'] + list(tools)
+    else:
+        return 'not on PATH, and neither apt-get nor dnf to install it'
+    sys.stderr.write('installing %s\n' % ' '.join(tools))
+    env = dict(os.environ, DEBIAN_FRONTEND='noninteractive')
+    try:
+        run_checked(argv, env, argv[0] + ' install')
+    except (BenchError, OSError) as e:
+        return 'not on PATH, and %s' % getattr(e, 'brief', e)
+    return None
+
+
+def run_pipe(first, second, env, what):
+    """first | second, both to completion; a non-zero status of either is a BenchError."""
+    producer = subprocess.Popen(first, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, env=env)
+    try:
+        consumer = subprocess.Popen(second, stdin=producer.stdout, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env=env, universal_newlines=True)
+    except BaseException:
+        producer.kill()
+        producer.wait()
+        raise
+    finally:
+        producer.stdout.close()                 # the consumer holds the only reading end
+    try:
+        out, err = consumer.communicate()
+        producer.wait()
+    except BaseException:
+        # interrupted: let both finish (as run_checked does), so that the cleanup does not
+        # race an import still writing the storage; kill them if they hang
+        for proc in (consumer, producer):
+            try:
+                proc.communicate(timeout=120)
+            except BaseException:
+                proc.kill()
+                proc.wait()
+        raise
+    if producer.returncode != 0:
+        raise BenchError('%s: %s exited %d' % (what, command_text(first), producer.returncode))
+    if consumer.returncode != 0:
+        raise BenchError('%s failed with exit status %d\n  command: %s\n  stderr: %s'
+                         % (what, consumer.returncode, command_text(second),
+                            err.strip() or '(empty)'),
+                         '%s: exit status %d: %s' % (what, consumer.returncode,
+                                                     last_line(err) or last_line(out)))
+
+
+class RuncPeer(object):
+    """runc run of /bin/true with the test image's root as a read-only bundle root."""
+
+    name = 'runc'
+    key = 'runc'
+
+    def __init__(self, home, env):
+        self.home = home
+        self.env = env
+        self.dir = None                 # HOME/runc-*: bundle/ and the state directory
+        self.config = None
+        self.count = 0
+        self.cgroup = '/%s-runc' % os.path.basename(home)
+
+    def state(self):
+        return os.path.join(self.dir, 'state')
+
+    def bundle(self):
+        return os.path.join(self.dir, 'bundle')
+
+    def setup(self):
+        self.dir = tempfile.mkdtemp(prefix='runc-', dir=self.home)
+        os.mkdir(self.bundle())
+        run_checked(['runc', 'spec', '--bundle', self.bundle()], self.env, 'runc spec')
+        path = os.path.join(self.bundle(), 'config.json')
+        with open(path) as f:
+            config = json.load(f)
+        config['process']['args'] = ['/bin/true']
+        config['process']['terminal'] = False
+        config['root'] = {'path': os.path.join(self.home, 'images', 'test', '_', 'rlayer'),
+                          'readonly': True}
+        self.config = config
+
+    def run(self):
+        """One `runc run` of a new container (it deletes it when /bin/true ends)."""
+        self.count += 1
+        cid = 'bench-%d' % self.count
+        # its cgroups under one of ours, not runc's default (beside pid 1's in some
+        # hierarchies): the cleanup can then check that none is left
+        self.config['linux']['cgroupsPath'] = '%s/%s' % (self.cgroup, cid)
+        with open(os.path.join(self.bundle(), 'config.json'), 'w') as f:
+            json.dump(self.config, f)
+        argv = ['runc', '--root', self.state(), 'run', '--bundle', self.bundle(), cid]
+        return run_checked(argv, self.env, 'runc run')[0]
+
+    def stop(self):
+        """runc delete -f of any container still in our state directory."""
+        if self.dir is None or not os.path.isdir(self.state()):
+            return
+        for cid in sorted(os.listdir(self.state())):
+            run_quietly(['runc', '--root', self.state(), 'delete', '-f', cid], self.env)
+
+    def outside_dirs(self):
+        return []
+
+    def remove(self):
+        """Our cgroups; the bundle and the state go with the home.  Return the problems."""
+        problems = []
+        if self.dir is not None and os.path.isdir(self.state()) and os.listdir(self.state()):
+            problems.append('runc containers kept: %s' % ', '.join(os.listdir(self.state())))
+        return problems + remove_cgroup(self.cgroup)
+
+
+class PodmanPeer(object):
+    """podman run --rm of /bin/true in the test image, imported into a storage of ours."""
+
+    name = 'podman'
+    key = 'podman'
+
+    def __init__(self, home, env):
+        self.home = home
+        self.root = None                # --root, under the home
+        self.runroot = None             # --runroot: /tmp/pbr-*, as its path must be short
+        self.made_system_dir = False
+        self.env = env
+        self.cgroup = '/%s-podman' % os.path.basename(home)
+
+    def podman(self, *args):
+        return ['podman', '--root', self.root, '--runroot', self.runroot,
+                '--tmpdir', os.path.join(self.runroot, 'libpod'),
+                '--network-config-dir', os.path.join(self.root, 'networks'),
+                '--runtime', 'runc', '--cgroup-manager', 'cgroupfs',
+                '--events-backend', 'none'] + list(args)
+
+    def setup(self):
+        self.root = tempfile.mkdtemp(prefix='podman-', dir=self.home)
+        self.runroot = tempfile.mkdtemp(prefix='pbr-', dir='/tmp')
+        os.mkdir(os.path.join(self.root, 'tmp'))
+        # podman's temporary files (image copies) in our storage, not in /var/tmp
+        self.env = dict(self.env, TMPDIR=os.path.join(self.root, 'tmp'))
+        if not os.path.isdir(PODMAN_SYSTEM_DIR):
+            os.makedirs(PODMAN_SYSTEM_DIR, 0o700)
+            self.made_system_dir = True
+        # the import writes a blob cache in PODMAN_SYSTEM_DIR/cache whatever --root says:
+        # a tmpfs over it in a mount namespace of the import's own takes it
+        lower = os.path.join(self.home, 'images', 'test', '_', 'rlayer')
+        private = ['unshare', '--mount', 'sh', '-c', 'mount -t tmpfs tmpfs "$0" && exec "$@"',
+                   PODMAN_SYSTEM_DIR]
+        run_pipe(['tar', '-C', lower, '-c', '.'],
+                 private + self.podman('import', '-', PODMAN_IMAGE), self.env, 'podman import')
+
+    def run(self):
+        argv = self.podman('run', '--rm', '--network', 'none', '--cgroup-parent', self.cgroup,
+                           '--ulimit', 'nofile=1024:1024', '--ulimit', 'nproc=1024:1024',
+                           PODMAN_IMAGE, '/bin/true')
+        return run_checked(argv, self.env, 'podman run')[0]
+
+    def stop(self):
+        """Remove every container and image of our storage, and any runc state of it."""
+        if self.root is None or not shutil.which('podman'):
+            return
+        run_quietly(self.podman('rm', '-af'), self.env)
+        run_quietly(self.podman('rmi', '-af'), self.env)
+        for cid in runc_containers_naming(RUNC_DEFAULT_ROOT, self.root):
+            run_quietly(['runc', 'delete', '-f', cid], self.env)
+
+    def outside_dirs(self):
+        return [self.runroot] if self.runroot else []
+
+    def remove(self):
+        """Our cgroups, the runroot, the directory made for the import; the storage goes
+        with the home.  Return the problems."""
+        problems = []
+        if self.root is not None:
+            left = runc_containers_naming(RUNC_DEFAULT_ROOT, self.root)
+            if left:
+                problems.append('runc state of podman kept: %s' % ', '.join(left))
+        problems += remove_cgroup(self.cgroup)
+        if self.runroot and os.path.isdir(self.runroot):
+            problems += remove_home(self.runroot)
+        if self.made_system_dir:
+            try:
+                os.rmdir(PODMAN_SYSTEM_DIR)
+            except OSError as e:
+                problems.append('%s (made for the import): %s' % (PODMAN_SYSTEM_DIR, e.strerror))
+        return problems
+
+
+def runc_containers_naming(root, path):
+    """Containers in runc's state directory root whose state names path (their bundle)."""
+    found = []
+    try:
+        entries = os.listdir(root)
+    except OSError:
+        return found
+    for cid in entries:
+        try:
+            with open(os.path.join(root, cid, 'state.json')) as f:
+                if path in f.read():
+                    found.append(cid)
+        except OSError:
+            continue
+    return sorted(found)
+
+
 # ---------------------------------------------------------------------------------------
 # The benchmark
 # ---------------------------------------------------------------------------------------
 
 class Bench(object):
 
-    def __init__(self, python, repeat):
+    def __init__(self, python, repeat, peers=True):
         self.python = python
         self.repeat = repeat
+        self.want_peers = peers
         self.home = None
         self.env = None
         self.created = []           # containers that may exist, in creation order
+        self.peers = []             # RuncPeer, PodmanPeer: each to clean up once made
+        self.skipped = {}           # peer name -> why it is not measured
         self.times = {}
+        self.started = process_stat(os.getpid())[2]
 
     def cocker(self, *args):
         return [os.path.join(self.home, 'bin', 'cocker')] + list(args)
@@ -239,9 +568,57 @@ class Bench(object):
         self.created.remove(name)
         return steps
 
+    def one_shot(self, name):
+        """-a create ... -b -e true --rm: create, boot, run, remove in one command."""
+        self.created.append(name)
+        seconds = self.run_cocker('-a', 'create', '-m', 'test', '-c', name, '-b', '-e', 'true',
+                                  '--rm')[0]
+        self.created.remove(name)
+        return seconds
+
     def script_version(self):
         argv = [self.python, COCKER, '-v']
         return run_checked(argv, self.env, 'python cocker.py -v')[0]
+
+    # -- peers ------------------------------------------------------------------------
+
+    def skip(self, name, reason):
+        """A peer is left out of the report: a note now, "skipped: reason" in its rows."""
+        if name not in self.skipped:
+            sys.stderr.write('note: %s skipped: %s\n' % (name, reason))
+        self.skipped[name] = reason
+        self.times.pop(name, None)
+
+    def setup_peers(self):
+        kinds = (RuncPeer, PodmanPeer)
+        if not self.want_peers:
+            self.skipped = dict((kind.name, '--no-peers') for kind in kinds)
+            return
+        missing = [kind.name for kind in kinds if not shutil.which(kind.name)]
+        why = install_tools(missing) if missing else None
+        for kind in kinds:
+            if not shutil.which(kind.name):
+                self.skip(kind.name, why or 'not on PATH after installing it')
+                continue
+            peer = kind(self.home, self.env)
+            self.peers.append(peer)                 # cleaned up from now on, whatever happens
+            try:
+                peer.setup()
+            except (BenchError, OSError) as e:
+                self.skip(peer.name, getattr(e, 'brief', None) or str(e))
+
+    def active_peers(self):
+        return [peer for peer in self.peers if peer.name not in self.skipped]
+
+    def run_peer(self, peer, timed=True):
+        """One run of a peer, recorded when timed; a failure skips the peer, never the run."""
+        try:
+            seconds = peer.run()
+        except (BenchError, OSError) as e:
+            self.skip(peer.name, getattr(e, 'brief', None) or str(e))
+            return
+        if timed:
+            self.record(peer.key, seconds)
 
     def setup(self):
         self.home, self.env = bench_home('cocker-bench-', self.python)
@@ -252,6 +629,7 @@ class Bench(object):
         self.created.append(BENCH_CONTAINER)
         self.run_cocker('-a', 'create', '-m', 'test', '-c', BENCH_CONTAINER)
         self.run_cocker('-a', 'boot', '-c', BENCH_CONTAINER)
+        self.setup_peers()
 
     def measure(self):
         sys.stderr.write('warming up\n')
@@ -261,6 +639,9 @@ class Bench(object):
         self.unshare_floor()
         self.run_cocker('-a', 'run', '-c', BENCH_CONTAINER, '--cmd', 'true')
         self.cycle('b0')
+        self.one_shot('o0')
+        for peer in self.active_peers():
+            self.run_peer(peer, timed=False)            # its first run: can it run here?
         # one of each per round, so that a drift of the machine touches every measure alike
         for i in range(1, self.repeat + 1):
             if sys.stderr.isatty():
@@ -276,6 +657,9 @@ class Bench(object):
             for key, seconds in zip(('create', 'boot', 'cycle_run', 'destroy'), steps):
                 self.record(key, seconds)
             self.record('cycle', sum(steps))
+            self.record('oneshot', self.one_shot('o%d' % i))
+            for peer in self.active_peers():
+                self.run_peer(peer)
         sys.stderr.write('\r%d rounds done\n' % self.repeat)
 
     def cleanup(self):
@@ -285,32 +669,39 @@ class Bench(object):
             return problems
         signal.signal(signal.SIGTERM, signal.SIG_IGN)       # the cleanup must finish
         for name in reversed(self.created):
-            argv = self.cocker('-a', 'destroy', '-c', name, '-h', '-f')
-            try:
-                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, env=self.env,
-                                        universal_newlines=True)
-                _, err = proc.communicate()
-                if proc.returncode != 0:
-                    sys.stderr.write('cleanup: %s: exit %d: %s\n'
-                                     % (command_text(argv), proc.returncode, err.strip()))
-            except OSError as e:
-                sys.stderr.write('cleanup: %s: %s\n' % (command_text(argv), e))
+            run_quietly(self.cocker('-a', 'destroy', '-c', name, '-h', '-f'), self.env)
         self.created = []
-        for pid, cmdline in processes_using(self.home):
-            problems.append('process %d still running: %s (killed)' % (pid, cmdline))
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        for peer in self.peers:
+            peer.stop()
+        places = [self.home] + [d for peer in self.peers for d in peer.outside_dirs()]
+        killed = set()
+        for place in places:
+            for pid, cmdline in processes_using(place):
+                if pid not in killed:
+                    killed.add(pid)
+                    problems.append('process %d still running: %s (killed)' % (pid, cmdline))
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
         end = time.time() + 5                 # the killed ones gone before the mounts
-        while processes_using(self.home) and time.time() < end:
+        while any(processes_using(place) for place in places) and time.time() < end:
             time.sleep(0.05)
-        left = mounts_under(self.home)
-        if left:
-            problems.append('still mounted: %s' % ', '.join(left))
-            for point in left:
-                subprocess.call(['umount', '-l', point])
+        while zombies_named('conmon', self.started) and time.time() < end:
+            time.sleep(0.05)                  # pid 1 reaps podman's conmons: give it time
+        zombies = zombies_named('conmon', self.started)
+        if zombies:
+            sys.stderr.write('note: conmon zombies not reaped yet by pid 1: %s\n'
+                             % ' '.join(str(pid) for pid in zombies))
+        for place in places:
+            left = mounts_under(place)
+            if left:
+                problems.append('still mounted: %s' % ', '.join(left))
+                for point in left:
+                    subprocess.call(['umount', '-l', point])
+        for peer in self.peers:
+            problems += peer.remove()
+        self.peers = []
         return problems + remove_home(self.home)
 
     # -- report -----------------------------------------------------------------------
@@ -328,27 +719,59 @@ class Bench(object):
             ('  -a run --cmd true (new container)', 'cycle_run'),
             ('  -a destroy -h', 'destroy'),
             ('cocker -a run --cmd true', 'run'),
+            ('cocker one-shot -b -e true --rm', 'oneshot'),
+            ('runc run /bin/true', 'runc'),
+            ('podman run --rm /bin/true', 'podman'),
         ]
-        width = 42
+        width = 50
         lines = ['python %s (%s), %d repetitions' % (
                      self.python, sys.version.split()[0] if self.python == sys.executable
                      else python_version(self.python), self.repeat),
                  '',
                  '%-*s %9s %9s %9s' % (width, 'measure', 'median ms', 'min ms', 'max ms')]
         for label, key in rows:
+            if key in self.skipped:
+                lines.append('%-*s skipped: %s' % (width, label, self.skipped[key]))
+                continue
             values = self.times[key]
             lines.append('%-*s %9.1f %9.1f %9.1f' % (width, label, ms[key],
                                                      min(values) * 1000.0, max(values) * 1000.0))
         lines.append('')
-        ratio_v = ms['version'] / ms['pass']
-        lines.append('%-*s %6.2f  (target <= 1.5%s)' % (
-            width, 'ratio cocker -v / python -c pass', ratio_v,
-            '' if ratio_v <= 1.5 else ', MISSED'))
-        lines.append('%-*s %6.2f' % (width, 'ratio full cycle / unshare floor',
-                                     ms['cycle'] / ms['floor']))
-        lines.append('%-*s %6.2f' % (width, 'ratio -a run / python -c pass',
-                                     ms['run'] / ms['pass']))
+        ratios = [
+            ('cocker -v / python -c pass', 'version', 'pass', 1.5),
+            ('full cycle / unshare floor', 'cycle', 'floor', None),
+            ('-a run / python -c pass', 'run', 'pass', None),
+            ('one-shot / runc run', 'oneshot', 'runc', 2),
+            ('one-shot / podman run --rm', 'oneshot', 'podman', 0.25),
+            ('full cycle / runc run', 'cycle', 'runc', None),
+            ('full cycle / podman run --rm', 'cycle', 'podman', None),
+        ]
+        for label, top, bottom, target in ratios:
+            label = 'ratio ' + label
+            if bottom in self.skipped:
+                lines.append('%-*s skipped: %s' % (width, label, self.skipped[bottom]))
+                continue
+            ratio = ms[top] / ms[bottom]
+            lines.append(('%-*s %6.2f  %s' % (width, label, ratio, target_text(ratio, target)))
+                         .rstrip())
+        lines.append('')
+        absolute = [
+            ('4-command lifecycle (create+boot+run+destroy -h)', 'cycle', 80),
+            ('boot (of the full cycle)', 'boot', 30),
+            ('destroy -h (of the full cycle)', 'destroy', 20),
+            ('run (-a run --cmd true)', 'run', 20),
+        ]
+        for label, key, target in absolute:
+            lines.append('%-*s %6.1f ms  %s' % (width, label, ms[key],
+                                                 target_text(ms[key], target, ' ms')))
         print('\n'.join(lines))
+
+
+def target_text(value, target, unit=''):
+    """(target <= T), with MISSED when value is above it; '' without a target."""
+    if target is None:
+        return ''
+    return '(target <= %s%s%s)' % (target, unit, '' if value <= target else ', MISSED')
 
 
 def bench_home(prefix, python, parent='/tmp'):
@@ -396,13 +819,16 @@ def on_sigterm(signum, frame):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description='Time cocker -v, a container lifecycle and -a run against floors '
-                    'measured in the same run (run as root).')
+        description='Time cocker -v, a container lifecycle, -a run and a one-shot run '
+                    'against floors and peers (runc run, podman run --rm) measured in the '
+                    'same run (run as root).')
     parser.add_argument('--repeat', type=int, default=15, metavar='N',
                         help='timed runs of each measure; medians are reported (default 15)')
     parser.add_argument('--python', metavar='PATH',
                         help='interpreter running cocker (default $COCKER_PYTHON, else the '
                              'one running this script)')
+    parser.add_argument('--no-peers', action='store_true',
+                        help='do not measure runc run and podman run --rm (nor install them)')
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error('--repeat must be at least 1')
@@ -415,7 +841,8 @@ def main(argv=None):
             sys.stderr.write('bench.py: %s not found on PATH\n' % tool)
             return 1
     signal.signal(signal.SIGTERM, on_sigterm)
-    return run_benchmark('bench.py', lambda python: Bench(python, args.repeat), args.python)
+    return run_benchmark('bench.py', lambda python: Bench(python, args.repeat,
+                                                          not args.no_peers), args.python)
 
 
 def image_bench_main(program, description, make_bench, argv=None):
