@@ -4,7 +4,7 @@
 # would cost more than Python's own start-up), isolated and without site packages (-I -S:
 # no module planted in the caller's directory or named by PYTHON* variables is ever loaded
 # by root, and the site scan's 5 ms are saved).  Read by Python, the line is only a string.
-"exec" "${COCKER_PYTHON:-python3}" "-I" "-S" "-c" "import sys;from importlib.machinery import SourceFileLoader as L;p=sys.argv[1];m=sys.modules['cocker']=type(sys)('cocker');m.__file__=p;exec(L('cocker',p).get_code('cocker'),m.__dict__);sys.exit(m.main(sys.argv[2:]))" "$0" "$@"
+"exec" "${COCKER_PYTHON:-python3}" "-I" "-S" "-c" "import sys;from importlib.machinery import SourceFileLoader as L;p=sys.argv[1];m=sys.modules['cocker']=type(sys)('cocker');m.__file__=p;exec(L('cocker',p).get_code('cocker'),m.__dict__);m.exit_quickly(m.main(sys.argv[2:]))" "$0" "$@"
 """cocker: a container engine for Linux servers that manages containers like virtual hosts.
 
 A successor of the C cocker, written for the Python standard library only (3.6 and newer),
@@ -1319,9 +1319,9 @@ def read_attr(name, key, default=None):
     return read_small(container_file(name, key), default)
 
 
-#: what only a running container has: the pids of its monitor and PID 1 die with the host,
-#: so a power cut can only make them stale, as a kill -9 does (and that is detected)
-RUNTIME_ATTRS = ('pid', 'init_pid')
+#: what only a running container has: its monitor, PID 1 and cgroups die with the host, so
+#: a power cut can only make these records stale, as a kill -9 does (and that is repaired)
+RUNTIME_ATTRS = ('pid', 'init_pid', 'cgroups')
 
 
 def write_attr(name, key, value):
@@ -3122,7 +3122,7 @@ HOST_STEPS = (
     (mount_container_root, unmount_root),
 )
 #: files of a running container that the teardown removes last
-RUNNING_FILES = RUNTIME_ATTRS + ('cocker.sock',)
+RUNNING_FILES = ('pid', 'init_pid', 'cocker.sock')
 
 
 def teardown_container(name):
@@ -9254,9 +9254,24 @@ def main(argv=None):
         return report('internal error: %s: %s' % (type(e).__name__, e), EXIT_FAILED)
 
 
+def exit_quickly(status):
+    """End the command without the interpreter's teardown (4 ms of freeing what the kernel
+    frees anyway): our output flushed first, nothing else pending; should a thread still
+    run (none does once an action returns), the ordinary exit waits for it."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    threading = sys.modules.get('threading')
+    if threading is not None and threading.active_count() > 1:
+        sys.exit(status)
+    os._exit(status)
+
+
 def entry_point():
-    sys.exit(main())
+    exit_quickly(main())
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    exit_quickly(main())
