@@ -13,7 +13,7 @@ run as root. One command per invocation:
     cocker -a ACTION [options]      create, boot, attach, run, shutdown, kill, destroy, ...
     cocker -s WHAT [options]        images, containers, container_root
 
-Every container has a real PID 1, cockerinit.py, started with the host's interpreter; cocker
+Every container has a real PID 1, cockerinit.py, run by the host's interpreter; cocker
 reaches it through a Unix socket next to the container's directory (attach and run), so no
 sshd is needed inside.  Images are overlayfs layers kept in many versions side by side under
 COCKER_HOME (default /var/cocker), in the layout of the C cocker.
@@ -3104,7 +3104,7 @@ def cgroup_usage(name):
 #   monitor: setsid, holds running.lock, unshare(CLONE_NEWPID), fork -> PID 1, copies
 #            cockerinit's log, waits for PID 1, undoes the host steps in reverse, exits.
 #   PID 1:   takes PID1_STEPS in order, each checked (a failure ends the boot, which is
-#            undone), then execs cockerinit.py with the host's interpreter, which pivots
+#            undone), then runs cockerinit.py's code (loaded before the fork), which pivots
 #            into the root, shrinks the capability sets to Podman's, installs the seccomp
 #            filter (a user namespace would come first, no_new_privs comes last, before
 #            each exec) and reports READY on the ready pipe.
@@ -3149,7 +3149,7 @@ class Boot(object):
         self.hostname = read_attr(name, 'hostname') or name
 
 
-#: PID 1's steps before it execs cockerinit, in order.  Nothing to undo: what they make
+#: PID 1's steps before it becomes cockerinit, in order.  Nothing to undo: what they make
 #: lives in the container's own namespaces and goes with its last process.
 PID1_STEPS = (
     # 1. nothing of the container ever runs outside its cgroups (limits, device rules)

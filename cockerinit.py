@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """cockerinit: PID 1 of a cocker container.
 
-cocker's boot child execs this file with the host's Python interpreter, as PID 1 of the
-container's new namespaces, before the container root is entered: every module it will
-ever need is imported here first, because the image may hold no Python at all.  Then it
+cocker loads this file on the host and its boot child, PID 1 of the container's new
+namespaces, calls serve_container() before the container root is entered (it also runs as
+a program: main()).  Every module it will ever need is imported here first, and imports
+are shut off before the root is entered, because the image may hold no Python at all, and
+one planted in it must never run.  Then it
 
   1. makes itself non-dumpable, so that /proc/1/exe, /proc/1/map_files and ptrace give a
      container process nothing of the host (CVE-2019-5736);
