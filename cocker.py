@@ -3015,10 +3015,11 @@ def container_cgroups(name):
         return []
 
 
-def enter_cgroups(directories):
-    """Join the container's cgroups (PID 1 before anything else, the file helpers)."""
+def enter_cgroups(directories, pid=0):
+    """Move a process (0: this one) into the container's cgroups: PID 1, by its monitor,
+    before anything of the container runs; the file helpers."""
     for directory in directories:
-        write_cgroup_file(directory, 'cgroup.procs', '0')
+        write_cgroup_file(directory, 'cgroup.procs', str(pid))
 
 
 def teardown_cgroups(name):
@@ -3152,23 +3153,23 @@ class Boot(object):
 #: PID 1's steps before it becomes cockerinit, in order.  Nothing to undo: what they make
 #: lives in the container's own namespaces and goes with its last process.
 PID1_STEPS = (
-    # 1. nothing of the container ever runs outside its cgroups (limits, device rules)
-    lambda boot: enter_cgroups(container_cgroups(boot.name)),
-    # 2. the monitor's death takes the container with it; last for the OOM killer
+    # (0. the monitor moves PID 1 into the cgroups meanwhile: cockerinit waits for that
+    #     before anything of the container runs, so nothing does outside its limits)
+    # 1. the monitor's death takes the container with it; last for the OOM killer
     lambda boot: die_with_monitor(),
-    # 3. new mount, UTS and IPC namespaces; nothing mounted from here on reaches the host
+    # 2. new mount, UTS and IPC namespaces; nothing mounted from here on reaches the host
     lambda boot: enter_private_namespaces(),
-    # 4. the network namespace (BRIDGE, CUSTOM), where ping needs no CAP_NET_RAW
+    # 3. the network namespace (BRIDGE, CUSTOM), where ping needs no CAP_NET_RAW
     lambda boot: enter_network(boot.name),
-    # 5.
+    # 4.
     lambda boot: sethostname(boot.hostname),
-    # 6. volumes, bound nodev on targets resolved inside the root
+    # 5. volumes, bound nodev on targets resolved inside the root
     lambda boot: bind_volumes(boot.name, boot.merged),
-    # 7. a fresh /proc: knobs read-only, host state masked with the host's real /dev/null
+    # 6. a fresh /proc: knobs read-only, host state masked with the host's real /dev/null
     lambda boot: mount_proc(boot.merged, open_host_devnull()),
-    # 8. a read-only /sys, masked likewise
+    # 7. a read-only /sys, masked likewise
     lambda boot: mount_sys(boot.merged),
-    # 9. /dev: the allowed nodes, a private devpts, the console
+    # 8. /dev: the allowed nodes, a private devpts, the console
     lambda boot: boot.fds.update(console=mount_dev(boot.merged)),
 )
 
@@ -3307,11 +3308,12 @@ def run_pid1(name, init, exec_cmd, ready_w, state, stdio=None):
         return 0
     log_r, log_w = os.pipe()
     alive_r, alive_w = os.pipe()
+    moved_r, moved_w = os.pipe()
     ready_r = None
     if ready_w is None:
         ready_r, ready_w = os.pipe()
     # our own later children (ip, iptables at teardown) stay in the host's pid namespace
-    fds = {'ready': ready_w, 'log': log_w, 'alive': alive_r}
+    fds = {'ready': ready_w, 'log': log_w, 'alive': alive_r, 'cgroups': moved_r}
     fds.update((k, v) for k, v in (stdio or {}).items() if k != 'tty')
     init_pid = fork_in_pid_namespace()
     if init_pid == 0:
@@ -3319,6 +3321,7 @@ def run_pid1(name, init, exec_cmd, ready_w, state, stdio=None):
         boot_child(name, init, exec_cmd, fds, bool((stdio or {}).get('tty')))
     for fd in fds.values():
         os.close(fd)
+    move_into_cgroups(name, init_pid, moved_w)
     state['init'] = init_pid
     write_attr(name, 'init_pid', str(init_pid))
     _signal.pthread_sigmask(_signal.SIG_UNBLOCK, stops)   # a shutdown meanwhile: now handled
@@ -3339,6 +3342,20 @@ def run_pid1(name, init, exec_cmd, ready_w, state, stdio=None):
     write_attr(name, 'exit_status', str(status))
     log('INFO', "container '%s' stopped, PID 1 exit status %d" % (name, status))
     return status
+
+
+def move_into_cgroups(name, init_pid, moved_w):
+    """PID 1 into the container's cgroups while it sets up (the wait a cgroup v1 move has
+    is no longer the boot's): one byte tells it the move is done; without it (the pipe
+    closed) its boot fails."""
+    try:
+        enter_cgroups(container_cgroups(name), init_pid)
+        os.write(moved_w, b'1')
+    except (OSError, CockerError) as e:
+        log('ERROR', "container '%s': PID 1 not moved into its cgroups: %s" % (
+            name, error_text(e)))
+    finally:
+        os.close(moved_w)
 
 
 def copy_log(log_r, log_file, limit, keep):

@@ -59,7 +59,7 @@ CONFIG_ENV = ('COCKER_ROOT', 'COCKER_SOCKDIR', 'COCKER_HOSTNAME', 'COCKER_EXEC',
               'COCKER_SECCOMP', 'COCKER_NO_NEW_PRIVS',
               'COCKER_READY_FD', 'COCKER_LOG_FD', 'COCKER_CONSOLE_FD', 'COCKER_ALIVE_PIPE',
               'COCKER_ALIVE_FD', 'COCKER_STDIN_FD', 'COCKER_STDOUT_FD', 'COCKER_STDERR_FD',
-              'COCKER_TTY')
+              'COCKER_TTY', 'COCKER_CGROUPS_FD')
 SOCKET_NAME = 'cocker.sock'
 READY = b'READY'
 STOP_GRACE = 5                        #: seconds between SIGTERM and SIGKILL at shutdown
@@ -96,6 +96,7 @@ KEEP_CAPS = {
 }
 
 PR_SET_DUMPABLE = 4
+PR_SET_NAME = 15
 PR_GET_SECCOMP = 21
 PR_SET_SECCOMP = 22
 PR_CAPBSET_READ = 23
@@ -926,7 +927,10 @@ def show_as(argv, env):
     """What /proc/self/cmdline and environ show (ps, pgrep, a look from the host): this
     program's own command line and settings, not those of the cocker command PID 1 was
     forked from.  Written over the old ones in place, as setproctitle does, padded with NUL
-    bytes; the words that do not fit are left out.  Best effort."""
+    bytes; the words that do not fit are left out.  Best effort.  Its name (comm, what
+    pgrep and top show) becomes cockerinit."""
+    _libc.prctl(PR_SET_NAME, ctypes.c_char_p(b'cockerinit'), ctypes.c_ulong(0),
+                ctypes.c_ulong(0), ctypes.c_ulong(0))
     try:
         with open('/proc/self/stat', 'rb') as f:
             fields = f.read().rsplit(b')', 1)[1].split()
@@ -970,6 +974,8 @@ def take_config(config):
         # container's tree (and only -e pays for shlex, which loads re)
         import shlex
         config['exec_argv'] = shlex.split(config['COCKER_EXEC'])
+    if config['COCKER_CGROUPS_FD']:
+        os.set_inheritable(int(config['COCKER_CGROUPS_FD']), False)
     if config['COCKER_STDIN_FD']:           # a one-shot run: the main process's stdio
         MAIN_STDIO.extend(int(config['COCKER_%s_FD' % k]) for k in ('STDIN', 'STDOUT', 'STDERR'))
         for fd in MAIN_STDIO:
@@ -1014,6 +1020,17 @@ def main(argv):
                                          for key in CONFIG_ENV))
 
 
+def wait_for_cgroups(fd):
+    """cocker's monitor moves PID 1 into the container's cgroups while it sets up (a cgroup
+    v1 move waits for an RCU grace period, up to 20 ms); nothing of the container runs
+    before it says, with one byte on this pipe, that the move is done."""
+    if fd:
+        done = os.read(int(fd), 1)
+        os.close(int(fd))
+        if done != b'1':
+            raise ValueError("not moved into the container's cgroups (see cocker.log)")
+
+
 def serve_container(name, config):
     """PID 1's life from cocker's settings (CONFIG_ENV's names, text values): set up,
     READY, serve until the container stops -> the exit status."""
@@ -1022,6 +1039,7 @@ def serve_container(name, config):
     ready, alive, console = take_config(config)
     try:
         listener, console_slave = set_up(config)
+        wait_for_cgroups(config['COCKER_CGROUPS_FD'])
         pid1 = Pid1(listener, alive, console, console_slave, config['COCKER_HOSTNAME'] or '')
         pid1.main_pid = start_image_command(config, config['COCKER_HOSTNAME'] or '')
     except (OSError, ValueError) as e:

@@ -74,7 +74,7 @@ def test_memory_limit_kills_the_hog_and_pid_1_survives(limited, cocker, home):
         assert open(limit).read().strip() == str(64 << 20), 'swap is limited with memory'
     assert cocker('-a', 'run', '-c', name, '--cmd', 'echo alive').out == 'alive\n'
     assert open(container_path(home, name, 'init_pid')).read() == init_pid
-    assert open('/proc/%s/comm' % init_pid).read().strip().startswith('python')
+    assert open('/proc/%s/comm' % init_pid).read().strip() == 'cockerinit'
 
 
 def cpu_counters(home, name):
