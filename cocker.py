@@ -740,19 +740,36 @@ def best_effort(steps, what):
 
 
 def remove_tree(path):
-    """Delete a directory tree, refusing if anything below it is still mounted; links are
-    removed, never followed (os.fwalk goes by descriptor; shutil would cost a destroy 4 ms
-    of imports)."""
+    """Delete a directory tree, refusing if anything below it is still mounted.  Walked
+    by descriptors as tree_size walks: each directory opened O_NOFOLLOW | O_DIRECTORY from
+    its parent's, so a link a container planted (or swaps in meanwhile) is removed, never
+    followed or opened: no host FIFO or device is ever touched.  (shutil would cost a
+    destroy 4 ms of imports.)"""
     if mounts_under(path):
         raise CockerError("'%s' still has mounts below it, not removing it" % path)
-    for _, dirs, files, fd in os.fwalk(path, topdown=False):
-        for entry in files:
-            os.unlink(entry, dir_fd=fd)
-        for entry in dirs:              # (a link to a directory is listed here too)
+    top = os.open(path, DIRECTORY_FLAGS)
+    stack = [(top, directory_entries(top), None)]   # (descriptor, entries left, its name)
+    try:
+        while stack:
+            fd, entries, own = stack[-1]
+            if not entries:
+                stack.pop()
+                os.close(fd)
+                if stack:
+                    os.rmdir(own, dir_fd=stack[-1][0])
+                continue
+            name = entries.pop()
             try:
-                os.rmdir(entry, dir_fd=fd)
-            except NotADirectoryError:
-                os.unlink(entry, dir_fd=fd)
+                child = os.open(name, DIRECTORY_FLAGS, dir_fd=fd)
+            except OSError as e:
+                if e.errno not in (errno.ENOTDIR, errno.ELOOP):
+                    raise
+                os.unlink(name, dir_fd=fd)      # a file, a link, a node: never opened
+                continue
+            stack.append((child, directory_entries(child), name))
+    finally:
+        for fd, _, _ in stack:
+            os.close(fd)
     os.rmdir(path)
 
 
@@ -3403,7 +3420,8 @@ def boot_child(name, init, exec_cmd, fds, tty=False):
         become_cockerinit(boot, init, exec_cmd, tty)
     except BaseException as e:          # a fork child's boundary: never back into the CLI
         write_quietly(fds['ready'], 'boot %s: %s' % (name, error_text(e)))
-    os._exit(1)
+    finally:                            # (whatever the error, even in reporting it)
+        os._exit(1)
 
 
 def die_with_monitor():

@@ -757,6 +757,39 @@ def test_a_size_walk_never_follows_a_directory_swapped_for_a_link(cocker, test_i
     assert cocker('-a', 'kill', '-c', name).rc == 0
 
 
+def test_removing_a_tree_never_opens_what_its_links_point_to(cocker, test_image, names, home,
+                                                             tmp_path):
+    # links in the rwlayer to a host FIFO (an open without a writer would block: destroy
+    # would hang) and to a host directory, watched: not one open of it (IN_OPEN) may come
+    fifo, kept = str(tmp_path / 'fifo'), tmp_path / 'kept'
+    os.mkfifo(fifo)
+    kept.mkdir()
+    (kept / 'canary').write_text('host')
+    libc = ctypes.CDLL(None, use_errno=True)
+    watch = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    assert watch >= 0 and libc.inotify_add_watch(watch, str(kept).encode(), 0x20) >= 0
+    name = names('rmlinks')
+    assert cocker('-a', 'create', '-m', test_image, '-c', name).rc == 0
+    planted = container_path(home, name, 'rwlayer', 'root', 'links')
+    os.makedirs(planted)
+    for n in range(50):
+        os.symlink(fifo, os.path.join(planted, 'f%d' % n))
+        os.symlink(str(kept), os.path.join(planted, 'd%d' % n))
+    r = cocker('-a', 'destroy', '-c', name, timeout=20)
+    try:
+        opened = os.read(watch, 4096)
+    except BlockingIOError:
+        opened = b''
+    finally:
+        os.close(watch)
+    assert r.rc == 0, r
+    assert not opened, 'destroy opened the host directory a link of the container names'
+    assert not os.path.exists(container_path(home, name))
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and (kept / 'canary').read_text() == 'host'
+    assert not [d for d in os.listdir(os.path.join(home, 'containers')) if d.startswith('.')], \
+        'nothing half-removed may be left for the next command'
+
+
 def test_a_directory_swapped_for_a_link_while_getfile_unpacks_stops_the_copy(tmp_path, home):
     """The destination may be a volume the container writes to, so its processes can reach
     the hidden directory getfile unpacks into: a directory there swapped for a link to the
