@@ -2077,6 +2077,8 @@ def add_netns(path):
 
 def delete_netns(path):
     """`ip netns del`; quiet when it is already gone."""
+    if not os.path.lexists(path):
+        return                          # (the usual case at destroy: no ctypes to load)
     try:
         umount2(path, MNT_DETACH)
     except OSError as e:
