@@ -3148,10 +3148,12 @@ RUNNING_FILES = ('pid', 'init_pid', 'cocker.sock')
 def teardown_container(name):
     """Undo the host steps in reverse order, every one tried; safe to repeat and after a
     crash.  The first failure is raised, the state files stay for the next try."""
+    def step(undo):
+        undo(name)
+        debug('teardown of %s: %s done', name, undo.__name__)
     try:
-        best_effort([lambda undo=undo: (undo(name), debug('teardown of %s: %s done', name,
-                                                          undo.__name__))
-                     for _, undo in reversed(HOST_STEPS)], 'teardown of %s' % name)
+        best_effort([lambda undo=undo: step(undo) for _, undo in reversed(HOST_STEPS)],
+                    'teardown of %s' % name)
     except (OSError, CockerError) as e:
         raise CockerError('cleaning up container %s: %s' % (name, error_text(e)))
     finally:

@@ -1063,7 +1063,6 @@ class Pid1(object):
         self.stopping = []                  # the stop signals received
         for sig in STOP_SIGNALS:
             _signal.signal(sig, lambda s, f: self.stopping.append(s))
-        _signal.signal(_signal.SIGPIPE, _signal.SIG_IGN)
         self.wake_r, self.wake_w = wake_pipe()
         self.readers = [listener, alive, self.wake_r, console]
 

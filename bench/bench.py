@@ -104,13 +104,7 @@ def run_checked(argv, env, what=None):
     try:
         out, err = proc.communicate()
     except BaseException:
-        # interrupted (SIGTERM, ^C): let the command finish, so that the cleanup does not
-        # race a cocker still creating or booting a container; kill it if it hangs
-        try:
-            proc.communicate(timeout=120)
-        except BaseException:
-            proc.kill()
-            proc.wait()
+        finish_or_kill(proc)
         raise
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
@@ -120,6 +114,17 @@ def run_checked(argv, env, what=None):
                          '%s: exit status %d: %s' % (what or argv[0], proc.returncode,
                                                      last_line(err) or last_line(out)))
     return elapsed, out
+
+
+def finish_or_kill(proc):
+    """Interrupted (SIGTERM, ^C): let the command finish, so that the cleanup does not race
+    a cocker still creating or booting a container (or an import still writing); kill it
+    if it hangs."""
+    try:
+        proc.communicate(timeout=120)
+    except BaseException:
+        proc.kill()
+        proc.wait()
 
 
 def last_line(text):
@@ -326,14 +331,8 @@ def run_pipe(first, second, env, what):
         out, err = consumer.communicate()
         producer.wait()
     except BaseException:
-        # interrupted: let both finish (as run_checked does), so that the cleanup does not
-        # race an import still writing the storage; kill them if they hang
         for proc in (consumer, producer):
-            try:
-                proc.communicate(timeout=120)
-            except BaseException:
-                proc.kill()
-                proc.wait()
+            finish_or_kill(proc)
         raise
     if producer.returncode != 0:
         raise BenchError('%s: %s exited %d' % (what, command_text(first), producer.returncode))
@@ -824,25 +823,18 @@ def main(argv=None):
                     'same run (run as root).')
     parser.add_argument('--repeat', type=int, default=15, metavar='N',
                         help='timed runs of each measure; medians are reported (default 15)')
-    parser.add_argument('--python', metavar='PATH',
-                        help='interpreter running cocker (default $COCKER_PYTHON, else the '
-                             'one running this script)')
+    parser.add_argument('--python', metavar='PATH', help=PYTHON_HELP)
     parser.add_argument('--no-peers', action='store_true',
                         help='do not measure runc run and podman run --rm (nor install them)')
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error('--repeat must be at least 1')
-    if os.geteuid() != 0:
-        sys.stderr.write('bench.py: cocker needs root; run: sudo %s %s\n'
-                         % (sys.executable, ' '.join(sys.argv)))
-        return 1
     for tool in ('unshare', 'sh'):
         if not shutil.which(tool):
             sys.stderr.write('bench.py: %s not found on PATH\n' % tool)
             return 1
-    signal.signal(signal.SIGTERM, on_sigterm)
-    return run_benchmark('bench.py', lambda python: Bench(python, args.repeat,
-                                                          not args.no_peers), args.python)
+    return launch('bench.py', lambda python: Bench(python, args.repeat, not args.no_peers),
+                  args.python)
 
 
 def image_bench_main(program, description, make_bench, argv=None):
@@ -851,16 +843,26 @@ def image_bench_main(program, description, make_bench, argv=None):
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument('--repeat', type=int, default=3, metavar='N')
     parser.add_argument('--size-mb', type=int, default=200, metavar='MB')
-    parser.add_argument('--python', metavar='PATH')
+    parser.add_argument('--python', metavar='PATH', help=PYTHON_HELP)
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.size_mb < 1:
         parser.error('--repeat and --size-mb must be at least 1')
+    return launch(program, lambda python: make_bench(python, args.repeat, args.size_mb << 20),
+                  args.python)
+
+
+PYTHON_HELP = ('interpreter running cocker (default $COCKER_PYTHON, else the one running '
+               'this script)')
+
+
+def launch(program, make_bench, python):
+    """Every benchmark's start: root checked, SIGTERM made a clean exit, then
+    run_benchmark."""
     if os.geteuid() != 0:
-        sys.stderr.write('%s: cocker needs root\n' % program)
+        sys.stderr.write('%s: cocker needs root; run it with sudo\n' % program)
         return 1
     signal.signal(signal.SIGTERM, on_sigterm)
-    return run_benchmark(program, lambda python: make_bench(python, args.repeat,
-                                                            args.size_mb << 20), args.python)
+    return run_benchmark(program, make_bench, python)
 
 
 def run_benchmark(program, make_bench, python=None):

@@ -31,8 +31,8 @@ import sys
 import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import (BenchError, bench_home, command_text, median, on_sigterm,  # noqa: E402
-                   processes_using, python_version, remove_home, run_benchmark, run_checked)
+from bench import (BenchError, bench_home, command_text, median, launch, PYTHON_HELP,  # noqa: E402
+                   processes_using, python_version, remove_home, run_checked)
 
 
 def network_objects():
@@ -171,17 +171,13 @@ def main(argv=None):
     parser.add_argument('--repeat', type=int, default=10, metavar='N')
     parser.add_argument('--levels', default='1,10,50', metavar='L,L,...',
                         help='numbers of running BRIDGE containers (default 1,10,50)')
-    parser.add_argument('--python', metavar='PATH')
+    parser.add_argument('--python', metavar='PATH', help=PYTHON_HELP)
     args = parser.parse_args(argv)
     levels = sorted(int(x) for x in args.levels.split(','))
     if args.repeat < 1 or not levels or levels[0] < 0:
         parser.error('--repeat must be at least 1 and --levels non-negative numbers')
-    if os.geteuid() != 0:
-        sys.stderr.write('bench_network.py: cocker needs root\n')
-        return 1
-    signal.signal(signal.SIGTERM, on_sigterm)
-    return run_benchmark('bench_network.py',
-                         lambda python: NetworkBench(python, args.repeat, levels), args.python)
+    return launch('bench_network.py', lambda python: NetworkBench(python, args.repeat, levels),
+                  args.python)
 
 
 if __name__ == '__main__':

@@ -80,8 +80,8 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import (BenchError, bench_home, cgroup_hierarchies, command_text,  # noqa: E402
-                   last_line, median, mounts_under, on_sigterm, processes_using,
-                   python_version, remove_cgroup, remove_home, run_benchmark, run_checked,
+                   last_line, median, mounts_under, launch, PYTHON_HELP, processes_using,
+                   python_version, remove_cgroup, remove_home, run_checked,
                    run_quietly)
 from bench_network import free_subnet, network_objects  # noqa: E402
 
@@ -658,9 +658,7 @@ def main(argv=None):
                              'issue asks for 500)')
     parser.add_argument('--concurrent', type=int, default=50, metavar='N',
                         help='commands started at once (default 50; 0: none)')
-    parser.add_argument('--python', metavar='PATH',
-                        help='interpreter running cocker (default $COCKER_PYTHON, else the '
-                             'one running this script)')
+    parser.add_argument('--python', metavar='PATH', help=PYTHON_HELP)
     args = parser.parse_args(argv)
     total = args.host + args.bridge
     if args.host < 0 or args.bridge < 0 or total < 1:
@@ -668,16 +666,12 @@ def main(argv=None):
     if not 0 <= args.concurrent <= total:
         parser.error('--concurrent must be between 0 and the number of containers (%d)'
                      % total)
-    if os.geteuid() != 0:
-        sys.stderr.write('bench_scale.py: cocker needs root\n')
-        return 1
-    signal.signal(signal.SIGTERM, on_sigterm)
     made = []
 
     def make_bench(python):
         made.append(ScaleBench(python, args.host, args.bridge, args.concurrent))
         return made[-1]
-    status = run_benchmark('bench_scale.py', make_bench, args.python)
+    status = launch('bench_scale.py', make_bench, args.python)
     failed = made[-1].failed_checks() if made else []
     if status == 0 and failed:
         sys.stderr.write('bench_scale.py: FAILED: %s\n' % '; '.join(failed))
