@@ -84,13 +84,21 @@ def bridge_plan(home):
     return conf['bridge'], conf['address'].split('/')[0]
 
 
+GIVEN_PORTS = set()     #: a port is free when asked, but cocker claims it only at boot
+
+
 def free_port(proto='tcp'):
+    """A host port no process listens on and no earlier call of this session handed out
+    (twenty containers created before any boots must not draw the same one)."""
     kind = socket.SOCK_DGRAM if proto == 'udp' else socket.SOCK_STREAM
     while True:
         port = random.randint(20000, 29999)
+        if port in GIVEN_PORTS:
+            continue
         s = socket.socket(socket.AF_INET, kind)
         try:
             s.bind(('0.0.0.0', port))
+            GIVEN_PORTS.add(port)
             return port
         except OSError:
             continue
