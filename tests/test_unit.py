@@ -794,18 +794,64 @@ def test_loopback_is_never_proxied(monkeypatch):
     assert cocker.proxy_for('https', 'registry.example') is None
 
 
-def test_parallel_gzip_is_one_ordinary_member(tmp_path):
+def parallel_gzip(data, level=6, piece=10240):
+    with cocker.ParallelGzip(level) as packer:
+        out = [packer.compress(data[i:i + piece]) for i in range(0, len(data), piece)]
+        return b''.join(out) + packer.flush()
+
+
+def test_parallel_gzip_writes_members_that_gzip_reads_as_one_stream(tmp_path):
     import gzip
-    import zlib
+    import subprocess
     data = os.urandom(3 << 20) + b'text ' * 400000
-    with cocker.ParallelGzip(6) as packer:
-        out = b''.join(packer.compress(data[i:i + 10240]) for i in range(0, len(data), 10240))
-        out += packer.flush()
+    out = parallel_gzip(data)
     assert gzip.decompress(out) == data
-    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    assert d.decompress(out) == data and d.eof and d.unused_data == b'', 'one member'
-    with cocker.ParallelGzip(1) as packer:
-        assert gzip.decompress(packer.flush()) == b''
+    (tmp_path / 'x.gz').write_bytes(out)
+    assert subprocess.check_output(['gzip', '-dc', str(tmp_path / 'x.gz')]) == data
+    members, pos = [], 0                # each member says how long it is
+    while pos < len(out):
+        length = cocker.indexed_member_length(out[pos:pos + cocker.GZIP_MEMBER_HEAD_SIZE])
+        members.append(gzip.decompress(out[pos:pos + length]))
+        pos += length
+    assert len(members) > 3 and b''.join(members) == data
+    assert gzip.decompress(parallel_gzip(b'')) == b''
+
+
+def gunzipped(stream):
+    import io
+    return b''.join(cocker.gunzip(io.BytesIO(stream).read))
+
+
+def test_gunzip_reads_cockers_members_in_parallel_and_any_gzip_in_order():
+    import gzip
+    data = os.urandom(2 << 20) + b'text ' * 600000
+    ours, plain = parallel_gzip(data), gzip.compress(data)
+    assert gunzipped(ours) == data
+    assert gunzipped(plain) == data
+    assert gunzipped(ours + plain + ours) == data * 3       # ours, then in order to the end
+    assert gunzipped(b'') == b''
+
+
+def test_gunzip_refuses_a_member_that_lies_or_ends_early():
+    import gzip
+    ours = parallel_gzip(b'text ' * 600000)
+    head = cocker.GZIP_MEMBER_HEAD_SIZE
+    length = cocker.indexed_member_length(ours[:head])
+    for bad, why in [(ours[:-5], 'truncated'),
+                     (ours[:head - 4] + (length + 3).to_bytes(4, 'little') + ours[head:],
+                      'not as long as it says'),
+                     (ours[:head - 4] + (length - 3).to_bytes(4, 'little') + ours[head:],
+                      'not as long as it says'),
+                     (ours[:head + 40] + b'\xff' * 9 + ours[head + 49:], 'gzip')]:
+        with pytest.raises(cocker.CockerError) as e:
+            gunzipped(bad)
+        assert why in str(e.value)
+    # a member inflating beyond what cocker writes is refused, not inflated into memory
+    bomb = b'\0' * (cocker.GZIP_MEMBER_MAX + 1)
+    big = cocker.gzip_member(bomb, 9)
+    with pytest.raises(cocker.CockerError):
+        gunzipped(big)
+    assert gunzipped(gzip.compress(bomb)) == bomb             # any other gzip: in order
 
 
 def test_in_thread_hands_over_items_and_errors_in_order():
