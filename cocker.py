@@ -2360,7 +2360,9 @@ def address_taken(owner, name):
     """Is an address record of `owner` still good (its container exists or is being made)?"""
     if owner is None or owner == name:
         return False
-    # busy first: a create that ends between the two checks has its directory by the second
+    if os.path.isdir(container_dir(owner)):     # the common case, without taking a lock
+        return True
+    # then busy: a create that ends between the two checks has its directory by the second
     return container_busy(owner) or os.path.isdir(container_dir(owner))
 
 
@@ -2403,7 +2405,7 @@ def port_claim_dir(mapping):
 
 def check_port_free(mapping):
     """Refuse a host port that a host process listens on (a bind test, as the kernel sees it)."""
-    import socket
+    import _socket as socket            # (socket.py's enums cost a BRIDGE boot 5 ms)
     kind = socket.SOCK_DGRAM if mapping.proto == 'udp' else socket.SOCK_STREAM
     s = socket.socket(socket.AF_INET, kind)
     try:
