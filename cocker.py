@@ -391,16 +391,23 @@ def read_small(path, default=None):
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return default
-    try:
-        data = b''
-        while len(data) < 65536:        # (a /proc or /sys file may come in pieces)
-            chunk = os.read(fd, 65536 - len(data))
-            if not chunk:
-                break
-            data += chunk
+    try:                                # (a /proc or /sys file may come in pieces)
+        data = read_exactly(lambda n: os.read(fd, n), 65536)
     finally:
         os.close(fd)
     return data.decode('utf-8', 'replace').rstrip('\r\n')
+
+
+def read_exactly(read, n):
+    """n bytes of read(n), fewer only at the end (a socket may hand over less at a time)."""
+    parts, got = [], 0
+    while got < n:
+        part = read(n - got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b''.join(parts)
 
 
 def write_small(path, text, durable=True):
@@ -4899,18 +4906,6 @@ def gunzip(read):
             yield data
 
 
-def read_exactly(read, n):
-    """n bytes of read(n), fewer only at the end (a socket may hand over less at a time)."""
-    parts, got = [], 0
-    while got < n:
-        part = read(n - got)
-        if not part:
-            break
-        parts.append(part)
-        got += len(part)
-    return b''.join(parts)
-
-
 def indexed_member_length(head):
     """The length a gzip member written by ParallelGzip gives in its head, else None."""
     if len(head) != GZIP_MEMBER_HEAD_SIZE or not head.startswith(GZIP_MEMBER_HEAD):
@@ -4938,9 +4933,8 @@ def gunzip_in_order(read, head=b''):
     import zlib
     unpacker = zlib.decompressobj(16 + zlib.MAX_WBITS)
     fresh = True                # no byte given to the current gzip member yet
-    chunks = iter(lambda: read(CHUNK), b'')
     try:
-        for chunk in itertools.chain([head], chunks) if head else chunks:
+        for chunk in itertools.chain([head], iter(lambda: read(CHUNK), b'')):
             while chunk:
                 data = unpacker.decompress(chunk, CHUNK)
                 fresh = False
