@@ -3862,11 +3862,11 @@ def image_settings(name, exec_cmd):
         if entrypoint is None and not read_attr(name, 'env') and not read_attr(name, 'user'):
             return None
         config = {}                     # a cockerimage with run options: they apply too
-    import shlex
-    argv = shlex.split(entrypoint) if entrypoint is not None else \
+    split_command = load_cockerinit().split_command
+    argv = split_command(entrypoint) if entrypoint is not None else \
         [str(a) for a in config.get('Entrypoint') or []]
     if exec_cmd is not None:
-        argv += shlex.split(exec_cmd)
+        argv += split_command(exec_cmd)
     elif entrypoint is None:            # as Docker: a new entrypoint drops the image's Cmd
         argv += [str(a) for a in config.get('Cmd') or []]
     env = [str(e) for e in config.get('Env') or []] + \
@@ -4246,12 +4246,16 @@ def cockerinit_path():
 
 def load_cockerinit():
     """cockerinit.py as a module: its confine() is the one confinement of the container's
-    processes and of the file helpers (a host file, read before anything is entered)."""
-    from importlib.machinery import SourceFileLoader
-    path = cockerinit_path()
-    module = type(sys)('cockerinit')
-    module.__file__ = path
-    exec(SourceFileLoader('cockerinit', path).get_code('cockerinit'), module.__dict__)
+    processes and of the file helpers (a host file, read before anything is entered).
+    Loaded once a command: a one-shot run checks -e with it, then boots with it."""
+    module = sys.modules.get('cockerinit')
+    if module is None:
+        from importlib.machinery import SourceFileLoader
+        path = cockerinit_path()
+        module = type(sys)('cockerinit')
+        module.__file__ = path
+        exec(SourceFileLoader('cockerinit', path).get_code('cockerinit'), module.__dict__)
+        sys.modules['cockerinit'] = module
     return module
 
 
@@ -9250,9 +9254,8 @@ def check_args(options):
     if options.attach and options.exec_cmd is not None and not options.rm:
         raise usage_error("'-t' and '-e' cannot be used together")
     if options.exec_cmd is not None:
-        import shlex
         try:
-            if not shlex.split(options.exec_cmd):
+            if not load_cockerinit().split_command(options.exec_cmd):
                 raise ValueError('it is empty')
         except ValueError as e:
             raise usage_error("'-e' value[%s] invalid: %s" % (options.exec_cmd, e))
@@ -9298,9 +9301,8 @@ def check_run_options(options):
         if '=' not in item or item.startswith('=') or '\n' in item or '\0' in item:
             raise usage_error("'--env' value[%s] invalid (KEY=VALUE)" % item)
     if options.entrypoint:
-        import shlex                    # (only here: it loads re, which costs every command)
         try:
-            shlex.split(options.entrypoint)
+            load_cockerinit().split_command(options.entrypoint)
         except ValueError as e:
             raise usage_error("'--entrypoint' value[%s] invalid: %s" % (options.entrypoint, e))
     if options.user is not None and any(c in options.user for c in '\n\0/') or \

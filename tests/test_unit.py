@@ -143,6 +143,26 @@ def test_frames_round_trip_and_split_at_any_boundary():
         assert cocker.unpack_fields((frames + more)[2][1]) == {'status': '3'}
 
 
+def test_commands_split_as_shlex_splits_them_with_its_errors():
+    import random
+    import shlex
+
+    def words(split, text):
+        try:
+            return split(text)
+        except ValueError as e:
+            return 'ValueError: %s' % e
+    samples = ['', '  ', 'true', "sh -c 'echo \"a b\"; exit 3'", 'a\\ b "c\\"d" \'\'', '"x',
+               "'y", 'z\\', '"w\\', 'é "ü ß"']
+    rnd = random.Random(15)
+    samples += [''.join(rnd.choice('ab \t\n\'"\\') for _ in range(rnd.randint(1, 14)))
+                for _ in range(20000)]
+    for text in samples:
+        assert words(init.split_command, text) == words(shlex.split, text), repr(text)
+    assert init.split_command("sh -c 'echo \"a b\"; exit 3'") == ['sh', '-c', 'echo "a b"; exit 3']
+    assert words(init.split_command, '"x') == 'ValueError: No closing quotation'
+
+
 def test_exit_status_is_code_or_128_plus_signal():
     assert init.exit_status(3 << 8) == 3 and cocker.exit_status(0) == 0
     assert init.exit_status(9) == 137 and cocker.exit_status(15) == 143
