@@ -1372,13 +1372,18 @@ def read_attr(name, key, default=None):
 #: what only a running container has: its monitor, PID 1 and cgroups die with the host, so
 #: a power cut can only make these records stale, as a kill -9 does (and that is repaired)
 RUNTIME_ATTRS = ('pid', 'init_pid', 'cgroups')
+#: containers whose state files need no fsync: one being destroyed, and a one-shot run's,
+#: removed when its command ends (after a power cut, its entry in HOME/oneshot, written
+#: durably, has it removed)
+EPHEMERAL = set()
 
 
 def write_attr(name, key, value):
     if value is None:
         remove_file(container_file(name, key))
     else:
-        write_small(container_file(name, key), value, durable=key not in RUNTIME_ATTRS)
+        write_small(container_file(name, key), value,
+                    durable=key not in RUNTIME_ATTRS and name not in EPHEMERAL)
 
 
 def require_container(name):
@@ -1542,7 +1547,7 @@ def write_container(staging, options, name, layers, vip):
 
     def put(key, value):
         if value is not None:
-            write_small(os.path.join(staging, key), value)
+            write_small(os.path.join(staging, key), value, durable=name not in EPHEMERAL)
 
     put('image', options.image)
     put('layers', layers)
@@ -3619,8 +3624,11 @@ def check_hostname(host):
 
 
 def remove_container(name):
-    """Delete a stopped container (under its lock) with what it holds on the host."""
-    teardown_container(name)
+    """Delete a stopped container (under its lock) with what it holds on the host: a clean
+    one (STOPED: no mount, cgroup or network state left) has nothing to tear down (a read
+    of the mount table fewer: 2 ms at 1500 mounts)."""
+    if container_status(name) != 'STOPED':
+        teardown_container(name)
     forget_network(name)
     discard(containers_dir(), container_dir(name))
 
@@ -3674,6 +3682,7 @@ def one_shot(options, layers, image_name):
     name = options.container or '%s-%s' % (image_name[:40], os.urandom(4).hex())
     check_name('container', name)
     claim_one_shot(name)
+    EPHEMERAL.add(name)
     relay = OneShotRelay(options.attach, options.interactive)
     try:
         try:
@@ -4218,6 +4227,7 @@ def destroy_container(name, shutdown=False, force=False):
         if is_running(name):
             if not shutdown:
                 raise CockerError("container '%s' is running (add -h to stop it first)" % name)
+            EPHEMERAL.add(name)
             stop_container(name, SIGTERM, force)
         remove_container(name)
         log('INFO', "destroyed container '%s'" % name)
