@@ -3197,6 +3197,14 @@ HOST_STEPS = (
 RUNNING_FILES = ('pid', 'init_pid', 'cocker.sock')
 
 
+def teardown_unless_clean(name):
+    """teardown_container, unless the container is cleanly STOPED (no pid, cgroups or
+    network state file left, no overlay mounted: its monitor tore it down), where it would
+    only read the mount table again (2 ms at 1500 mounts)."""
+    if container_status(name) != 'STOPED':
+        teardown_container(name)
+
+
 def teardown_container(name):
     """Undo the host steps in reverse order, every one tried; safe to repeat and after a
     crash.  The first failure is raised, the state files stay for the next try."""
@@ -3624,11 +3632,8 @@ def check_hostname(host):
 
 
 def remove_container(name):
-    """Delete a stopped container (under its lock) with what it holds on the host: a clean
-    one (STOPED: no mount, cgroup or network state left) has nothing to tear down (a read
-    of the mount table fewer: 2 ms at 1500 mounts)."""
-    if container_status(name) != 'STOPED':
-        teardown_container(name)
+    """Delete a stopped container (under its lock) with what it holds on the host."""
+    teardown_unless_clean(name)
     forget_network(name)
     discard(containers_dir(), container_dir(name))
 
@@ -4209,7 +4214,7 @@ def stop_container(name, sig, force=False):
         signal_process(read_pid(name, 'init_pid'), SIGKILL)
     if monitor:
         stop_monitor(name, monitor, SIGTERM)
-    teardown_container(name)
+    teardown_unless_clean(name)         # (what a monitor killed meanwhile left)
 
 
 def stop_locked(name, sig, force=False):
