@@ -1727,8 +1727,22 @@ def mount_container_root(name):
 
 
 def unmount_root(name):
-    """Unmount everything at or below cp/merged.  Safe to run twice and after a crash."""
-    for point in mounts_under(container_file(name, 'merged')):
+    """Unmount everything at or below cp/merged.  Safe to run twice and after a crash.
+    The root alone, the usual case, goes without reading the mount table (4 ms with 400
+    containers running, 15 with 1500): umount2 refuses (EBUSY) a mount that has others
+    below it or is in use, and only then is the table read."""
+    merged = container_file(name, 'merged')
+    while True:
+        try:
+            umount2(merged)
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.ENOENT):
+                return                  # not (or no longer) a mount point
+            if e.errno != errno.EBUSY:
+                raise
+            break
+        debug('unmounted %s', merged)
+    for point in mounts_under(merged):
         try:
             umount2(point)
         except OSError as e:

@@ -217,6 +217,31 @@ def test_kill_9_of_the_monitor_is_detected_and_repaired(running, cocker, home):
     assert cocker('-a', 'run', '-c', name, '--cmd', 'true').rc == 0
 
 
+def test_shutdown_unmounts_a_root_in_use_or_with_a_mount_below_it(running, cocker, home):
+    """The root alone goes with one umount, without reading the mount table; a root a host
+    process works in is detached lazily, one with a mount below it goes with that mount:
+    nothing stays mounted either way, and both boot again."""
+    busy, below = running(), running()
+    mount_point = container_path(home, below, 'merged', 'mnt-test')
+    os.makedirs(mount_point, exist_ok=True)
+    holder = subprocess.Popen(['sleep', '60'], cwd=container_path(home, busy, 'merged'))
+    try:
+        subprocess.check_call(['mount', '-t', 'tmpfs', 'cocker-test', mount_point])
+        for name in (busy, below):
+            assert cocker('-a', 'shutdown', '-c', name).out == 'OK\n'
+            assert status_of(cocker, name) == 'STOPED' and not mounts_of(home, name)
+        with open(os.path.join(home, 'cocker.log')) as f:
+            assert '%s is busy, detaching it lazily' % container_path(home, busy, 'merged') \
+                in f.read()
+    finally:
+        holder.kill()
+        holder.wait()
+        subprocess.call(['umount', mount_point], stderr=subprocess.DEVNULL)
+    for name in (busy, below):
+        assert cocker('-a', 'boot', '-c', name).out == 'OK\n'
+        assert cocker('-a', 'run', '-c', name, '--cmd', 'true').rc == 0
+
+
 def test_kill_stops_at_once(running, cocker, home):
     name = running()
     assert cocker('-a', 'kill', '-c', name).out == 'OK\n'
