@@ -1,10 +1,10 @@
 #!/bin/sh
-# Run as a program, sh executes the next line: Python loads this file through the import
-# system, which keeps its compiled form in __pycache__ (compiling all of it at every start
-# would cost more than Python's own start-up), isolated and without site packages (-I -S:
-# no module planted in the caller's directory or named by PYTHON* variables is ever loaded
-# by root, and the site scan's 5 ms are saved).  Read by Python, the line is only a string.
-"exec" "${COCKER_PYTHON:-python3}" "-I" "-S" "-c" "import sys;from importlib.machinery import SourceFileLoader as L;p=sys.argv[1];m=sys.modules['cocker']=type(sys)('cocker');m.__file__=p;exec(L('cocker',p).get_code('cocker'),m.__dict__);m.exit_quickly(m.main(sys.argv[2:]))" "$0" "$@"
+# Run as a program, sh executes the next line: Python loads this file's compiled form kept
+# in __pycache__ (compiling all of it at every start would cost more than Python's own
+# start-up; see the chapter Loading), isolated and without site packages (-I -S: no module
+# planted in the caller's directory or named by PYTHON* variables is ever loaded by root,
+# and the site scan's 5 ms are saved).  Read by Python, the line is only a string.
+"exec" "${COCKER_PYTHON:-python3}" "-I" "-S" "-c" "import sys,os,marshal as M;p=sys.argv[1];t=os.stat(p);c=os.path.join(os.path.dirname(p),'__pycache__','cocker.'+sys.implementation.cache_tag+'.chapters');x=os.path.exists(c) and M.loads(open(c,'rb').read());m=sys.modules['cocker']=type(sys)('cocker');m.__file__=p;g=m.__dict__;x and x[0]==[t.st_mtime_ns,t.st_size,sys.version] and [exec(M.loads(x[1]),g),m.keep_cold_chapters(*x[2:])] or exec(compile(open(p,'rb').read().split(b'\n# ---- end of loading ----\n')[0],p,'exec'),g) or m.load_cocker(p);m.exit_quickly(m.main(sys.argv[2:]))" "$0" "$@"
 """cocker: a container engine for Linux servers that manages containers like virtual hosts.
 
 A successor of the C cocker, written for the Python standard library only (3.6 and newer),
@@ -43,6 +43,133 @@ from _signal import SIGKILL, SIGTERM   # by name, without signal.py (and the enu
 # Heavier modules (ctypes, subprocess, socket, select, termios, shutil, hashlib) are
 # imported inside the functions that need them: every command pays Python start-up, and
 # `cocker -v` or a listing should not pay for namespaces and sockets it never touches.
+
+
+# =============================================================================
+# Loading
+# =============================================================================
+# Run as a program, cocker loads from __pycache__/cocker.TAG.chapters beside the file,
+# made again whenever the file changes (the sh header reads it; it compiles only this
+# chapter to make it).  The chapters that only some actions use (COLD_CHAPTERS: images in
+# and out, registries, files in containers, the test image) are kept apart there, as
+# bytes, and unmarshalled on their first use: 300 KB of bytecode that a boot, a run or a
+# listing would load for nothing (3.5 ms of each command).  Until then a cold function or
+# class that the rest calls is a stub that loads them.  A monitor lets them go: it never
+# needs them, and its memory stays with the container.  Imported as a module (the tests,
+# python3 cocker.py), the file is one module as any other.
+
+COLD_CHAPTERS = ('Image archives', 'OCI and Docker archives', 'Image repository over ssh',
+                 'Image registry: the server', 'Image registry: the client',
+                 'Files in containers', 'Test image')
+
+
+def load_cocker(path):
+    """The module 'cocker' (made by the sh header) from the file at path, the cache made."""
+    import marshal
+    module = sys.modules['cocker']
+    st = os.stat(path)
+    hot, cold, called = compile_chapters(path)
+    parts = [[st.st_mtime_ns, st.st_size, sys.version], marshal.dumps(hot),
+             cold and marshal.dumps(cold), called]
+    cache = os.path.join(os.path.dirname(path), '__pycache__',
+                         'cocker.%s.chapters' % sys.implementation.cache_tag)
+    try:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        temporary = '%s.%d' % (cache, os.getpid())
+        with open(temporary, 'wb') as f:
+            f.write(marshal.dumps(parts))
+        os.replace(temporary, cache)
+    except OSError:
+        pass                            # (a read-only copy compiles at each start)
+    exec(hot, module.__dict__)
+    module.keep_cold_chapters(parts[2], called)
+    return module
+
+
+def keep_cold_chapters(code, called):
+    """The cold chapters' bytecode kept for later, and a stub for each name the rest calls."""
+    if code:
+        namespace = globals()
+        namespace['COLD_CODE'] = code
+        for name in called:
+            namespace[name] = cold_stub(namespace, name)
+
+
+def cold_stub(namespace, name):
+    """What stands for the cold function or class `name` until the cold chapters load."""
+    def stub(*args, **kwargs):
+        load_cold_chapters(namespace)
+        if namespace[name] is stub:
+            raise RuntimeError('%s is not defined by the cold chapters' % name)
+        return namespace[name](*args, **kwargs)
+    stub.__name__ = name
+    return stub
+
+
+def load_cold_chapters(namespace):
+    """Define the cold chapters' names beside the others: once, from the bytecode kept (in
+    a monitor, which let it go, from the file)."""
+    if 'COLD_CODE' in namespace:
+        import marshal
+        code = namespace.pop('COLD_CODE')
+        exec(marshal.loads(code) if code else compile_chapters(namespace['__file__'])[1],
+             namespace)
+
+
+def let_cold_chapters_go():
+    if globals().get('COLD_CODE'):
+        globals()['COLD_CODE'] = None
+
+
+def compile_chapters(path):
+    """[hot code, cold code, cold names the hot code calls]: each code compiled from the
+    whole file with the other's lines left blank, so that tracebacks give the file's own
+    line numbers.  [all of it, None, []] should the hot code use a cold name that a stub
+    cannot stand for: a constant, or a class otherwise than by calling it."""
+    import ast
+    import symtable
+    with open(path, 'rb') as f:
+        lines = f.read().decode('utf-8').split('\n')
+    cold, inside = [], False
+    for i, line in enumerate(lines):
+        if line.startswith('# ====') and lines[i + 2:i + 3] and \
+                lines[i + 2].startswith('# ====') and not lines[i + 1].startswith('# ===='):
+            inside = lines[i + 1][2:].strip() in COLD_CHAPTERS
+        cold.append(inside)
+    hot_source = '\n'.join('' if c else line for c, line in zip(cold, lines))
+    cold_source = '\n'.join(line if c else '' for c, line in zip(cold, lines))
+    whole = [compile('\n'.join(lines), path, 'exec', dont_inherit=True), None, []]
+    if not any(cold):
+        return whole
+    cold_tree = ast.parse(cold_source, path)
+    defined = dict((node.name, isinstance(node, ast.ClassDef)) for node in cold_tree.body
+                   if isinstance(node, (ast.FunctionDef, ast.ClassDef)))
+    bound = set(defined).union(
+        n.id for node in cold_tree.body if not isinstance(node, (ast.FunctionDef, ast.ClassDef))
+        for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store))
+    bound.update(alias.asname or alias.name.split('.')[0] for node in cold_tree.body
+                 if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names)
+    used = global_references(symtable.symtable(hot_source, path, 'exec')) & bound
+    hot_tree = ast.parse(hot_source, path)
+    calls = set(id(node.func) for node in ast.walk(hot_tree) if isinstance(node, ast.Call))
+    for name in used:
+        if name not in defined or defined[name] and any(
+                isinstance(n, ast.Name) and n.id == name and id(n) not in calls
+                for n in ast.walk(hot_tree)):
+            return whole
+    return [compile(hot_source, path, 'exec', dont_inherit=True),
+            compile(cold_source, path, 'exec', dont_inherit=True), sorted(used)]
+
+
+def global_references(table):
+    """The names a symbol table (and every table in it) looks up as globals."""
+    names = set(symbol.get_name() for symbol in table.get_symbols() if symbol.is_referenced()
+                and (table.get_type() == 'module' or symbol.is_global()))
+    for child in table.get_children():
+        names |= global_references(child)
+    return names
+
+# ---- end of loading ----
 
 
 # =============================================================================
@@ -721,6 +848,11 @@ def process_start_time(pid):
     or None when there is no such process: a pid with its start time names one process."""
     fields = process_stat('/proc/%d/stat' % pid)
     return int(fields[19]) if fields else None
+
+
+def cpus():
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) or 1
 
 
 def size_text(n):
@@ -3339,6 +3471,7 @@ def become_monitor(name, keep):
         os.dup2(devnull, fd)
     close_fds_except({0, 1, 2} | keep)
     prctl(PR_SET_NAME, b'cocker-monitor')
+    let_cold_chapters_go()
     import gc
     if hasattr(gc, 'freeze'):           # (3.7+) the CLI's objects are never scanned again:
         gc.freeze()                     # their pages stay shared with PID 1, forked next
@@ -3853,6 +3986,9 @@ class OneShotRelay(object):
 
 # ---- an imported image's command, environment, working directory and user --------------
 
+BLOB_MAX_JSON = 16 << 20                #: the largest manifest, index or config read
+
+
 def image_config(name, version):
     """The 'config' of an imported image (Entrypoint, Cmd, Env, WorkingDir, User...), None
     for a cockerimage."""
@@ -4209,6 +4345,31 @@ def record_run_options(name, options):
         write_attr(name, 'env', ''.join(e + '\n' for e in options.env))
     if options.user is not None:
         write_attr(name, 'user', options.user or None)
+
+
+def interrupt_file_action(name):
+    """SIGTERM to the file action recorded in cp/file_action, if it is still that process."""
+    try:
+        pid, start = [int(x) for x in read_attr(name, 'file_action', '').split()]
+    except ValueError:
+        return
+    if process_start_time(pid) == start and pid != os.getpid():
+        signal_process(pid, SIGTERM)
+
+
+class locked_to_stop(locked):
+    """The container lock for shutdown, kill and destroy: a file action holding it is
+    interrupted, anything else (a boot, another stop) waited for."""
+
+    def __init__(self, name):
+        locked.__init__(self, 'container', name, wait=False)
+        self.name = name
+
+    def __enter__(self):
+        while locked.__enter__(self) is None:
+            interrupt_file_action(self.name)
+            time.sleep(0.02)
+        return self
 
 
 def stop_container(name, sig, force=False):
@@ -4575,11 +4736,6 @@ def archive_name(name, version):
 
 def sha256_line(digest, filename):
     return '%s  %s\n' % (digest, filename)
-
-
-def cpus():
-    """The CPUs this process may run on."""
-    return len(os.sched_getaffinity(0)) or 1
 
 
 #: the head of a gzip member as ParallelGzip writes it: magic, deflate, FEXTRA, no time,
@@ -5147,7 +5303,6 @@ def import_file(path, ref, force, platform=None):
 
 OCI_INDEX = 'application/vnd.oci.image.index.v1+json'
 DOCKER_LIST = 'application/vnd.docker.distribution.manifest.list.v2+json'
-BLOB_MAX_JSON = 16 << 20                #: the largest manifest, index or config read
 GOARCH = {'x86_64': 'amd64', 'aarch64': 'arm64', 'armv7l': 'arm', 'ppc64le': 'ppc64le',
           's390x': 's390x', 'riscv64': 'riscv64', 'i686': '386'}
 #: xattrs an OCI layer may carry (never trusted.overlay.*: whiteouts are the format's own)
@@ -6337,6 +6492,12 @@ def check_user_name(user):
         raise usage_error("'--user' value[%s] invalid (letters, digits, . _ - @)"
                           % printable(user or ''))
     return user
+
+
+def check_rights(rights):
+    if rights not in RIGHTS:
+        raise usage_error("'--rights' value[%s] invalid (pull|push)" % printable(rights))
+    return rights
 
 
 def read_password(prompt):
@@ -7927,31 +8088,6 @@ class interruptible(object):
         write_attr(self.name, 'file_action', None)
 
 
-def interrupt_file_action(name):
-    """SIGTERM to the file action recorded in cp/file_action, if it is still that process."""
-    try:
-        pid, start = [int(x) for x in read_attr(name, 'file_action', '').split()]
-    except ValueError:
-        return
-    if process_start_time(pid) == start and pid != os.getpid():
-        signal_process(pid, SIGTERM)
-
-
-class locked_to_stop(locked):
-    """The container lock for shutdown, kill and destroy: a file action holding it is
-    interrupted, anything else (a boot, another stop) waited for."""
-
-    def __init__(self, name):
-        locked.__init__(self, 'container', name, wait=False)
-        self.name = name
-
-    def __enter__(self):
-        while locked.__enter__(self) is None:
-            interrupt_file_action(self.name)
-            time.sleep(0.02)
-        return self
-
-
 def container_path_arg(path, what):
     if not path.startswith('/') or '\0' in path:
         raise usage_error("%s '%s' must be an absolute path in the container" % (what, path))
@@ -8626,9 +8762,7 @@ def action_repo_server(options):
 def action_repo_user_add(options):
     """Add a user of the repository, or change one's password and rights."""
     user = check_user_name(options.user)
-    rights = options.rights or 'pull'
-    if rights not in RIGHTS:
-        raise usage_error("'--rights' value[%s] invalid (pull|push)" % printable(rights))
+    rights = check_rights(options.rights or 'pull')
     path = auth_file(options)
     os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
     password = read_password('password for %s: ' % user)

@@ -1,7 +1,8 @@
 """Shared fixtures: run cocker as a real program against a temporary COCKER_HOME.
 
-cocker runs with the interpreter named by $COCKER_PYTHON (CI runs the lifecycle tests a
-second time with Python 3.6), else with the interpreter running pytest.  Every container a
+cocker runs as operators run it, the file as a program (its sh header loads what the
+command needs from the cache beside it), with the interpreter named by $COCKER_PYTHON (CI
+runs the lifecycle tests a second time with Python 3.6), else with the one running pytest.  Every container a
 test makes is force-destroyed afterwards, pass or fail, and the session ends by checking
 that nothing (mount, cockerinit process) is left behind.  Here too: an ssh image repository
 on 127.0.0.1 (Repository, the repo fixture), and the lines the session's summary prints,
@@ -26,6 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COCKER = os.path.join(REPO, 'cocker.py')
 COCKERINIT = os.path.join(REPO, 'cockerinit.py')
 PYTHON = os.environ.get('COCKER_PYTHON') or sys.executable
+COCKER_COMMAND = ['/bin/sh', COCKER]    #: what runs it (sh reads the header's first line)
 MARKER = '.cocker-test-home'
 SSHD = shutil.which('sshd') or '/usr/sbin/sshd'
 
@@ -128,10 +130,10 @@ def cockerinit_processes(home_path):
 def cocker_process(home_path, *args, **kw):
     """cocker started on home_path and left running: a subprocess.Popen (stdout and stderr
     piped, stdin /dev/null unless given; env= adds variables, the rest goes to Popen)."""
-    env = dict(os.environ, COCKER_HOME=home_path)
+    env = dict(os.environ, COCKER_HOME=home_path, COCKER_PYTHON=PYTHON)
     env.update(kw.pop('env', {}))
     kw.setdefault('stdin', subprocess.DEVNULL)
-    return subprocess.Popen([PYTHON, COCKER] + list(args), stdout=subprocess.PIPE,
+    return subprocess.Popen(COCKER_COMMAND + list(args), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env, **kw)
 
 
@@ -208,7 +210,8 @@ class Terminal(object):
         if self.pid == 0:
             os.environ['COCKER_HOME'] = home_path
             os.environ['TERM'] = 'xterm'
-            os.execv(PYTHON, [PYTHON, COCKER] + list(args))
+            os.environ['COCKER_PYTHON'] = PYTHON
+            os.execv(COCKER_COMMAND[0], COCKER_COMMAND + list(args))
         fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack('HHHH', rows, cols, 0, 0))
         self.output = b''
 

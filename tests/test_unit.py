@@ -962,3 +962,55 @@ def test_the_cgroups_file_is_read_in_both_formats(tmp_path, monkeypatch):
         f.write('["/sys/fs/cgroup/cpu/cocker/c", "/sys/fs/cgroup/memory/cocker/c"]')
     assert cocker.container_cgroups('c') == ['/sys/fs/cgroup/cpu/cocker/c',
                                              '/sys/fs/cgroup/memory/cocker/c']
+
+
+LOAD_AS_THE_HEADER_DOES = r'''
+import sys
+path = sys.argv[1]
+module = sys.modules['cocker'] = type(sys)('cocker')
+module.__file__ = path
+head = open(path, 'rb').read().split(b'\n# ---- end of loading ----\n')[0]
+exec(compile(head, path, 'exec'), module.__dict__)
+module.load_cocker(path)
+names = vars(module)
+whole = {'__name__': 'whole'}
+exec(compile(open(path).read(), path, 'exec'), whole)
+print('cold before:', 'ArchiveGuard' in names, names['export_image'].__code__.co_name)
+print('srepo:', module.parse_srepo('u@h:2222'))
+print('cold after:', 'ArchiveGuard' in names, names['export_image'].__code__.co_name)
+print('missing:', sorted(set(whole) - set(names)))
+'''
+
+
+def test_cold_chapters_load_on_the_first_call_of_one_of_their_functions(tmp_path):
+    import subprocess
+    import sys
+    copy = str(tmp_path / 'cocker')
+    with open(COCKER, 'rb') as f, open(copy, 'wb') as g:
+        g.write(f.read())
+    out = subprocess.check_output([sys.executable, '-I', '-S', '-c', LOAD_AS_THE_HEADER_DOES,
+                                   copy]).decode().splitlines()
+    assert out[0] == 'cold before: False stub', out
+    assert out[1].startswith('srepo: ') and 'u' in out[1] and '2222' in out[1], out
+    assert out[2] == 'cold after: True export_image', out
+    assert out[3] == 'missing: []', out
+    assert [f for f in os.listdir(str(tmp_path / '__pycache__')) if f.endswith('.chapters')]
+
+
+def test_chapters_stay_whole_when_the_hot_part_reads_a_cold_constant(tmp_path):
+    rule = '# ' + '=' * 20
+    source = '\n'.join([
+        rule, '# Hot', rule, 'def hot():', '    return COLD_LIMIT + cold()', '',
+        rule, '# Test image', rule, 'COLD_LIMIT = 3', 'def cold():', '    return 4', ''])
+    path = tmp_path / 'x.py'
+    path.write_text(source)
+    hot, cold, called = cocker.compile_chapters(str(path))
+    assert cold is None and called == []
+    path.write_text(source.replace('COLD_LIMIT + cold()', 'cold()'))
+    hot, cold, called = cocker.compile_chapters(str(path))
+    assert cold is not None and called == ['cold']
+    namespace = {}
+    exec(hot, namespace)
+    assert 'cold' not in namespace and 'COLD_LIMIT' not in namespace
+    exec(cold, namespace)
+    assert namespace['hot']() == 4
