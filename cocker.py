@@ -4,7 +4,7 @@
 # start-up; see the chapter Loading), isolated and without site packages (-I -S: no module
 # planted in the caller's directory or named by PYTHON* variables is ever loaded by root,
 # and the site scan's 5 ms are saved).  Read by Python, the line is only a string.
-"exec" "${COCKER_PYTHON:-python3}" "-I" "-S" "-c" "import sys,os,marshal as M;p=sys.argv[1];t=os.stat(p);c=os.path.join(os.path.dirname(p),'__pycache__','cocker.'+sys.implementation.cache_tag+'.chapters');x=os.path.exists(c) and M.loads(open(c,'rb').read());m=sys.modules['cocker']=type(sys)('cocker');m.__file__=p;g=m.__dict__;x and x[0]==[t.st_mtime_ns,t.st_size,sys.version] and [exec(M.loads(x[1]),g),m.keep_cold_chapters(*x[2:])] or exec(compile(open(p,'rb').read().split(b'\n# ---- end of loading ----\n')[0],p,'exec'),g) or m.load_cocker(p);m.exit_quickly(m.main(sys.argv[2:]))" "$0" "$@"
+"exec" "${COCKER_PYTHON:-python3}" "-I" "-S" "-c" "import sys,os,marshal as M;p=sys.argv[1];t=os.stat(p);c=os.path.join(os.path.dirname(p),'__pycache__','cocker.'+sys.implementation.cache_tag+'.chapters');x=os.path.exists(c) and M.loads(open(c,'rb').read());m=sys.modules['cocker']=type(sys)('cocker');m.__file__=p;g=m.__dict__;x and x[0]==[t.st_mtime_ns,t.st_size,sys.version] and [exec(M.loads(x[1]),g),m.keep_cold_chapters(*x[2:])] or exec(compile(open(p,'rb').read().split(b'\n# ---- end of loading ----\n')[0],p,'exec'),g) or m.load_cocker(p);del x;m.exit_quickly(m.main(sys.argv[2:]))" "$0" "$@"
 """cocker: a container engine for Linux servers that manages containers like virtual hosts.
 
 A successor of the C cocker, written for the Python standard library only (3.6 and newer),
