@@ -397,6 +397,23 @@ def exit_status(wait_status):
 # PID 1 inherits every orphan of the container: if it did not wait for them, each would
 # stay a zombie until the container stops.
 
+def wake_pipe():
+    """A pipe that signal handlers write a byte to, so a select() sees every SIGCHLD
+    (the handler itself does nothing) -> (read end, write end)."""
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK)
+    _signal.signal(_signal.SIGCHLD, lambda s, f: None)
+    _signal.set_wakeup_fd(wake_w)
+    return wake_r, wake_w
+
+
+def drain(wake_r):
+    """Empty the wake-up pipe: its bytes only woke select()."""
+    try:
+        os.read(wake_r, 4096)
+    except BlockingIOError:
+        pass
+
+
 def reap_children():
     """Collect every exited child without blocking: {pid: exit status}."""
     done = {}
@@ -418,7 +435,7 @@ def has_children():
     return True
 
 
-def stop_main(pid, sig, grace):
+def stop_main(pid, sig, grace, wake_r):
     """An image's StopSignal (as Docker: to the main process only), then up to `grace`
     seconds for it to end -> the seconds left of the grace period."""
     try:
@@ -429,11 +446,11 @@ def stop_main(pid, sig, grace):
     while time.time() < deadline:
         if pid in reap_children():
             break
-        time.sleep(0.02)
+        wait_for_a_signal(wake_r, deadline)
     return max(0, deadline - time.time())
 
 
-def stop_all(grace):
+def stop_all(grace, wake_r):
     """SIGTERM every process of the container, reap for `grace` seconds, SIGKILL the rest."""
     for sig, wait in ((_signal.SIGTERM, grace), (_signal.SIGKILL, 5)):
         try:
@@ -445,7 +462,17 @@ def stop_all(grace):
             reap_children()
             if not has_children():
                 return
-            time.sleep(0.02)
+            wait_for_a_signal(wake_r, deadline)
+
+
+def wait_for_a_signal(wake_r, deadline):
+    """Until a signal (each SIGCHLD writes to the wake-up pipe, even one that came before
+    this call: none is missed) or the deadline; a stop is not polled."""
+    try:
+        if select.select([wake_r], [], [], max(0.0, deadline - time.time()))[0]:
+            drain(wake_r)
+    except InterruptedError:
+        pass
 
 
 # =============================================================================
@@ -616,23 +643,6 @@ def start_command(request, argv, env):
     for fd in (in_r, out_w, err_w):
         os.close(fd)
     return pid, {out_r: b'O', err_r: b'E'}, in_w, None
-
-
-def wake_pipe():
-    """A pipe that signal handlers write a byte to, so a select() sees every SIGCHLD
-    (the handler itself does nothing) -> (read end, write end)."""
-    wake_r, wake_w = os.pipe2(os.O_NONBLOCK)
-    _signal.signal(_signal.SIGCHLD, lambda s, f: None)
-    _signal.set_wakeup_fd(wake_w)
-    return wake_r, wake_w
-
-
-def drain(wake_r):
-    """Empty the wake-up pipe: its bytes only woke select()."""
-    try:
-        os.read(wake_r, 4096)
-    except BlockingIOError:
-        pass
 
 
 def relay(conn, request, argv, env, buf):
@@ -1133,8 +1143,8 @@ class Pid1(object):
                 text, level, grace, status = stop
                 log(text, level)
                 if self.stopping and self.main_pid and IMAGE['stop']:
-                    grace = stop_main(self.main_pid, IMAGE['stop'], grace)
-                stop_all(grace)
+                    grace = stop_main(self.main_pid, IMAGE['stop'], grace, self.wake_r)
+                stop_all(grace, self.wake_r)
                 return status
             if self.console in readable:
                 self.copy_console()

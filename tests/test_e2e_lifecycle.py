@@ -1,10 +1,12 @@
 """The container lifecycle end to end, as root, with real namespaces, overlays and ptys."""
 
+import glob
 import os
 import re
 import signal
 import subprocess
 import threading
+import time
 
 from conftest import container_path, wait_for
 
@@ -240,6 +242,25 @@ def test_shutdown_unmounts_a_root_in_use_or_with_a_mount_below_it(running, cocke
     for name in (busy, below):
         assert cocker('-a', 'boot', '-c', name).out == 'OK\n'
         assert cocker('-a', 'run', '-c', name, '--cmd', 'true').rc == 0
+
+
+def test_shutdown_waits_the_grace_period_for_what_ignores_sigterm_then_kills_it(running, cocker,
+                                                                             home):
+    """PID 1 waits for its children by their SIGCHLD (no polling): one that ends on SIGTERM
+    goes at once, one that ignores it is killed once the 5 s grace period is over."""
+    name = running()
+    r = cocker('-a', 'run', '-c', name, '--cmd', "sh -c 'trap \"\" TERM; exec sleep 600' "
+               ">/dev/null 2>&1 & sleep 700 >/dev/null 2>&1 & true")
+    assert r.rc == 0, r
+    procs = sorted(glob.glob('/sys/fs/cgroup/*/cocker/%s/cgroup.procs' % name) +
+                   glob.glob('/sys/fs/cgroup/cocker/%s/cgroup.procs' % name))[0]
+    wait_for(lambda: len(open(procs).read().split()) == 3, what='PID 1 and its two sleeps')
+    pids = [int(p) for p in open(procs).read().split()]
+    started = time.time()
+    assert cocker('-a', 'shutdown', '-c', name).out == 'OK\n'
+    assert time.time() - started >= 5, 'SIGKILL came before the grace period was over'
+    assert status_of(cocker, name) == 'STOPED'
+    assert not [p for p in pids if os.path.exists('/proc/%d' % p)]
 
 
 def test_kill_stops_at_once(running, cocker, home):
