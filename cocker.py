@@ -2409,10 +2409,16 @@ def chains_layout(bridge):
     """What ensure_chains last set up: the bridge's interface index and a digest of the
     chain layout.  A boot compares it (two small reads) instead of asking iptables, and so
     notices a recreated bridge or the chains of an older cocker."""
-    import hashlib
+    try:
+        from _sha256 import sha256      # (hashlib loads OpenSSL: 4 ms a BRIDGE boot)
+    except ImportError:
+        try:
+            from _sha2 import sha256    # (3.12 and newer)
+        except ImportError:
+            from hashlib import sha256
     layout = repr((bridge_chains(bridge), bridge_jumps(bridge))).encode()
     return '%s %s' % (read_small('/sys/class/net/%s/ifindex' % bridge.name, ''),
-                      hashlib.sha256(layout).hexdigest()[:16])
+                      sha256(layout).hexdigest()[:16])
 
 
 def container_rules(name, bridge, vip, mappings, host_eth):
@@ -2668,13 +2674,50 @@ def container_net(name):
 def read_network_state(name):
     text = read_attr(name, 'network.state')
     if not text:
-        return None                     # (HOST: no json, and the re it loads, to import)
-    import json
+        return None
     try:
-        return json.loads(text)
+        return parse_network_state(text)
     except ValueError:
         log('WARN', 'container %s: unreadable network.state ignored' % name)
         return None
+
+
+def network_state_text(state):
+    """cp/network.state: a 'veth', 'netns' and 'iptables' line, a 'claim PATH' line per
+    claim and a 'rule TABLE WORD...' line per iptables rule (not JSON: json loads re, 8 ms
+    of a BRIDGE boot)."""
+    for _, words in state['rules']:
+        if any(not word or word.split() != [word] for word in words):
+            raise CockerError('iptables rule %s cannot be recorded (a word with a blank)'
+                              % printable(' '.join(words)))
+    lines = ['%s %s' % (key, state[key]) for key in ('veth', 'netns', 'iptables')] + \
+        ['claim %s' % path for path in state['claims']] + \
+        ['rule %s %s' % (table, ' '.join(words)) for table, words in state['rules']]
+    if any('\n' in line for line in lines):
+        raise CockerError('network state of %s cannot be recorded (a newline in a path)'
+                          % state['veth'])
+    return ''.join(line + '\n' for line in lines)
+
+
+def parse_network_state(text):
+    """network_state_text's dict back (a state that cocker 1.0 wrote as JSON too); raise
+    ValueError if it is neither."""
+    if text.startswith('{'):
+        import json
+        return json.loads(text)
+    state = {'claims': [], 'rules': []}
+    for line in text.splitlines():
+        key, _, value = line.partition(' ')
+        if key == 'claim':
+            state['claims'].append(value)
+        elif key == 'rule' and ' ' in value:
+            table, _, words = value.partition(' ')
+            state['rules'].append([table, words.split(' ')])
+        elif key in ('veth', 'netns', 'iptables'):
+            state[key] = value
+        else:
+            raise ValueError('unknown line %r' % line)
+    return state
 
 
 def setup_network(name):
@@ -2696,7 +2739,6 @@ def add_custom_netns(name):
 def setup_bridge_network(name):
     """Everything is checked and claimed before the first change to the host; then the
     bridge (on first use), the namespace, the veth pair and the rules."""
-    import json
     iptables = iptables_command()
     bridge = network_config()
     vip = read_attr(name, 'vip')
@@ -2713,9 +2755,10 @@ def setup_bridge_network(name):
     if read_attr(name, 'network.state'):
         teardown_network(name)                  # a boot killed half-way left it
     claims = claim_network(name, vip, mappings)
-    write_attr(name, 'network.state', json.dumps({
-        'veth': veth, 'netns': path, 'claims': claims, 'iptables': iptables, 'rules': rules},
-        indent=1))
+    with Rollback(release_claims, name, claims):        # (should the state be unwritable)
+        write_attr(name, 'network.state', network_state_text({
+            'veth': veth, 'netns': path, 'claims': claims, 'iptables': iptables,
+            'rules': rules}))
     if not link_exists(bridge.name):
         create_bridge(bridge, iptables)
     # shared: boots go on side by side, del_bridge waits for them (and they for it)

@@ -1014,3 +1014,22 @@ def test_chapters_stay_whole_when_the_hot_part_reads_a_cold_constant(tmp_path):
     assert 'cold' not in namespace and 'COLD_LIMIT' not in namespace
     exec(cold, namespace)
     assert namespace['hot']() == 4
+
+
+def test_network_state_round_trips_and_reads_the_json_of_older_cockers():
+    import json
+    state = {'veth': 'ethFBFBA2E45C', 'netns': '/run/netns/nnsFBFBA2E45C',
+             'iptables': 'iptables-legacy',
+             'claims': ['/var/cocker/network/in-use/10.0.0.3', '/var/co cker/ports/tcp-80/0.0.0.0'],
+             'rules': [['nat', ['COCKER-c0-POST', '-s', '10.0.0.3/32', '!', '-o', 'c0', '-j',
+                                'MASQUERADE']], ['filter', ['COCKER-c0-FWD', '-j', 'ACCEPT']]]}
+    text = cocker.network_state_text(state)
+    assert not text.startswith('{') and cocker.parse_network_state(text) == state
+    assert cocker.parse_network_state(json.dumps(state, indent=1)) == state
+    with pytest.raises(ValueError):
+        cocker.parse_network_state('what is this\n')
+    bad = dict(state, rules=[['nat', ['COCKER-c0-POST', '--comment', 'two words']]])
+    with pytest.raises(cocker.CockerError):
+        cocker.network_state_text(bad)
+    with pytest.raises(cocker.CockerError):
+        cocker.network_state_text(dict(state, claims=['/var/cocker\n/in-use/x']))
