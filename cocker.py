@@ -855,6 +855,18 @@ def cpus():
     return len(os.sched_getaffinity(0)) or 1
 
 
+def light_hash(name):
+    """hashlib's md5 or sha256, taken from the interpreter's own module (_md5, _sha256, or
+    _sha2 from 3.12 on) where there is one: hashlib loads OpenSSL, 4 ms of a boot."""
+    for module in ('_' + name, '_sha2'):
+        try:
+            return getattr(__import__(module), name)
+        except (ImportError, AttributeError):
+            pass
+    import hashlib
+    return getattr(hashlib, name)
+
+
 def size_text(n):
     """The C cocker's size text: integer units, strict 'greater than' thresholds."""
     if n is None or n < 0:
@@ -1514,8 +1526,12 @@ def write_attr(name, key, value):
     if value is None:
         remove_file(container_file(name, key))
     else:
-        write_small(container_file(name, key), value,
-                    durable=key not in RUNTIME_ATTRS and name not in EPHEMERAL)
+        write_small(container_file(name, key), value, durable=is_durable(name, key))
+
+
+def is_durable(name, key):
+    """Whether a container's state file is fsync'ed when written."""
+    return key not in RUNTIME_ATTRS and name not in EPHEMERAL
 
 
 def require_container(name):
@@ -1664,10 +1680,7 @@ def container_volumes(name):
 
 def netns_name(name):
     """nns<X>: X is the first 5 bytes of MD5(name) in upper-case hex (C cocker names)."""
-    try:
-        from _md5 import md5            # (hashlib loads OpenSSL: 4 ms a destroy)
-    except ImportError:
-        from hashlib import md5
+    md5 = light_hash('md5')
     return 'nns' + md5(name.encode('utf-8')).hexdigest()[:10].upper()
 
 
@@ -1679,7 +1692,7 @@ def write_container(staging, options, name, layers, vip):
 
     def put(key, value):
         if value is not None:
-            write_small(os.path.join(staging, key), value, durable=name not in EPHEMERAL)
+            write_small(os.path.join(staging, key), value, durable=is_durable(name, key))
 
     put('image', options.image)
     put('layers', layers)
@@ -2409,13 +2422,7 @@ def chains_layout(bridge):
     """What ensure_chains last set up: the bridge's interface index and a digest of the
     chain layout.  A boot compares it (two small reads) instead of asking iptables, and so
     notices a recreated bridge or the chains of an older cocker."""
-    try:
-        from _sha256 import sha256      # (hashlib loads OpenSSL: 4 ms a BRIDGE boot)
-    except ImportError:
-        try:
-            from _sha2 import sha256    # (3.12 and newer)
-        except ImportError:
-            from hashlib import sha256
+    sha256 = light_hash('sha256')
     layout = repr((bridge_chains(bridge), bridge_jumps(bridge))).encode()
     return '%s %s' % (read_small('/sys/class/net/%s/ifindex' % bridge.name, ''),
                       sha256(layout).hexdigest()[:16])
