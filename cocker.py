@@ -38,7 +38,7 @@ import stat
 import struct
 import sys
 import time
-from _signal import SIGKILL, SIGTERM   # by name, without signal.py (and the enum it loads)
+from _signal import SIGCHLD, SIGKILL, SIGTERM   # without signal.py (and the enum it loads)
 
 # Heavier modules (ctypes, subprocess, socket, select, termios, shutil, hashlib) are
 # imported inside the functions that need them: every command pays Python start-up, and
@@ -495,6 +495,39 @@ def pidfd_open(pid):
                                      ctypes.c_uint(0)), 'pidfd_open')
     except OSError:
         return None
+
+
+SYS_CLONE3 = 435                        #: (every architecture)
+CLONE_INTO_CGROUP = 1 << 33
+CLONE_ARGS = '=11Q'                     #: struct clone_args up to .cgroup (Linux 5.7)
+
+
+def clone3_into_cgroup(flags, cgroup_fd):
+    """fork() as clone3 does it: the child is born with `flags` (CLONE_NEWPID) in the
+    cgroup2 directory open as cgroup_fd, so no migration (and its RCU grace period) is
+    needed -> the pid, 0 in the child; None where it cannot be done: a Python before 3.7
+    (no fork hooks to call), a kernel before 5.7, a seccomp filter that refuses it, or more
+    than one thread.  Python's fork hooks run around the system call as they run around
+    os.fork, and it holds the GIL as os.fork's does."""
+    import ctypes
+    api = ctypes.pythonapi
+    if not hasattr(api, 'PyOS_BeforeFork') or len(os.listdir('/proc/self/task')) > 1:
+        return None                     # (glibc's fork takes malloc's locks: clone3 cannot)
+    args = struct.pack(CLONE_ARGS, flags | CLONE_INTO_CGROUP, 0, 0, 0, SIGCHLD, 0, 0, 0, 0, 0,
+                       cgroup_fd)
+    buf = ctypes.create_string_buffer(args, len(args))
+    api.PyOS_BeforeFork()
+    pid = ctypes.PyDLL(None, use_errno=True).syscall(ctypes.c_long(SYS_CLONE3), buf,
+                                                    ctypes.c_size_t(len(args)))
+    if pid == 0:
+        api.PyOS_AfterFork_Child()
+        return 0
+    err = ctypes.get_errno()
+    api.PyOS_AfterFork_Parent()
+    if pid < 0:
+        debug('clone3 into a cgroup: %s; forking instead', os.strerror(err))
+        return None
+    return pid
 
 
 def prctl(option, arg2=0):
@@ -3036,7 +3069,11 @@ def pids_limit_text(name):
 
 def cgroup_version(root=CGROUP_ROOT):
     """2 on a unified (cgroup v2) host, 1 where controllers have v1 hierarchies."""
-    return 2 if os.path.exists(os.path.join(root, 'cgroup.controllers')) else 1
+    return 2 if is_cgroup2(root) else 1
+
+
+def is_cgroup2(directory):
+    return os.path.exists(os.path.join(directory, 'cgroup.controllers'))
 
 
 def v2_plan(root, name, limits):
@@ -3132,7 +3169,7 @@ def make_cgroup(path):
     for key in ('cpuset.mems', 'cpuset.cpus'):
         mine = os.path.join(path, key)
         if os.path.exists(mine) and not read_small(mine, '').strip() and \
-                not os.path.exists(os.path.join(path, 'cgroup.controllers')):
+                not is_cgroup2(path):
             write_cgroup_file(path, key, read_small(os.path.join(os.path.dirname(path), key)))
 
 
@@ -3213,7 +3250,7 @@ def restrict_devices(directories):
         if os.path.exists(os.path.join(directory, 'devices.list')):
             check_device_list(directory)
             methods.append('cgroup v1 devices controller')
-        elif os.path.exists(os.path.join(directory, 'cgroup.controllers')):
+        elif is_cgroup2(directory):
             try:
                 attach_device_program(directory)
                 methods.append('cgroup v2 device program')
@@ -3283,10 +3320,13 @@ def container_cgroups(name):
 
 
 def enter_cgroups(directories, pid=0):
-    """Move a process (0: this one) into the container's cgroups: PID 1, by its monitor,
-    before anything of the container runs; the file helpers."""
+    """Move a process into the container's cgroups before anything of the container runs:
+    PID 1, by its monitor, or (pid 0) a single-threaded process itself (PID 1 born in its
+    cgroup2 directory, the file helpers).  A thread that moves itself through a v1 `tasks`
+    file takes no global lock, so waits for no RCU grace period, as cgroup.procs does."""
     for directory in directories:
-        write_cgroup_file(directory, 'cgroup.procs', str(pid))
+        itself = pid == 0 and not is_cgroup2(directory)
+        write_cgroup_file(directory, 'tasks' if itself else 'cgroup.procs', str(pid))
 
 
 def teardown_cgroups(name):
@@ -3593,13 +3633,24 @@ def run_pid1(name, init, exec_cmd, ready_w, state, stdio=None):
     # our own later children (ip, iptables at teardown) stay in the host's pid namespace
     fds = {'ready': ready_w, 'log': log_w, 'alive': alive_r, 'cgroups': moved_r}
     fds.update((k, v) for k, v in (stdio or {}).items() if k != 'tty')
-    init_pid = fork_in_pid_namespace()
+    cgroups = container_cgroups(name)
+    init_pid, born_in_cgroup2 = fork_in_pid_namespace(cgroups=cgroups)
     if init_pid == 0:
         _signal.pthread_sigmask(_signal.SIG_UNBLOCK, stops)   # (an exec keeps the mask)
-        boot_child(name, init, exec_cmd, fds, bool((stdio or {}).get('tty')))
+        if born_in_cgroup2:             # then it joins the v1 controllers itself, at once
+            os.close(fds.pop('cgroups'))
+            cgroups = [d for d in cgroups if not is_cgroup2(d)]
+        else:
+            cgroups = []                # the monitor moves it
+        boot_child(name, init, exec_cmd, fds, bool((stdio or {}).get('tty')), cgroups)
     for fd in fds.values():
         os.close(fd)
-    move_into_cgroups(name, init_pid, moved_w)
+    if born_in_cgroup2:
+        os.close(moved_w)
+        debug('PID 1 of %s: born in its cgroup2 directory', name)
+    else:
+        move_into_cgroups(name, init_pid, moved_w)
+        debug('PID 1 of %s: moved into its cgroups by the monitor', name)
     state['init'] = init_pid
     write_attr(name, 'init_pid', str(init_pid))
     _signal.pthread_sigmask(_signal.SIG_UNBLOCK, stops)   # a shutdown meanwhile: now handled
@@ -3649,31 +3700,51 @@ def copy_log(log_r, log_file, limit, keep):
             pass
 
 
-def fork_in_pid_namespace(proc=None):
+def fork_in_pid_namespace(proc=None, cgroups=()):
     """fork() with the child in the pid namespace of the process whose /proc directory is
-    `proc`, or in a new one; this process stays in its own."""
+    `proc`, or in a new one (this process stays in its own) -> (pid, whether the child was
+    born in the cgroup2 directory among `cgroups`).  Born there by clone3 where it can be:
+    moved there, it would wait for an RCU grace period (5 to 15 ms); it joins the v1
+    controllers of a hybrid host itself, which costs none (enter_cgroups)."""
     home = os.open('/proc/self/ns/pid', os.O_RDONLY | os.O_CLOEXEC)
     try:
-        if proc is None:
-            unshare(CLONE_NEWPID)
-        else:
+        if proc is not None:
             fd = os.open('ns/pid', os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc)
             try:
                 setns(fd, CLONE_NEWPID)
             finally:
                 os.close(fd)
-        pid = os.fork()
+        pid = clone_into_cgroup2(0 if proc is not None else CLONE_NEWPID, cgroups)
+        born = pid is not None
+        if not born:
+            if proc is None:
+                unshare(CLONE_NEWPID)
+            pid = os.fork()
         if pid != 0:
             setns(home, CLONE_NEWPID)
-        return pid
+        return pid, born
     finally:
         os.close(home)
 
 
-def boot_child(name, init, exec_cmd, fds, tty=False):
-    """PID 1 of the new pid namespace: PID1_STEPS, then the exec of cockerinit; never
-    returns."""
+def clone_into_cgroup2(flags, cgroups):
+    """clone3 of a child born in the cgroup2 directory among cgroups -> its pid (0 in the
+    child); None where there is none, or clone3 cannot."""
+    v2 = [d for d in cgroups if is_cgroup2(d)]
+    if not v2:
+        return None
+    fd = os.open(v2[0], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
+        return clone3_into_cgroup(flags, fd)
+    finally:
+        os.close(fd)
+
+
+def boot_child(name, init, exec_cmd, fds, tty=False, cgroups=()):
+    """PID 1 of the new pid namespace: into the cgroups it must join itself, PID1_STEPS,
+    then the exec of cockerinit; never returns."""
+    try:
+        enter_cgroups(cgroups)
         boot = Boot(name, fds)
         for number, step in enumerate(PID1_STEPS, 1):
             step(boot)
@@ -7982,9 +8053,12 @@ def run_helper(name, running, init, settings, work, host_side, keep):
     helper = None
     saved = dict((sig, signal.getsignal(sig)) for sig in (signal.SIGCHLD, signal.SIGALRM))
     try:
-        helper = fork_in_pid_namespace(proc)
+        cgroups = settings['cgroups'] if proc is not None else ()
+        helper, born_in_cgroup2 = fork_in_pid_namespace(proc, cgroups)
         if helper == 0:
             os.close(result_r)
+            if born_in_cgroup2:
+                settings['cgroups'] = [d for d in settings['cgroups'] if not is_cgroup2(d)]
             helper_main(name, proc, init, settings, work, result_w, keep)   # never returns
         os.close(result_w)
         if proc is not None:

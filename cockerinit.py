@@ -1075,9 +1075,9 @@ def main(argv):
 
 
 def wait_for_cgroups(fd):
-    """cocker's monitor moves PID 1 into the container's cgroups while it sets up (a cgroup
-    v1 move waits for an RCU grace period, up to 20 ms); nothing of the container runs
-    before it says, with one byte on this pipe, that the move is done."""
+    """Where PID 1 was not born in its cgroups (no clone3), cocker's monitor moves it there
+    while it sets up (the move waits for an RCU grace period, up to 20 ms); nothing of the
+    container runs before it says, with one byte on this pipe, that the move is done."""
     if fd:
         done = os.read(int(fd), 1)
         os.close(int(fd))

@@ -525,6 +525,9 @@ def test_shutdown_interrupts_a_copy_without_end(endless, cocker, home):
         for ns in ('mnt', 'pid', 'net', 'ipc', 'uts'):
             assert os.readlink('/proc/%d/ns/%s' % (helper, ns)) == os.readlink(
                 '/proc/%d/ns/%s' % (init_pid(home, name), ns)), ns
+        groups = [line for line in open('/proc/%d/cgroup' % helper).read().splitlines()
+                  if line.endswith(':/cocker/' + name)]     # every one, v1 and v2
+        assert len(groups) == len(container_cgroups(home, name)), groups
         held = [os.readlink('/proc/%d/fd/%s' % (helper, fd))
                 for fd in os.listdir('/proc/%d/fd' % helper)]
         # the pipes, /dev/null, and the container's file it reads with its directory

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from conftest import COCKER, container_path, load_script, wait_for
+from conftest import COCKER, PYTHON, container_path, load_script, wait_for
 
 cocker_module = load_script('cocker_limits', COCKER)
 CGROUP_VERSION = cocker_module.cgroup_version()
@@ -152,6 +152,56 @@ def test_cgroups_are_removed_however_the_container_stops(how, limited, cocker, h
             wait_for(lambda: not os.path.exists('/proc/%s' % pid), what='the monitor to die')
             assert cocker('-s', 'containers').rc == 0
     assert left_cgroups(name) == [] and not os.path.exists(container_path(home, name, 'cgroups'))
+
+
+def born_in_cgroup2_expected(dirs):
+    """Whether PID 1 should be born in its cgroup2 directory (clone3 into a cgroup): Linux
+    5.7, Python 3.7 (the fork hooks cocker calls around it), and a v2 directory."""
+    python = subprocess.check_output([PYTHON, '-c',
+                                      'import sys; print(sys.hexversion >= 0x3070000)'])
+    kernel = tuple(int(x) for x in os.uname().release.split('-')[0].split('.')[:2])
+    return python.strip() == b'True' and kernel >= (5, 7) and \
+        any(cocker_module.is_cgroup2(d) for d in dirs)
+
+
+def in_cgroups(text, name):
+    """The lines of a /proc/PID/cgroup text that name the container's cgroups."""
+    return sorted(line for line in text.splitlines() if line.endswith(':/cocker/' + name))
+
+
+def test_pid1_and_its_processes_are_in_every_cgroup_and_the_monitor_in_none(cocker, home,
+                                                                            test_image, names):
+    """PID 1 is in each of the container's cgroups before its first step, however it got
+    there (born in the v2 one and joining the v1 ones itself, or moved by its monitor), and
+    so are the main process, a session and a restarted PID 1; the monitor stays the host's."""
+    name = names('cg')
+    r = cocker('-d', '-a', 'create', '-m', test_image, '-c', name, '-b', '-e', 'sleep 600',
+               '--restart', 'always')
+    assert r.rc == 0, r
+    dirs = cgroups_of(home, name)
+    assert len(dirs) >= (1 if CGROUP_VERSION == 2 else 4), dirs
+    with open(os.path.join(home, 'cocker.log')) as f:
+        lines = [line for line in f if 'PID 1 of %s:' % name in line and 'step' not in line]
+    born = [line for line in lines if 'born in its cgroup2 directory' in line]
+    assert len(lines) == 1 and bool(born) == born_in_cgroup2_expected(dirs), lines
+    init_pid = open(container_path(home, name, 'init_pid')).read()
+    entries = in_cgroups(open('/proc/%s/cgroup' % init_pid).read(), name)
+    assert len(entries) == len(dirs), (entries, dirs)
+    monitor = open(container_path(home, name, 'pid')).read()
+    assert in_cgroups(open('/proc/%s/cgroup' % monitor).read(), name) == []
+    children = open('/proc/%s/task/%s/children' % (init_pid, init_pid)).read().split()
+    main = [pid for pid in children if open('/proc/%s/comm' % pid).read() == 'sleep\n']
+    assert len(main) == 1, children
+    assert in_cgroups(open('/proc/%s/cgroup' % main[0]).read(), name) == entries
+    r = cocker('-a', 'run', '-c', name, '--cmd', 'cat /proc/self/cgroup')
+    assert r.rc == 0 and in_cgroups(r.out, name) == entries, r
+    os.kill(int(init_pid), 9)           # the restart policy brings PID 1 back
+    path = container_path(home, name, 'init_pid')
+    wait_for(lambda: os.path.exists(path) and open(path).read() not in ('', init_pid),
+             what='PID 1 to restart')
+    again = open(path).read()
+    assert in_cgroups(open('/proc/%s/cgroup' % again).read(), name) == entries
+    assert cocker('-a', 'shutdown', '-c', name).rc == 0
 
 
 def test_a_process_left_in_a_cgroup_is_killed_and_reported(limited, cocker, home):
