@@ -198,6 +198,7 @@ EXPORT_FORMATS = ('cockerimage', 'docker', 'oci')  #: export --format
 BRIDGE_NAME = 'cocker0'
 
 BOOT_TIMEOUT = 60               #: seconds boot waits for cockerinit to report ready
+SIBLING_TIMEOUT = 1.0           #: seconds a boot waits for a running monitor to fork its own
 STOP_TIMEOUT = 10               #: seconds shutdown waits before it kills
 INIT_OOM_SCORE_ADJ = -999       #: PID 1 is the last the OOM killer picks in its container
 READY = b'READY'                #: what cockerinit writes on the ready pipe once it serves
@@ -237,6 +238,21 @@ DEV_LINKS = [
     ('stdout', '/proc/self/fd/1'),
     ('stderr', '/proc/self/fd/2'),
 ]
+
+
+def file_identity(path):
+    """Which file path is, as it is now: a monitor forks another only for a command that
+    loaded the same cocker.py and cockerinit.py (an upgrade meanwhile: their own fork)."""
+    st = os.stat(path)
+    return '%s:%d:%d:%d:%d' % (os.path.realpath(path), st.st_dev, st.st_ino, st.st_mtime_ns,
+                               st.st_size)
+
+
+#: this code, as loaded (taken at once, before a replaced file could differ from it)
+try:
+    LOADED_FROM = file_identity(__file__)
+except NameError:                       # (compiled from no file: no monitor forks for it)
+    LOADED_FROM = ''
 
 
 def images_dir():
@@ -802,6 +818,24 @@ def close_fds_except(keep):
                 os.close(fd)
             except OSError:
                 pass
+
+
+def connect_unix(directory, filename, kind, timeout=None):
+    """A Unix socket of `kind` connected to DIRECTORY/FILENAME (_socket: socket.py's enums
+    cost a command 8 ms), by way of /proc/self/fd, so that a long COCKER_HOME never hits the
+    108-byte limit of a socket path."""
+    import _socket
+    dfd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    sock = _socket.socket(_socket.AF_UNIX, kind | _socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(timeout)
+        sock.connect('/proc/self/fd/%d/%s' % (dfd, filename))
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.close(dfd)
+    return sock
 
 
 #: a directory, opened without following a link (from its parent's descriptor, usually)
@@ -3430,7 +3464,7 @@ HOST_STEPS = (
     (mount_container_root, unmount_root),
 )
 #: files of a running container that the teardown removes last
-RUNNING_FILES = ('pid', 'init_pid', 'cocker.sock')
+RUNNING_FILES = ('pid', 'init_pid', 'cocker.sock', 'monitor.sock')
 
 
 def teardown_unless_clean(name):
@@ -3501,10 +3535,12 @@ def boot_container(name, exec_cmd, stdio=None):
             setup(name)
             debug('boot of %s: %s done', name, setup.__name__)
         ready_r, ready_w = os.pipe()
-        monitor = os.fork()
-        if monitor == 0:
-            os.close(ready_r)
-            run_monitor(name, init, exec_cmd, ready_w, stdio)   # never returns
+        monitor = monitor_forked_by_sibling(name, init, exec_cmd, ready_w, stdio)
+        if monitor is None:
+            monitor = os.fork()
+            if monitor == 0:
+                os.close(ready_r)
+                run_monitor(name, init, exec_cmd, ready_w, stdio)   # never returns
         os.close(ready_w)
         undo.push(stop_monitor, name, monitor)
         debug('monitor of %s is pid %d, waiting for cockerinit', name, monitor)
@@ -3532,22 +3568,41 @@ def wait_until_ready(name, ready_r):
 
 
 def run_monitor(name, init, exec_cmd, ready_w, stdio=None):
-    """The monitor process: never returns; whatever happens, the host steps are undone."""
-    status = 1
+    """The monitor process: never returns; whatever happens, the host steps are undone.
+    A monitor that a running one forked for another boot (see Monitors fork monitors) comes
+    back here with that boot's order: at the same depth of the stack, however many
+    monitors were forked in a row."""
+    order = (name, exec_cmd, ready_w, stdio)
+    while True:
+        order = monitor_once(init, *order)
+
+
+def monitor_once(init, name, exec_cmd, ready_w, stdio):
+    """One container's monitor, until its teardown and exit; returns only in a monitor
+    forked meanwhile for another boot -> that boot's order."""
+    status, forked, siblings = 1, None, None
     try:
         become_monitor(name, {ready_w} | stdio_fds(stdio))
+        if stdio is None:               # (a one-shot run's monitor is soon gone)
+            siblings = listen_for_siblings(name, init)
         debug('monitor of %s: set up', name)
-        monitor_container(name, init, exec_cmd, ready_w, stdio)
+        monitor_container(name, init, exec_cmd, ready_w, stdio, siblings)
         status = 0
+    except MonitorForked as e:          # (this process: the new monitor, of e.order[0])
+        forked = e.order
     except BaseException as e:          # a fork child's boundary: never back into the CLI
         write_quietly(ready_w, error_text(e))
     finally:
-        try:
-            teardown_container(name)
-        except (OSError, CockerError) as e:
-            log('ERROR', 'monitor of %s: %s' % (name, error_text(e)))
-        finally:
-            os._exit(status)
+        if forked is None:
+            try:
+                if siblings is not None:
+                    siblings.close()    # a boot asking now forks its own monitor at once
+                teardown_container(name)
+            except (OSError, CockerError) as e:
+                log('ERROR', 'monitor of %s: %s' % (name, error_text(e)))
+            finally:
+                os._exit(status)
+    return forked
 
 
 def become_monitor(name, keep):
@@ -3583,7 +3638,7 @@ def stdio_fds(stdio):
     return set(v for k, v in (stdio or {}).items() if k != 'tty')
 
 
-def monitor_container(name, init, exec_cmd, ready_w, stdio=None):
+def monitor_container(name, init, exec_cmd, ready_w, stdio=None, siblings=None):
     """Run PID 1, and again as the container's restart policy says, until it ends for good
     or the operator stops it (SIGTERM: shutdown, kill, destroy)."""
     import _signal
@@ -3600,7 +3655,7 @@ def monitor_container(name, init, exec_cmd, ready_w, stdio=None):
     restarts = quick = 0                # all restarts; those after a short run, in a row
     while True:
         started = time.time()
-        status = run_pid1(name, init, exec_cmd, ready_w, state, stdio)
+        status = run_pid1(name, init, exec_cmd, ready_w, state, stdio, siblings)
         ready_w, stdio = None, None     # (the CLI heard the first READY; the rest are ours)
         if state['stopping'] or not restart_wanted(name, status, restarts):
             return
@@ -3613,10 +3668,11 @@ def monitor_container(name, init, exec_cmd, ready_w, stdio=None):
             % (name, restarts, status))
 
 
-def run_pid1(name, init, exec_cmd, ready_w, state, stdio=None):
-    """Fork PID 1 in a new pid namespace, copy its log, wait for it -> its exit status.  A
-    restart has no CLI waiting for READY: the monitor reads the ready pipe itself.  The
-    operator's SIGTERM waits (blocked) until PID 1's pid is known, so none is lost."""
+def run_pid1(name, init, exec_cmd, ready_w, state, stdio=None, siblings=None):
+    """Fork PID 1 in a new pid namespace, copy its log (and fork the monitors siblings
+    asks for), wait for it -> its exit status.  A restart has no CLI waiting for READY:
+    the monitor reads the ready pipe itself.  The operator's SIGTERM waits (blocked) until
+    PID 1's pid is known, so none is lost."""
     import _signal
     rotation = log_rotation(name)
     stops = {_signal.SIGTERM, _signal.SIGINT}
@@ -3654,7 +3710,7 @@ def run_pid1(name, init, exec_cmd, ready_w, state, stdio=None):
     state['init'] = init_pid
     write_attr(name, 'init_pid', str(init_pid))
     _signal.pthread_sigmask(_signal.SIG_UNBLOCK, stops)   # a shutdown meanwhile: now handled
-    copy_log(log_r, container_file(name, 'cockerinit.log'), *rotation)
+    copy_log(log_r, container_file(name, 'cockerinit.log'), rotation, siblings)
     os.close(log_r)
     _, wait_status = os.waitpid(init_pid, 0)
     status = exit_status(wait_status)
@@ -3687,10 +3743,14 @@ def move_into_cgroups(name, init_pid, moved_w):
         os.close(moved_w)
 
 
-def copy_log(log_r, log_file, limit, keep):
+def copy_log(log_r, log_file, rotation, siblings=None):
     """cockerinit (and the main process) write to the log pipe; EOF once PID 1 is gone.
-    The log is rotated: keep files of limit bytes at most besides the current one."""
+    The log is rotated: (limit, keep) keep files of limit bytes at most besides the current
+    one.  Meanwhile the monitor forks the monitors that boots ask siblings for."""
+    limit, keep = rotation
     while True:
+        if siblings is not None and not siblings.wait_for(log_r):
+            continue
         chunk = os.read(log_r, 65536)
         if not chunk:
             return
@@ -3844,6 +3904,298 @@ def reap_if_child(pid, block=False):
         os.waitpid(pid, 0 if block else os.WNOHANG)
     except ChildProcessError:
         pass
+
+
+# ---- monitors fork monitors ----------------------------------------------------------
+# PID 1 is forked from its monitor, the monitor from the CLI: the two share the pages of
+# one interpreter.  But a page that either writes after the fork (a reference count is
+# enough) is copied, into both: an idle container cost 6.6 MB.  So a boot asks the monitor
+# of the container booted last (HOME/SIBLING_FILE) to fork its monitor, if it runs the same
+# code in the same context as the command (namespaces, root, cgroups, credentials, limits,
+# scheduling: a monitor is made as if the command had forked it); every monitor and PID 1
+# of the host then shares the pages none of them writes.  The new monitor is that one's
+# grandchild (its parent exits at once, as a daemon's), gets the command's environment and
+# settings over the socket, sends its pid, then waits for the go, which brings the
+# command's descriptors (none is ever in flight to a monitor that may not read it): a
+# command that gave up (SIBLING_TIMEOUT) or died leaves nothing behind.
+# Otherwise, or should anything fail, the command forks the monitor itself, as before.
+
+SIBLING_FILE = 'forking_monitor'        #: HOME/forking_monitor: the container booted last
+MONITOR_SOCKET = 'monitor.sock'
+MONITOR_REQUEST = b'cocker-monitor-1'   #: the first field of a request (its version)
+STDIO_KEYS = ('stdin', 'stdout', 'stderr')
+#: what the command and the monitor forking for it must have alike, in /proc/PID/
+NAMESPACES = ('mnt', 'net', 'pid', 'uts', 'ipc', 'user', 'cgroup')
+CONTEXT_FILES = ('cgroup', 'limits', 'oom_score_adj', 'loginuid', 'sessionid',
+                 'attr/current', 'personality')
+CONTEXT_STATUS = (b'Uid', b'Gid', b'Groups', b'Umask', b'CapInh', b'CapPrm', b'CapEff',
+                  b'CapBnd', b'CapAmb', b'NoNewPrivs', b'Seccomp', b'Seccomp_filters',
+                  b'Cpus_allowed', b'Mems_allowed')
+CONTEXT_STAT = (16, 37, 38)             #: /proc/PID/stat after the name: nice, rt priority, policy
+
+
+class MonitorForked(BaseException):
+    """Raised in a monitor just forked for another boot, up to run_monitor: the frames of
+    the monitor it was forked from unwind, and it becomes the new one."""
+
+    def __init__(self, order):
+        BaseException.__init__(self)
+        self.order = order
+
+
+def monitor_forked_by_sibling(name, init, exec_cmd, ready_w, stdio):
+    """The pid of this boot's monitor, forked by the monitor of the container booted last,
+    or None (there is none, it refused, it failed): the command forks its own."""
+    sibling = read_small(os.path.join(HOME, SIBLING_FILE), '')
+    if not sibling or sibling == name or any(ch not in NAME_CHARS for ch in sibling) or \
+            sibling.startswith('.'):
+        return None
+    import _socket
+    if not code_identity(init):
+        return None
+    keys = [k for k in STDIO_KEYS if k in (stdio or {})]
+    fds = [ready_w] + [stdio[k] for k in keys]
+    try:
+        sock = connect_unix(container_dir(sibling), MONITOR_SOCKET, _socket.SOCK_SEQPACKET,
+                            SIBLING_TIMEOUT)
+    except OSError:
+        return None                     # (stopped, or a monitor of an older cocker)
+    try:
+        sock.send(monitor_request(name, init, exec_cmd, stdio, keys))
+        answer = sock.recv(512)
+        if not answer.startswith(b'P'):
+            debug('the monitor of %s forks none for %s: %s', sibling, name,
+                  answer[1:].decode('utf-8', 'replace') or 'no answer')
+            return None
+        pid = int(answer[1:])
+        sock.sendmsg([b'G'], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
+                               struct.pack('%di' % len(fds), *fds))])
+        debug('monitor of %s is pid %d, forked by the monitor of %s', name, pid, sibling)
+        return pid
+    except (OSError, ValueError) as e:
+        debug('the monitor of %s forks none for %s: %s', sibling, name, error_text(e))
+        return None
+    finally:
+        sock.close()
+
+
+def code_identity(init):
+    """The interpreter, cocker.py and cockerinit.py as this process loaded them ('' for a
+    cockerinit imported otherwise, as the tests do)."""
+    if not LOADED_FROM or not hasattr(init, 'LOADED_FROM'):
+        return ''
+    return '%s|%s|%s|%s' % (sys.executable, sys.version, LOADED_FROM, init.LOADED_FROM)
+
+
+def monitor_request(name, init, exec_cmd, stdio, keys):
+    """A boot's order to a monitor: fields separated by NUL, the environment last."""
+    fields = [code_identity(init), HOME, name, '-' if exec_cmd is None else '+' + exec_cmd,
+              ','.join(keys), '1' if (stdio or {}).get('tty') else '', '1' if DEBUG else '',
+              repr(STARTED), '1' if name in EPHEMERAL else '']
+    return b'\0'.join([MONITOR_REQUEST] + [os.fsencode(f) for f in fields] +
+                      [k + b'=' + v for k, v in os.environb.items()])
+
+
+def parse_monitor_request(msg):
+    fields = msg.split(b'\0')
+    if len(fields) < 10 or fields[0] != MONITOR_REQUEST:
+        raise ValueError('not a monitor request of this cocker')
+    text = [os.fsdecode(f) for f in fields[1:10]]
+    keys = [k for k in text[4].split(',') if k]
+    if any(k not in STDIO_KEYS for k in keys):
+        raise ValueError('standard streams that do not exist')
+    return {'identity': text[0], 'home': text[1], 'name': text[2],
+            'exec': None if text[3] == '-' else text[3][1:], 'stdio': keys,
+            'tty': text[5] == '1', 'debug': text[6] == '1', 'started': float(text[7]),
+            'ephemeral': text[8] == '1',
+            'env': [e.split(b'=', 1) for e in fields[10:] if b'=' in e[1:]]}
+
+
+def context_difference(pid):
+    """What of process pid's context differs from this process's, or None."""
+    def ns(who, kind):
+        try:
+            st = os.stat('/proc/%s/ns/%s' % (who, kind))
+            return st.st_dev, st.st_ino
+        except FileNotFoundError:       # (a kernel without that namespace)
+            return None
+    for kind in NAMESPACES:
+        if ns(pid, kind) != ns('self', kind):
+            return 'its %s namespace' % kind
+    here, there = os.stat('/proc/self/root'), os.stat('/proc/%d/root' % pid)
+    if (here.st_dev, here.st_ino) != (there.st_dev, there.st_ino):
+        return 'its root directory'
+    for key in CONTEXT_FILES:
+        if proc_text('self', key) != proc_text(pid, key):
+            return 'its ' + key
+    for key in ('status', 'stat'):
+        if context_of(proc_text('self', key), key) != context_of(proc_text(pid, key), key):
+            return 'its ' + key
+    return None
+
+
+def proc_text(who, key):
+    try:
+        with open('/proc/%s/%s' % (who, key), 'rb') as f:
+            return f.read()
+    except OSError as e:
+        return e.errno
+
+
+def context_of(text, key):
+    """The lines of /proc/PID/status in CONTEXT_STATUS, the fields of stat in CONTEXT_STAT."""
+    if key == 'status':
+        return [line for line in text.split(b'\n') if line.split(b':')[0] in CONTEXT_STATUS]
+    fields = text[text.rindex(b')') + 2:].split()
+    return [fields[i] for i in CONTEXT_STAT]
+
+
+def listen_for_siblings(name, init):
+    """The Siblings of a monitor (None should it not listen: the boots fork their own)."""
+    try:
+        return Siblings(name, init)
+    except OSError as e:
+        log('WARN', 'monitor of %s forks no monitors: %s' % (name, error_text(e)))
+        return None
+
+
+class Siblings(object):
+    """A monitor's socket, where boots ask it to fork their monitor."""
+
+    def __init__(self, name, init):
+        import _socket
+        self.name, self.init = name, init
+        self.listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET |
+                                       _socket.SOCK_CLOEXEC | _socket.SOCK_NONBLOCK)
+        dfd = os.open(container_dir(name), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        old = os.umask(0o177)           # (root's only, from its creation on)
+        try:
+            path = '/proc/self/fd/%d/%s' % (dfd, MONITOR_SOCKET)
+            remove_file(path)
+            self.listener.bind(path)
+            self.listener.listen(64)
+            write_small(os.path.join(HOME, SIBLING_FILE), name, durable=False)
+        except OSError:
+            self.listener.close()
+            raise
+        finally:
+            os.umask(old)
+            os.close(dfd)
+
+    def close(self):
+        self.listener.close()
+
+    def wait_for(self, fd):
+        """Until fd can be read, serving the boots that ask meanwhile -> whether it can."""
+        import select
+        ready = select.select([fd, self.listener], [], [])[0]
+        if self.listener in ready:
+            self.serve()
+        return fd in ready
+
+    def serve(self):
+        """One boot's order: refused (N and why), or its monitor forked (which raises
+        MonitorForked, there)."""
+        import _socket
+        try:
+            fd, _ = self.listener._accept()
+        except OSError:                 # (BlockingIOError: it gave up meanwhile)
+            return
+        conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET, 0, fd)
+        try:
+            conn.settimeout(SIBLING_TIMEOUT)
+            peer, uid, _ = struct.unpack('=iII', conn.getsockopt(
+                _socket.SOL_SOCKET, _socket.SO_PEERCRED, 12))
+            request = parse_monitor_request(conn.recv(1 << 16))
+            refusal = self.refusal(peer, uid, request)
+            if refusal:
+                debug('monitor of %s: forks none for %s: %s', self.name, request['name'],
+                      refusal)
+                conn.send(b'N' + refusal.encode('utf-8', 'replace'))
+            else:
+                fork_monitor(conn, request, self)
+        except MonitorForked:
+            raise                       # (the new monitor, on its way to run_monitor)
+        except Exception as e:          # (whatever the boot sent: it forks its own)
+            debug('monitor of %s: an order not served: %s', self.name, error_text(e))
+        conn.close()
+
+    def refusal(self, peer, uid, request):
+        """Why this monitor does not fork for that boot, or None."""
+        if uid != 0:
+            return 'the command is not root'
+        if not request['identity'] or request['identity'] != code_identity(self.init):
+            return 'the command runs other code'
+        if request['home'] != HOME:
+            return 'the command has another COCKER_HOME'
+        name = request['name']
+        if not name or any(ch not in NAME_CHARS for ch in name) or name.startswith('.') \
+                or not os.path.isdir(container_dir(name)):
+            return 'no such container'
+        difference = context_difference(peer)
+        return difference and 'the command differs in %s' % difference
+
+
+def fork_monitor(conn, request, siblings):
+    """Fork the monitor of a boot, as a grandchild: it sends its pid, waits for the go,
+    then raises MonitorForked (here, in its parent, this returns once its parent is gone).
+    Its parent leaves every descriptor of this monitor behind at once: held by another
+    process, running.lock would make this container look running after its end."""
+    import _signal
+    stops = {SIGTERM, _signal.SIGINT, _signal.SIGALRM}
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, stops)     # (our handlers: not in there)
+    try:
+        middle = os.fork()
+        if middle == 0:
+            try:
+                for sig in stops:
+                    _signal.signal(sig, _signal.SIG_DFL)
+                siblings.listener.detach()
+                close_fds_except({0, 1, 2, conn.fileno()})
+                if os.fork() == 0:
+                    _signal.pthread_sigmask(_signal.SIG_UNBLOCK, stops)
+                    raise MonitorForked(take_order(conn, request))
+            except MonitorForked:
+                raise
+            except BaseException:
+                pass
+            os._exit(0)
+    finally:
+        _signal.pthread_sigmask(_signal.SIG_UNBLOCK, stops)
+    os.waitpid(middle, 0)
+
+
+def take_order(conn, request):
+    """In the new monitor: the command's settings made ours, our pid sent, its go and its
+    descriptors received -> the order for run_monitor.  Without them, this process ends,
+    having done nothing."""
+    import _socket
+    global DEBUG, STARTED
+    DEBUG, STARTED = request['debug'], request['started']
+    name = request['name']
+    EPHEMERAL.clear()
+    if request['ephemeral']:
+        EPHEMERAL.add(name)
+    del _owner[:]
+    os.environ.clear()
+    for key, value in request['env']:
+        os.environb[key] = value
+    fds = []
+    try:
+        conn.send(b'P%d' % os.getpid())
+        go, ancdata, _, _ = conn.recvmsg(16, _socket.CMSG_SPACE(4 * (1 + len(STDIO_KEYS))))
+        for level, kind, data in ancdata:
+            if (level, kind) == (_socket.SOL_SOCKET, _socket.SCM_RIGHTS):
+                fds += struct.unpack('%di' % (len(data) // 4), data[:len(data) // 4 * 4])
+    except OSError:
+        go = b''
+    if go != b'G' or len(fds) != 1 + len(request['stdio']):
+        os._exit(0)
+    conn.close()
+    stdio = dict(zip(request['stdio'], fds[1:])) or None
+    if stdio:
+        stdio['tty'] = request['tty']
+    return name, request['exec'], fds[0], stdio
 
 
 # =============================================================================
@@ -4568,6 +4920,7 @@ def load_cockerinit():
         path = cockerinit_path()
         module = type(sys)('cockerinit')
         module.__file__ = path
+        module.LOADED_FROM = file_identity(path)
         exec(SourceFileLoader('cockerinit', path).get_code('cockerinit'), module.__dict__)
         sys.modules['cockerinit'] = module
     return module
@@ -4615,22 +4968,13 @@ def split_frames(buf):
 
 
 def connect_container(name):
-    """A connected socket to the container's cockerinit (_socket: socket.py's enums cost a
-    run 8 ms)."""
+    """A connected socket to the container's cockerinit."""
     import _socket
     require_running(name)
-    # bind/connect go through /proc/self/fd so that a long COCKER_HOME never hits the
-    # 108-byte limit of a socket path
-    dfd = os.open(container_dir(name), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     try:
-        sock.connect('/proc/self/fd/%d/cocker.sock' % dfd)
+        return connect_unix(container_dir(name), 'cocker.sock', _socket.SOCK_STREAM)
     except OSError as e:
-        sock.close()
         raise CockerError("cannot connect to container '%s': %s" % (name, e.strerror))
-    finally:
-        os.close(dfd)
-    return sock
 
 
 def window_size(fd):

@@ -219,6 +219,146 @@ def test_kill_9_of_the_monitor_is_detected_and_repaired(running, cocker, home):
     assert cocker('-a', 'run', '-c', name, '--cmd', 'true').rc == 0
 
 
+def monitor_of(home, name):
+    return int(open(container_path(home, name, 'pid')).read())
+
+
+def descriptors_into(pid, directory):
+    """What the descriptors of process pid open under directory."""
+    found = []
+    for fd in os.listdir('/proc/%d/fd' % pid):
+        try:
+            target = os.readlink('/proc/%d/fd/%s' % (pid, fd))
+        except OSError:
+            continue
+        if target == directory or target.startswith(directory + '/'):
+            found.append(target)
+    return found
+
+
+def monitors_of_home(home):
+    """Pids of the cocker-monitor processes working for this COCKER_HOME."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open('/proc/%s/comm' % pid) as f:
+                comm = f.read().strip()
+            with open('/proc/%s/environ' % pid, 'rb') as f:
+                env = f.read().split(b'\0')
+        except OSError:
+            continue
+        if comm == 'cocker-monitor' and ('COCKER_HOME=%s' % home).encode() in env:
+            found.append(int(pid))
+    return sorted(found)
+
+
+def test_a_monitor_is_forked_by_the_monitor_of_the_container_booted_last(cocker, test_image,
+                                                                          names, home):
+    first, second = names(), names()
+    for name in (first, second):
+        assert cocker('-a', 'create', '-m', test_image, '-c', name).rc == 0
+    assert cocker('-a', 'boot', '-c', first).rc == 0
+    r = cocker('-d', '-a', 'boot', '-c', second)
+    assert r.rc == 0 and r.out == 'OK\n', r
+    assert 'forked by the monitor of %s' % first in r.err, r.err
+    a, b = monitor_of(home, first), monitor_of(home, second)
+    status = dict(line.split(':\t', 1) for line in open('/proc/%d/status' % b).read().splitlines())
+    assert int(status['PPid']) != a and os.getsid(b) == b, 'a daemon of its own, not a child'
+    assert not descriptors_into(b, container_path(home, first)), \
+        'nothing of the first container may stay open in the second one\'s monitor'
+    with open('/proc/%d/environ' % b, 'rb') as f:
+        assert ('COCKER_HOME=%s' % home).encode() in f.read().split(b'\0')
+    # the first one's end, even by kill -9, is its own: the second runs on
+    os.kill(a, signal.SIGKILL)
+    wait_for(lambda: status_of(cocker, first) == 'STOPED', what='the first container STOPED')
+    assert not mounts_of(home, first)
+    assert status_of(cocker, second).startswith('RUNNING')
+    assert cocker('-a', 'run', '-c', second, '--cmd', 'echo alive').out == 'alive\n'
+    # and the next boot is forked by the second one's monitor
+    r = cocker('-d', '-a', 'boot', '-c', first)
+    assert r.rc == 0 and 'forked by the monitor of %s' % second in r.err, r
+    assert cocker('-a', 'shutdown', '-c', second).rc == 0
+    assert not mounts_of(home, second)
+    assert cocker('-a', 'run', '-c', first, '--cmd', 'echo still').out == 'still\n'
+
+
+def test_a_boot_in_another_context_forks_its_own_monitor(cocker, test_image, names, home):
+    """A monitor made by a sibling is made as if the command had forked it: a command whose
+    limits differ forks its own, and the container gets the command's limits."""
+    import resource
+    first, second = names(), names()
+    for name in (first, second):
+        assert cocker('-a', 'create', '-m', test_image, '-c', name).rc == 0
+    assert cocker('-a', 'boot', '-c', first).rc == 0
+    r = cocker('-d', '-a', 'boot', '-c', second, preexec_fn=lambda: resource.setrlimit(
+        resource.RLIMIT_NOFILE, (777, 777)))
+    assert r.rc == 0, r
+    assert 'forks none for %s: the command differs in its limits' % second in r.err, r.err
+    assert cocker('-a', 'run', '-c', second, '--cmd', 'ulimit -n').out == '777\n'
+    assert cocker('-a', 'run', '-c', first, '--cmd', 'ulimit -n').out != '777\n'
+
+
+def test_a_boot_that_gave_up_on_a_stopped_monitor_forks_its_own(cocker, test_image, names, home):
+    """The monitor that would fork is stopped (SIGSTOP): the boot forks its own after
+    SIBLING_TIMEOUT; resumed, the stopped one forks nothing for the stale order."""
+    first, second = names(), names()
+    for name in (first, second):
+        assert cocker('-a', 'create', '-m', test_image, '-c', name).rc == 0
+    assert cocker('-a', 'boot', '-c', first).rc == 0
+    a = monitor_of(home, first)
+    os.kill(a, signal.SIGSTOP)
+    try:
+        r = cocker('-d', '-a', 'boot', '-c', second)
+    finally:
+        os.kill(a, signal.SIGCONT)
+    assert r.rc == 0 and r.out == 'OK\n', r
+    assert 'forks none for %s' % second in r.err, r.err
+    expected = sorted([a, monitor_of(home, second)])
+    time.sleep(0.3)                     # (what would linger, an extra monitor, has appeared)
+    assert [p for p in monitors_of_home(home) if p in expected or p > a] == expected
+    for name in (first, second):
+        assert cocker('-a', 'run', '-c', name, '--cmd', 'true').rc == 0
+
+
+#: a command that asks the monitor of sys.argv[2] to fork the monitor of sys.argv[3], prints
+#: the pid it answers with and goes without giving the go (cocker loaded as its header does)
+ORDER_WITHOUT_GO = """
+import os, sys
+path, sibling, name = sys.argv[1:]
+module = sys.modules['cocker'] = type(sys)('cocker')
+module.__file__ = path
+exec(compile(open(path, 'rb').read(), path, 'exec'), module.__dict__)
+module.HOME = os.environ['COCKER_HOME']
+init = module.load_cockerinit()
+import _socket
+sock = module.connect_unix(module.container_dir(sibling), 'monitor.sock', _socket.SOCK_SEQPACKET, 5)
+sock.send(module.monitor_request(name, init, None, None, []))
+print(sock.recv(512).decode())
+"""
+
+
+def test_a_monitor_forked_for_an_order_without_go_ends_having_done_nothing(cocker, test_image,
+                                                                            names, home):
+    from conftest import COCKER, PYTHON
+    first, second = names(), names()
+    for name in (first, second):
+        assert cocker('-a', 'create', '-m', test_image, '-c', name).rc == 0
+    assert cocker('-a', 'boot', '-c', first).rc == 0
+    answer = subprocess.check_output(
+        [PYTHON, '-I', '-S', '-c', ORDER_WITHOUT_GO, COCKER, first, second],
+        env=dict(os.environ, COCKER_HOME=home)).decode().strip()
+    assert answer.startswith('P'), 'the order should be taken: %r' % answer
+    pid = int(answer[1:])
+    wait_for(lambda: not os.path.exists('/proc/%d' % pid), what='the monitor without go to end')
+    time.sleep(0.3)
+    assert status_of(cocker, second) == 'STOPED'
+    for left in ('pid', 'exit_status', 'cockerinit.log', 'cgroups'):
+        assert not os.path.exists(container_path(home, second, left)), \
+            'a monitor without go must do nothing, it made %s' % left
+    assert monitors_of_home(home) == sorted(set(monitors_of_home(home)) - {pid})
+    assert cocker('-a', 'run', '-c', first, '--cmd', 'true').rc == 0
+
+
 def test_shutdown_unmounts_a_root_in_use_or_with_a_mount_below_it(running, cocker, home):
     """The root alone goes with one umount, without reading the mount table; a root a host
     process works in is detached lazily, one with a mount below it goes with that mount:
@@ -502,7 +642,7 @@ def test_a_create_killed_half_way_leaves_nothing_visible(cocker, test_image, nam
     assert not os.path.exists(legacy), 'create must sweep what a killed cocker 1.0 create left'
 
 
-def test_cocker_runs_as_a_program_and_as_a_plain_copy(cocker, test_image, names, home, tmp_path):
+def test_cocker_runs_as_a_program_and_as_a_plain_copy(cocker, running, names, home, tmp_path):
     import shutil
     from conftest import COCKER, COCKERINIT, PYTHON
     bindir = tmp_path / 'bin'
@@ -515,10 +655,15 @@ def test_cocker_runs_as_a_program_and_as_a_plain_copy(cocker, test_image, names,
         out = subprocess.check_output([program, '-v'], env=env).decode()
         assert out.startswith('cocker v'), out
     assert os.listdir(str(bindir / '__pycache__')), 'the compiled form should be cached'
+    sibling = running()                 # a monitor of the other copy's code, booted last
     name = names('copy')
-    out = subprocess.check_output([str(bindir / 'cocker'), '-a', 'create', '-m', 'test', '-c', name,
-                                   '-b', '-e', 'sleep 60'], env=env).decode()
-    assert out == 'OK\n'
+    p = subprocess.Popen([str(bindir / 'cocker'), '-d', '-a', 'create', '-m', 'test', '-c', name,
+                          '-b', '-e', 'sleep 60'], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    out, err = p.communicate(timeout=60)
+    assert out == b'OK\n', (out, err)
+    assert ('forks none for %s: the command runs other code' % name).encode() in err, \
+        'only a monitor of the same code may fork the monitor of a boot (%s): %s' % (sibling, err)
     r = cocker('-a', 'run', '-c', name, '--cmd', 'cat /proc/1/cmdline')
     assert r.out.split('\0')[:3] == [str(bindir / 'cockerinit.py'), '--container', name], \
         'PID 1 must be the cockerinit beside the copy: %r' % r.out

@@ -1033,3 +1033,36 @@ def test_network_state_round_trips_and_reads_the_json_of_older_cockers():
         cocker.network_state_text(bad)
     with pytest.raises(cocker.CockerError):
         cocker.network_state_text(dict(state, claims=['/var/cocker\n/in-use/x']))
+
+
+def test_a_monitor_request_is_read_back_and_a_bad_one_refused(monkeypatch):
+    monkeypatch.setattr(init, 'LOADED_FROM', 'cockerinit here', raising=False)
+    monkeypatch.setattr(cocker, 'HOME', '/tmp/home')
+    msg = cocker.monitor_request('web', init, 'sleep 1', {'stdin': 5, 'tty': True}, ['stdin'])
+    request = cocker.parse_monitor_request(msg)
+    assert (request['name'], request['exec'], request['stdio'], request['tty']) == \
+        ('web', 'sleep 1', ['stdin'], True)
+    assert request['home'] == '/tmp/home' and request['identity'] == cocker.code_identity(init)
+    assert dict(request['env']) == dict(os.environb)
+    assert cocker.parse_monitor_request(
+        cocker.monitor_request('web', init, None, None, []))['exec'] is None
+    for bad in (b'cocker-monitor-0' + msg[16:], b'\0' * 40, b'', msg[:40],
+                msg.replace(b'\0stdin\0', b'\0stdin,../x\0')):
+        with pytest.raises(ValueError):
+            cocker.parse_monitor_request(bad)
+    monkeypatch.delattr(init, 'LOADED_FROM')
+    assert cocker.code_identity(init) == ''      # a cockerinit imported otherwise: no forks
+
+
+def test_the_context_a_monitor_compares_tells_a_process_apart_from_itself():
+    assert cocker.context_difference(os.getpid()) is None
+    import subprocess
+    import sys
+    for preexec, what in ((lambda: os.umask(0o077), 'its status'), (lambda: os.nice(3), 'its stat')):
+        child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(5)'],
+                                 preexec_fn=preexec)
+        try:
+            assert cocker.context_difference(child.pid) == what
+        finally:
+            child.kill()
+            child.wait()
