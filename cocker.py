@@ -497,6 +497,23 @@ def bpf(command, attr):
                                  ctypes.c_uint(len(attr))), 'bpf')
 
 
+SYS_IOPRIO_GET = {'x86_64': 252, 'aarch64': 31, 'riscv64': 31, 'ppc64le': 274, 's390x': 283,
+                  'i686': 290}
+IOPRIO_WHO_PROCESS = 1
+
+
+def ioprio_get(pid):
+    """The I/O scheduling class and level of process pid (ionice), as one number; None
+    where it cannot be told."""
+    import ctypes
+    number = SYS_IOPRIO_GET.get(os.uname().machine)
+    if number is None:
+        return None
+    value = libc().syscall(ctypes.c_long(number), ctypes.c_int(IOPRIO_WHO_PROCESS),
+                           ctypes.c_int(pid))
+    return None if value < 0 else value
+
+
 SYS_PIDFD_OPEN = 434                    #: the same number on every architecture
 
 
@@ -3442,7 +3459,8 @@ def cgroup_usage(name):
 # Boot sequence
 # =============================================================================
 # One boot, in the order things happen.  The CLI (under the container lock) takes the host
-# steps below, then forks the monitor and waits for READY:
+# steps below, then forks the monitor (or has the monitor of the container booted last fork
+# it, see Monitors fork monitors below) and waits for READY:
 #   monitor: setsid, holds running.lock, unshare(CLONE_NEWPID), fork -> PID 1, copies
 #            cockerinit's log, waits for PID 1, undoes the host steps in reverse, exits.
 #   PID 1:   takes PID1_STEPS in order, each checked (a failure ends the boot, which is
@@ -3660,7 +3678,7 @@ def monitor_container(name, init, exec_cmd, ready_w, stdio=None, siblings=None):
         if state['stopping'] or not restart_wanted(name, status, restarts):
             return
         quick = 0 if time.time() - started >= RESTART_STEADY else quick + 1
-        if not sleep_unless_stopped(restart_delay(quick), state):
+        if not sleep_unless_stopped(restart_delay(quick), state, siblings):
             return
         restarts += 1
         write_attr(name, 'restart_count', str(restarts))
@@ -3925,13 +3943,16 @@ MONITOR_SOCKET = 'monitor.sock'
 MONITOR_REQUEST = b'cocker-monitor-1'   #: the first field of a request (its version)
 STDIO_KEYS = ('stdin', 'stdout', 'stderr')
 #: what the command and the monitor forking for it must have alike, in /proc/PID/
-NAMESPACES = ('mnt', 'net', 'pid', 'uts', 'ipc', 'user', 'cgroup')
+NAMESPACES = ('mnt', 'net', 'pid', 'pid_for_children', 'uts', 'ipc', 'user', 'cgroup',
+              'time', 'time_for_children')
 CONTEXT_FILES = ('cgroup', 'limits', 'oom_score_adj', 'loginuid', 'sessionid',
-                 'attr/current', 'personality')
+                 'attr/current', 'personality', 'timerslack_ns')
 CONTEXT_STATUS = (b'Uid', b'Gid', b'Groups', b'Umask', b'CapInh', b'CapPrm', b'CapEff',
                   b'CapBnd', b'CapAmb', b'NoNewPrivs', b'Seccomp', b'Seccomp_filters',
-                  b'Cpus_allowed', b'Mems_allowed')
+                  b'Speculation_Store_Bypass', b'SpeculationIndirectBranch', b'SigIgn',
+                  b'Cpus_allowed', b'Mems_allowed', b'THP_enabled')
 CONTEXT_STAT = (16, 37, 38)             #: /proc/PID/stat after the name: nice, rt priority, policy
+CONTEXT_KSM = (b'ksm_merge_any', b'ksm_mergeable')     #: of /proc/PID/ksm_stat (KSM on)
 
 
 class MonitorForked(BaseException):
@@ -3992,7 +4013,10 @@ def monitor_request(name, init, exec_cmd, stdio, keys):
     fields = [code_identity(init), HOME, name, '-' if exec_cmd is None else '+' + exec_cmd,
               ','.join(keys), '1' if (stdio or {}).get('tty') else '', '1' if DEBUG else '',
               repr(STARTED), '1' if name in EPHEMERAL else '']
+    with open('/proc/self/cmdline', 'rb') as f:
+        argv = f.read().split(b'\0')[:-1]
     return b'\0'.join([MONITOR_REQUEST] + [os.fsencode(f) for f in fields] +
+                      [str(len(argv)).encode()] + argv +
                       [k + b'=' + v for k, v in os.environb.items()])
 
 
@@ -4004,11 +4028,14 @@ def parse_monitor_request(msg):
     keys = [k for k in text[4].split(',') if k]
     if any(k not in STDIO_KEYS for k in keys):
         raise ValueError('standard streams that do not exist')
+    words = int(fields[10]) if len(fields) > 10 and fields[10].isdigit() else -1
+    if not 0 <= words <= len(fields) - 11:
+        raise ValueError('no command line')
     return {'identity': text[0], 'home': text[1], 'name': text[2],
             'exec': None if text[3] == '-' else text[3][1:], 'stdio': keys,
             'tty': text[5] == '1', 'debug': text[6] == '1', 'started': float(text[7]),
-            'ephemeral': text[8] == '1',
-            'env': [e.split(b'=', 1) for e in fields[10:] if b'=' in e[1:]]}
+            'ephemeral': text[8] == '1', 'argv': fields[11:11 + words],
+            'env': [e.split(b'=', 1) for e in fields[11 + words:] if b'=' in e[1:]]}
 
 
 def context_difference(pid):
@@ -4028,9 +4055,11 @@ def context_difference(pid):
     for key in CONTEXT_FILES:
         if proc_text('self', key) != proc_text(pid, key):
             return 'its ' + key
-    for key in ('status', 'stat'):
+    for key in ('status', 'stat', 'ksm_stat'):
         if context_of(proc_text('self', key), key) != context_of(proc_text(pid, key), key):
             return 'its ' + key
+    if ioprio_get(0) != ioprio_get(pid):
+        return 'its I/O priority'
     return None
 
 
@@ -4043,11 +4072,15 @@ def proc_text(who, key):
 
 
 def context_of(text, key):
-    """The lines of /proc/PID/status in CONTEXT_STATUS, the fields of stat in CONTEXT_STAT."""
-    if key == 'status':
-        return [line for line in text.split(b'\n') if line.split(b':')[0] in CONTEXT_STATUS]
-    fields = text[text.rindex(b')') + 2:].split()
-    return [fields[i] for i in CONTEXT_STAT]
+    """The lines of /proc/PID/status in CONTEXT_STATUS (of ksm_stat in CONTEXT_KSM), the
+    fields of stat in CONTEXT_STAT."""
+    if not isinstance(text, bytes):
+        return text                     # (an errno: a kernel without the file)
+    if key == 'stat':
+        fields = text[text.rindex(b')') + 2:].split()
+        return [fields[i] for i in CONTEXT_STAT]
+    keys = CONTEXT_STATUS if key == 'status' else CONTEXT_KSM
+    return [line for line in text.split(b'\n') if line.split(b':')[0].split(b' ')[0] in keys]
 
 
 def listen_for_siblings(name, init):
@@ -4083,15 +4116,19 @@ class Siblings(object):
             os.close(dfd)
 
     def close(self):
-        self.listener.close()
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
 
-    def wait_for(self, fd):
-        """Until fd can be read, serving the boots that ask meanwhile -> whether it can."""
+    def wait_for(self, fd, timeout=None):
+        """Until fd (None: none) can be read, at most timeout seconds, serving the boots
+        that ask meanwhile -> whether it can."""
         import select
-        ready = select.select([fd, self.listener], [], [])[0]
-        if self.listener in ready:
+        fds = [f for f in (fd, self.listener) if f is not None]
+        ready = select.select(fds, [], [], timeout)[0] if fds else []
+        if self.listener is not None and self.listener in ready:
             self.serve()
-        return fd in ready
+        return fd is not None and fd in ready
 
     def serve(self):
         """One boot's order: refused (N and why), or its monitor forked (which raises
@@ -4099,14 +4136,21 @@ class Siblings(object):
         import _socket
         try:
             fd, _ = self.listener._accept()
-        except OSError:                 # (BlockingIOError: it gave up meanwhile)
+        except BlockingIOError:         # (it gave up meanwhile)
+            return
+        except OSError as e:            # (out of descriptors: do not spin on it)
+            log('WARN', 'monitor of %s forks no more monitors: %s' % (self.name, error_text(e)))
+            self.close()
             return
         conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET, 0, fd)
         try:
             conn.settimeout(SIBLING_TIMEOUT)
             peer, uid, _ = struct.unpack('=iII', conn.getsockopt(
                 _socket.SOL_SOCKET, _socket.SO_PEERCRED, 12))
-            request = parse_monitor_request(conn.recv(1 << 16))
+            msg, _, flags, _ = conn.recvmsg(1 << 20)
+            if flags & _socket.MSG_TRUNC:
+                raise ValueError('an order of more than 1 MiB')
+            request = parse_monitor_request(msg)
             refusal = self.refusal(peer, uid, request)
             if refusal:
                 debug('monitor of %s: forks none for %s: %s', self.name, request['name'],
@@ -4132,6 +4176,8 @@ class Siblings(object):
         if not name or any(ch not in NAME_CHARS for ch in name) or name.startswith('.') \
                 or not os.path.isdir(container_dir(name)):
             return 'no such container'
+        if os.getppid() != 1:
+            return 'this monitor runs under a subreaper'     # (ours would too)
         difference = context_difference(peer)
         return difference and 'the command differs in %s' % difference
 
@@ -4154,7 +4200,7 @@ def fork_monitor(conn, request, siblings):
                 close_fds_except({0, 1, 2, conn.fileno()})
                 if os.fork() == 0:
                     _signal.pthread_sigmask(_signal.SIG_UNBLOCK, stops)
-                    raise MonitorForked(take_order(conn, request))
+                    raise MonitorForked(take_order(conn, request, siblings.init))
             except MonitorForked:
                 raise
             except BaseException:
@@ -4165,7 +4211,7 @@ def fork_monitor(conn, request, siblings):
     os.waitpid(middle, 0)
 
 
-def take_order(conn, request):
+def take_order(conn, request, init):
     """In the new monitor: the command's settings made ours, our pid sent, its go and its
     descriptors received -> the order for run_monitor.  Without them, this process ends,
     having done nothing."""
@@ -4180,6 +4226,8 @@ def take_order(conn, request):
     os.environ.clear()
     for key, value in request['env']:
         os.environb[key] = value
+    init.show_as([os.fsdecode(w) for w in request['argv']],     # (ps: as if the command's)
+                 [os.fsdecode(k + b'=' + v) for k, v in request['env']])
     fds = []
     try:
         conn.send(b'P%d' % os.getpid())
@@ -4417,8 +4465,8 @@ class OneShotRelay(object):
             for fd in readable:
                 self.move(fd, inputs)
         monitor = read_pid(name)
-        if monitor is not None:
-            reap_if_child(monitor, block=True)
+        if monitor is not None:         # (not always our child: see Monitors fork monitors)
+            wait_for_monitor(name, monitor, None)
         status = read_attr(name, 'exit_status')
         return int(status) if status and status.isdigit() else 255
 
@@ -4721,11 +4769,16 @@ def restart_delay(quick):
     return min(cap, first * 2 ** min(quick, 16))
 
 
-def sleep_unless_stopped(seconds, state):
-    """Wait, unless the operator stops the container meanwhile -> False if so."""
+def sleep_unless_stopped(seconds, state, siblings=None):
+    """Wait (forking the monitors siblings is asked for), unless the operator stops the
+    container meanwhile -> False if so."""
     deadline = time.time() + seconds
     while not state['stopping'] and time.time() < deadline:
-        time.sleep(min(0.05, max(0.0, deadline - time.time())))
+        pause = min(0.05, max(0.0, deadline - time.time()))
+        if siblings is None:
+            time.sleep(pause)
+        else:
+            siblings.wait_for(None, pause)
     return not state['stopping']
 
 

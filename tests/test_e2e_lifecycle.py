@@ -298,6 +298,69 @@ def test_a_boot_in_another_context_forks_its_own_monitor(cocker, test_image, nam
     assert cocker('-a', 'run', '-c', first, '--cmd', 'ulimit -n').out != '777\n'
 
 
+def test_a_one_shot_run_forked_by_a_sibling_returns_its_exit_status(cocker, running, home):
+    running()                           # the monitor that forks the one-shot's
+    r = cocker('-d', '-a', 'create', '-m', 'test', '-c', 'oneshot-sib', '-b', '-e',
+               "sh -c 'cat; exit 3'", '--rm', '-i', input=b'hello\n')
+    assert 'forked by the monitor of' in r.err, r.err
+    assert (r.rc, r.out) == (3, 'hello\n'), r
+    assert not os.path.exists(container_path(home, 'oneshot-sib'))
+
+
+#: a command that boots under a subreaper (its orphans are its own), until its stdin closes
+UNDER_A_SUBREAPER = """
+import ctypes, subprocess, sys
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)         # PR_SET_CHILD_SUBREAPER
+subprocess.check_call(sys.argv[1:], stdout=subprocess.DEVNULL)
+print('booted', flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_monitor_under_a_subreaper_forks_for_no_other_command(cocker, test_image, names, home):
+    from conftest import COCKER, PYTHON
+    first, second = names(), names()
+    for name in (first, second):
+        assert cocker('-a', 'create', '-m', test_image, '-c', name).rc == 0
+    reaper = subprocess.Popen([PYTHON, '-c', UNDER_A_SUBREAPER, '/bin/sh', COCKER, '-a', 'boot',
+                               '-c', first], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              env=dict(os.environ, COCKER_HOME=home, COCKER_PYTHON=PYTHON))
+    try:
+        assert reaper.stdout.readline() == b'booted\n'
+        a = monitor_of(home, first)
+        assert open('/proc/%d/stat' % a).read().rsplit(')', 1)[1].split()[1] == str(reaper.pid)
+        r = cocker('-d', '-a', 'boot', '-c', second)
+        assert r.rc == 0, r
+        assert 'forks none for %s: this monitor runs under a subreaper' % second in r.err, r.err
+        b = monitor_of(home, second)
+        assert open('/proc/%d/stat' % b).read().rsplit(')', 1)[1].split()[1] == '1'
+        assert cocker('-a', 'shutdown', '-c', first).rc == 0
+    finally:
+        reaper.stdin.close()
+        reaper.wait(30)
+
+
+def test_a_boot_in_its_own_time_namespace_lends_it_to_no_later_boot(cocker, test_image, names,
+                                                                      home, not_run):
+    from conftest import COCKER, PYTHON
+    if subprocess.call(['unshare', '-T', '--fork', '--boottime', '1000000', 'true'],
+                       stderr=subprocess.DEVNULL) != 0:
+        not_run('time namespaces (test_a_boot_in_its_own_time_namespace_...): unshare -T fails')
+        return
+    first, second = names(), names()
+    for name in (first, second):
+        assert cocker('-a', 'create', '-m', test_image, '-c', name).rc == 0
+    env = dict(os.environ, COCKER_HOME=home, COCKER_PYTHON=PYTHON)
+    subprocess.check_call(['unshare', '-T', '--fork', '--boottime', '1000000', '/bin/sh', COCKER,
+                           '-a', 'boot', '-c', first], env=env, stdout=subprocess.DEVNULL)
+    uptime = lambda name: float(cocker('-a', 'run', '-c', name, '--cmd',
+                                       'cat /proc/uptime').out.split()[0])
+    assert uptime(first) > 1000000
+    r = cocker('-d', '-a', 'boot', '-c', second)
+    assert 'forks none for %s: the command differs in its time namespace' % second in r.err, r
+    assert uptime(second) < 1000000
+
+
 def test_a_boot_that_gave_up_on_a_stopped_monitor_forks_its_own(cocker, test_image, names, home):
     """The monitor that would fork is stopped (SIGSTOP): the boot forks its own after
     SIBLING_TIMEOUT; resumed, the stopped one forks nothing for the stale order."""

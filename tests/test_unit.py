@@ -2,6 +2,7 @@
 
 import os
 import struct
+import time
 
 import pytest
 
@@ -1044,9 +1045,12 @@ def test_a_monitor_request_is_read_back_and_a_bad_one_refused(monkeypatch):
         ('web', 'sleep 1', ['stdin'], True)
     assert request['home'] == '/tmp/home' and request['identity'] == cocker.code_identity(init)
     assert dict(request['env']) == dict(os.environb)
+    assert request['argv'] == open('/proc/self/cmdline', 'rb').read().split(b'\0')[:-1]
     assert cocker.parse_monitor_request(
         cocker.monitor_request('web', init, None, None, []))['exec'] is None
+    head = msg.split(b'\0')[:10]
     for bad in (b'cocker-monitor-0' + msg[16:], b'\0' * 40, b'', msg[:40],
+                b'\0'.join(head + [b'99999']), b'\0'.join(head + [b'x']),
                 msg.replace(b'\0stdin\0', b'\0stdin,../x\0')):
         with pytest.raises(ValueError):
             cocker.parse_monitor_request(bad)
@@ -1058,9 +1062,12 @@ def test_the_context_a_monitor_compares_tells_a_process_apart_from_itself():
     assert cocker.context_difference(os.getpid()) is None
     import subprocess
     import sys
-    for preexec, what in ((lambda: os.umask(0o077), 'its status'), (lambda: os.nice(3), 'its stat')):
-        child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(5)'],
-                                 preexec_fn=preexec)
+    sleeper = [sys.executable, '-c', 'import time; time.sleep(5)']
+    for argv, preexec, what in ((sleeper, lambda: os.umask(0o077), 'its status'),
+                                (sleeper, lambda: os.nice(3), 'its stat'),
+                                (['ionice', '-c3'] + sleeper, None, 'its I/O priority')):
+        child = subprocess.Popen(argv, preexec_fn=preexec)
+        time.sleep(0.2)                 # (ionice: until it has exec'd the sleeper)
         try:
             assert cocker.context_difference(child.pid) == what
         finally:
