@@ -696,6 +696,15 @@ def check_name(kind, name):
     return name
 
 
+def is_good_name(name):
+    """Would check_name take it (a name read from a file or a socket, not typed)?"""
+    try:
+        check_name('container', name)
+        return True
+    except CockerError:
+        return False
+
+
 PIPE = -1                       #: subprocess.PIPE, without importing subprocess
 
 
@@ -3968,8 +3977,7 @@ def monitor_forked_by_sibling(name, init, exec_cmd, ready_w, stdio):
     """The pid of this boot's monitor, forked by the monitor of the container booted last,
     or None (there is none, it refused, it failed): the command forks its own."""
     sibling = read_small(os.path.join(HOME, SIBLING_FILE), '')
-    if not sibling or sibling == name or any(ch not in NAME_CHARS for ch in sibling) or \
-            sibling.startswith('.'):
+    if sibling == name or not is_good_name(sibling):
         return None
     import _socket
     if not code_identity(init):
@@ -4173,8 +4181,7 @@ class Siblings(object):
         if request['home'] != HOME:
             return 'the command has another COCKER_HOME'
         name = request['name']
-        if not name or any(ch not in NAME_CHARS for ch in name) or name.startswith('.') \
-                or not os.path.isdir(container_dir(name)):
+        if not is_good_name(name) or not os.path.isdir(container_dir(name)):
             return 'no such container'
         if os.getppid() != 1:
             return 'this monitor runs under a subreaper'     # (ours would too)
