@@ -3468,8 +3468,8 @@ def cgroup_usage(name):
 # Boot sequence
 # =============================================================================
 # One boot, in the order things happen.  The CLI (under the container lock) takes the host
-# steps below, then forks the monitor (or has the monitor of the container booted last fork
-# it, see Monitors fork monitors below) and waits for READY:
+# steps below, then forks the monitor (or has a running monitor fork it, see Monitors fork
+# monitors below) and waits for READY:
 #   monitor: setsid, holds running.lock, unshare(CLONE_NEWPID), fork -> PID 1, copies
 #            cockerinit's log, waits for PID 1, undoes the host steps in reverse, exits.
 #   PID 1:   takes PID1_STEPS in order, each checked (a failure ends the boot, which is
@@ -3599,18 +3599,19 @@ def run_monitor(name, init, exec_cmd, ready_w, stdio=None):
     A monitor that a running one forked for another boot (see Monitors fork monitors) comes
     back here with that boot's order: at the same depth of the stack, however many
     monitors were forked in a row."""
-    order = (name, exec_cmd, ready_w, stdio)
+    order = (name, exec_cmd, ready_w, stdio, False)
     while True:
         order = monitor_once(init, *order)
 
 
-def monitor_once(init, name, exec_cmd, ready_w, stdio):
+def monitor_once(init, name, exec_cmd, ready_w, stdio, by_sibling):
     """One container's monitor, until its teardown and exit; returns only in a monitor
-    forked meanwhile for another boot -> that boot's order."""
+    forked meanwhile for another boot -> that boot's order.  by_sibling: this monitor was
+    forked by another, so forks none itself."""
     status, forked, siblings = 1, None, None
     try:
         become_monitor(name, {ready_w} | stdio_fds(stdio))
-        if stdio is None:               # (a one-shot run's monitor is soon gone)
+        if stdio is None and not by_sibling:    # (a one-shot run's monitor is soon gone)
             siblings = listen_for_siblings(name, init)
         debug('monitor of %s: set up', name)
         monitor_container(name, init, exec_cmd, ready_w, stdio, siblings)
@@ -3936,18 +3937,20 @@ def reap_if_child(pid, block=False):
 # ---- monitors fork monitors ----------------------------------------------------------
 # PID 1 is forked from its monitor, the monitor from the CLI: the two share the pages of
 # one interpreter.  But a page that either writes after the fork (a reference count is
-# enough) is copied, into both: an idle container cost 6.6 MB.  So a boot asks the monitor
-# of the container booted last (HOME/SIBLING_FILE) to fork its monitor, if it runs the same
-# code in the same context as the command (namespaces, root, cgroups, credentials, limits,
-# scheduling: a monitor is made as if the command had forked it); every monitor and PID 1
-# of the host then shares the pages none of them writes.  The new monitor is that one's
-# grandchild (its parent exits at once, as a daemon's), gets the command's environment and
-# settings over the socket, sends its pid, then waits for the go, which brings the
-# command's descriptors (none is ever in flight to a monitor that may not read it): a
-# command that gave up (SIBLING_TIMEOUT) or died leaves nothing behind.
-# Otherwise, or should anything fail, the command forks the monitor itself, as before.
+# enough) is copied, into both: an idle container cost 6.6 MB.  So a boot asks a running
+# monitor, the one HOME/SIBLING_FILE names, to fork its monitor, if it runs the same code
+# in the same context as the command (namespaces, root, cgroups, credentials, limits,
+# scheduling: a monitor is made as if the command had forked it); the monitors and PID 1s
+# of the host then share the pages none of them writes (3.9 MB a container).  That monitor
+# is the first that found none to ask: it forks for all, those it forks fork none, until it
+# ends and the next boot's own monitor takes over.  The new monitor is its grandchild (its
+# parent exits at once, as a daemon's), gets the command's environment and settings over
+# the socket, sends its pid, then waits for the go, which brings the command's descriptors
+# (none is ever in flight to a monitor that may not read it): a command that gave up
+# (SIBLING_TIMEOUT) or died leaves nothing behind.  Otherwise, or should anything fail,
+# the command forks the monitor itself, as before.
 
-SIBLING_FILE = 'forking_monitor'        #: HOME/forking_monitor: the container booted last
+SIBLING_FILE = 'forking_monitor'        #: HOME/forking_monitor: whose monitor forks
 MONITOR_SOCKET = 'monitor.sock'
 MONITOR_REQUEST = b'cocker-monitor-1'   #: the first field of a request (its version)
 STDIO_KEYS = ('stdin', 'stdout', 'stderr')
@@ -3964,6 +3967,9 @@ CONTEXT_STAT = (16, 37, 38)             #: /proc/PID/stat after the name: nice, 
 CONTEXT_KSM = (b'ksm_merge_any', b'ksm_mergeable')     #: of /proc/PID/ksm_stat (KSM on)
 
 
+UNDER_A_SUBREAPER = 'this monitor runs under a subreaper'
+
+
 class MonitorForked(BaseException):
     """Raised in a monitor just forked for another boot, up to run_monitor: the frames of
     the monitor it was forked from unwind, and it becomes the new one."""
@@ -3974,8 +3980,8 @@ class MonitorForked(BaseException):
 
 
 def monitor_forked_by_sibling(name, init, exec_cmd, ready_w, stdio):
-    """The pid of this boot's monitor, forked by the monitor of the container booted last,
-    or None (there is none, it refused, it failed): the command forks its own."""
+    """The pid of this boot's monitor, forked by the monitor that SIBLING_FILE names, or
+    None (there is none, it refused, it failed): the command forks its own."""
     sibling = read_small(os.path.join(HOME, SIBLING_FILE), '')
     if sibling == name or not is_good_name(sibling):
         return None
@@ -4092,7 +4098,14 @@ def context_of(text, key):
 
 
 def listen_for_siblings(name, init):
-    """The Siblings of a monitor (None should it not listen: the boots fork their own)."""
+    """The Siblings of a monitor, if none forks for the boots yet (None: it does not
+    listen).  One monitor forks them all: forked in a chain, each from the one before, every
+    fork would copy the kernel's record of every ancestor's memory (its anon_vma chain),
+    and a boot at 1000 containers took 440 ms."""
+    named = read_small(os.path.join(HOME, SIBLING_FILE), '')
+    if named != name and is_good_name(named) and monitor_alive(named) and \
+            os.path.exists(container_file(named, MONITOR_SOCKET)):
+        return None
     try:
         return Siblings(name, init)
     except OSError as e:
@@ -4124,9 +4137,11 @@ class Siblings(object):
             os.close(dfd)
 
     def close(self):
+        """Serve no more: the next boot's own monitor takes over."""
         if self.listener is not None:
             self.listener.close()
             self.listener = None
+            remove_file(container_file(self.name, MONITOR_SOCKET))
 
     def wait_for(self, fd, timeout=None):
         """Until fd (None: none) can be read, at most timeout seconds, serving the boots
@@ -4164,6 +4179,8 @@ class Siblings(object):
                 debug('monitor of %s: forks none for %s: %s', self.name, request['name'],
                       refusal)
                 conn.send(b'N' + refusal.encode('utf-8', 'replace'))
+                if refusal == UNDER_A_SUBREAPER:
+                    self.close()        # (it would refuse every boot)
             else:
                 fork_monitor(conn, request, self)
         except MonitorForked:
@@ -4184,7 +4201,7 @@ class Siblings(object):
         if not is_good_name(name) or not os.path.isdir(container_dir(name)):
             return 'no such container'
         if os.getppid() != 1:
-            return 'this monitor runs under a subreaper'     # (ours would too)
+            return UNDER_A_SUBREAPER    # (ours would be there too)
         difference = context_difference(peer)
         return difference and 'the command differs in %s' % difference
 
@@ -4250,7 +4267,7 @@ def take_order(conn, request, init):
     stdio = dict(zip(request['stdio'], fds[1:])) or None
     if stdio:
         stdio['tty'] = request['tty']
-    return name, request['exec'], fds[0], stdio
+    return name, request['exec'], fds[0], stdio, True
 
 
 # =============================================================================

@@ -252,12 +252,23 @@ def monitors_of_home(home):
     return sorted(found)
 
 
-def test_a_monitor_is_forked_by_the_monitor_of_the_container_booted_last(cocker, test_image,
-                                                                          names, home):
+def first_booted_second_made(cocker, test_image, names, home, boot=True):
+    """Two new containers: the first booted (boot=False: the test boots it), its monitor the
+    one that boots ask to fork theirs (the file that names it is emptied before), the
+    second not."""
     first, second = names(), names()
     for name in (first, second):
         assert cocker('-a', 'create', '-m', test_image, '-c', name).rc == 0
-    assert cocker('-a', 'boot', '-c', first).rc == 0
+    with open(os.path.join(home, 'forking_monitor'), 'w'):
+        pass
+    if boot:
+        assert cocker('-a', 'boot', '-c', first).rc == 0
+        assert open(os.path.join(home, 'forking_monitor')).read() == first
+    return first, second
+
+
+def test_one_monitor_forks_the_monitors_of_the_boots_after_it(cocker, test_image, names, home):
+    first, second = first_booted_second_made(cocker, test_image, names, home)
     r = cocker('-d', '-a', 'boot', '-c', second)
     assert r.rc == 0 and r.out == 'OK\n', r
     assert 'forked by the monitor of %s' % first in r.err, r.err
@@ -268,17 +279,22 @@ def test_a_monitor_is_forked_by_the_monitor_of_the_container_booted_last(cocker,
         'nothing of the first container may stay open in the second one\'s monitor'
     with open('/proc/%d/environ' % b, 'rb') as f:
         assert ('COCKER_HOME=%s' % home).encode() in f.read().split(b'\0')
+    assert not os.path.exists(container_path(home, second, 'monitor.sock')), \
+        'a forked monitor forks none: the kernel would copy a longer chain at every fork'
     # the first one's end, even by kill -9, is its own: the second runs on
     os.kill(a, signal.SIGKILL)
     wait_for(lambda: status_of(cocker, first) == 'STOPED', what='the first container STOPED')
     assert not mounts_of(home, first)
     assert status_of(cocker, second).startswith('RUNNING')
     assert cocker('-a', 'run', '-c', second, '--cmd', 'echo alive').out == 'alive\n'
-    # and the next boot is forked by the second one's monitor
+    # the next boot forks its own monitor, which takes over
     r = cocker('-d', '-a', 'boot', '-c', first)
-    assert r.rc == 0 and 'forked by the monitor of %s' % second in r.err, r
+    assert r.rc == 0 and 'forked by' not in r.err, r
+    assert open(os.path.join(home, 'forking_monitor')).read() == first
     assert cocker('-a', 'shutdown', '-c', second).rc == 0
     assert not mounts_of(home, second)
+    r = cocker('-d', '-a', 'boot', '-c', second)
+    assert r.rc == 0 and 'forked by the monitor of %s' % first in r.err, r
     assert cocker('-a', 'run', '-c', first, '--cmd', 'echo still').out == 'still\n'
 
 
@@ -286,15 +302,14 @@ def test_a_boot_in_another_context_forks_its_own_monitor(cocker, test_image, nam
     """A monitor made by a sibling is made as if the command had forked it: a command whose
     limits differ forks its own, and the container gets the command's limits."""
     import resource
-    first, second = names(), names()
-    for name in (first, second):
-        assert cocker('-a', 'create', '-m', test_image, '-c', name).rc == 0
-    assert cocker('-a', 'boot', '-c', first).rc == 0
+    first, second = first_booted_second_made(cocker, test_image, names, home)
     r = cocker('-d', '-a', 'boot', '-c', second, preexec_fn=lambda: resource.setrlimit(
         resource.RLIMIT_NOFILE, (777, 777)))
     assert r.rc == 0, r
     assert 'forks none for %s: the command differs in its limits' % second in r.err, r.err
     assert cocker('-a', 'run', '-c', second, '--cmd', 'ulimit -n').out == '777\n'
+    assert open(os.path.join(home, 'forking_monitor')).read() == first, \
+        'the one that forks for the others stays while it runs'
     assert cocker('-a', 'run', '-c', first, '--cmd', 'ulimit -n').out != '777\n'
 
 
@@ -319,9 +334,7 @@ sys.stdin.read()
 
 def test_a_monitor_under_a_subreaper_forks_for_no_other_command(cocker, test_image, names, home):
     from conftest import COCKER, PYTHON
-    first, second = names(), names()
-    for name in (first, second):
-        assert cocker('-a', 'create', '-m', test_image, '-c', name).rc == 0
+    first, second = first_booted_second_made(cocker, test_image, names, home, boot=False)
     reaper = subprocess.Popen([PYTHON, '-c', UNDER_A_SUBREAPER, '/bin/sh', COCKER, '-a', 'boot',
                                '-c', first], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               env=dict(os.environ, COCKER_HOME=home, COCKER_PYTHON=PYTHON))
@@ -334,6 +347,11 @@ def test_a_monitor_under_a_subreaper_forks_for_no_other_command(cocker, test_ima
         assert 'forks none for %s: this monitor runs under a subreaper' % second in r.err, r.err
         b = monitor_of(home, second)
         assert open('/proc/%d/stat' % b).read().rsplit(')', 1)[1].split()[1] == '1'
+        # which then serves no more: the next boot's own monitor takes over
+        assert not os.path.exists(container_path(home, first, 'monitor.sock'))
+        assert cocker('-a', 'shutdown', '-c', second).rc == 0
+        assert cocker('-a', 'boot', '-c', second).rc == 0
+        assert open(os.path.join(home, 'forking_monitor')).read() == second
         assert cocker('-a', 'shutdown', '-c', first).rc == 0
     finally:
         reaper.stdin.close()
@@ -347,9 +365,7 @@ def test_a_boot_in_its_own_time_namespace_lends_it_to_no_later_boot(cocker, test
                        stderr=subprocess.DEVNULL) != 0:
         not_run('time namespaces (test_a_boot_in_its_own_time_namespace_...): unshare -T fails')
         return
-    first, second = names(), names()
-    for name in (first, second):
-        assert cocker('-a', 'create', '-m', test_image, '-c', name).rc == 0
+    first, second = first_booted_second_made(cocker, test_image, names, home, boot=False)
     env = dict(os.environ, COCKER_HOME=home, COCKER_PYTHON=PYTHON)
     subprocess.check_call(['unshare', '-T', '--fork', '--boottime', '1000000', '/bin/sh', COCKER,
                            '-a', 'boot', '-c', first], env=env, stdout=subprocess.DEVNULL)
@@ -364,10 +380,7 @@ def test_a_boot_in_its_own_time_namespace_lends_it_to_no_later_boot(cocker, test
 def test_a_boot_that_gave_up_on_a_stopped_monitor_forks_its_own(cocker, test_image, names, home):
     """The monitor that would fork is stopped (SIGSTOP): the boot forks its own after
     SIBLING_TIMEOUT; resumed, the stopped one forks nothing for the stale order."""
-    first, second = names(), names()
-    for name in (first, second):
-        assert cocker('-a', 'create', '-m', test_image, '-c', name).rc == 0
-    assert cocker('-a', 'boot', '-c', first).rc == 0
+    first, second = first_booted_second_made(cocker, test_image, names, home)
     a = monitor_of(home, first)
     os.kill(a, signal.SIGSTOP)
     try:
@@ -403,10 +416,7 @@ print(sock.recv(512).decode())
 def test_a_monitor_forked_for_an_order_without_go_ends_having_done_nothing(cocker, test_image,
                                                                             names, home):
     from conftest import COCKER, PYTHON
-    first, second = names(), names()
-    for name in (first, second):
-        assert cocker('-a', 'create', '-m', test_image, '-c', name).rc == 0
-    assert cocker('-a', 'boot', '-c', first).rc == 0
+    first, second = first_booted_second_made(cocker, test_image, names, home)
     answer = subprocess.check_output(
         [PYTHON, '-I', '-S', '-c', ORDER_WITHOUT_GO, COCKER, first, second],
         env=dict(os.environ, COCKER_HOME=home)).decode().strip()
@@ -718,7 +728,7 @@ def test_cocker_runs_as_a_program_and_as_a_plain_copy(cocker, running, names, ho
         out = subprocess.check_output([program, '-v'], env=env).decode()
         assert out.startswith('cocker v'), out
     assert os.listdir(str(bindir / '__pycache__')), 'the compiled form should be cached'
-    sibling = running()                 # a monitor of the other copy's code, booted last
+    sibling = running()                 # (so a monitor of the other copy's code forks)
     name = names('copy')
     p = subprocess.Popen([str(bindir / 'cocker'), '-d', '-a', 'create', '-m', 'test', '-c', name,
                           '-b', '-e', 'sleep 60'], env=env, stdout=subprocess.PIPE,
