@@ -1456,15 +1456,25 @@ def into_staging(store, make, kind, rest=None):
     directory = os.path.join(store, STAGING)
     path = os.path.join(directory, '%s.%s.%s' % (kind, staging_owner(),
                                                  rest or os.urandom(4).hex()))
-    while True:
+    for _ in range(100):
         os.makedirs(directory, 0o700, exist_ok=True)
         try:
             make(path)
             return path
-        except FileNotFoundError:
-            if os.path.isdir(directory):
+        except FileNotFoundError as e:
+            if not staging_was_missing(e, path):
                 raise                   # what was missing is something else
             debug('%s was removed meanwhile, making it again', directory)
+    raise CockerError('%s keeps being removed' % directory)
+
+
+def staging_was_missing(e, path):
+    """Did make(path) fail for want of STAGING, which another command's tidy_staging may
+    remove (and a third make again) at any moment?  A rename's source is still there, a
+    mkdir's error names path itself."""
+    if getattr(e, 'filename2', None) is not None:
+        return os.path.lexists(e.filename)
+    return e.filename == path
 
 
 def new_staging(store, mode=0o755):

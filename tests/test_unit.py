@@ -1073,3 +1073,27 @@ def test_the_context_a_monitor_compares_tells_a_process_apart_from_itself():
         finally:
             child.kill()
             child.wait()
+
+
+def test_a_staging_directory_removed_and_made_again_meanwhile_is_entered_again(tmp_path):
+    """Of three commands, one removes the empty STAGING (tidy_staging) just before ours
+    renames into it, a third makes it again before ours looks: ours must try again."""
+    store = str(tmp_path)
+    staging = os.path.join(store, '.staging')
+    doomed = os.path.join(store, 'doomed-container')
+    os.mkdir(doomed)
+    calls = []
+
+    def rename(target):
+        calls.append(target)
+        if len(calls) == 1:
+            os.rmdir(staging)           # tidy_staging of another command
+            try:
+                os.rename(doomed, target)
+            finally:
+                os.mkdir(staging)       # a third command's into_staging
+        os.rename(doomed, target)
+    path = cocker.into_staging(store, rename, 'doomed')
+    assert len(calls) == 2 and os.path.isdir(path) and not os.path.exists(doomed)
+    with pytest.raises(FileNotFoundError):      # a source that is gone is an error
+        cocker.into_staging(store, lambda target: os.rename(doomed, target), 'doomed')
