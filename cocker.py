@@ -1457,7 +1457,10 @@ def into_staging(store, make, kind, rest=None):
     path = os.path.join(directory, '%s.%s.%s' % (kind, staging_owner(),
                                                  rest or os.urandom(4).hex()))
     for _ in range(100):
-        os.makedirs(directory, 0o700, exist_ok=True)
+        try:
+            os.makedirs(directory, 0o700, exist_ok=True)
+        except FileExistsError:         # (there at its mkdir, removed before its check)
+            continue
         try:
             make(path)
             return path
@@ -3971,8 +3974,10 @@ CONTEXT_FILES = ('cgroup', 'limits', 'oom_score_adj', 'loginuid', 'sessionid',
                  'attr/current', 'personality', 'timerslack_ns')
 CONTEXT_STATUS = (b'Uid', b'Gid', b'Groups', b'Umask', b'CapInh', b'CapPrm', b'CapEff',
                   b'CapBnd', b'CapAmb', b'NoNewPrivs', b'Seccomp', b'Seccomp_filters',
-                  b'Speculation_Store_Bypass', b'SpeculationIndirectBranch', b'SigIgn',
+                  b'Speculation_Store_Bypass', b'SpeculationIndirectBranch',
                   b'Cpus_allowed', b'Mems_allowed', b'THP_enabled')
+# (not SigIgn: a monitor handles its own signals, PID 1 sets them all to their default, and
+# a command started by a shell's background job, SIGINT ignored, would share no pages)
 CONTEXT_STAT = (16, 37, 38)             #: /proc/PID/stat after the name: nice, rt priority, policy
 CONTEXT_KSM = (b'ksm_merge_any', b'ksm_mergeable')     #: of /proc/PID/ksm_stat (KSM on)
 

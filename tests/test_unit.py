@@ -1060,8 +1060,17 @@ def test_a_monitor_request_is_read_back_and_a_bad_one_refused(monkeypatch):
 
 def test_the_context_a_monitor_compares_tells_a_process_apart_from_itself():
     assert cocker.context_difference(os.getpid()) is None
+    import signal
     import subprocess
     import sys
+    quiet = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(5)'],
+                             preexec_fn=lambda: signal.signal(signal.SIGQUIT, signal.SIG_IGN))
+    try:                                # (as a shell's background job starts a command)
+        time.sleep(0.2)
+        assert cocker.context_difference(quiet.pid) is None
+    finally:
+        quiet.kill()
+        quiet.wait()
     sleeper = [sys.executable, '-c', 'import time; time.sleep(5)']
     for argv, preexec, what in ((sleeper, lambda: os.umask(0o077), 'its status'),
                                 (sleeper, lambda: os.nice(3), 'its stat'),
@@ -1097,3 +1106,19 @@ def test_a_staging_directory_removed_and_made_again_meanwhile_is_entered_again(t
     assert len(calls) == 2 and os.path.isdir(path) and not os.path.exists(doomed)
     with pytest.raises(FileNotFoundError):      # a source that is gone is an error
         cocker.into_staging(store, lambda target: os.rename(doomed, target), 'doomed')
+
+
+def test_a_staging_directory_removed_between_the_mkdir_and_the_check_is_made_again(tmp_path,
+                                                                                 monkeypatch):
+    """os.makedirs(exist_ok=True) raises FileExistsError when the directory it found was
+    removed (tidy_staging) before it looked whether it is one: into_staging tries again."""
+    real, calls = os.makedirs, []
+
+    def makedirs(path, mode=0o777, exist_ok=False):
+        calls.append(path)
+        if len(calls) == 1:
+            raise FileExistsError(17, 'File exists', path)
+        return real(path, mode, exist_ok)
+    monkeypatch.setattr(os, 'makedirs', makedirs)
+    path = cocker.into_staging(str(tmp_path), os.mkdir, 'new')
+    assert len(calls) == 2 and os.path.isdir(path)
