@@ -158,8 +158,8 @@ def test_a_link_swapped_during_copies_never_reaches_the_host(cocker, test_image,
     for i in range(30):
         r = cocker('-a', 'getfile', '-c', name, '--src-file', '/root/d/key',
                    '--dst-file', 'got%d' % i)
-        if r.rc == 0:
-            assert (workdir / ('got%d' % i)).read_text() == 'container\n'
+        if r.rc == 0:                   # (caught between the loop's > and its echo: empty)
+            assert (workdir / ('got%d' % i)).read_text() in ('container\n', '')
         cocker('-a', 'putfile', '-c', name, '--src-file', 'payload', '--dst-file', '/root/d/')
     assert os.listdir(str(secret_dir)) == ['key']
     assert (secret_dir / 'key').read_text() == 'host secret\n'
