@@ -416,7 +416,11 @@ def main_output(home, name, cocker):
     from conftest import wait_for, container_path
 
     def written():
-        log = open(container_path(home, name, 'cockerinit.log')).read().splitlines()
+        try:                            # (the monitor makes it at its first copy, which
+            with open(container_path(home, name, 'cockerinit.log')) as f:  # may follow OK)
+                log = f.read().splitlines()
+        except FileNotFoundError:
+            return []
         return [l for l in log if l and ' | ' not in l]
     wait_for(written, what='the main process to write')
     return written()
