@@ -4163,7 +4163,7 @@ class Siblings(object):
         that ask meanwhile -> whether it can."""
         import select
         fds = [f for f in (fd, self.listener) if f is not None]
-        ready = select.select(fds, [], [], timeout)[0] if fds else []
+        ready = select.select(fds, [], [], timeout)[0]      # (none: it sleeps, never spins)
         if self.listener is not None and self.listener in ready:
             self.serve()
         return fd is not None and fd in ready

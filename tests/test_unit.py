@@ -1122,3 +1122,13 @@ def test_a_staging_directory_removed_between_the_mkdir_and_the_check_is_made_aga
     monkeypatch.setattr(os, 'makedirs', makedirs)
     path = cocker.into_staging(str(tmp_path), os.mkdir, 'new')
     assert len(calls) == 2 and os.path.isdir(path)
+
+
+def test_a_monitor_that_serves_no_more_still_sleeps_out_its_restart_delay():
+    """Its listener closed (under a subreaper, out of descriptors), the restart back-off
+    must wait, not spin."""
+    siblings = cocker.Siblings.__new__(cocker.Siblings)
+    siblings.listener, siblings.name = None, 'gone'
+    start = time.monotonic()
+    assert siblings.wait_for(None, 0.2) is False
+    assert time.monotonic() - start >= 0.19
