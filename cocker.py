@@ -1009,14 +1009,18 @@ def best_effort(steps, what):
         raise first
 
 
+def refuse_mounts_below(path):
+    if mounts_under(path):
+        raise CockerError("'%s' still has mounts below it, not removing it" % path)
+
+
 def remove_tree(path):
     """Delete a directory tree, refusing if anything below it is still mounted.  Walked
     by descriptors as tree_size walks: each directory opened O_NOFOLLOW | O_DIRECTORY from
     its parent's, so a link a container planted (or swaps in meanwhile) is removed, never
     followed or opened: no host FIFO or device is ever touched.  (shutil would cost a
     destroy 4 ms of imports.)"""
-    if mounts_under(path):
-        raise CockerError("'%s' still has mounts below it, not removing it" % path)
+    refuse_mounts_below(path)
     top = os.open(path, DIRECTORY_FLAGS)
     stack = [(top, directory_entries(top), None)]   # (descriptor, entries left, its name)
     try:
@@ -1494,7 +1498,9 @@ def remove_staged(path):
 
 def discard(store, path):
     """Rename path away into STORE/.staging and delete it there: gone from the store at
-    once, and a crash half-way leaves only what clean_staging removes."""
+    once, and a crash half-way leaves only what clean_staging removes.  A mount below it
+    refuses it first, where it is (remove_tree looks again: one may come meanwhile)."""
+    refuse_mounts_below(path)
     remove_tree(into_staging(store, lambda doomed: os.rename(path, doomed), 'doomed'))
     tidy_staging(store)
 
@@ -1882,29 +1888,45 @@ def topmost_once(paths):
 # in the container's private mount namespace and vanishes with it.
 
 def mounts_under(path):
-    """Mount points at or below path, deepest first (from /proc/self/mountinfo).  Fails
-    closed: without the mount table nothing can be known to be unmounted, so callers that
-    remove trees or unmount roots get an error, never an empty list."""
+    """Mount points at or below path, deepest first.  Read from /proc/self/mountstats:
+    the same mounts as mountinfo, a line each without the options (overlay's long layer
+    lists), so a third of the time (1.4 ms against 4.5 at 1000 containers: every destroy
+    pays it).  Fails closed: without the mount table nothing can be known to be
+    unmounted, so callers that remove trees or unmount roots get an error, never an empty
+    list."""
     path = os.path.realpath(path)
     prefix = path.rstrip('/') + '/'
     escaped = encode_mount_path(path)   # (the lines of other paths are never decoded)
     found = []
     try:
-        with open('/proc/self/mountinfo', 'rb') as f:
+        with open(MOUNT_TABLE, 'rb') as f:
             for line in f:
-                if escaped not in line:
-                    continue
-                point = decode_mount_path(line.split(b' ', 5)[4])
-                if point == path or point.startswith(prefix):
-                    found.append(point)
+                if escaped in line:
+                    point = decode_mount_path(mount_point_of(line))
+                    if point == path or point.startswith(prefix):
+                        found.append(point)
     except OSError as e:
-        raise CockerError('cannot read the mount table (/proc/self/mountinfo: %s); not '
-                          'touching %s' % (e.strerror, path))
+        raise CockerError('cannot read the mount table (%s: %s); not touching %s'
+                          % (MOUNT_TABLE, e.strerror, path))
     return sorted(set(found), key=len, reverse=True)
 
 
+MOUNT_TABLE = '/proc/self/mountstats'
+
+
+def mount_point_of(line):
+    """The (escaped) mount point of a mountstats line, 'device DEV mounted on POINT with
+    fstype TYPE ...' ('no device mounted on ...'): the word before the last ' with fstype '
+    (a point has no space: spaces are escaped); an NFS statistics line has none -> b''."""
+    before = line.rsplit(b' with fstype ', 1)[0]
+    words = before.rsplit(b' ', 3)
+    if len(words) == 4 and words[1:3] == [b'mounted', b'on']:
+        return words[3]
+    return b''
+
+
 def encode_mount_path(path):
-    """A path as mountinfo writes it (space, tab, newline and backslash as \\ooo)."""
+    """A path as the mount tables write it (space, tab, newline and backslash as \\ooo)."""
     raw = os.fsencode(path)
     for char in b'\\ \t\n':
         raw = raw.replace(bytes([char]), ('\\%03o' % char).encode())
@@ -1912,7 +1934,7 @@ def encode_mount_path(path):
 
 
 def decode_mount_path(raw):
-    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
+    """The mount tables escape space, tab, newline and backslash as \\ooo."""
     out = bytearray()
     i = 0
     while i < len(raw):

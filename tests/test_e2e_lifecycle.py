@@ -457,6 +457,29 @@ def test_shutdown_unmounts_a_root_in_use_or_with_a_mount_below_it(running, cocke
         assert cocker('-a', 'run', '-c', name, '--cmd', 'true').rc == 0
 
 
+def test_destroy_refuses_a_container_with_a_mount_below_it_whatever_its_name(cocker, home,
+                                                                            names, test_image):
+    """A mount left below a container's directory (an operator's, on a path with a space, a
+    tab and a backslash, as the mount table escapes them) stops its destroy before anything
+    is removed or moved, with one line naming it; once unmounted, the destroy goes through.  A
+    sibling directory whose name only begins the same does not count."""
+    name = names()
+    assert cocker('-a', 'create', '-m', test_image, '-c', name).rc == 0
+    odd = container_path(home, name, 'x y\tz\\w')
+    os.makedirs(odd)
+    os.makedirs(odd + 'v')
+    subprocess.check_call(['mount', '-t', 'tmpfs', 'cocker-test', odd])
+    try:
+        r = cocker('-a', 'destroy', '-c', name)
+        assert r.rc != 0 and 'still has mounts below it' in r.err, r
+        assert len(r.err.strip().splitlines()) == 1, r
+        assert os.path.isdir(odd + 'v') and status_of(cocker, name) == 'STOPED'
+    finally:
+        subprocess.check_call(['umount', odd])
+    assert cocker('-a', 'destroy', '-c', name).out == 'OK\n'
+    assert not os.path.exists(container_path(home, name))
+
+
 def test_shutdown_waits_the_grace_period_for_what_ignores_sigterm_then_kills_it(running, cocker,
                                                                              home):
     """PID 1 waits for its children by their SIGCHLD (no polling): one that ends on SIGTERM

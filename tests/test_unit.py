@@ -714,7 +714,7 @@ def test_mounts_under_fails_closed_and_nothing_is_removed(tmp_path, monkeypatch)
     real_open = open
 
     def no_mountinfo(path, *args, **kw):
-        if path == '/proc/self/mountinfo':
+        if path == cocker.MOUNT_TABLE:
             raise PermissionError(13, 'Permission denied')
         return real_open(path, *args, **kw)
     monkeypatch.setattr('builtins.open', no_mountinfo)
@@ -724,6 +724,16 @@ def test_mounts_under_fails_closed_and_nothing_is_removed(tmp_path, monkeypatch)
     with pytest.raises(cocker.CockerError):
         cocker.remove_tree(str(tree))
     assert (tree / 'sub').is_dir(), 'nothing removed'
+
+
+def test_mount_point_of_reads_mountstats_lines():
+    assert cocker.mount_point_of(
+        b'device overlay mounted on /var/c/a\\040b/merged with fstype overlay\n') == \
+        b'/var/c/a\\040b/merged'
+    assert cocker.mount_point_of(b'no device mounted on /x with fstype tmpfs\n') == b'/x'
+    assert cocker.mount_point_of(
+        b'device srv:/e mounted on /mnt with fstype nfs4 statvers=1.1\n') == b'/mnt'
+    assert cocker.mount_point_of(b'\topts:\trw,vers=4.2\n') == b''
 
 
 # ---- staging -----------------------------------------------------------------------------
