@@ -761,6 +761,16 @@ class Command(object):
             self.check()
             raise CockerError('%s stopped reading %s early' % (self.argv[0], self.input_name))
 
+    def finish(self):
+        """For a command started with stdout and stderr PIPE: wait for its end, as
+        run_command does; its failure raised."""
+        out, err = self.proc.communicate()
+        self.check(err=err)
+        return out
+
+    def close(self):
+        self.__exit__(None, None, None)
+
     def end_input(self):
         try:
             self.stdin.close()
@@ -2946,18 +2956,28 @@ def teardown_network(name):
                      [(table, words.split() if isinstance(words, str) else words)
                       for table, words in state.get('rules') or []])
 
-    def remove_veth():                          # its peer, eth0, goes with it
-        if state.get('veth') and link_exists(state['veth']):
-            run(['ip', 'link', 'del', state['veth']])
+    # `ip link del` waits 25 ms for the kernel (an RCU grace period), as iptables-restore
+    # does 15 ms when it lets go of the rules it deleted: the two run side by side
+    removal = None
+    if state.get('veth') and link_exists(state['veth']):
+        removal = Command(['ip', 'link', 'del', state['veth']], stdout=PIPE, stderr=PIPE)
 
-    def remove_netns():
+    def remove_veth():                          # its peer, eth0, goes with it
+        if removal is not None:
+            removal.finish()
+
+    def remove_netns():                         # (once eth0 has gone with the veth)
         if state.get('netns'):
             delete_netns(state['netns'])
 
     # a failure keeps the state: the next command tries again
-    best_effort((remove_rules, remove_veth, remove_netns,
-                 lambda: release_claims(name, state.get('claims') or [])),
-                'network teardown of %s' % name)
+    try:
+        best_effort((remove_rules, remove_veth, remove_netns,
+                     lambda: release_claims(name, state.get('claims') or [])),
+                    'network teardown of %s' % name)
+    finally:
+        if removal is not None:
+            removal.close()
     write_attr(name, 'network.state', None)
 
 
