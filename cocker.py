@@ -38,7 +38,7 @@ import stat
 import struct
 import sys
 import time
-from _signal import SIGCHLD, SIGKILL, SIGTERM   # without signal.py (and the enum it loads)
+from _signal import SIGCHLD, SIGKILL, SIGPIPE, SIGTERM, SIGXFSZ  # not signal.py (its enum)
 
 # Heavier modules (ctypes, subprocess, socket, select, termios, shutil, hashlib) are
 # imported inside the functions that need them: every command pays Python start-up, and
@@ -724,6 +724,128 @@ def widen_pipe(fd, size=1 << 20):
         pass                            # above /proc/sys/fs/pipe-max-size: as it is
 
 
+class Spawned(object):
+    """A child process started with os.posix_spawnp (Python 3.8 and newer): what Command
+    needs of subprocess.Popen (stdin, stdout, stderr, wait, poll, kill, communicate),
+    without importing subprocess, 12 ms of locale, re, enum, threading and selectors that
+    a BRIDGE boot or a teardown would load for one `ip` command.  stdin, stdout, stderr:
+    None for /dev/null, PIPE, or a file (object or descriptor); as Popen does, the child
+    gets no other descriptor of ours and SIGPIPE and SIGXFSZ back to their defaults."""
+
+    def __init__(self, argv, stdin=None, stdout=None, stderr=None):
+        actions, ours, theirs = [], {}, []
+        try:
+            for fd, given in ((0, stdin), (1, stdout), (2, stderr)):
+                if given == PIPE:
+                    r, w = os.pipe()
+                    ours[fd], end = (w, r) if fd == 0 else (r, w)
+                    theirs.append(end)
+                elif given is None:
+                    end = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+                    theirs.append(end)
+                else:
+                    end = given if isinstance(given, int) else given.fileno()
+                actions.append((os.POSIX_SPAWN_DUP2, end, fd))
+            keep_descriptors_from_children()
+            self.pid = os.posix_spawnp(argv[0], argv, os.environ, file_actions=actions,
+                                       setsigdef=(SIGPIPE, SIGXFSZ))
+        except BaseException:
+            for fd in ours.values():
+                os.close(fd)
+            raise
+        finally:
+            for fd in theirs:
+                os.close(fd)
+        self.returncode = None
+        self.stdin = os.fdopen(ours[0], 'wb') if 0 in ours else None
+        self.stdout = os.fdopen(ours[1], 'rb') if 1 in ours else None
+        self.stderr = os.fdopen(ours[2], 'rb') if 2 in ours else None
+
+    def poll(self):
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = popen_returncode(status)
+        return self.returncode
+
+    def wait(self):
+        if self.returncode is None:
+            self.returncode = popen_returncode(os.waitpid(self.pid, 0)[1])
+        return self.returncode
+
+    def kill(self):
+        if self.poll() is None:
+            os.kill(self.pid, SIGKILL)
+
+    def communicate(self, input=None):
+        """input written, stdout and stderr read to their ends side by side (neither pipe
+        may fill while we wait on the other), then the wait -> (out, err)."""
+        import select
+        got = dict((f.fileno(), []) for f in (self.stdout, self.stderr) if f is not None)
+        poller, left = select.poll(), memoryview(input or b'')
+        for fd in got:
+            poller.register(fd, select.POLLIN)
+        writer = self.stdin.fileno() if self.stdin is not None and left else None
+        if writer is not None:
+            poller.register(writer, select.POLLOUT)
+        elif self.stdin is not None:
+            self.stdin.close()
+        waiting = len(got) + (writer is not None)
+        while waiting:
+            for fd, _ in poller.poll():
+                if fd == writer:
+                    try:        # PIPE_BUF bytes at most: a pipe poll calls writable takes
+                        left = left[os.write(fd, left[:4096]):]     # them whole at once
+                    except BrokenPipeError:
+                        left = b''              # it stopped reading: its status says why
+                    if left:
+                        continue
+                    self.stdin.close()
+                else:
+                    data = os.read(fd, 65536)
+                    got[fd].append(data)
+                    if data:
+                        continue
+                poller.unregister(fd)
+                waiting -= 1
+        out, err = [b''.join(got[f.fileno()]) if f is not None else None
+                    for f in (self.stdout, self.stderr)]
+        for f in (self.stdout, self.stderr):
+            if f is not None:
+                f.close()
+        self.wait()
+        return out, err
+
+
+def popen_returncode(wait_status):
+    """As Popen gives it: the exit code, or minus the signal that ended the process."""
+    if os.WIFSIGNALED(wait_status):
+        return -os.WTERMSIG(wait_status)
+    return os.WEXITSTATUS(wait_status)
+
+
+def keep_descriptors_from_children():
+    """Descriptors are made close-on-exec (PEP 446), but those cocker was started with
+    are not: mark them too, so that a command cocker runs gets none (Popen's close_fds)."""
+    for entry in os.listdir('/proc/self/fd'):
+        fd = int(entry)
+        try:
+            if fd > 2 and os.get_inheritable(fd):
+                os.set_inheritable(fd, False)
+        except OSError:
+            pass                        # (the descriptor listdir itself had open)
+
+
+def start_process(argv, stdin, stdout, stderr):
+    """Spawned where os.posix_spawnp is (3.8+), else subprocess.Popen."""
+    if hasattr(os, 'posix_spawnp'):
+        return Spawned(argv, stdin, stdout, stderr)
+    import subprocess
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL if stdin is None else stdin,
+                            stdout=subprocess.DEVNULL if stdout is None else stdout,
+                            stderr=subprocess.DEVNULL if stderr is None else stderr)
+
+
 class Command(object):
     """One external command (an argv list, never a shell), traced under -d; whatever fails
     becomes one error line, failure(argv, status, last line of its stderr).  stdin and stdout
@@ -732,7 +854,6 @@ class Command(object):
 
     def __init__(self, argv, stdin=None, stdout=None, stderr=None, failure=command_failed,
                  input_name='its input'):
-        import subprocess
         if DEBUG:                       # (quoting loads shlex and re: only when traced)
             debug('run %s', ' '.join(shell_quote(a) for a in argv))
         self.argv, self.failure, self.input_name = argv, failure, input_name
@@ -741,10 +862,7 @@ class Command(object):
             import tempfile             # full pipe would stall it
             self.errors = tempfile.TemporaryFile()
         try:
-            self.proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL if stdin is None else stdin,
-                stdout=subprocess.DEVNULL if stdout is None else stdout,
-                stderr=self.errors or stderr)
+            self.proc = start_process(argv, stdin, stdout, self.errors or stderr)
         except OSError as e:
             self.close_errors()
             raise CockerError('cannot run %s: %s' % (argv[0], e.strerror))
