@@ -827,7 +827,11 @@ def popen_returncode(wait_status):
 def keep_descriptors_from_children():
     """Descriptors are made close-on-exec (PEP 446), but those cocker was started with
     are not: mark them too, so that a command cocker runs gets none (Popen's close_fds)."""
-    for entry in os.listdir('/proc/self/fd'):
+    try:
+        entries = os.listdir('/proc/self/fd')
+    except OSError:
+        entries = []                    # no /proc: only what PEP 446 did
+    for entry in entries:
         fd = int(entry)
         try:
             if fd > 2 and os.get_inheritable(fd):

@@ -189,9 +189,12 @@ def test_pid1_and_its_processes_are_in_every_cgroup_and_the_monitor_in_none(cock
     assert len(entries) == len(dirs), (entries, dirs)
     monitor = open(container_path(home, name, 'pid')).read()
     assert in_cgroups(open('/proc/%s/cgroup' % monitor).read(), name) == []
-    children = open('/proc/%s/task/%s/children' % (init_pid, init_pid)).read().split()
-    main = [pid for pid in children if open('/proc/%s/comm' % pid).read() == 'sleep\n']
-    assert len(main) == 1, children
+
+    def main_process():         # (forked by cockerinit, it is 'sleep' once it has exec'd)
+        children = open('/proc/%s/task/%s/children' % (init_pid, init_pid)).read().split()
+        return [pid for pid in children if open('/proc/%s/comm' % pid).read() == 'sleep\n']
+    wait_for(lambda: len(main_process()) == 1, what='the main process, sleep')
+    main = main_process()
     assert in_cgroups(open('/proc/%s/cgroup' % main[0]).read(), name) == entries
     r = cocker('-a', 'run', '-c', name, '--cmd', 'cat /proc/self/cgroup')
     assert r.rc == 0 and in_cgroups(r.out, name) == entries, r

@@ -859,6 +859,18 @@ def test_hostile_clients_get_errors_and_the_blobs_stay_whole(certs, home, tmp_pa
         slow = socket.create_connection((host, int(port)))
         slow.sendall(b'PATCH %s HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n'
                      % location.encode())
+        upload = location.split('?')[0].rstrip('/').split('/')[-1]
+        held = os.path.join(repo_dir, 'uploads', upload)
+
+        def held_by_the_patch():        # (the server locks the upload while it appends)
+            import fcntl
+            with open(held, 'rb') as f:
+                try:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return True
+            return False
+        wait_for(held_by_the_patch, what='the slow PATCH to hold the upload')
         import threading
         done = []
         t = threading.Thread(target=lambda: done.append(request(
