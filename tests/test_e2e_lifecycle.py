@@ -468,14 +468,18 @@ def test_destroy_refuses_a_container_with_a_mount_below_it_whatever_its_name(coc
     odd = container_path(home, name, 'x y\tz\\w')
     os.makedirs(odd)
     os.makedirs(odd + 'v')
-    subprocess.check_call(['mount', '-t', 'tmpfs', 'cocker-test', odd])
+    source = 'cocker-test-' + name
+    subprocess.check_call(['mount', '-t', 'tmpfs', source, odd])
     try:
         r = cocker('-a', 'destroy', '-c', name)
         assert r.rc != 0 and 'still has mounts below it' in r.err, r
         assert len(r.err.strip().splitlines()) == 1, r
         assert os.path.isdir(odd + 'v') and status_of(cocker, name) == 'STOPED'
-    finally:
-        subprocess.check_call(['umount', odd])
+    finally:                    # wherever a failed destroy may have moved it
+        with open('/proc/self/mountinfo') as f:
+            points = [line.split()[4] for line in f if ' - tmpfs %s ' % source in line]
+        for point in points:
+            subprocess.check_call(['umount', point.encode().decode('unicode_escape')])
     assert cocker('-a', 'destroy', '-c', name).out == 'OK\n'
     assert not os.path.exists(container_path(home, name))
 
