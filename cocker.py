@@ -442,11 +442,12 @@ def libc():
     global _libc
     if _libc is None:
         import ctypes
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
-                                ctypes.c_ulong, ctypes.c_char_p]
-        _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-        _libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+        lib = ctypes.CDLL(None, use_errno=True)
+        lib.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                              ctypes.c_ulong, ctypes.c_char_p]
+        lib.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+        lib.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+        _libc = lib                     # (set up before another thread may use it)
     return _libc
 
 
@@ -745,6 +746,9 @@ class Spawned(object):
                     theirs.append(end)
                 else:
                     end = given if isinstance(given, int) else given.fileno()
+                if end < 3:     # (cocker started with 0, 1 or 2 closed): an earlier dup2
+                    end = fcntl.fcntl(end, fcntl.F_DUPFD_CLOEXEC, 3)    # would overwrite it
+                    theirs.append(end)
                 actions.append((os.POSIX_SPAWN_DUP2, end, fd))
             keep_descriptors_from_children()
             self.pid = os.posix_spawnp(argv[0], argv, os.environ, file_actions=actions,
@@ -922,8 +926,9 @@ class Command(object):
             self.proc.kill()
         if self.stdin:
             self.end_input()
-        if self.stdout:
-            self.stdout.close()
+        for pipe in (self.stdout, self.proc.stderr):
+            if pipe:
+                pipe.close()
         self.proc.wait()
         self.close_errors()
 
@@ -3085,11 +3090,16 @@ def teardown_network(name):
 
     # `ip link del` waits 25 ms for the kernel (an RCU grace period), as iptables-restore
     # does 15 ms when it lets go of the rules it deleted: the two run side by side
-    removal = None
+    removal, unstarted = None, None
     if state.get('veth') and link_exists(state['veth']):
-        removal = Command(['ip', 'link', 'del', state['veth']], stdout=PIPE, stderr=PIPE)
+        try:
+            removal = Command(['ip', 'link', 'del', state['veth']], stdout=PIPE, stderr=PIPE)
+        except CockerError as e:
+            unstarted = e                       # its step fails; the others still run
 
     def remove_veth():                          # its peer, eth0, goes with it
+        if unstarted is not None:
+            raise unstarted
         if removal is not None:
             removal.finish()
 
@@ -5484,8 +5494,8 @@ def reuse_freed_buffers():
     try:
         libc().mallopt(M_MMAP_THRESHOLD, 32 << 20)      # (the most glibc takes)
         libc().mallopt(M_TRIM_THRESHOLD, 256 << 20)
-    except AttributeError:
-        pass                            # a libc without mallopt: as it is
+    except (AttributeError, ImportError, OSError):
+        pass                            # no mallopt (musl) or no ctypes: as it is
 
 
 class ParallelGzip(object):

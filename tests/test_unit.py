@@ -774,6 +774,30 @@ def test_a_command_gets_no_descriptor_of_ours_and_default_signals():
     assert not ignored & (1 << (13 - 1)), 'SIGPIPE is ignored in the command'
 
 
+def test_a_command_keeps_its_outputs_apart_when_cocker_has_no_stdout_or_stdin():
+    """cocker started with fd 1 (then fd 0) closed: a pipe or the stderr file of a command
+    lands there, and must still reach the command as what it is."""
+    script = ('import importlib.util, os, sys; os.close(%d); '
+              's = importlib.util.spec_from_file_location("c", %r); '
+              'c = importlib.util.module_from_spec(s); s.loader.exec_module(c)\n'
+              'with c.Command(["sh", "-c", "echo OUT; echo ERR >&2; exit 3"], stdout=c.PIPE) as k:\n'
+              '    out = k.stdout.read()\n'
+              '    try:\n'
+              '        k.check()\n'
+              '    except c.CockerError as e:\n'
+              '        os.write(2, out + e.message.encode() + b"\\n")\n'
+              'try:\n'
+              '    c.run(["sh", "-c", "echo OUT; echo ERR2 >&2; exit 3"])\n'
+              'except c.CockerError as e:\n'
+              '    os.write(2, e.message.encode())\n')
+    for closed in (1, 0):
+        p = subprocess.run([PYTHON, '-I', '-c', script % (closed, COCKER)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert p.stderr.decode().splitlines() == [
+            'OUT', 'sh -c echo OUT; echo ERR >&2; exit 3 failed: ERR',
+            'sh -c echo OUT; echo ERR2 >&2; exit 3 failed: ERR2'], (closed, p.stderr)
+
+
 def test_running_a_command_loads_no_subprocess_where_posix_spawn_is():
     """subprocess costs 12 ms of imports: Python 3.8 and newer start commands without it."""
     script = ('import importlib.util, sys; s = importlib.util.spec_from_file_location("c", %r); '
