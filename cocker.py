@@ -887,12 +887,11 @@ class Command(object):
             self.check()
             raise CockerError('%s stopped reading %s early' % (self.argv[0], self.input_name))
 
-    def finish(self):
-        """For a command started with stdout and stderr PIPE: wait for its end, as
-        run_command does; its failure raised."""
-        out, err = self.proc.communicate()
-        self.check(err=err)
-        return out
+    def finish(self, input=None, ok=(0,)):
+        """For a command started with stdout and stderr PIPE: input given, its end waited
+        for -> (exit status, stdout bytes); a status not in ok raises."""
+        out, err = self.proc.communicate(input)
+        return self.check(ok, err), out
 
     def close(self):
         self.__exit__(None, None, None)
@@ -938,8 +937,7 @@ def run_command(argv, input=None, ok=(0,), failure=command_failed):
     (ok=None: any status will do)."""
     with Command(argv, stdin=PIPE if input is not None else None, stdout=PIPE, stderr=PIPE,
                  failure=failure) as command:
-        out, err = command.proc.communicate(input)
-        return command.check(ok, err), out
+        return command.finish(input, ok)
 
 
 def run(argv, check=True, input=None):
@@ -3090,18 +3088,16 @@ def teardown_network(name):
 
     # `ip link del` waits 25 ms for the kernel (an RCU grace period), as iptables-restore
     # does 15 ms when it lets go of the rules it deleted: the two run side by side
-    removal, unstarted = None, None
-    if state.get('veth') and link_exists(state['veth']):
-        try:
-            removal = Command(['ip', 'link', 'del', state['veth']], stdout=PIPE, stderr=PIPE)
-        except CockerError as e:
-            unstarted = e                       # its step fails; the others still run
+    removal = []
 
-    def remove_veth():                          # its peer, eth0, goes with it
-        if unstarted is not None:
-            raise unstarted
-        if removal is not None:
-            removal.finish()
+    def start_veth_removal():                   # its peer, eth0, goes with it
+        if state.get('veth') and link_exists(state['veth']):
+            removal.append(Command(['ip', 'link', 'del', state['veth']], stdout=PIPE,
+                                   stderr=PIPE))
+
+    def finish_veth_removal():
+        for command in removal:
+            command.finish()
 
     def remove_netns():                         # (once eth0 has gone with the veth)
         if state.get('netns'):
@@ -3109,12 +3105,12 @@ def teardown_network(name):
 
     # a failure keeps the state: the next command tries again
     try:
-        best_effort((remove_rules, remove_veth, remove_netns,
+        best_effort((start_veth_removal, remove_rules, finish_veth_removal, remove_netns,
                      lambda: release_claims(name, state.get('claims') or [])),
                     'network teardown of %s' % name)
     finally:
-        if removal is not None:
-            removal.close()
+        for command in removal:
+            command.close()
     write_attr(name, 'network.state', None)
 
 
