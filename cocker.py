@@ -201,7 +201,8 @@ BOOT_TIMEOUT = 60               #: seconds boot waits for cockerinit to report r
 SIBLING_TIMEOUT = 1.0           #: seconds a boot waits for a running monitor to fork its own
 STOP_TIMEOUT = 10               #: seconds shutdown waits before it kills
 INIT_OOM_SCORE_ADJ = -999       #: PID 1 is the last the OOM killer picks in its container
-READY = b'READY'                #: what cockerinit writes on the ready pipe once it serves
+READY = b'READY'                #: what cockerinit writes on the ready channel once it serves
+GO = b'G'                       #: what it waits for there before the container's first process
 LOG_ROTATE_BYTES = 8 << 20      #: cocker.log and cockerinit.log are rotated beyond this
 
 #: the container's /dev: (name, major, minor, mode); everything else is a fresh tmpfs
@@ -654,6 +655,8 @@ class locked(object):
             os.close(self.fd)
             self.fd = None
 
+    close = __exit__
+
 
 class locked_images(object):
     """The locks of several images, taken in name order (no deadlock between commands);
@@ -886,6 +889,16 @@ class Command(object):
         except BrokenPipeError:
             self.check()
             raise CockerError('%s stopped reading %s early' % (self.argv[0], self.input_name))
+
+    def give_input(self, data):
+        """All of its input at once (a short one, that the pipe holds), for a command
+        finished later."""
+        try:
+            self.stdin.write(data)
+            self.stdin.close()
+        except BrokenPipeError:
+            pass                        # it ended before reading all: its status says why
+        self.stdin = self.proc.stdin = None
 
     def finish(self, input=None, ok=(0,)):
         """For a command started with stdout and stderr PIPE: input given, its end waited
@@ -1128,6 +1141,25 @@ class Rollback(object):
             except (OSError, CockerError):
                 pass            # logged: the user sees why the block failed, not this
         return False
+
+
+class Pending(object):
+    """The rest of a host step, left to go on while PID 1 sets up: boot_container calls
+    finish() before anything of the container may run, or close() if the boot fails first.
+    held: the step's commands and locks, closed in both cases (a command is waited for, so
+    the teardown that follows finds all it made)."""
+
+    def __init__(self, rest, *held):
+        self.rest, self.held = rest, held
+
+    def finish(self):
+        try:
+            self.rest()
+        finally:
+            self.close()
+
+    def close(self):
+        best_effort([thing.close for thing in self.held], 'closing a boot step')
 
 
 def best_effort(steps, what):
@@ -2996,12 +3028,14 @@ def parse_network_state(text):
 
 
 def setup_network(name):
-    """Host side of the container's network before it boots."""
+    """Host side of the container's network before it boots -> what is left running, a
+    Pending that boot_container finishes while PID 1 sets up (or None)."""
     net = container_net(name)
     if net == 'CUSTOM' and not os.path.exists(netns_path(name)):
         add_custom_netns(name)                  # gone with a reboot: /run is a tmpfs
     elif net == 'BRIDGE':
-        setup_bridge_network(name)
+        return setup_bridge_network(name)
+    return None
 
 
 def add_custom_netns(name):
@@ -3011,9 +3045,16 @@ def add_custom_netns(name):
         run(['ip', 'link', 'set', 'lo', 'up'])
 
 
+def start_ip_batch(text):
+    """`ip -batch -` started with its whole input, to be finished later (Command.finish)."""
+    command = Command(['ip', '-batch', '-'], stdin=PIPE, stdout=PIPE, stderr=PIPE)
+    command.give_input(text.encode('utf-8'))
+    return command
+
+
 def setup_bridge_network(name):
     """Everything is checked and claimed before the first change to the host; then the
-    bridge (on first use), the namespace, the veth pair and the rules."""
+    bridge (on first use), the namespace, the veth pair and the rules -> the Pending rest."""
     iptables = iptables_command()
     bridge = network_config()
     vip = read_attr(name, 'vip')
@@ -3036,41 +3077,54 @@ def setup_bridge_network(name):
             'rules': rules}))
     if not link_exists(bridge.name):
         create_bridge(bridge, iptables)
-    # shared: boots go on side by side, del_bridge waits for them (and they for it)
-    with locked('network', 'bridge', shared=True):
+    # shared: boots go on side by side, del_bridge waits for them (and they for it), also
+    # for the Pending rest
+    lock = locked('network', 'bridge', shared=True).__enter__()
+    with Rollback(lock.close):
         if not link_exists(bridge.name):
             raise CockerError('bridge %s was removed while booting; boot again' % bridge.name)
         set_bridge_sysctls(bridge)
         if read_small(chains_marker(bridge)) != chains_layout(bridge):
             ensure_chains(bridge, iptables)
-        wire_container(name, bridge, vip, veth, path, iptables, rules)
+        pair = wire_container(name, bridge, vip, veth, path, iptables, rules)
     debug('%s: %s on %s, eth0 %s, %d port mapping(s)', name, veth, bridge.name, vip,
           len(mappings))
+    return Pending(lambda: configure_eth0(bridge, vip, veth, path, pair), pair, lock)
 
 
 def wire_container(name, bridge, vip, veth, path, iptables, rules):
-    """The namespace, the veth pair, eth0's address and route, the container's rules."""
+    """The namespace, the veth pair (its `ip` left running -> that Command) and, meanwhile,
+    the container's rules."""
     if link_exists(veth):                       # left by the C cocker, which never removed it
         run(['ip', 'link', 'del', veth])
     delete_netns(path)
     add_netns(path)
-    run(['ip', '-batch', '-'], input='link add %s type veth peer name eth0 netns %s\n'
-        'link set %s master %s up\n' % (veth, netns_name(name), veth, bridge.name))
+    pair = start_ip_batch('link add %s type veth peer name eth0 netns %s\n'
+                          'link set %s master %s up\n'
+                          % (veth, netns_name(name), veth, bridge.name))
+    with Rollback(pair.close):
+        added = [(table, ['-A'] + words) for table, words in rules]
+        try:
+            iptables_restore(iptables, added)
+        except CockerError:
+            ensure_chains(bridge, iptables)     # flushed by someone (a firewall reload)
+            iptables_restore(iptables, added)
+    return pair
+
+
+def configure_eth0(bridge, vip, veth, path, pair):
+    """Once the veth pair is there: the host end hairpinned, eth0's address and route."""
+    pair.finish()
     # where br_netfilter is loaded, a container reaching its own mapped port is bridged
     # back out of the port it came in by: let it (Docker does the same)
     with open('/sys/class/net/%s/brport/hairpin_mode' % veth, 'w') as f:
         f.write('1')
     with in_netns(path):
-        run(['ip', '-batch', '-'], input='link set lo up\naddr add %s/%d dev eth0\n'
-            'link set eth0 up\n'
-            'route add default via %s dev eth0\n'
-            % (vip, bridge.network.prefixlen, bridge.address))
-    added = [(table, ['-A'] + words) for table, words in rules]
-    try:
-        iptables_restore(iptables, added)
-    except CockerError:
-        ensure_chains(bridge, iptables)         # flushed by someone (a firewall reload)
-        iptables_restore(iptables, added)
+        inside = start_ip_batch('link set lo up\naddr add %s/%d dev eth0\nlink set eth0 up\n'
+                                'route add default via %s dev eth0\n'
+                                % (vip, bridge.network.prefixlen, bridge.address))
+    with inside:
+        inside.finish()
 
 
 def teardown_network(name):
@@ -3657,14 +3711,17 @@ def cgroup_usage(name):
 # =============================================================================
 # One boot, in the order things happen.  The CLI (under the container lock) takes the host
 # steps below, then forks the monitor (or has a running monitor fork it, see Monitors fork
-# monitors below) and waits for READY:
+# monitors below), finishes what the host steps left running (a BRIDGE container's eth0:
+# 5 to 10 ms of `ip` that PID 1's own set-up hides), sends GO on the ready channel and
+# waits for READY there:
 #   monitor: setsid, holds running.lock, unshare(CLONE_NEWPID), fork -> PID 1, copies
 #            cockerinit's log, waits for PID 1, undoes the host steps in reverse, exits.
 #   PID 1:   takes PID1_STEPS in order, each checked (a failure ends the boot, which is
 #            undone), then runs cockerinit.py's code (loaded before the fork), which pivots
 #            into the root, shrinks the capability sets to Podman's, installs the seccomp
 #            filter (a user namespace would come first, no_new_privs comes last, before
-#            each exec) and reports READY on the ready pipe.
+#            each exec), waits for GO (and for the move into its cgroups), starts the main
+#            command and reports READY.
 # The CLI prints OK only after READY, so a failed boot is reported, and undone, at once.
 
 #: What a boot sets up on the host, in order, beside its undo.  teardown_container runs the
@@ -3708,7 +3765,7 @@ def teardown_container(name):
 
 class Boot(object):
     """What PID 1's steps share: the container, its root, and the descriptors that go on
-    to cockerinit (the ready pipe, the log pipe, the alive pipe, the console)."""
+    to cockerinit (the ready channel, the log pipe, the alive pipe, the console)."""
 
     def __init__(self, name, fds):
         self.name, self.fds = name, fds
@@ -3741,41 +3798,87 @@ PID1_STEPS = (
 
 
 def boot_container(name, exec_cmd, stdio=None):
-    """The CLI's part of a boot: the host steps, the monitor, the wait for READY; all of it
-    undone if any fails.  stdio: {'stdin', 'stdout', 'stderr': fd, 'tty': bool} of a
-    one-shot run, for its main process."""
+    """The CLI's part of a boot: the host steps, the monitor, the rest of the host steps
+    while PID 1 sets up, GO, the wait for READY; all of it undone if any fails.  stdio:
+    {'stdin', 'stdout', 'stderr': fd, 'tty': bool} of a one-shot run, for its main
+    process."""
     init = load_cockerinit()
-    with Rollback(teardown_container, name) as undo:
-        for setup, _ in HOST_STEPS:
-            setup(name)
-            debug('boot of %s: %s done', name, setup.__name__)
-        ready_r, ready_w = os.pipe()
-        monitor = monitor_forked_by_sibling(name, init, exec_cmd, ready_w, stdio)
-        if monitor is None:
-            monitor = os.fork()
-            if monitor == 0:
-                os.close(ready_r)
-                run_monitor(name, init, exec_cmd, ready_w, stdio)   # never returns
-        os.close(ready_w)
-        undo.push(stop_monitor, name, monitor)
-        debug('monitor of %s is pid %d, waiting for cockerinit', name, monitor)
-        wait_until_ready(name, ready_r)
-        debug('cockerinit of %s is ready', name)
+    ready, theirs = ready_channel()
+    try:
+        with Rollback(teardown_container, name) as undo:
+            pending = []
+            for setup, _ in HOST_STEPS:
+                rest = setup(name)
+                if rest is not None:            # (finished below, while PID 1 sets up)
+                    pending.append(rest)
+                    undo.push(rest.close)
+                debug('boot of %s: %s done', name, setup.__name__)
+            monitor = monitor_forked_by_sibling(name, init, exec_cmd, theirs, stdio)
+            if monitor is None:
+                monitor = os.fork()
+                if monitor == 0:
+                    ready.close()
+                    run_monitor(name, init, exec_cmd, theirs, stdio)   # never returns
+            os.close(theirs)
+            theirs = None
+            undo.push(stop_monitor, name, monitor)
+            undo.push(ready.close)              # (first: PID 1 waiting for GO ends at once)
+            debug('monitor of %s is pid %d', name, monitor)
+            for rest in pending:
+                rest.finish()
+            send_go(ready)
+            debug('host side of %s complete, waiting for cockerinit', name)
+            wait_until_ready(name, ready)
+            debug('cockerinit of %s is ready', name)
+    finally:
+        ready.close()
+        if theirs is not None:
+            os.close(theirs)
 
 
-def wait_until_ready(name, ready_r):
-    """READY on the ready pipe, or raise what the boot wrote there (or that it said nothing)."""
+def ready_channel():
+    """A stream socket pair between a boot and its PID 1 -> (our end, a socket object; PID
+    1's end, a descriptor).  PID 1 hears GO on it once the host side is complete (nothing
+    of the container runs before) and answers READY, or what went wrong."""
+    import _socket
+    ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    return ours, theirs.detach()
+
+
+def send_go(ready):
+    try:
+        ready.sendall(GO)
+    except (BrokenPipeError, ConnectionResetError):
+        pass                            # PID 1 has ended: what it said is read next
+
+
+def receive_answer(ready):
+    """The next bytes PID 1 wrote on the ready channel, b'' at its end."""
+    try:
+        return ready.recv(4096)
+    except ConnectionResetError:        # (it ended with GO unread)
+        return b''
+
+
+def read_answer(ready):
+    """All that a PID 1 that has ended wrote on the ready channel."""
+    chunks = [receive_answer(ready)]
+    while chunks[-1]:
+        chunks.append(receive_answer(ready))
+    return b''.join(chunks)
+
+
+def wait_until_ready(name, ready):
+    """READY on the ready channel, or raise what the boot wrote there (or that it said
+    nothing)."""
     import select
     deadline = time.time() + BOOT_TIMEOUT
     answer = b''
-    try:
-        while select.select([ready_r], [], [], max(0.0, deadline - time.time()))[0]:
-            chunk = os.read(ready_r, 4096)
-            if not chunk:
-                break
-            answer += chunk
-    finally:
-        os.close(ready_r)
+    while select.select([ready], [], [], max(0.0, deadline - time.time()))[0]:
+        chunk = receive_answer(ready)
+        if not chunk:
+            break
+        answer += chunk
     if not answer.startswith(READY):
         message = answer.decode('utf-8', 'replace').strip()
         raise CockerError(message or "container '%s' exited while booting, see %s"
@@ -3887,7 +3990,7 @@ def monitor_container(name, init, exec_cmd, ready_w, stdio=None, siblings=None):
 def run_pid1(name, init, exec_cmd, ready_w, state, stdio=None, siblings=None):
     """Fork PID 1 in a new pid namespace, copy its log (and fork the monitors siblings
     asks for), wait for it -> its exit status.  A restart has no CLI waiting for READY:
-    the monitor reads the ready pipe itself.  The operator's SIGTERM waits (blocked) until
+    the monitor sends GO and reads the ready channel itself.  The operator's SIGTERM waits (blocked) until
     PID 1's pid is known, so none is lost."""
     import _signal
     rotation = log_rotation(name)
@@ -3899,9 +4002,10 @@ def run_pid1(name, init, exec_cmd, ready_w, state, stdio=None, siblings=None):
     log_r, log_w = os.pipe()
     alive_r, alive_w = os.pipe()
     moved_r, moved_w = os.pipe()
-    ready_r = None
-    if ready_w is None:
-        ready_r, ready_w = os.pipe()
+    ours = None
+    if ready_w is None:                 # a restart: the host side is complete
+        ours, ready_w = ready_channel()
+        ours.sendall(GO)
     # our own later children (ip, iptables at teardown) stay in the host's pid namespace
     fds = {'ready': ready_w, 'log': log_w, 'alive': alive_r, 'cgroups': moved_r}
     fds.update((k, v) for k, v in (stdio or {}).items() if k != 'tty')
@@ -3934,9 +4038,9 @@ def run_pid1(name, init, exec_cmd, ready_w, state, stdio=None, siblings=None):
     state['init'] = None
     write_attr(name, 'init_pid', None)  # never a pid that another process may get next
     os.close(alive_w)
-    if ready_r is not None:
-        answer = os.read(ready_r, 4096)
-        os.close(ready_r)
+    if ours is not None:
+        answer = read_answer(ours)
+        ours.close()
         if not answer.startswith(READY):
             log('WARN', "restart of container '%s' failed: %s" % (
                 name, answer.decode('utf-8', 'replace').strip() or 'no answer'))

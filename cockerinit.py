@@ -20,7 +20,9 @@ one planted in it must never run.  Then it
         empty;
      (a user namespace would come before a., no_new_privs is set by each exec with
      --no-new-privs, last before execve);
-  5. reports READY to cocker on the ready pipe;
+  5. waits until cocker says, with GO on the ready channel, that the host side is complete
+     (and, where the monitor moves PID 1 into its cgroups, that the move is done), starts
+     the main command, and reports READY there;
   6. serves attach (a login shell on a pty) and run (a command on pipes, exit status sent
      back) sessions, each in a process of its own, reaps every orphan, and with -e runs the
      main command and stops the container when it ends.
@@ -62,6 +64,7 @@ CONFIG_ENV = ('COCKER_ROOT', 'COCKER_SOCKDIR', 'COCKER_HOSTNAME', 'COCKER_EXEC',
               'COCKER_TTY', 'COCKER_CGROUPS_FD')
 SOCKET_NAME = 'cocker.sock'
 READY = b'READY'
+GO = b'G'                             #: cocker's word that the host side is complete
 STOP_GRACE = 5                        #: seconds between SIGTERM and SIGKILL at shutdown
 STOP_SIGNALS = (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP)  #: each stops the container
 REQUEST_TIMEOUT = 10                  #: a client must send its request within this
@@ -931,7 +934,8 @@ def user_entries(path, fields):
 # main
 # =============================================================================
 # main() checks how it was started, sets up (everything that can fail, reported on the
-# ready pipe), reports READY and serves: one event at a time until the container stops.
+# ready channel), waits for GO, reports READY and serves: one event at a time until the
+# container stops.
 
 def show_as(argv, env):
     """What /proc/self/cmdline and environ show (ps, pgrep, a look from the host): this
@@ -1085,20 +1089,31 @@ def wait_for_cgroups(fd):
             raise ValueError("not moved into the container's cgroups (see cocker.log)")
 
 
+def wait_for_go(ready):
+    """cocker finishes the host side (a BRIDGE container's eth0) while PID 1 sets up;
+    nothing of the container runs before it says GO on the ready channel."""
+    if os.read(ready, 1) != GO:
+        raise ValueError('the boot was abandoned by cocker (see cocker.log)')
+
+
 def serve_container(name, config):
     """PID 1's life from cocker's settings (CONFIG_ENV's names, text values): set up,
-    READY, serve until the container stops -> the exit status."""
+    GO, READY, serve until the container stops -> the exit status."""
     prctl(PR_SET_DUMPABLE, 0)
     _signal.signal(_signal.SIGPIPE, _signal.SIG_IGN)    # (as Python starts a program)
     ready, alive, console = take_config(config)
     try:
         listener, console_slave = set_up(config)
+        wait_for_go(ready)
         wait_for_cgroups(config['COCKER_CGROUPS_FD'])
         pid1 = Pid1(listener, alive, console, console_slave, config['COCKER_HOSTNAME'] or '')
         pid1.main_pid = start_image_command(config, config['COCKER_HOSTNAME'] or '')
     except (OSError, ValueError) as e:
-        os.write(ready, ('cockerinit: %s' % (getattr(e, 'strerror', None) or e)).encode(
-            'utf-8', 'replace'))
+        try:            # (a cocker that abandoned the boot no longer listens)
+            os.write(ready, ('cockerinit: %s' % (getattr(e, 'strerror', None) or e)).encode(
+                'utf-8', 'replace'))
+        except OSError:
+            pass
         return 1
     os.write(ready, READY)
     os.close(ready)

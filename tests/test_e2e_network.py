@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 
 import pytest
@@ -551,7 +552,7 @@ def test_a_boot_killed_after_its_network_setup_is_repaired(cocker, test_image, n
                   '--port-mapping', '%d:80' % port).rc == 0
     script = ('import os, sys; sys.path.insert(0, %r); import conftest; '
               'm = conftest.load_script("cocker_killed", %r); m.HOME = %r; '
-              'm.setup_network(%r); os._exit(9)' % (os.path.dirname(COCKER) + '/tests', COCKER,
+              'm.setup_network(%r).finish(); os._exit(9)' % (os.path.dirname(COCKER) + '/tests', COCKER,
                                                     home, name))
     assert subprocess.call([PY, '-c', script]) == 9
     assert len(leftovers(name)) == 5, 'netns, veth, two DNAT and a MASQUERADE rule are there'
@@ -562,6 +563,70 @@ def test_a_boot_killed_after_its_network_setup_is_repaired(cocker, test_image, n
     r = cocker('-a', 'boot', '-c', name)
     assert r.rc == 0, r
     assert len(leftovers(name)) == 5, 'exactly one set of rules after the boot'
+
+
+IP_SHIM = r'''#!/bin/sh
+# the real ip, but a batch that sets up a container's eth0 (its default route) is %s
+if [ "$1" = -batch ]; then
+    input=$(cat)
+    case "$input" in *"route add default"*)
+        echo "$$" >> %s
+        %s ;;
+    esac
+    printf '%%s\n' "$input" | exec %s "$@"
+fi
+exec %s "$@"
+'''
+
+
+def ip_shim(tmp_path, what, action):
+    """{'PATH': ...} that puts an `ip` of IP_SHIM first -> (env, file of its batches' pids)."""
+    real = shutil.which('ip')
+    log = tmp_path / 'eth0-batches'
+    shim = tmp_path / 'bin' / 'ip'
+    shim.parent.mkdir()
+    shim.write_text(IP_SHIM % (what, log, action, real, real))
+    shim.chmod(0o755)
+    return {'PATH': '%s:%s' % (shim.parent, os.environ['PATH'])}, log
+
+
+def test_the_main_command_starts_only_once_eth0_is_configured(cocker, test_image, names,
+                                                               tmp_path):
+    """eth0's address and route are set while PID 1 sets up; the container's first process
+    waits for them (an `ip` here takes 0.5 s over them)."""
+    env, log = ip_shim(tmp_path, 'half a second late', 'sleep 0.5')
+    name = names('gate')
+    r = cocker('-a', 'create', '-m', test_image, '-c', name, '--net', 'BRIDGE', '-b', '--rm',
+               '-e', 'cat /proc/net/route', env=env)
+    assert r.rc == 0, r
+    assert len(log.read_text().split()) == 1, 'the slow batch ran, once'
+    routes = [line.split() for line in r.out.splitlines()[1:]]
+    assert [(iface, gateway != '00000000') for iface, dest, gateway, *_ in routes
+            if dest == '00000000'] == [('eth0', True)], r.out
+
+
+def test_a_failure_while_pid1_sets_up_undoes_the_boot_at_once(cocker, test_image, names,
+                                                               tmp_path, home):
+    env, log = ip_shim(tmp_path, 'refused',
+                       'echo "RTNETLINK answers: Injected failure" >&2; exit 2')
+    name = names('gatefail')
+    port = free_port()
+    assert cocker('-a', 'create', '-m', test_image, '-c', name, '--net', 'BRIDGE',
+                  '--port-mapping', '%d:80' % port).rc == 0
+    started = time.time()
+    r = cocker('-a', 'boot', '-c', name, env=env)
+    assert r.rc != 0 and r.err.strip().splitlines() == [
+        '*** ERROR : ip -batch - failed: RTNETLINK answers: Injected failure'], r
+    assert time.time() - started < 5, 'PID 1 waiting for GO ended with the boot, not later'
+    assert len(log.read_text().split()) == 1
+    assert leftovers(name) == []
+    for key in ('pid', 'init_pid', 'network.state', 'cocker.sock'):
+        assert not os.path.exists(container_path(home, name, key)), key
+    listing = cocker('-s', 'containers').out.splitlines()
+    assert [l.split()[-1] for l in listing if l.startswith(name + ' ')] == ['STOPED']
+    r = cocker('-a', 'boot', '-c', name)
+    assert r.rc == 0, r
+    assert len(leftovers(name)) == 2 + 3
 
 
 def test_concurrent_creates_get_distinct_vips(cocker, test_image, names, home):
