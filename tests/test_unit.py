@@ -229,8 +229,7 @@ def test_bad_port_mappings_are_usage_errors(text):
 
 
 def bridge(address='166.88.0.1/16', name='cocker0'):
-    import ipaddress
-    return cocker.Bridge(name, ipaddress.IPv4Interface(address))
+    return cocker.Bridge(name, address)
 
 
 def test_vip_must_be_a_host_address_of_the_bridge_subnet():
@@ -290,8 +289,14 @@ def test_network_config_defaults_and_errors(tmp_path, monkeypatch):
     conf.write_text('# private range\nbridge = br-ck\naddress = 172.30.0.1/24  # lab\n')
     b = cocker.network_config()
     assert (b.name, str(b.address), str(b.network)) == ('br-ck', '172.30.0.1', '172.30.0.0/24')
+    conf.write_text('address = 10.4.3.2/255.255.252.0\n')
+    b = cocker.network_config()
+    assert (b.cidr, str(b.network), b.network.prefixlen) == ('10.4.3.2/22', '10.4.0.0/22', 22)
     for text in ('bridge = a/b\n', 'address = 172.30.0.1\n', 'address = 172.30.0.0/24\n',
-                 'address = 10.0.0.1/31\n', 'color = blue\n', 'bridge\n',
+                 'address = 172.30.0.255/24\n', 'address = 10.0.0.1/31\n',
+                 'address = 10.0.0.1/255.0.255.0\n', 'address = 10.0.0.1/127.0.0.0\n',
+                 'address = 10.0.0.1/+8\n', 'address = 10.0.0.256/8\n',
+                 'address = 10.0.0.1/16/2\n', 'color = blue\n', 'bridge\n',
                  'bridge = waytoolongbridgename\n'):
         conf.write_text(text)
         with pytest.raises(cocker.CockerError) as e:
@@ -437,9 +442,13 @@ def test_cgroup_v1_without_pids_controller_refuses_only_a_pids_limit(tmp_path):
 
 
 def test_network_values_are_strict_on_every_python():
-    for text in ('166.88.00.5', '010.1.1.1', '1.2.3.4 ', '1.2.3.4\n'):
+    for text in ('166.88.00.5', '010.1.1.1', '1.2.3.4 ', '1.2.3.4\n', '1.2.3', '1.2.3.4.5',
+                 '1.2.3.256', '1.2.3.-1', '1.2.3.+1', '1.2.3.\u0661', '', '1..2.3', '0x1.2.3.4'):
         with pytest.raises(cocker.CockerError):
             cocker.parse_ipv4(text, '--vip')
+    assert cocker.parse_ipv4('0.10.255.1', '--vip') == '0.10.255.1'
+    assert [cocker.ipv4_text(n) for n in cocker.Subnet(cocker.ipv4_number('10.1.2.3'),
+                                                          30).hosts()] == ['10.1.2.1', '10.1.2.2']
     assert cocker.parse_port_mappings('0.0.0.0:80:80')[0].host_ip is None
     with pytest.raises(cocker.CockerError):
         cocker.parse_port_mappings('\u00b2:80')
@@ -937,6 +946,7 @@ def test_gunzip_reads_cockers_members_in_parallel_and_any_gzip_in_order():
 
 def test_gunzip_refuses_a_member_that_lies_or_ends_early():
     import gzip
+    import io
     ours = parallel_gzip(b'text ' * 600000)
     head = cocker.GZIP_MEMBER_HEAD_SIZE
     length = cocker.indexed_member_length(ours[:head])
@@ -949,6 +959,14 @@ def test_gunzip_refuses_a_member_that_lies_or_ends_early():
         with pytest.raises(cocker.CockerError) as e:
             gunzipped(bad)
         assert why in str(e.value)
+    # the CRC, unless the caller checks a digest of the data; the length in any case
+    crc_off = ours[:length - 8] + bytes([ours[length - 8] ^ 1]) + ours[length - 7:]
+    size_off = ours[:length - 4] + bytes([ours[length - 4] ^ 1]) + ours[length - 3:]
+    for bad, digested in ((crc_off, False), (size_off, False), (size_off, True)):
+        with pytest.raises(cocker.CockerError) as e:
+            b''.join(cocker.gunzip(io.BytesIO(bad).read, digested))
+        assert 'CRC or length' in str(e.value)
+    assert b''.join(cocker.gunzip(io.BytesIO(crc_off).read, True)) == b'text ' * 600000
     # a member inflating beyond what cocker writes is refused, not inflated into memory
     bomb = b'\0' * (cocker.GZIP_MEMBER_MAX + 1)
     big = cocker.gzip_member(bomb, 9)
