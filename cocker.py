@@ -906,8 +906,17 @@ class Command(object):
         out, err = self.proc.communicate(input)
         return self.check(ok, err), out
 
-    def close(self):
-        self.__exit__(None, None, None)
+    def close(self, kill=False):
+        """Waited for (killed first, if kill and still running), its pipes closed."""
+        if kill and self.proc.poll() is None:
+            self.proc.kill()
+        if self.stdin:
+            self.end_input()
+        for pipe in (self.stdout, self.proc.stderr):
+            if pipe:
+                pipe.close()
+        self.proc.wait()
+        self.close_errors()
 
     def end_input(self):
         try:
@@ -934,15 +943,7 @@ class Command(object):
         return self
 
     def __exit__(self, kind, value, traceback):
-        if kind is not None and self.proc.poll() is None:
-            self.proc.kill()
-        if self.stdin:
-            self.end_input()
-        for pipe in (self.stdout, self.proc.stderr):
-            if pipe:
-                pipe.close()
-        self.proc.wait()
-        self.close_errors()
+        self.close(kill=kind is not None)
 
 
 def run_command(argv, input=None, ok=(0,), failure=command_failed):
@@ -1145,12 +1146,12 @@ class Rollback(object):
 
 class Pending(object):
     """The rest of a host step, left to go on while PID 1 sets up: boot_container calls
-    finish() before anything of the container may run, or close() if the boot fails first.
-    held: the step's commands and locks, closed in both cases (a command is waited for, so
-    the teardown that follows finds all it made)."""
+    finish() before anything of the container may run, or close() if the boot fails first
+    (an error, Ctrl-C).  The step's commands are killed if still running, then waited for
+    (so the teardown that follows finds all they made); its locks are let go."""
 
-    def __init__(self, rest, *held):
-        self.rest, self.held = rest, held
+    def __init__(self, rest, commands, locks=()):
+        self.rest, self.commands, self.locks = rest, commands, locks
 
     def finish(self):
         try:
@@ -1159,7 +1160,9 @@ class Pending(object):
             self.close()
 
     def close(self):
-        best_effort([thing.close for thing in self.held], 'closing a boot step')
+        best_effort([lambda command=command: command.close(kill=True)
+                     for command in self.commands] + [lock.close for lock in self.locks],
+                    'closing a boot step')
 
 
 def best_effort(steps, what):
@@ -3140,7 +3143,7 @@ def setup_bridge_network(name):
         pair = wire_container(name, bridge, vip, veth, path, iptables, rules)
     debug('%s: %s on %s, eth0 %s, %d port mapping(s)', name, veth, bridge.name, vip,
           len(mappings))
-    return Pending(lambda: configure_eth0(bridge, vip, veth, path, pair), pair, lock)
+    return Pending(lambda: configure_eth0(bridge, vip, veth, path, pair), [pair], [lock])
 
 
 def wire_container(name, bridge, vip, veth, path, iptables, rules):
@@ -3153,7 +3156,7 @@ def wire_container(name, bridge, vip, veth, path, iptables, rules):
     pair = start_ip_batch('link add %s type veth peer name eth0 netns %s\n'
                           'link set %s master %s up\n'
                           % (veth, netns_name(name), veth, bridge.name))
-    with Rollback(pair.close):
+    with Rollback(pair.close, True):
         added = [(table, ['-A'] + words) for table, words in rules]
         try:
             iptables_restore(iptables, added)
@@ -3875,8 +3878,14 @@ def boot_container(name, exec_cmd, stdio=None):
             undo.push(stop_monitor, name, monitor)
             undo.push(ready.close)              # (first: PID 1 waiting for GO ends at once)
             debug('monitor of %s is pid %d', name, monitor)
-            for rest in pending:
-                rest.finish()
+            try:
+                for rest in pending:
+                    rest.finish()
+            except (OSError, CockerError):
+                answer = said_so_far(ready)     # PID 1 failed first: the monitor's teardown
+                if answer and not answer.startswith(READY):     # then failed the rest
+                    raise boot_failure(name, answer)
+                raise
             send_go(ready)
             debug('host side of %s complete, waiting for cockerinit', name)
             wait_until_ready(name, ready)
@@ -3922,18 +3931,28 @@ def read_answer(ready):
 def wait_until_ready(name, ready):
     """READY on the ready channel, or raise what the boot wrote there (or that it said
     nothing)."""
+    answer = said_so_far(ready, BOOT_TIMEOUT)
+    if not answer.startswith(READY):
+        raise boot_failure(name, answer)
+
+
+def said_so_far(ready, timeout=0):
+    """What PID 1 writes on the ready channel until it ends or timeout seconds pass."""
     import select
-    deadline = time.time() + BOOT_TIMEOUT
+    deadline = time.time() + timeout
     answer = b''
     while select.select([ready], [], [], max(0.0, deadline - time.time()))[0]:
         chunk = receive_answer(ready)
         if not chunk:
             break
         answer += chunk
-    if not answer.startswith(READY):
-        message = answer.decode('utf-8', 'replace').strip()
-        raise CockerError(message or "container '%s' exited while booting, see %s"
-                          % (name, container_file(name, 'cockerinit.log')))
+    return answer
+
+
+def boot_failure(name, answer):
+    message = answer.decode('utf-8', 'replace').strip()
+    return CockerError(message or "container '%s' exited while booting, see %s"
+                       % (name, container_file(name, 'cockerinit.log')))
 
 
 def run_monitor(name, init, exec_cmd, ready_w, stdio=None):
@@ -4012,7 +4031,7 @@ def monitor_container(name, init, exec_cmd, ready_w, stdio=None, siblings=None):
     """Run PID 1, and again as the container's restart policy says, until it ends for good
     or the operator stops it (SIGTERM: shutdown, kill, destroy)."""
     import _signal
-    state = {'init': None, 'stopping': False}
+    state = {'init': None, 'stopping': False, 'served': False}
 
     def stop(signum, frame):            # shutdown: SIGTERM to PID 1, SIGKILL after a while
         state['stopping'] = True
@@ -4026,8 +4045,12 @@ def monitor_container(name, init, exec_cmd, ready_w, stdio=None, siblings=None):
     while True:
         started = time.time()
         status = run_pid1(name, init, exec_cmd, ready_w, state, stdio, siblings)
+        booting = ready_w is not None
         ready_w, stdio = None, None     # (the CLI heard the first READY; the rest are ours)
-        if state['stopping'] or not restart_wanted(name, status, restarts):
+        # a boot whose PID 1 never served has failed (the CLI says why) or was abandoned (the
+        # CLI killed before GO): it is over, whatever the restart policy
+        if state['stopping'] or booting and not state['served'] or \
+                not restart_wanted(name, status, restarts):
             return
         quick = 0 if time.time() - started >= RESTART_STEADY else quick + 1
         if not sleep_unless_stopped(restart_delay(quick), state, siblings):
@@ -4053,12 +4076,14 @@ def run_pid1(name, init, exec_cmd, ready_w, state, stdio=None, siblings=None):
     log_r, log_w = os.pipe()
     alive_r, alive_w = os.pipe()
     moved_r, moved_w = os.pipe()
+    served_r, served_w = os.pipe()      # one byte from PID 1 once it is READY
     ours = None
     if ready_w is None:                 # a restart: the host side is complete
         ours, ready_w = ready_channel()
         ours.sendall(GO)
     # our own later children (ip, iptables at teardown) stay in the host's pid namespace
-    fds = {'ready': ready_w, 'log': log_w, 'alive': alive_r, 'cgroups': moved_r}
+    fds = {'ready': ready_w, 'log': log_w, 'alive': alive_r, 'cgroups': moved_r,
+           'served': served_w}
     fds.update((k, v) for k, v in (stdio or {}).items() if k != 'tty')
     cgroups = container_cgroups(name)
     init_pid, born_in_cgroup2 = fork_in_pid_namespace(cgroups=cgroups)
@@ -4087,6 +4112,8 @@ def run_pid1(name, init, exec_cmd, ready_w, state, stdio=None, siblings=None):
     status = exit_status(wait_status)
     _signal.alarm(0)
     state['init'] = None
+    state['served'] = os.read(served_r, 1) == b'1'  # (its namespace is gone: no writer left)
+    os.close(served_r)
     write_attr(name, 'init_pid', None)  # never a pid that another process may get next
     os.close(alive_w)
     if ours is not None:

@@ -61,7 +61,7 @@ CONFIG_ENV = ('COCKER_ROOT', 'COCKER_SOCKDIR', 'COCKER_HOSTNAME', 'COCKER_EXEC',
               'COCKER_SECCOMP', 'COCKER_NO_NEW_PRIVS',
               'COCKER_READY_FD', 'COCKER_LOG_FD', 'COCKER_CONSOLE_FD', 'COCKER_ALIVE_PIPE',
               'COCKER_ALIVE_FD', 'COCKER_STDIN_FD', 'COCKER_STDOUT_FD', 'COCKER_STDERR_FD',
-              'COCKER_TTY', 'COCKER_CGROUPS_FD')
+              'COCKER_TTY', 'COCKER_CGROUPS_FD', 'COCKER_SERVED_FD')
 SOCKET_NAME = 'cocker.sock'
 READY = b'READY'
 GO = b'G'                             #: cocker's word that the host side is complete
@@ -1032,8 +1032,9 @@ def take_config(config):
         os.set_inheritable(fd, False)
     if config['COCKER_EXEC']:
         config['exec_argv'] = split_command(config['COCKER_EXEC'])
-    if config['COCKER_CGROUPS_FD']:
-        os.set_inheritable(int(config['COCKER_CGROUPS_FD']), False)
+    for key in ('COCKER_CGROUPS_FD', 'COCKER_SERVED_FD'):
+        if config[key]:
+            os.set_inheritable(int(config[key]), False)
     if config['COCKER_STDIN_FD']:           # a one-shot run: the main process's stdio
         MAIN_STDIO.extend(int(config['COCKER_%s_FD' % k]) for k in ('STDIN', 'STDOUT', 'STDERR'))
         for fd in MAIN_STDIO:
@@ -1096,6 +1097,14 @@ def wait_for_go(ready):
         raise ValueError('the boot was abandoned by cocker (see cocker.log)')
 
 
+def tell_monitor_served(fd):
+    """One byte on COCKER_SERVED_FD: this PID 1 became READY, so its end may be followed
+    by a restart (a boot that never did has failed, or was abandoned)."""
+    if fd:
+        os.write(int(fd), b'1')
+        os.close(int(fd))
+
+
 def serve_container(name, config):
     """PID 1's life from cocker's settings (CONFIG_ENV's names, text values): set up,
     GO, READY, serve until the container stops -> the exit status."""
@@ -1117,6 +1126,7 @@ def serve_container(name, config):
         return 1
     os.write(ready, READY)
     os.close(ready)
+    tell_monitor_served(config['COCKER_SERVED_FD'])
     log('--- cockerinit ready: container %s ---' % name)
     return pid1.serve()
 

@@ -9,6 +9,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +19,8 @@ import uuid
 
 import pytest
 
-from conftest import container_path, free_test_subnet, load_script, COCKER, wait_for
+from conftest import (container_path, cocker_process, free_test_subnet, load_script, COCKER,
+                      wait_for)
 
 PY = sys.executable
 
@@ -566,10 +568,10 @@ def test_a_boot_killed_after_its_network_setup_is_repaired(cocker, test_image, n
 
 
 IP_SHIM = r'''#!/bin/sh
-# the real ip, but a batch that sets up a container's eth0 (its default route) is %s
+# the real ip, but a batch with %s in it is %s
 if [ "$1" = -batch ]; then
     input=$(cat)
-    case "$input" in *"route add default"*)
+    case "$input" in *%s*)
         echo "$$" >> %s
         %s ;;
     esac
@@ -577,29 +579,40 @@ if [ "$1" = -batch ]; then
 fi
 exec %s "$@"
 '''
+ETH0_BATCH, VETH_BATCH = '"route add default"', '"type veth"'
 
 
-def ip_shim(tmp_path, what, action):
-    """{'PATH': ...} that puts an `ip` of IP_SHIM first -> (env, file of its batches' pids)."""
+def ip_shim(tmp_path, batch, what, action):
+    """{'PATH': ...} that puts an `ip` of IP_SHIM first -> (env, file of the pids of the
+    batches it caught)."""
     real = shutil.which('ip')
-    log = tmp_path / 'eth0-batches'
+    log = tmp_path / 'batches'
     shim = tmp_path / 'bin' / 'ip'
     shim.parent.mkdir()
-    shim.write_text(IP_SHIM % (what, log, action, real, real))
+    shim.write_text(IP_SHIM % (batch, what, batch, log, action, real, real))
     shim.chmod(0o755)
     return {'PATH': '%s:%s' % (shim.parent, os.environ['PATH'])}, log
+
+
+def caught(log):
+    """The pids of the batches the shim caught so far."""
+    return [int(pid) for pid in log.read_text().split()] if log.exists() else []
+
+
+def gone(pid):
+    return not os.path.exists('/proc/%d' % pid)
 
 
 def test_the_main_command_starts_only_once_eth0_is_configured(cocker, test_image, names,
                                                                tmp_path):
     """eth0's address and route are set while PID 1 sets up; the container's first process
     waits for them (an `ip` here takes 0.5 s over them)."""
-    env, log = ip_shim(tmp_path, 'half a second late', 'sleep 0.5')
+    env, log = ip_shim(tmp_path, ETH0_BATCH, 'half a second late', 'sleep 0.5')
     name = names('gate')
     r = cocker('-a', 'create', '-m', test_image, '-c', name, '--net', 'BRIDGE', '-b', '--rm',
                '-e', 'cat /proc/net/route', env=env)
     assert r.rc == 0, r
-    assert len(log.read_text().split()) == 1, 'the slow batch ran, once'
+    assert len(caught(log)) == 1, 'the slow batch ran, once'
     routes = [line.split() for line in r.out.splitlines()[1:]]
     assert [(iface, gateway != '00000000') for iface, dest, gateway, *_ in routes
             if dest == '00000000'] == [('eth0', True)], r.out
@@ -607,7 +620,7 @@ def test_the_main_command_starts_only_once_eth0_is_configured(cocker, test_image
 
 def test_a_failure_while_pid1_sets_up_undoes_the_boot_at_once(cocker, test_image, names,
                                                                tmp_path, home):
-    env, log = ip_shim(tmp_path, 'refused',
+    env, log = ip_shim(tmp_path, ETH0_BATCH, 'refused',
                        'echo "RTNETLINK answers: Injected failure" >&2; exit 2')
     name = names('gatefail')
     port = free_port()
@@ -618,7 +631,7 @@ def test_a_failure_while_pid1_sets_up_undoes_the_boot_at_once(cocker, test_image
     assert r.rc != 0 and r.err.strip().splitlines() == [
         '*** ERROR : ip -batch - failed: RTNETLINK answers: Injected failure'], r
     assert time.time() - started < 5, 'PID 1 waiting for GO ended with the boot, not later'
-    assert len(log.read_text().split()) == 1
+    assert len(caught(log)) == 1
     assert leftovers(name) == []
     for key in ('pid', 'init_pid', 'network.state', 'cocker.sock'):
         assert not os.path.exists(container_path(home, name, key)), key
@@ -627,6 +640,60 @@ def test_a_failure_while_pid1_sets_up_undoes_the_boot_at_once(cocker, test_image
     r = cocker('-a', 'boot', '-c', name)
     assert r.rc == 0, r
     assert len(leftovers(name)) == 2 + 3
+
+
+def test_pid1s_own_failure_is_reported_while_the_network_is_still_being_set_up(
+        cocker, test_image, names, tmp_path):
+    env, log = ip_shim(tmp_path, VETH_BATCH, 'half a second late', 'sleep 0.5')
+    source = tmp_path / 'gone'
+    source.mkdir()
+    name = names('gatevol')
+    assert cocker('-a', 'create', '-m', test_image, '-c', name, '--net', 'BRIDGE',
+                  '--volume', '%s:/mnt' % source).rc == 0
+    source.rmdir()
+    r = cocker('-a', 'boot', '-c', name, env=env)
+    assert r.rc != 0 and r.err.strip().splitlines() == [
+        "*** ERROR : boot %s: volume source '%s' not found" % (name, source)], r
+    assert len(caught(log)) == 1 and leftovers(name) == []
+
+
+def test_ctrl_c_ends_a_boot_whose_ip_hangs(cocker, home, test_image, names, tmp_path):
+    env, log = ip_shim(tmp_path, VETH_BATCH, 'hung', 'exec sleep 60')
+    name = names('gateint')
+    assert cocker('-a', 'create', '-m', test_image, '-c', name, '--net', 'BRIDGE').rc == 0
+    boot = cocker_process(home, '-a', 'boot', '-c', name, env=env)
+    wait_for(lambda: caught(log), what='the veth batch to hang')
+    boot.send_signal(signal.SIGINT)
+    _, err = boot.communicate(timeout=10)
+    assert boot.returncode == 130 and err.decode().strip().splitlines() == [
+        '*** ERROR : interrupted'], err
+    assert gone(caught(log)[0]), 'the hung ip was killed'
+    assert leftovers(name) == []
+    listing = cocker('-s', 'containers').out.splitlines()
+    assert [l.split()[-1] for l in listing if l.startswith(name + ' ')] == ['STOPED']
+
+
+def test_a_boot_abandoned_before_go_is_not_restarted(cocker, home, test_image, names,
+                                                     tmp_path):
+    """The CLI killed while PID 1 waits for GO: PID 1 ends, and its monitor, restart
+    policy or not, tears the container down for good."""
+    env, log = ip_shim(tmp_path, ETH0_BATCH, 'a second late', 'sleep 1')
+    name = names('gatekill')
+    assert cocker('-a', 'create', '-m', test_image, '-c', name, '--net', 'BRIDGE',
+                  '--restart', 'always').rc == 0
+    boot = cocker_process(home, '-a', 'boot', '-c', name, env=env)
+    wait_for(lambda: caught(log), what='the eth0 batch to start')
+    boot.kill()
+    boot.communicate()
+    cp = container_path(home, name)
+    wait_for(lambda: not os.path.exists(os.path.join(cp, 'pid')), what='the monitor to end')
+    wait_for(lambda: gone(caught(log)[0]), what='the orphaned ip to end')
+    time.sleep(0.5)         # (a restart would come after 0.1 s)
+    listing = cocker('-s', 'containers').out.splitlines()
+    assert [l.split()[-1] for l in listing if l.startswith(name + ' ')] == ['STOPED']
+    assert not os.path.exists(os.path.join(cp, 'restart_count'))
+    assert leftovers(name) == []
+    assert cocker('-a', 'boot', '-c', name).rc == 0
 
 
 def test_concurrent_creates_get_distinct_vips(cocker, test_image, names, home):
