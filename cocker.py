@@ -4312,15 +4312,19 @@ def reap_if_child(pid, block=False):
 # in the same context as the command (namespaces, root, cgroups, credentials, limits,
 # scheduling: a monitor is made as if the command had forked it); the monitors and PID 1s
 # of the host then share the pages none of them writes (3.9 MB a container).  That monitor
-# is the first that found none to ask: it forks for all, those it forks fork none, until it
-# ends and the next boot's own monitor takes over.  The new monitor is its grandchild (its
-# parent exits at once, as a daemon's), gets the command's environment and settings over
-# the socket, sends its pid, then waits for the go, which brings the command's descriptors
-# (none is ever in flight to a monitor that may not read it): a command that gave up
-# (SIBLING_TIMEOUT) or died leaves nothing behind.  Otherwise, or should anything fail,
-# the command forks the monitor itself, as before.
+# is the first that found none to ask: it forks for the boots after it, those it forks fork
+# none, until it ends or has forked SIBLINGS_PER_MONITOR, and the next boot's own monitor
+# takes over (the kernel finds who maps a page they share by visiting each of them: in
+# reclaim, migration and DAMON's sampling, which took half a CPU at 1500 containers forked
+# by one, and in every fork, which waits for those visits).  The new monitor is its
+# grandchild (its parent exits at once, as a daemon's), gets the command's environment and
+# settings over the socket, sends its pid, then waits for the go, which brings the
+# command's descriptors (none is ever in flight to a monitor that may not read it): a
+# command that gave up (SIBLING_TIMEOUT) or died leaves nothing behind.  Otherwise, or
+# should anything fail, the command forks the monitor itself, as before.
 
 SIBLING_FILE = 'forking_monitor'        #: HOME/forking_monitor: whose monitor forks
+SIBLINGS_PER_MONITOR = 32               #: (their shared pages cost each 1/33 of their size)
 MONITOR_SOCKET = 'monitor.sock'
 MONITOR_REQUEST = b'cocker-monitor-1'   #: the first field of a request (its version)
 STDIO_KEYS = ('stdin', 'stdout', 'stderr')
@@ -4490,7 +4494,7 @@ class Siblings(object):
 
     def __init__(self, name, init):
         import _socket
-        self.name, self.init = name, init
+        self.name, self.init, self.forked = name, init, 0
         self.listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET |
                                        _socket.SOCK_CLOEXEC | _socket.SOCK_NONBLOCK)
         dfd = os.open(container_dir(name), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -4555,6 +4559,9 @@ class Siblings(object):
                     self.close()        # (it would refuse every boot)
             else:
                 fork_monitor(conn, request, self)
+                self.forked += 1
+                if self.forked >= SIBLINGS_PER_MONITOR:
+                    self.close()        # the next boot's own monitor takes over
         except MonitorForked:
             raise                       # (the new monitor, on its way to run_monitor)
         except Exception as e:          # (whatever the boot sent: it forks its own)

@@ -8,7 +8,7 @@ import subprocess
 import threading
 import time
 
-from conftest import container_path, wait_for
+from conftest import container_path, load_script, wait_for, COCKER
 
 
 def status_of(cocker, name):
@@ -296,6 +296,29 @@ def test_one_monitor_forks_the_monitors_of_the_boots_after_it(cocker, test_image
     r = cocker('-d', '-a', 'boot', '-c', second)
     assert r.rc == 0 and 'forked by the monitor of %s' % first in r.err, r
     assert cocker('-a', 'run', '-c', first, '--cmd', 'echo still').out == 'still\n'
+
+
+def test_a_monitor_forks_so_many_then_the_next_boots_own_takes_over(cocker, test_image, names,
+                                                                    home):
+    """The kernel visits every process that maps a shared page (reclaim, migration, DAMON):
+    one monitor forks SIBLINGS_PER_MONITOR, no more."""
+    most = load_script('cocker_limits', COCKER).SIBLINGS_PER_MONITOR
+    first, second = first_booted_second_made(cocker, test_image, names, home)
+    made = [names() for _ in range(most + 1)]
+    for name in made:
+        assert cocker('-a', 'create', '-m', test_image, '-c', name).rc == 0
+    forkers = []
+    for name in made:
+        r = cocker('-d', '-a', 'boot', '-c', name)
+        assert r.rc == 0, r
+        forker = re.search(r'forked by the monitor of (\S+)', r.err)
+        forkers.append(forker and forker.group(1))
+    assert forkers == [first] * most + [None]
+    assert not os.path.exists(container_path(home, first, 'monitor.sock'))
+    assert open(os.path.join(home, 'forking_monitor')).read() == made[-1]
+    r = cocker('-d', '-a', 'boot', '-c', second)
+    assert r.rc == 0 and 'forked by the monitor of %s' % made[-1] in r.err, r
+    assert status_of(cocker, first).startswith('RUNNING')
 
 
 def test_a_boot_in_another_context_forks_its_own_monitor(cocker, test_image, names, home):
