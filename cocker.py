@@ -3154,8 +3154,8 @@ def wire_container(name, bridge, vip, veth, path, iptables, rules):
     delete_netns(path)
     add_netns(path)
     pair = start_ip_batch('link add %s type veth peer name eth0 netns %s\n'
-                          'link set %s master %s up\n'
-                          % (veth, netns_name(name), veth, bridge.name))
+                          'link set %s addrgenmode none\nlink set %s master %s up\n'
+                          % (veth, netns_name(name), veth, veth, bridge.name))
     with Rollback(pair.close, True):
         added = [(table, ['-A'] + words) for table, words in rules]
         try:
@@ -3174,11 +3174,23 @@ def configure_eth0(bridge, vip, veth, path, pair):
     with open('/sys/class/net/%s/brport/hairpin_mode' % veth, 'w') as f:
         f.write('1')
     with in_netns(path):
+        no_ipv6_on('eth0')
         inside = start_ip_batch('link set lo up\naddr add %s/%d dev eth0\nlink set eth0 up\n'
                                 'route add default via %s dev eth0\n'
                                 % (vip, bridge.network.prefixlen, bridge.address))
     with inside:
         inside.finish()
+
+
+def no_ipv6_on(ifname):
+    """The network is IPv4 only, as Docker has it: no IPv6 on the interface, whose address
+    detection, MLD reports and router solicitations the bridge would flood to every other
+    container (the host end of the pair, addrgenmode none, makes no address either).
+    /proc/sys/net: the namespace of whoever opens it."""
+    path = '/proc/sys/net/ipv6/conf/%s/disable_ipv6' % ifname
+    if os.path.exists(path):                    # (not on a host without IPv6)
+        with open(path, 'w') as f:
+            f.write('1')
 
 
 def teardown_network(name):

@@ -252,6 +252,13 @@ def test_bridge_container_answers_on_its_vip_and_mapped_ports(server, cocker, ho
                                     'eth0']).decode().startswith('2: eth0')
     master = os.path.realpath('/sys/class/net/eth%s/master' % x[3:])
     assert os.path.basename(master) == bridge
+    # IPv4 only, as Docker has it: nothing of eth0 (no address detection, MLD, router
+    # solicitation) for the bridge to flood to every other container; the host end quiet too
+    r = cocker('-a', 'run', '-c', name, '--cmd', 'cat /proc/sys/net/ipv6/conf/eth0/disable_ipv6;'
+               ' ip -o -6 addr show dev eth0 | wc -l')
+    assert r.out.split() == ['1', '0'], r
+    assert subprocess.check_output(['ip', '-o', '-6', 'addr', 'show', 'dev', 'eth' + x[3:]]) \
+        == b''
 
 
 def test_container_reaches_the_host_and_beyond_through_nat(server, cocker, home, outside,
