@@ -2444,6 +2444,12 @@ def ipv4_text(number):
     return '%d.%d.%d.%d' % (number >> 24, number >> 16 & 255, number >> 8 & 255, number & 255)
 
 
+def netmask_length(mask):
+    """The prefix length of a netmask (a number: ones, then zeros), else None."""
+    ones = '{:032b}'.format(mask).rstrip('0')
+    return None if '0' in ones else len(ones)
+
+
 class Subnet(object):
     """An IPv4 network: its first and last address (numbers) and its prefix length."""
 
@@ -2506,9 +2512,12 @@ def bridge_cidr(text):
     address, _, prefix = text.partition('/')
     try:
         number = ipv4_number(address)
-        if '.' in prefix:                       # a netmask: ones, then zeros
-            ones = '{:032b}'.format(ipv4_number(prefix)).rstrip('0')
-            prefix = '' if '0' in ones else str(len(ones))
+        if '.' in prefix:                       # a netmask (ones, then zeros), else a
+            mask = ipv4_number(prefix)          # host mask (its inverse), as ipaddress
+            prefix = netmask_length(mask)
+            if prefix is None:
+                prefix = netmask_length(mask ^ 0xffffffff)
+            prefix = '' if prefix is None else str(prefix)
     except ValueError:
         return None
     if not is_decimal(prefix) or int(prefix) > 30:
@@ -3153,9 +3162,10 @@ def wire_container(name, bridge, vip, veth, path, iptables, rules):
         run(['ip', 'link', 'del', veth])
     delete_netns(path)
     add_netns(path)
-    pair = start_ip_batch('link add %s type veth peer name eth0 netns %s\n'
-                          'link set %s addrgenmode none\nlink set %s master %s up\n'
-                          % (veth, netns_name(name), veth, veth, bridge.name))
+    quiet = 'link set %s addrgenmode none\n' % veth if has_ipv6() else ''
+    pair = start_ip_batch('link add %s type veth peer name eth0 netns %s\n%s'
+                          'link set %s master %s up\n'
+                          % (veth, netns_name(name), quiet, veth, bridge.name))
     with Rollback(pair.close, True):
         added = [(table, ['-A'] + words) for table, words in rules]
         try:
@@ -3182,13 +3192,18 @@ def configure_eth0(bridge, vip, veth, path, pair):
         inside.finish()
 
 
+def has_ipv6():
+    """False on a host booted with ipv6.disable=1 (ip refuses addrgenmode there)."""
+    return os.path.exists('/proc/sys/net/ipv6')
+
+
 def no_ipv6_on(ifname):
     """The network is IPv4 only, as Docker has it: no IPv6 on the interface, whose address
     detection, MLD reports and router solicitations the bridge would flood to every other
     container (the host end of the pair, addrgenmode none, makes no address either).
     /proc/sys/net: the namespace of whoever opens it."""
     path = '/proc/sys/net/ipv6/conf/%s/disable_ipv6' % ifname
-    if os.path.exists(path):                    # (not on a host without IPv6)
+    if has_ipv6() and os.path.exists(path):
         with open(path, 'w') as f:
             f.write('1')
 

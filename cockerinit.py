@@ -1124,9 +1124,12 @@ def serve_container(name, config):
         except OSError:
             pass
         return 1
-    os.write(ready, READY)
+    tell_monitor_served(config['COCKER_SERVED_FD'])     # (the main command runs already)
+    try:
+        os.write(ready, READY)
+    except OSError:
+        pass                            # the cocker that booted it has gone after GO
     os.close(ready)
-    tell_monitor_served(config['COCKER_SERVED_FD'])
     log('--- cockerinit ready: container %s ---' % name)
     return pid1.serve()
 

@@ -289,9 +289,11 @@ def test_network_config_defaults_and_errors(tmp_path, monkeypatch):
     conf.write_text('# private range\nbridge = br-ck\naddress = 172.30.0.1/24  # lab\n')
     b = cocker.network_config()
     assert (b.name, str(b.address), str(b.network)) == ('br-ck', '172.30.0.1', '172.30.0.0/24')
-    conf.write_text('address = 10.4.3.2/255.255.252.0\n')
-    b = cocker.network_config()
-    assert (b.cidr, str(b.network), b.network.prefixlen) == ('10.4.3.2/22', '10.4.0.0/22', 22)
+    for mask in ('255.255.252.0', '0.0.3.255'):             # a netmask, a host mask
+        conf.write_text('address = 10.4.3.2/%s\n' % mask)
+        b = cocker.network_config()
+        assert (b.cidr, str(b.network), b.network.prefixlen) == ('10.4.3.2/22', '10.4.0.0/22',
+                                                                   22)
     for text in ('bridge = a/b\n', 'address = 172.30.0.1\n', 'address = 172.30.0.0/24\n',
                  'address = 172.30.0.255/24\n', 'address = 10.0.0.1/31\n',
                  'address = 10.0.0.1/255.0.255.0\n', 'address = 10.0.0.1/127.0.0.0\n',
@@ -1232,3 +1234,29 @@ def test_a_monitor_that_serves_no_more_still_sleeps_out_its_restart_delay():
     start = time.monotonic()
     assert siblings.wait_for(None, 0.2) is False
     assert time.monotonic() - start >= 0.19
+
+
+def test_pid1_whose_cocker_went_away_after_go_says_it_served(monkeypatch):
+    """GO received, the main command started, then the booting cocker is gone: PID 1 serves
+    on, and has told its monitor it did (so the restart policy stands)."""
+    import socket
+    cli, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ready = ours.detach()
+    served_r, served_w = os.pipe()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    monkeypatch.setattr(init, 'set_up', lambda config: (None, None))
+    monkeypatch.setattr(init, 'wait_for_go', lambda fd: (os.read(fd, 1), cli.close()))
+    monkeypatch.setattr(init, 'Pid1', lambda *a: type('Pid1', (), {'serve': lambda s: 7})())
+    monkeypatch.setattr(init, 'start_image_command', lambda config, hostname: 4242)
+    monkeypatch.setattr(init, 'log', lambda *a: None)
+    config = dict.fromkeys(init.CONFIG_ENV)
+    config.update(COCKER_READY_FD=str(ready), COCKER_ALIVE_FD=str(devnull),
+                  COCKER_CONSOLE_FD=str(devnull), COCKER_LOG_FD=str(devnull),
+                  COCKER_SERVED_FD=str(served_w))
+    cli.sendall(init.GO)
+    try:
+        assert init.serve_container('c1', config) == 7
+        assert os.read(served_r, 1) == b'1'
+    finally:
+        os.close(served_r)
+        os.close(devnull)
