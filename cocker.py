@@ -3203,7 +3203,7 @@ def no_ipv6_on(ifname):
     container (the host end of the pair, addrgenmode none, makes no address either).
     /proc/sys/net: the namespace of whoever opens it."""
     path = '/proc/sys/net/ipv6/conf/%s/disable_ipv6' % ifname
-    if has_ipv6() and os.path.exists(path):
+    if os.path.exists(path):                    # (not on a host without IPv6)
         with open(path, 'w') as f:
             f.write('1')
 
@@ -3909,7 +3909,7 @@ def boot_container(name, exec_cmd, stdio=None):
                 for rest in pending:
                     rest.finish()
             except (OSError, CockerError):
-                answer = said_so_far(ready)     # PID 1 failed first: the monitor's teardown
+                answer = said_so_far(ready, 0)  # PID 1 failed first: the monitor's teardown
                 if answer and not answer.startswith(READY):     # then failed the rest
                     raise boot_failure(name, answer)
                 raise
@@ -3947,14 +3947,6 @@ def receive_answer(ready):
         return b''
 
 
-def read_answer(ready):
-    """All that a PID 1 that has ended wrote on the ready channel."""
-    chunks = [receive_answer(ready)]
-    while chunks[-1]:
-        chunks.append(receive_answer(ready))
-    return b''.join(chunks)
-
-
 def wait_until_ready(name, ready):
     """READY on the ready channel, or raise what the boot wrote there (or that it said
     nothing)."""
@@ -3963,12 +3955,14 @@ def wait_until_ready(name, ready):
         raise boot_failure(name, answer)
 
 
-def said_so_far(ready, timeout=0):
-    """What PID 1 writes on the ready channel until it ends or timeout seconds pass."""
+def said_so_far(ready, timeout=None):
+    """What PID 1 writes on the ready channel until it ends or timeout seconds pass (None:
+    until it ends)."""
     import select
-    deadline = time.time() + timeout
+    deadline = None if timeout is None else time.time() + timeout
     answer = b''
-    while select.select([ready], [], [], max(0.0, deadline - time.time()))[0]:
+    while select.select([ready], [], [], None if deadline is None else
+                        max(0.0, deadline - time.time()))[0]:
         chunk = receive_answer(ready)
         if not chunk:
             break
@@ -4076,7 +4070,7 @@ def monitor_container(name, init, exec_cmd, ready_w, stdio=None, siblings=None):
         ready_w, stdio = None, None     # (the CLI heard the first READY; the rest are ours)
         # a boot whose PID 1 never served has failed (the CLI says why) or was abandoned (the
         # CLI killed before GO): it is over, whatever the restart policy
-        if state['stopping'] or booting and not state['served'] or \
+        if state['stopping'] or (booting and not state['served']) or \
                 not restart_wanted(name, status, restarts):
             return
         quick = 0 if time.time() - started >= RESTART_STEADY else quick + 1
@@ -4091,8 +4085,8 @@ def monitor_container(name, init, exec_cmd, ready_w, stdio=None, siblings=None):
 def run_pid1(name, init, exec_cmd, ready_w, state, stdio=None, siblings=None):
     """Fork PID 1 in a new pid namespace, copy its log (and fork the monitors siblings
     asks for), wait for it -> its exit status.  A restart has no CLI waiting for READY:
-    the monitor sends GO and reads the ready channel itself.  The operator's SIGTERM waits (blocked) until
-    PID 1's pid is known, so none is lost."""
+    the monitor sends GO and reads the ready channel itself.  The operator's SIGTERM waits
+    (blocked) until PID 1's pid is known, so none is lost."""
     import _signal
     rotation = log_rotation(name)
     stops = {_signal.SIGTERM, _signal.SIGINT}
@@ -4144,7 +4138,7 @@ def run_pid1(name, init, exec_cmd, ready_w, state, stdio=None, siblings=None):
     write_attr(name, 'init_pid', None)  # never a pid that another process may get next
     os.close(alive_w)
     if ours is not None:
-        answer = read_answer(ours)
+        answer = said_so_far(ours)      # (PID 1 has ended)
         ours.close()
         if not answer.startswith(READY):
             log('WARN', "restart of container '%s' failed: %s" % (

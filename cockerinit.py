@@ -1097,6 +1097,15 @@ def wait_for_go(ready):
         raise ValueError('the boot was abandoned by cocker (see cocker.log)')
 
 
+def tell_cocker(ready, data):
+    """On the ready channel, if the cocker that booted PID 1 still listens (one that
+    abandoned the boot, or went away after GO, does not)."""
+    try:
+        os.write(ready, data)
+    except OSError:
+        pass
+
+
 def tell_monitor_served(fd):
     """One byte on COCKER_SERVED_FD: this PID 1 became READY, so its end may be followed
     by a restart (a boot that never did has failed, or was abandoned)."""
@@ -1118,17 +1127,11 @@ def serve_container(name, config):
         pid1 = Pid1(listener, alive, console, console_slave, config['COCKER_HOSTNAME'] or '')
         pid1.main_pid = start_image_command(config, config['COCKER_HOSTNAME'] or '')
     except (OSError, ValueError) as e:
-        try:            # (a cocker that abandoned the boot no longer listens)
-            os.write(ready, ('cockerinit: %s' % (getattr(e, 'strerror', None) or e)).encode(
-                'utf-8', 'replace'))
-        except OSError:
-            pass
+        tell_cocker(ready, ('cockerinit: %s' % (getattr(e, 'strerror', None) or e)).encode(
+            'utf-8', 'replace'))
         return 1
     tell_monitor_served(config['COCKER_SERVED_FD'])     # (the main command runs already)
-    try:
-        os.write(ready, READY)
-    except OSError:
-        pass                            # the cocker that booted it has gone after GO
+    tell_cocker(ready, READY)
     os.close(ready)
     log('--- cockerinit ready: container %s ---' % name)
     return pid1.serve()
