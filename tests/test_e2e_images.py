@@ -244,6 +244,44 @@ def test_hostile_and_broken_archives_change_nothing(cocker, tmp_path, monkeypatc
     assert r.rc == 255 and 'invalid' in r.err
 
 
+def test_a_damaged_member_is_caught_by_its_crc_or_by_the_sha256(
+        cocker, test_image, image_names, names, tmp_path, monkeypatch, home):
+    """A cockerimage's gzip members give their length in their head (bytes 16-19 after the
+    'Ck' subfield); the CRC ends each.  With a .sha256 beside the archive the CRCs are not
+    checked, the digest of the whole stream is; without one, the CRCs are."""
+    import hashlib
+    monkeypatch.chdir(tmp_path)
+    assert cocker('-a', 'export', '-m', test_image).rc == 0
+    with open(test_image + '.cockerimage', 'rb') as f:
+        good = f.read()
+    assert good[12:14] == b'Ck', 'a member that says how long it is'
+    length = int.from_bytes(good[16:20], 'little')
+    bad = good[:length - 8] + bytes([good[length - 8] ^ 1]) + good[length - 7:]
+    before, listing = store_entries(home), images_listing(cocker)
+    copy = image_names('crc')
+    for case, digest in (('recorded', hashlib.sha256(good).hexdigest()), ('none', None)):
+        with open(copy + '.cockerimage', 'wb') as f:
+            f.write(bad)
+        if digest:
+            with open(copy + '.cockerimage.sha256', 'w') as f:
+                f.write('%s  %s.cockerimage\n' % (digest, copy))
+        elif os.path.exists(copy + '.cockerimage.sha256'):
+            os.unlink(copy + '.cockerimage.sha256')
+        r = cocker('-a', 'import', '--image-file', copy + '.cockerimage')
+        assert r.rc == 255 and r.err.count('\n') == 1, (case, r)
+        assert ('as recorded' if digest else 'CRC') in r.err, (case, r)
+        assert store_entries(home) == before and images_listing(cocker) == listing, case
+    # the digest of what is there stands for the CRCs: the data itself is intact
+    with open(copy + '.cockerimage.sha256', 'w') as f:
+        f.write('%s  %s.cockerimage\n' % (hashlib.sha256(bad).hexdigest(), copy))
+    r = cocker('-a', 'import', '--image-file', copy + '.cockerimage')
+    assert r.rc == 0, r
+    container = names('crc')
+    assert cocker('-a', 'create', '-m', copy, '-c', container, '-b').rc == 0
+    r = cocker('-a', 'run', '-c', container, '--cmd', 'ls /bin/sh && echo ok')
+    assert r.rc == 0 and r.out.endswith('ok\n'), r
+
+
 def test_device_nodes_are_skipped_whiteouts_kept(cocker, tmp_path, monkeypatch, home):
     monkeypatch.chdir(tmp_path)
     name = 'dev' + uuid.uuid4().hex[:6]
