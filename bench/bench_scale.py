@@ -18,6 +18,15 @@ temporary files in the concurrency phase):
                               10.x.0.0/16 of this run's own (network.conf, as in
                               bench_network.py): flat also means no boot reads every
                               iptables rule
+    python -c pass beside     `python -c pass` run just before each of those boots, with
+    each boot                 its first 10 / last 10 medians and their ratio, and the
+                              boot's ratio once divided by it: how much of a boot's growth
+                              is the host's, not cocker's (a host whose kernel works per
+                              process, as DAMON's sampling of shared pages, slows every
+                              program as containers are added); for information
+    host CPU, all idle        with all running: the share of the CPUs busy over 5 s
+                              (/proc/stat) and the busiest process then (/proc/PID/stat),
+                              for information
     PSS per container         the proportional set size of a container's monitor (its pid
                               file) plus its PID 1 (init_pid), the Pss: line of
                               /proc/PID/smaps_rollup, when 100 containers run (target <= 6 MB,
@@ -91,6 +100,7 @@ FLAT_TARGET = 1.2               #: the end with the most containers / the one wi
 PSS_AT = 100                    #: running containers when PSS is measured (the issue's)
 PSS_TARGET_MB = 6.0             #: monitor + PID 1 of one idle container
 LISTING_REPEAT = 5
+IDLE_SECONDS = 5                #: the host's CPU load, all containers idle
 LISTING_TARGET_MS = 250         #: -s containers (the issue's figure is at 1000 running)
 MIN_AVAILABLE_MB = 1024         #: below this MemAvailable no further container is booted
 PORT_BASE = 40000               #: BRIDGE host ports: PORT_BASE + pid % 10000 + number
@@ -357,6 +367,8 @@ class ScaleBench(object):
 
     def boot(self, name, key):
         self.require_memory()
+        self.record('python beside ' + key,
+                    run_checked([self.python, '-c', 'pass'], self.env, 'python -c pass')[0])
         self.record(key, self.run_cocker('-a', 'boot', '-c', name)[0])
         self.running.append(name)
         if len(self.running) == PSS_AT:
@@ -485,6 +497,7 @@ class ScaleBench(object):
                 self.boot(name, 'boot ' + net)
                 self.progress('booted %s' % net, i + 1, self.counts[net])
         self.pss['all'] = self.measure_pss()
+        self.facts['idle load'] = idle_load(IDLE_SECONDS)
         self.measure_listing()
         if self.concurrent:
             self.concurrency()
@@ -583,6 +596,16 @@ class ScaleBench(object):
                 ('%s, %s' % (label, text), '%.2f' % ratio, '<= %s' % target if target else '',
                  verdict(ratio, target))]
 
+    def beside_rows(self, net):
+        """python -c pass timed beside the boots, and the boots' growth divided by its."""
+        key = 'boot ' + net
+        rows = self.flat_rows('  python -c pass beside them', 'python beside ' + key, None)
+        ends = [[median(self.times[k][part]) for k in (key, 'python beside ' + key)]
+                for part in (slice(FLAT_WINDOW), slice(-FLAT_WINDOW, None))]
+        (boot_first, python_first), (boot_last, python_last) = ends
+        return rows + [('  -a boot %s / python -c pass, last / first' % net, '%.2f' % (
+            (boot_last / python_last) / (boot_first / python_first)), '', '')]
+
     def pss_rows(self, key, label, target):
         if key not in self.pss:
             return [(label, '', '<= %s MB' % target if target else '',
@@ -602,10 +625,18 @@ class ScaleBench(object):
             if self.counts[net]:
                 rows += self.flat_rows('-a create %s' % net, 'create ' + net, None)
                 rows += self.flat_rows('-a boot %s' % net, 'boot ' + net, FLAT_TARGET)
+                rows += self.beside_rows(net)
         total = sum(self.counts.values())
         rows += self.pss_rows('at %d' % PSS_AT, 'PSS monitor + PID 1, %d running' % PSS_AT,
                               PSS_TARGET_MB)
         rows += self.pss_rows('all', 'PSS monitor + PID 1, %d running' % total, None)
+        if 'idle load' in self.facts:
+            busy, busiest = self.facts['idle load']
+            rows.append(('host CPU busy, %d running and idle' % total, '%.0f %%' % busy, '',
+                         ''))
+            if busiest:
+                rows.append(('  the busiest process: %s' % busiest[0],
+                             '%.0f %%' % busiest[1], '', ''))
         listing = median(self.times['list']) * 1000.0
         rows.append(('-s containers, %d running' % total, '%.1f ms' % listing,
                      '<= %d ms' % LISTING_TARGET_MS, verdict(listing, LISTING_TARGET_MS)))
@@ -644,6 +675,42 @@ def verdict(value, target):
     if target is None:
         return ''
     return 'OK' if value <= target else 'MISSED'
+
+
+def busy_ticks():
+    """(busy, all) clock ticks of the host's CPUs so far, from /proc/stat."""
+    with open('/proc/stat') as f:
+        ticks = [int(t) for t in f.readline().split()[1:]]
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)     # (idle and iowait not busy)
+
+
+def process_ticks():
+    """pid -> (name, user + system clock ticks) of every process now."""
+    found = {}
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            try:
+                with open('/proc/%s/stat' % entry) as f:
+                    text = f.read()
+            except OSError:
+                continue
+            name, rest = text[text.index('(') + 1:text.rindex(')')], text.rsplit(')', 1)[1]
+            fields = rest.split()
+            found[entry] = (name, int(fields[11]) + int(fields[12]))
+    return found
+
+
+def idle_load(seconds):
+    """(% of all CPUs busy, (name, % of one CPU) of the busiest process) over `seconds`."""
+    hz = os.sysconf('SC_CLK_TCK')
+    before, processes = busy_ticks(), process_ticks()
+    time.sleep(seconds)
+    after, later = busy_ticks(), process_ticks()
+    busy = 100.0 * (after[0] - before[0]) / max(after[1] - before[1], 1)
+    used = [(later[p][1] - t, name) for p, (name, t) in processes.items()
+            if p in later and later[p][0] == name]
+    top = max(used) if used else None
+    return busy, (top[1], 100.0 * top[0] / hz / seconds) if top else None
 
 
 def main(argv=None):
