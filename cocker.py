@@ -5816,9 +5816,9 @@ def tar_number(field):
 class ArchiveGuard(object):
     """Reads a tar stream header by header and passes on only what is safe to extract.
 
-    feed(bytes) -> bytes-like for `tar -x`: members' data is passed on as views of what
-    was fed, never copied (a layer's whole size, twice).  Raises CockerError on a hostile
-    or broken member."""
+    feed(bytes) -> bytes-like for `tar -x` (not always bytes): members' data is passed on
+    as views of what was fed, not sliced and joined into copies (a layer's whole size,
+    twice).  Raises CockerError on a hostile or broken member."""
 
     MEMBER_TYPES = b'01234567\0'       # old GNU sparse ('S') has blocks its size omits
     HELD_MAX = 4 << 20                  #: extension headers waiting for their member
@@ -5836,6 +5836,8 @@ class ArchiveGuard(object):
         self.ended = False
 
     def feed(self, data):
+        if not isinstance(data, bytes):     # (what it passes on must not change later)
+            data = bytes(data)
         buf = memoryview(self.buf + data if self.buf else data)
         pos, out = 0, []
         while True:
@@ -5999,10 +6001,9 @@ def parse_pax(body):
     return records
 
 
-def read_archive(read, rlayer, progress, compressed=True, foreign=False, digested=False):
+def read_archive(read, rlayer, progress, compressed=True, foreign=False):
     """Unpack a gzip tar stream (read(n) -> bytes; a plain one if not compressed) into
-    rlayer through ArchiveGuard; return the sha256 hex of the bytes read.  digested: the
-    caller compares that hex with the digest the archive came with (gunzip's)."""
+    rlayer through ArchiveGuard; return the sha256 hex of the bytes read."""
     import hashlib
     digest = hashlib.sha256()
     guard = ArchiveGuard(foreign)
@@ -6012,8 +6013,7 @@ def read_archive(read, rlayer, progress, compressed=True, foreign=False, digeste
         digest.update(chunk)
         progress.add(len(chunk))
         return chunk
-    tar_data = in_thread(gunzip(counted, digested)) if compressed else \
-        iter(lambda: counted(CHUNK), b'')
+    tar_data = in_thread(gunzip(counted)) if compressed else iter(lambda: counted(CHUNK), b'')
     # (tar reads its pipe a megabyte at a time, not 10 KiB: import is a third faster)
     with Command(['tar', '-x', '-p', '--numeric-owner', '--blocking-factor=%d' % TAR_RECORD] +
                  tar_xattr_options(LAYER_XATTRS if foreign else ARCHIVE_XATTRS) +
@@ -6036,9 +6036,9 @@ def gunzip(read, digested=False):
     (ParallelGzip's) are inflated by a thread each, as many at once as there are CPUs; from
     the first member that does not, the rest is inflated in order, CHUNK bytes at most at a
     time (a small archive never inflates into a huge buffer).  digested: the caller checks
-    a digest of the data (an OCI layer's diff_id) or of the stream (a cockerimage's
-    .sha256), so the CRCs of those members, a tenth of their inflating, are left
-    unchecked."""
+    a digest of the data (an OCI layer's diff_id), so the CRCs of those members, a tenth of
+    their inflating, are left unchecked (a cockerimage's .sha256 is of the compressed
+    stream: only the CRC checks the data that was compressed)."""
     import collections
     import concurrent.futures
     reuse_freed_buffers()
@@ -6200,9 +6200,7 @@ def import_archive(read, total, name, version, force, expected, what, check=None
                                   % image_ref_text(name, version))
             refuse_if_used(name, version, True, 'it cannot be replaced')
         with building_image(name, version, replace=force) as rlayer:
-            # (with a digest to compare, the gzip members' CRCs are left unchecked)
-            digest = read_archive(read, rlayer, Progress(what, total),
-                                  digested=expected is not None)
+            digest = read_archive(read, rlayer, Progress(what, total))
             refuse_device_nodes(rlayer)
             if expected is not None and digest != expected:
                 raise CockerError('sha256 of the archive is %s, not %s as recorded: refused'

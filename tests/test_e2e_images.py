@@ -150,7 +150,8 @@ def test_a_cockerimage_exported_imported_and_exported_again_is_the_same(
     assert any(xattrs for _, _, _, _, _, xattrs, _ in first.values()), 'the opaque directory'
 
 
-def test_an_archive_made_the_c_cocker_way_imports(cocker, names, tmp_path, monkeypatch, home):
+def test_an_archive_made_the_c_cocker_way_imports(cocker, test_image, names, tmp_path, monkeypatch,
+                                                 home):
     src = tmp_path / 'rlayer'
     (src / 'root').mkdir(parents=True)
     (src / 'root' / 'hello').write_text('from tar czf\n')
@@ -162,7 +163,7 @@ def test_an_archive_made_the_c_cocker_way_imports(cocker, names, tmp_path, monke
     r = cocker('-a', 'import', '--image-file', os.path.basename(archive))
     assert r.rc == 0, r
     c = names('ct')
-    assert cocker('-a', 'create', '-m', 'test,%s:1.0' % name, '-c', c, '-b').rc == 0
+    assert cocker('-a', 'create', '-m', '%s,%s:1.0' % (test_image, name), '-c', c, '-b').rc == 0
     r = cocker('-a', 'run', '-c', c, '--cmd', 'cat /root/hello; stat -c %a /root/hello')
     assert r.out == 'from tar czf\n640\n', r
     assert cocker('-a', 'destroy', '-c', c, '-h').rc == 0
@@ -244,11 +245,12 @@ def test_hostile_and_broken_archives_change_nothing(cocker, tmp_path, monkeypatc
     assert r.rc == 255 and 'invalid' in r.err
 
 
-def test_a_damaged_member_is_caught_by_its_crc_or_by_the_sha256(
-        cocker, test_image, image_names, names, tmp_path, monkeypatch, home):
+def test_a_damaged_member_is_caught_by_its_crc_whatever_the_sha256(
+        cocker, test_image, image_names, tmp_path, monkeypatch, home):
     """A cockerimage's gzip members give their length in their head (bytes 16-19 after the
-    'Ck' subfield); the CRC ends each.  With a .sha256 beside the archive the CRCs are not
-    checked, the digest of the whole stream is; without one, the CRCs are."""
+    'Ck' subfield); each ends with the CRC of the data that was compressed.  A .sha256 is
+    of the compressed stream only (made again after damage, or hashing bytes that changed
+    after compression, it would vouch for them): the CRCs are checked whatever it says."""
     import hashlib
     monkeypatch.chdir(tmp_path)
     assert cocker('-a', 'export', '-m', test_image).rc == 0
@@ -259,27 +261,20 @@ def test_a_damaged_member_is_caught_by_its_crc_or_by_the_sha256(
     bad = good[:length - 8] + bytes([good[length - 8] ^ 1]) + good[length - 7:]
     before, listing = store_entries(home), images_listing(cocker)
     copy = image_names('crc')
-    for case, digest in (('recorded', hashlib.sha256(good).hexdigest()), ('none', None)):
-        with open(copy + '.cockerimage', 'wb') as f:
-            f.write(bad)
+    archive = copy + '.cockerimage'
+    with open(archive, 'wb') as f:
+        f.write(bad)
+    for case, digest in (('the original digest', hashlib.sha256(good).hexdigest()),
+                         ('a digest of the damaged file', hashlib.sha256(bad).hexdigest()),
+                         ('no .sha256', None)):
         if digest:
-            with open(copy + '.cockerimage.sha256', 'w') as f:
-                f.write('%s  %s.cockerimage\n' % (digest, copy))
-        elif os.path.exists(copy + '.cockerimage.sha256'):
-            os.unlink(copy + '.cockerimage.sha256')
-        r = cocker('-a', 'import', '--image-file', copy + '.cockerimage')
-        assert r.rc == 255 and r.err.count('\n') == 1, (case, r)
-        assert ('as recorded' if digest else 'CRC') in r.err, (case, r)
+            with open(archive + '.sha256', 'w') as f:
+                f.write('%s  %s\n' % (digest, archive))
+        elif os.path.exists(archive + '.sha256'):
+            os.unlink(archive + '.sha256')
+        r = cocker('-a', 'import', '--image-file', archive)
+        assert r.rc == 255 and r.err.count('\n') == 1 and 'CRC' in r.err, (case, r)
         assert store_entries(home) == before and images_listing(cocker) == listing, case
-    # the digest of what is there stands for the CRCs: the data itself is intact
-    with open(copy + '.cockerimage.sha256', 'w') as f:
-        f.write('%s  %s.cockerimage\n' % (hashlib.sha256(bad).hexdigest(), copy))
-    r = cocker('-a', 'import', '--image-file', copy + '.cockerimage')
-    assert r.rc == 0, r
-    container = names('crc')
-    assert cocker('-a', 'create', '-m', copy, '-c', container, '-b').rc == 0
-    r = cocker('-a', 'run', '-c', container, '--cmd', 'ls /bin/sh && echo ok')
-    assert r.rc == 0 and r.out.endswith('ok\n'), r
 
 
 def test_device_nodes_are_skipped_whiteouts_kept(cocker, tmp_path, monkeypatch, home):
