@@ -349,7 +349,7 @@ def test_to_container_edits_an_image_in_place(edited_image, cocker, names, home)
     assert r.out == 'more\n' + EXPECTED, r
 
 
-def test_export_shows_progress_on_a_terminal(cocker, terminal, tmp_path, monkeypatch):
+def test_export_shows_progress_on_a_terminal(cocker, test_image, terminal, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     t = terminal('-a', 'export', '-m', 'test')
     assert t.wait(timeout=60) == 0
