@@ -1058,14 +1058,21 @@ def printable(text, keep=''):
     that names from archives, repositories and containers never drive the terminal."""
     if text.isprintable():
         return text                     # the usual case, at C speed
-    out = []
-    for ch in text:
-        code = ord(ch)
-        if ch in keep or not (code < 32 or 127 <= code < 160 or 0xdc80 <= code <= 0xdcff):
-            out.append(ch)
-        else:
-            out.append('\\x%02x' % (code - 0xdc00 if code >= 0xdc80 else code))
-    return ''.join(out)
+    return text.translate(escapes_but(keep))    # (a JSON listing, a log: C speed too)
+
+
+#: keep -> the str.translate table of printable(): each control character but those kept
+ESCAPES = {}
+
+
+def escapes_but(keep):
+    table = ESCAPES.get(keep)
+    if table is None:
+        codes = list(range(32)) + list(range(127, 160)) + list(range(0xdc80, 0xdd00))
+        table = ESCAPES[keep] = dict(
+            (code, '\\x%02x' % (code - 0xdc00 if code >= 0xdc80 else code))
+            for code in codes if chr(code) not in keep)
+    return table
 
 
 def warn(text):

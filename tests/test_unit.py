@@ -679,6 +679,29 @@ def test_printable_escapes_control_characters_only():
     assert cocker.printable('two\nlines') == 'two\\x0alines'
 
 
+def test_printable_is_the_character_by_character_escape():
+    """What printable() does at C speed (a JSON listing or a log is one text of many
+    lines), checked against the plain definition on random text of every kind."""
+    import random
+
+    def escaped(text, keep):
+        out = []
+        for ch in text:
+            code = ord(ch)
+            if ch in keep or not (code < 32 or 127 <= code < 160 or 0xdc80 <= code <= 0xdcff):
+                out.append(ch)
+            else:
+                out.append('\\x%02x' % (code - 0xdc00 if code >= 0xdc80 else code))
+        return ''.join(out)
+    rng = random.Random(15)
+    alphabet = [chr(c) for c in list(range(0, 300)) + list(range(0xdc70, 0xdd10))] + \
+        ['我', '\u2028', '\xa0', '\U0001f600']
+    for _ in range(2000):
+        text = ''.join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40)))
+        for keep in ('', '\n', '\n\t'):
+            assert cocker.printable(text, keep) == escaped(text, keep), (text, keep)
+
+
 def test_tree_size_never_follows_a_link(tmp_path):
     (tmp_path / 'd').mkdir()
     (tmp_path / 'd' / 'f').write_bytes(b'x' * 100)
