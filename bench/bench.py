@@ -236,7 +236,8 @@ def processes_using(home):
 
 
 def process_stat(pid):
-    """(command name, state, start time in clock ticks since boot) of a process, or None."""
+    """(command name, state, start time in clock ticks since boot, user + system CPU time
+    in clock ticks) of a process, or None."""
     try:
         with open('/proc/%s/stat' % pid) as f:
             text = f.read()
@@ -245,7 +246,7 @@ def process_stat(pid):
     # the name is in parentheses and may hold anything: the fields follow the last ')'
     name = text[text.index('(') + 1:text.rindex(')')]
     fields = text[text.rindex(')') + 2:].split()
-    return name, fields[0], int(fields[19])
+    return name, fields[0], int(fields[19]), int(fields[11]) + int(fields[12])
 
 
 def zombies_named(name, since):

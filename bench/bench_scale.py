@@ -89,8 +89,8 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import (BenchError, bench_home, cgroup_hierarchies, command_text,  # noqa: E402
-                   last_line, median, mounts_under, launch, PYTHON_HELP, processes_using,
-                   python_version, remove_cgroup, remove_home, run_checked,
+                   last_line, median, mounts_under, launch, PYTHON_HELP, process_stat,
+                   processes_using, python_version, remove_cgroup, remove_home, run_checked,
                    run_quietly)
 from bench_network import free_subnet, network_objects  # noqa: E402
 
@@ -100,8 +100,8 @@ FLAT_TARGET = 1.2               #: the end with the most containers / the one wi
 PSS_AT = 100                    #: running containers when PSS is measured (the issue's)
 PSS_TARGET_MB = 6.0             #: monitor + PID 1 of one idle container
 LISTING_REPEAT = 5
-IDLE_SECONDS = 5                #: the host's CPU load, all containers idle
 LISTING_TARGET_MS = 250         #: -s containers (the issue's figure is at 1000 running)
+IDLE_SECONDS = 5                #: the host's CPU load, all containers idle
 MIN_AVAILABLE_MB = 1024         #: below this MemAvailable no further container is booted
 PORT_BASE = 40000               #: BRIDGE host ports: PORT_BASE + pid % 10000 + number
 CGROUP_PARENT = 'cocker'        #: cocker's cgroups: HIERARCHY/cocker/CONTAINER
@@ -585,9 +585,8 @@ class ScaleBench(object):
         """Median of the first and of the last FLAT_WINDOW, and the ratio of the one with
         the most containers to the one with the fewest: last / first where their number
         grows along the series (create, boot), first / last where it shrinks (destroy)."""
+        first, last = (seconds * 1000.0 for seconds in self.ends(key))
         values = self.times[key]
-        first = median(values[:FLAT_WINDOW]) * 1000.0
-        last = median(values[-FLAT_WINDOW:]) * 1000.0
         n = min(FLAT_WINDOW, len(values))
         ratio, text = (last / first, 'last / first') if growing else (first / last,
                                                                        'first / last')
@@ -596,15 +595,18 @@ class ScaleBench(object):
                 ('%s, %s' % (label, text), '%.2f' % ratio, '<= %s' % target if target else '',
                  verdict(ratio, target))]
 
+    def ends(self, key):
+        """(median of the first FLAT_WINDOW, median of the last) of a series, in seconds."""
+        values = self.times[key]
+        return median(values[:FLAT_WINDOW]), median(values[-FLAT_WINDOW:])
+
     def beside_rows(self, net):
         """python -c pass timed beside the boots, and the boots' growth divided by its."""
-        key = 'boot ' + net
-        rows = self.flat_rows('  python -c pass beside them', 'python beside ' + key, None)
-        ends = [[median(self.times[k][part]) for k in (key, 'python beside ' + key)]
-                for part in (slice(FLAT_WINDOW), slice(-FLAT_WINDOW, None))]
-        (boot_first, python_first), (boot_last, python_last) = ends
-        return rows + [('  -a boot %s / python -c pass, last / first' % net, '%.2f' % (
-            (boot_last / python_last) / (boot_first / python_first)), '', '')]
+        key, python = 'boot ' + net, 'python beside boot ' + net
+        (boot_first, boot_last), (python_first, python_last) = self.ends(key), self.ends(python)
+        return self.flat_rows('  python -c pass beside them', python, None) + [
+            ('  -a boot %s / python -c pass, last / first' % net, '%.2f' % (
+                (boot_last / boot_first) / (python_last / python_first)), '', '')]
 
     def pss_rows(self, key, label, target):
         if key not in self.pss:
@@ -685,18 +687,12 @@ def busy_ticks():
 
 
 def process_ticks():
-    """pid -> (name, user + system clock ticks) of every process now."""
+    """(pid, name, start time) -> CPU clock ticks so far, of every process now."""
     found = {}
     for entry in os.listdir('/proc'):
-        if entry.isdigit():
-            try:
-                with open('/proc/%s/stat' % entry) as f:
-                    text = f.read()
-            except OSError:
-                continue
-            name, rest = text[text.index('(') + 1:text.rindex(')')], text.rsplit(')', 1)[1]
-            fields = rest.split()
-            found[entry] = (name, int(fields[11]) + int(fields[12]))
+        stat = process_stat(entry) if entry.isdigit() else None
+        if stat:
+            found[(entry, stat[0], stat[2])] = stat[3]
     return found
 
 
@@ -707,8 +703,7 @@ def idle_load(seconds):
     time.sleep(seconds)
     after, later = busy_ticks(), process_ticks()
     busy = 100.0 * (after[0] - before[0]) / max(after[1] - before[1], 1)
-    used = [(later[p][1] - t, name) for p, (name, t) in processes.items()
-            if p in later and later[p][0] == name]
+    used = [(later[key] - ticks, key[1]) for key, ticks in processes.items() if key in later]
     top = max(used) if used else None
     return busy, (top[1], 100.0 * top[0] / hz / seconds) if top else None
 
