@@ -4,7 +4,7 @@
 # start-up; see the chapter Loading), isolated and without site packages (-I -S: no module
 # planted in the caller's directory or named by PYTHON* variables is ever loaded by root,
 # and the site scan's 5 ms are saved).  Read by Python, the line is only a string.
-"exec" "${COCKER_PYTHON:-python3}" "-I" "-S" "-c" "import sys,os,marshal as M;p=sys.argv[1];t=os.stat(p);c=os.path.join(os.path.dirname(p),'__pycache__','cocker.'+sys.implementation.cache_tag+'.chapters');x=os.path.exists(c) and M.loads(open(c,'rb').read());m=sys.modules['cocker']=type(sys)('cocker');m.__file__=p;g=m.__dict__;x and x[0]==[t.st_mtime_ns,t.st_size,sys.version] and [exec(M.loads(x[1]),g),m.keep_cold_chapters(*x[2:])] or exec(compile(open(p,'rb').read().split(b'\n# ---- end of loading ----\n')[0],p,'exec'),g) or m.load_cocker(p);del x;m.exit_quickly(m.main(sys.argv[2:]))" "$0" "$@"
+"exec" "${COCKER_PYTHON:-python3}" "-I" "-S" "-c" "import sys,os,marshal as M;p=sys.argv[1];t=os.stat(p);c=os.path.join(os.path.dirname(p),'__pycache__','cocker.'+sys.implementation.cache_tag+'.chapters');f=os.path.exists(c) and open(c,'rb');x=f and M.load(f);m=sys.modules['cocker']=type(sys)('cocker');m.__file__=p;g=m.__dict__;x and x[0]==[t.st_mtime_ns,t.st_size,sys.version] and [exec(M.loads(f.read(x[1])),g),m.keep_cold_chapters((c,f.tell(),x),x[3])] or exec(compile(open(p,'rb').read().split(b'\n# ---- end of loading ----\n')[0],p,'exec'),g) or m.load_cocker(p);f and f.close();del x,f;m.exit_quickly(m.main(sys.argv[2:]))" "$0" "$@"
 """cocker: a container engine for Linux servers that manages containers like virtual hosts.
 
 A successor of the C cocker, written for the Python standard library only (3.6 and newer),
@@ -51,12 +51,15 @@ from _signal import SIGCHLD, SIGKILL, SIGPIPE, SIGTERM, SIGXFSZ  # not signal.py
 # Run as a program, cocker loads from __pycache__/cocker.TAG.chapters beside the file,
 # made again whenever the file changes (the sh header reads it; it compiles only this
 # chapter to make it).  The chapters that only some actions use (COLD_CHAPTERS: images in
-# and out, registries, files in containers, the test image) are kept apart there, as
-# bytes, and unmarshalled on their first use: 300 KB of bytecode that a boot, a run or a
-# listing would load for nothing (3.5 ms of each command).  Until then a cold function or
-# class that the rest calls is a stub that loads them.  A monitor lets them go: it never
-# needs them, and its memory stays with the container.  Imported as a module (the tests,
-# python3 cocker.py), the file is one module as any other.
+# and out, registries, files in containers, the test image) are kept apart there, after
+# the others, and read and unmarshalled on their first use: 300 KB of bytecode that a
+# boot, a run or a listing would read and load for nothing (4.5 ms of each command).
+# Until then a cold function or class that the rest calls is a stub that loads them.
+# Imported as a module (the tests, python3 cocker.py), the file is one module as any other.
+#
+# The cache: an index, marshalled ([the file's mtime, size and the Python version, the
+# length of the hot code, of the cold code, the cold names the hot code calls]), then the
+# hot code, then the cold code, each marshalled.
 
 COLD_CHAPTERS = ('Image archives', 'OCI and Docker archives', 'Image repository over ssh',
                  'Image registry: the server', 'Image registry: the client',
@@ -69,28 +72,31 @@ def load_cocker(path):
     module = sys.modules['cocker']
     st = os.stat(path)
     hot, cold, called = compile_chapters(path)
-    parts = [[st.st_mtime_ns, st.st_size, sys.version], marshal.dumps(hot),
-             cold and marshal.dumps(cold), called]
+    parts = [marshal.dumps(hot), marshal.dumps(cold) if cold else b'']
+    index = [[st.st_mtime_ns, st.st_size, sys.version], len(parts[0]), len(parts[1]), called]
     cache = os.path.join(os.path.dirname(path), '__pycache__',
                          'cocker.%s.chapters' % sys.implementation.cache_tag)
     try:
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         temporary = '%s.%d' % (cache, os.getpid())
         with open(temporary, 'wb') as f:
-            f.write(marshal.dumps(parts))
+            f.write(marshal.dumps(index) + parts[0] + parts[1])
         os.replace(temporary, cache)
     except OSError:
         pass                            # (a read-only copy compiles at each start)
     exec(hot, module.__dict__)
-    module.keep_cold_chapters(parts[2], called)
+    module.keep_cold_chapters(cold, called)
     return module
 
 
-def keep_cold_chapters(code, called):
-    """The cold chapters' bytecode kept for later, and a stub for each name the rest calls."""
-    if code:
+def keep_cold_chapters(where, called):
+    """What the cold chapters load from, and a stub for each cold name the rest calls.
+    where: their code, or (the cache, the offset of their code in it, the index it had)."""
+    if where and (not isinstance(where, tuple) or where[2][2]):
         namespace = globals()
-        namespace['COLD_CODE'] = code
+        if isinstance(where, tuple) and not where[0].startswith('/'):
+            where = (os.path.abspath(where[0]),) + where[1:]    # (before any chdir)
+        namespace['COLD_CODE'] = where
         for name in called:
             namespace[name] = cold_stub(namespace, name)
 
@@ -107,17 +113,32 @@ def cold_stub(namespace, name):
 
 
 def load_cold_chapters(namespace):
-    """Define the cold chapters' names beside the others: once, from the bytecode kept (in
-    a monitor, which let it go, from the file)."""
+    """Define the cold chapters' names beside the others: once, from the cache they came
+    with, if it is still the one that the hot code came from, else from the file (as in a
+    monitor, which let them go)."""
     if 'COLD_CODE' in namespace:
-        import marshal
-        code = namespace.pop('COLD_CODE')
-        exec(marshal.loads(code) if code else compile_chapters(namespace['__file__'])[1],
-             namespace)
+        where = namespace.pop('COLD_CODE')
+        code = where if not isinstance(where, tuple) else cached_cold_code(*where)
+        exec(code or compile_chapters(namespace['__file__'])[1], namespace)
+
+
+def cached_cold_code(cache, offset, index):
+    """The cold code in the cache, or None if the cache was made again meanwhile."""
+    import marshal
+    try:
+        with open(cache, 'rb') as f:
+            if marshal.load(f) != index:
+                return None
+            f.seek(offset)
+            data = f.read(index[2])
+        return marshal.loads(data) if len(data) == index[2] else None
+    except (OSError, EOFError, ValueError, TypeError):
+        return None
 
 
 def let_cold_chapters_go():
-    if globals().get('COLD_CODE'):
+    """A monitor keeps no cold code in memory: it never needs it."""
+    if globals().get('COLD_CODE') is not None and not isinstance(COLD_CODE, tuple):
         globals()['COLD_CODE'] = None
 
 

@@ -1123,6 +1123,53 @@ def test_cold_chapters_load_on_the_first_call_of_one_of_their_functions(tmp_path
     assert [f for f in os.listdir(str(tmp_path / '__pycache__')) if f.endswith('.chapters')]
 
 
+def header_code(path, then):
+    """The Python that the sh header of the file at path runs, with `then` for its last
+    statement (the command)."""
+    with open(path) as f:
+        line = f.read().split('\n')[6]
+    code = line.split('"-c" "', 1)[1].rsplit('" "$0" "$@"', 1)[0]
+    assert code.endswith('m.exit_quickly(m.main(sys.argv[2:]))'), code
+    return code[:-len('m.exit_quickly(m.main(sys.argv[2:]))')] + then
+
+
+def test_the_header_reads_the_hot_code_and_the_cold_chapters_come_later_from_the_cache(
+        tmp_path):
+    import marshal
+    import subprocess
+    import sys
+    copy = str(tmp_path / 'cocker')
+    with open(COCKER, 'rb') as f, open(copy, 'wb') as g:
+        g.write(f.read())
+    code = header_code(copy, "print(type(m.COLD_CODE).__name__, m.parse_srepo('u@h:2222'))")
+    run = [sys.executable, '-I', '-S', '-c', code, copy]
+    first = subprocess.check_output(run).decode()     # (compiles, and makes the cache)
+    cache = [str(tmp_path / '__pycache__' / n) for n in os.listdir(str(tmp_path / '__pycache__'))
+             if n.endswith('.chapters')][0]
+    with open(cache, 'rb') as f:
+        index = marshal.load(f)
+        hot = f.read(index[1])
+        cold = f.read()
+    assert len(cold) == index[2] and 'parse_srepo' in index[3]
+    assert isinstance(marshal.loads(hot), type(header_code.__code__))
+    # the cold code the next command finds there is the one it runs
+    variant = str(tmp_path / 'variant.py')
+    with open(COCKER) as f, open(variant, 'w') as g:
+        g.write(f.read().replace('def parse_srepo(text):\n',
+                                 'def parse_srepo(text):\n    return "from the cache"\n', 1))
+    other = marshal.dumps(cocker.compile_chapters(variant)[1])
+    index[2] = len(other)
+    with open(cache, 'wb') as f:
+        f.write(marshal.dumps(index) + hot + other)
+    second = subprocess.check_output(run).decode()
+    assert first.startswith('code ') and 'u' in first and '2222' in first, first
+    assert second.strip() == 'tuple from the cache', second
+    # a cache made again meanwhile (another index) is not read: the file is compiled
+    assert cocker.cached_cold_code(cache, len(marshal.dumps(index)) + len(hot), index)
+    index[0] = index[0][:1] + [index[0][1] + 1] + index[0][2:]
+    assert cocker.cached_cold_code(cache, len(marshal.dumps(index)) + len(hot), index) is None
+
+
 def test_chapters_stay_whole_when_the_hot_part_reads_a_cold_constant(tmp_path):
     rule = '# ' + '=' * 20
     source = '\n'.join([
