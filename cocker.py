@@ -3911,7 +3911,7 @@ def boot_container(name, exec_cmd, stdio=None):
     while PID 1 sets up, GO, the wait for READY; all of it undone if any fails.  stdio:
     {'stdin', 'stdout', 'stderr': fd, 'tty': bool} of a one-shot run, for its main
     process."""
-    init = load_cockerinit()
+    init = sys.modules.get('cockerinit')    # (a one-shot run has it: it checked -e)
     ready, theirs = ready_channel()
     try:
         with Rollback(teardown_container, name) as undo:
@@ -3923,7 +3923,8 @@ def boot_container(name, exec_cmd, stdio=None):
                     undo.push(rest.close)
                 debug('boot of %s: %s done', name, setup.__name__)
             monitor = monitor_forked_by_sibling(name, init, exec_cmd, theirs, stdio)
-            if monitor is None:
+            if monitor is None:             # ours, with cockerinit's code for its PID 1
+                init = load_cockerinit()
                 monitor = os.fork()
                 if monitor == 0:
                     ready.close()
@@ -4440,11 +4441,14 @@ def monitor_forked_by_sibling(name, init, exec_cmd, ready_w, stdio):
 
 
 def code_identity(init):
-    """The interpreter, cocker.py and cockerinit.py as this process loaded them ('' for a
-    cockerinit imported otherwise, as the tests do)."""
-    if not LOADED_FROM or not hasattr(init, 'LOADED_FROM'):
+    """The interpreter, cocker.py and cockerinit.py as this process loaded them, or would
+    load it (init None: a boot that a sibling serves never loads it) ('' for a cockerinit
+    imported otherwise, as the tests do)."""
+    loaded = file_identity(cockerinit_path()) if init is None else \
+        getattr(init, 'LOADED_FROM', '')
+    if not LOADED_FROM or not loaded:
         return ''
-    return '%s|%s|%s|%s' % (sys.executable, sys.version, LOADED_FROM, init.LOADED_FROM)
+    return '%s|%s|%s|%s' % (sys.executable, sys.version, LOADED_FROM, loaded)
 
 
 def monitor_request(name, init, exec_cmd, stdio, keys):
@@ -5415,7 +5419,8 @@ def cockerinit_path():
 def load_cockerinit():
     """cockerinit.py as a module: its confine() is the one confinement of the container's
     processes and of the file helpers (a host file, read before anything is entered).
-    Loaded once a command: a one-shot run checks -e with it, then boots with it."""
+    Loaded once a command: a one-shot run checks -e with it, then boots with it; a boot
+    whose monitor a running one forks (it has this code) never loads it."""
     module = sys.modules.get('cockerinit')
     if module is None:
         try:    # (what importlib.machinery gives, without the warnings it loads: 1 ms a boot)
