@@ -4,7 +4,7 @@
 # start-up; see the chapter Loading), isolated and without site packages (-I -S: no module
 # planted in the caller's directory or named by PYTHON* variables is ever loaded by root,
 # and the site scan's 5 ms are saved).  Read by Python, the line is only a string.
-"exec" "${COCKER_PYTHON:-python3}" "-I" "-S" "-c" "import sys,os,marshal as M;p=sys.argv[1];t=os.stat(p);c=os.path.join(os.path.dirname(p),'__pycache__','cocker.'+sys.implementation.cache_tag+'.chapters');f=os.path.exists(c) and open(c,'rb');x=f and M.load(f);m=sys.modules['cocker']=type(sys)('cocker');m.__file__=p;g=m.__dict__;x and x[0]==[t.st_mtime_ns,t.st_size,sys.version] and [exec(M.loads(f.read(x[1])),g),m.keep_cold_chapters((c,f.tell(),x),x[3])] or exec(compile(open(p,'rb').read().split(b'\n# ---- end of loading ----\n')[0],p,'exec'),g) or m.load_cocker(p);f and f.close();del x,f;m.exit_quickly(m.main(sys.argv[2:]))" "$0" "$@"
+"exec" "${COCKER_PYTHON:-python3}" "-I" "-S" "-c" "import sys,os,marshal as M;p=sys.argv[1];t=os.stat(p);c=os.path.join(os.path.dirname(p),'__pycache__','cocker.'+sys.implementation.cache_tag+'.chapters');f=os.path.exists(c) and open(c,'rb');x=f and M.load(f);m=sys.modules['cocker']=type(sys)('cocker');m.__file__=p;g=m.__dict__;x and x[0]==[t.st_mtime_ns,t.st_size,sys.version] and f.tell()+x[1]+x[2]==os.fstat(f.fileno()).st_size and [exec(M.loads(f.read(x[1])),g),m.keep_cold_chapters((c,x),x[3])] or exec(compile(open(p,'rb').read().split(b'\n# ---- end of loading ----\n')[0],p,'exec'),g) or m.load_cocker(p);f and f.close();del x,f;m.exit_quickly(m.main(sys.argv[2:]))" "$0" "$@"
 """cocker: a container engine for Linux servers that manages containers like virtual hosts.
 
 A successor of the C cocker, written for the Python standard library only (3.6 and newer),
@@ -59,7 +59,8 @@ from _signal import SIGCHLD, SIGKILL, SIGPIPE, SIGTERM, SIGXFSZ  # not signal.py
 #
 # The cache: an index, marshalled ([the file's mtime, size and the Python version, the
 # length of the hot code, of the cold code, the cold names the hot code calls]), then the
-# hot code, then the cold code, each marshalled.
+# hot code, then the cold code, each marshalled.  Cold code comes from the cache the hot
+# code came from, or from the file the hot code was loaded from: never from another.
 
 COLD_CHAPTERS = ('Image archives', 'OCI and Docker archives', 'Image repository over ssh',
                  'Image registry: the server', 'Image registry: the client',
@@ -81,6 +82,7 @@ def load_cocker(path):
         temporary = '%s.%d' % (cache, os.getpid())
         with open(temporary, 'wb') as f:
             f.write(marshal.dumps(index) + parts[0] + parts[1])
+            os.fsync(f.fileno())        # (a power cut must not leave it empty)
         os.replace(temporary, cache)
     except OSError:
         pass                            # (a read-only copy compiles at each start)
@@ -91,11 +93,12 @@ def load_cocker(path):
 
 def keep_cold_chapters(where, called):
     """What the cold chapters load from, and a stub for each cold name the rest calls.
-    where: their code, or (the cache, the offset of their code in it, the index it had)."""
-    if where and (not isinstance(where, tuple) or where[2][2]):
+    where: their code, or (the cache, the index it had)."""
+    if where and (not isinstance(where, tuple) or where[1][2]):
         namespace = globals()
-        if isinstance(where, tuple) and not where[0].startswith('/'):
-            where = (os.path.abspath(where[0]),) + where[1:]    # (before any chdir)
+        if isinstance(where, tuple):
+            where = (absolute(where[0]), where[1])
+        namespace['__file__'] = absolute(namespace['__file__'])
         namespace['COLD_CODE'] = where
         for name in called:
             namespace[name] = cold_stub(namespace, name)
@@ -112,24 +115,43 @@ def cold_stub(namespace, name):
     return stub
 
 
+def absolute(path):
+    """path made absolute while the working directory is the one it is relative to."""
+    try:
+        return os.path.abspath(path)
+    except OSError:                     # (a working directory removed)
+        return path
+
+
 def load_cold_chapters(namespace):
     """Define the cold chapters' names beside the others: once, from the cache they came
     with, if it is still the one that the hot code came from, else from the file (as in a
-    monitor, which let them go)."""
+    monitor, which let them go), if it is still the one the hot code came from."""
     if 'COLD_CODE' in namespace:
-        where = namespace.pop('COLD_CODE')
+        where = namespace['COLD_CODE']
         code = where if not isinstance(where, tuple) else cached_cold_code(*where)
-        exec(code or compile_chapters(namespace['__file__'])[1], namespace)
+        if code is None:
+            path = namespace['__file__']
+            try:
+                same = file_identity(path) == namespace['LOADED_FROM']
+            except OSError:
+                same = False
+            if not same:
+                raise CockerError('%s changed while this command ran (an upgrade?): run the '
+                                  'command again' % path)
+            code = compile_chapters(path)[1]
+        del namespace['COLD_CODE']
+        exec(code, namespace)
 
 
-def cached_cold_code(cache, offset, index):
+def cached_cold_code(cache, index):
     """The cold code in the cache, or None if the cache was made again meanwhile."""
     import marshal
     try:
         with open(cache, 'rb') as f:
             if marshal.load(f) != index:
                 return None
-            f.seek(offset)
+            f.seek(f.tell() + index[1])
             data = f.read(index[2])
         return marshal.loads(data) if len(data) == index[2] else None
     except (OSError, EOFError, ValueError, TypeError):
@@ -3912,6 +3934,7 @@ def boot_container(name, exec_cmd, stdio=None):
     {'stdin', 'stdout', 'stderr': fd, 'tty': bool} of a one-shot run, for its main
     process."""
     init = sys.modules.get('cockerinit')    # (a one-shot run has it: it checked -e)
+    identity = code_identity(init)          # (and cockerinit.py is there, before any step)
     ready, theirs = ready_channel()
     try:
         with Rollback(teardown_container, name) as undo:
@@ -3922,7 +3945,7 @@ def boot_container(name, exec_cmd, stdio=None):
                     pending.append(rest)
                     undo.push(rest.close)
                 debug('boot of %s: %s done', name, setup.__name__)
-            monitor = monitor_forked_by_sibling(name, init, exec_cmd, theirs, stdio)
+            monitor = monitor_forked_by_sibling(name, identity, exec_cmd, theirs, stdio)
             if monitor is None:             # ours, with cockerinit's code for its PID 1
                 init = load_cockerinit()
                 monitor = os.fork()
@@ -4405,15 +4428,14 @@ class MonitorForked(BaseException):
         self.order = order
 
 
-def monitor_forked_by_sibling(name, init, exec_cmd, ready_w, stdio):
+def monitor_forked_by_sibling(name, identity, exec_cmd, ready_w, stdio):
     """The pid of this boot's monitor, forked by the monitor that SIBLING_FILE names, or
-    None (there is none, it refused, it failed): the command forks its own."""
+    None (there is none, it refused, it failed): the command forks its own.  identity:
+    the code this boot runs (code_identity)."""
     sibling = read_small(os.path.join(HOME, SIBLING_FILE), '')
-    if sibling == name or not is_good_name(sibling):
+    if sibling == name or not is_good_name(sibling) or not identity:
         return None
     import _socket
-    if not code_identity(init):
-        return None
     keys = [k for k in STDIO_KEYS if k in (stdio or {})]
     fds = [ready_w] + [stdio[k] for k in keys]
     try:
@@ -4422,7 +4444,7 @@ def monitor_forked_by_sibling(name, init, exec_cmd, ready_w, stdio):
     except OSError:
         return None                     # (stopped, or a monitor of an older cocker)
     try:
-        sock.send(monitor_request(name, init, exec_cmd, stdio, keys))
+        sock.send(monitor_request(name, identity, exec_cmd, stdio, keys))
         answer = sock.recv(512)
         if not answer.startswith(b'P'):
             debug('the monitor of %s forks none for %s: %s', sibling, name,
@@ -4451,9 +4473,9 @@ def code_identity(init):
     return '%s|%s|%s|%s' % (sys.executable, sys.version, LOADED_FROM, loaded)
 
 
-def monitor_request(name, init, exec_cmd, stdio, keys):
+def monitor_request(name, identity, exec_cmd, stdio, keys):
     """A boot's order to a monitor: fields separated by NUL, the environment last."""
-    fields = [code_identity(init), HOME, name, '-' if exec_cmd is None else '+' + exec_cmd,
+    fields = [identity, HOME, name, '-' if exec_cmd is None else '+' + exec_cmd,
               ','.join(keys), '1' if (stdio or {}).get('tty') else '', '1' if DEBUG else '',
               repr(STARTED), '1' if name in EPHEMERAL else '']
     with open('/proc/self/cmdline', 'rb') as f:

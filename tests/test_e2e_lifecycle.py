@@ -431,7 +431,7 @@ module.HOME = os.environ['COCKER_HOME']
 init = module.load_cockerinit()
 import _socket
 sock = module.connect_unix(module.container_dir(sibling), 'monitor.sock', _socket.SOCK_SEQPACKET, 5)
-sock.send(module.monitor_request(name, init, None, None, []))
+sock.send(module.monitor_request(name, module.code_identity(init), None, None, []))
 print(sock.recv(512).decode())
 """
 

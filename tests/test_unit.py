@@ -1164,10 +1164,24 @@ def test_the_header_reads_the_hot_code_and_the_cold_chapters_come_later_from_the
     second = subprocess.check_output(run).decode()
     assert first.startswith('code ') and 'u' in first and '2222' in first, first
     assert second.strip() == 'tuple from the cache', second
-    # a cache made again meanwhile (another index) is not read: the file is compiled
-    assert cocker.cached_cold_code(cache, len(marshal.dumps(index)) + len(hot), index)
-    index[0] = index[0][:1] + [index[0][1] + 1] + index[0][2:]
-    assert cocker.cached_cold_code(cache, len(marshal.dumps(index)) + len(hot), index) is None
+    # a cache made again meanwhile (another index) is not read: the file is compiled...
+    assert cocker.cached_cold_code(cache, index)
+    other_index = [index[0][:1] + [index[0][1] + 1] + index[0][2:]] + index[1:]
+    assert cocker.cached_cold_code(cache, other_index) is None
+    # ...if it is still the one the hot code came from: never cold code of another
+    changed = header_code(copy, "open(c, 'r+b').write(M.dumps([[0, 0, ''], 0, 0, []])); "
+                                "open(p, 'a').write('#'); m.parse_srepo('u@h:2222')")
+    failed = subprocess.run([sys.executable, '-I', '-S', '-c', changed, copy],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert failed.returncode != 0 and b'changed while this command ran' in failed.stderr, \
+        failed.stderr
+    # a cache cut short (a crash while it was written) is made again
+    subprocess.check_output(run)
+    size = os.path.getsize(cache)
+    with open(cache, 'r+b') as f:
+        f.truncate(size - 10)
+    assert subprocess.check_output(run).decode().startswith('code ')
+    assert os.path.getsize(cache) == size
 
 
 def test_chapters_stay_whole_when_the_hot_part_reads_a_cold_constant(tmp_path):
@@ -1211,7 +1225,7 @@ def test_network_state_round_trips_and_reads_the_json_of_older_cockers():
 def test_a_monitor_request_is_read_back_and_a_bad_one_refused(monkeypatch):
     monkeypatch.setattr(init, 'LOADED_FROM', 'cockerinit here', raising=False)
     monkeypatch.setattr(cocker, 'HOME', '/tmp/home')
-    msg = cocker.monitor_request('web', init, 'sleep 1', {'stdin': 5, 'tty': True}, ['stdin'])
+    msg = cocker.monitor_request('web', cocker.code_identity(init), 'sleep 1', {'stdin': 5, 'tty': True}, ['stdin'])
     request = cocker.parse_monitor_request(msg)
     assert (request['name'], request['exec'], request['stdio'], request['tty']) == \
         ('web', 'sleep 1', ['stdin'], True)
@@ -1219,7 +1233,7 @@ def test_a_monitor_request_is_read_back_and_a_bad_one_refused(monkeypatch):
     assert dict(request['env']) == dict(os.environb)
     assert request['argv'] == open('/proc/self/cmdline', 'rb').read().split(b'\0')[:-1]
     assert cocker.parse_monitor_request(
-        cocker.monitor_request('web', init, None, None, []))['exec'] is None
+        cocker.monitor_request('web', cocker.code_identity(init), None, None, []))['exec'] is None
     head = msg.split(b'\0')[:10]
     for bad in (b'cocker-monitor-0' + msg[16:], b'\0' * 40, b'', msg[:40],
                 b'\0'.join(head + [b'99999']), b'\0'.join(head + [b'x']),
@@ -1228,6 +1242,16 @@ def test_a_monitor_request_is_read_back_and_a_bad_one_refused(monkeypatch):
             cocker.parse_monitor_request(bad)
     monkeypatch.delattr(init, 'LOADED_FROM')
     assert cocker.code_identity(init) == ''      # a cockerinit imported otherwise: no forks
+
+
+def test_a_boot_that_has_not_loaded_cockerinit_names_the_code_it_would_load(monkeypatch):
+    """A sibling compares the file's identity with the one of the cockerinit it loaded."""
+    import sys
+    monkeypatch.setitem(sys.modules, 'cockerinit', None)     # (none loaded yet)
+    loaded = cocker.load_cockerinit()
+    assert loaded is not init and loaded.LOADED_FROM
+    assert cocker.code_identity(None) == cocker.code_identity(loaded) != ''
+    assert cocker.cockerinit_path() in cocker.code_identity(None)
 
 
 def test_the_context_a_monitor_compares_tells_a_process_apart_from_itself():
