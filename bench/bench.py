@@ -3,7 +3,10 @@
 What is measured (median wall-clock time of --repeat runs, time.perf_counter, each command
 a fresh process started with subprocess, stdout and stderr piped, stdin /dev/null):
 
-    python -c pass            the interpreter's own start-up: the floor of any cocker command
+    python -c pass            the interpreter's own start-up, site packages scanned
+    python -I -S -c pass      the same as cocker's sh header starts it (isolated, no site
+                              scan): the floor of any cocker command, the "one interpreter
+                              start" of the issue's targets
     cocker -v                 cocker started as operators start it: the two files copied
                               into a bin directory (cocker.py as `cocker`) and run as a
                               program, whose sh header loads it with its bytecode cached
@@ -36,10 +39,12 @@ note when that fails or its first run does; --no-peers skips both):
                               so that the host's blob cache is not written
 
 The report gives the ratios cocker -v / python -c pass (target <= 1.5), one-shot / runc
-run (target <= 2) and one-shot / podman run --rm (target <= 0.25), for information full
-cycle / unshare floor, -a run / python -c pass, full cycle / runc run and full cycle /
-podman run --rm, and the absolute targets: full cycle <= 80 ms, its boot <= 30 ms, its
-destroy -h <= 20 ms, -a run <= 20 ms.  A target missed is marked MISSED.
+run (target <= 2) and one-shot / podman run --rm (target <= 0.25), for information cocker -v
+/ python -I -S -c pass (what loading cocker adds to the start), full cycle / unshare floor,
+-a run / python -c pass, full cycle / runc run and full cycle / podman run --rm, and the
+absolute targets: full cycle <= 80 ms, its boot <= 30 ms, its destroy -h <= 20 ms, -a run
+<= 20 ms, each also in interpreter starts (python -I -S -c pass), the unit in which the
+targets assume a start of ~10 ms (8, 3, 2 and 2 starts).  A target missed is marked MISSED.
 
 cocker runs with a real interpreter (COCKER_PYTHON), never a pyenv shim: --python PATH,
 else $COCKER_PYTHON, else the interpreter running this script.  PYTHONDONTWRITEBYTECODE is
@@ -530,8 +535,9 @@ class Bench(object):
 
     # -- floors -----------------------------------------------------------------------
 
-    def python_pass(self):
-        return run_checked([self.python, '-c', 'pass'], self.env, 'python -c pass')[0]
+    def python_pass(self, *options):
+        command = [self.python] + list(options) + ['-c', 'pass']
+        return run_checked(command, self.env, ' '.join(['python'] + command[1:]))[0]
 
     def unshare_floor(self):
         """Namespaces + overlay of the test image + chroot /bin/true, one process tree."""
@@ -634,6 +640,7 @@ class Bench(object):
     def measure(self):
         sys.stderr.write('warming up\n')
         self.python_pass()
+        self.python_pass('-I', '-S')
         self.run_cocker('-v')
         self.script_version()
         self.unshare_floor()
@@ -648,6 +655,7 @@ class Bench(object):
                 sys.stderr.write('\rround %d/%d' % (i, self.repeat))
                 sys.stderr.flush()
             self.record('pass', self.python_pass())
+            self.record('bare', self.python_pass('-I', '-S'))
             self.record('version', self.run_cocker('-v')[0])
             self.record('script', self.script_version())
             self.record('floor', self.unshare_floor())
@@ -710,6 +718,7 @@ class Bench(object):
         ms = dict((k, median(v) * 1000.0) for k, v in self.times.items())
         rows = [
             ('python -c pass', 'pass'),
+            ('python -I -S -c pass', 'bare'),
             ('cocker -v', 'version'),
             ('python cocker.py -v (compiled each time)', 'script'),
             ('unshare+overlay+chroot /bin/true', 'floor'),
@@ -739,6 +748,7 @@ class Bench(object):
         lines.append('')
         ratios = [
             ('cocker -v / python -c pass', 'version', 'pass', 1.5),
+            ('cocker -v / python -I -S -c pass', 'version', 'bare', None),
             ('full cycle / unshare floor', 'cycle', 'floor', None),
             ('-a run / python -c pass', 'run', 'pass', None),
             ('one-shot / runc run', 'oneshot', 'runc', 2),
@@ -764,6 +774,9 @@ class Bench(object):
         for label, key, target in absolute:
             lines.append('%-*s %6.1f ms  %s' % (width, label, ms[key],
                                                  target_text(ms[key], target, ' ms')))
+            lines.append('%-*s %6.1f starts  (the target: %g at 10 ms)' % (
+                width, '  in interpreter starts (python -I -S -c pass)', ms[key] / ms['bare'],
+                target / 10.0))
         print('\n'.join(lines))
 
 
