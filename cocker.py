@@ -559,22 +559,6 @@ def ioprio_get(pid):
     return None if value < 0 else value
 
 
-SYS_PIDFD_OPEN = 434                    #: the same number on every architecture
-
-
-def pidfd_open(pid):
-    """A descriptor that becomes readable when process pid ends; None where the kernel
-    (before 5.3) has none, or the process is gone."""
-    try:
-        if hasattr(os, 'pidfd_open'):           # (3.9+)
-            return os.pidfd_open(pid)
-        import ctypes
-        return _check(libc().syscall(ctypes.c_long(SYS_PIDFD_OPEN), ctypes.c_int(pid),
-                                     ctypes.c_uint(0)), 'pidfd_open')
-    except OSError:
-        return None
-
-
 SYS_CLONE3 = 435                        #: (every architecture)
 CLONE_INTO_CGROUP = 1 << 33
 CLONE_ARGS = '=11Q'                     #: struct clone_args up to .cgroup (Linux 5.7)
@@ -4042,9 +4026,9 @@ def monitor_once(init, name, exec_cmd, ready_w, stdio, by_sibling):
     """One container's monitor, until its teardown and exit; returns only in a monitor
     forked meanwhile for another boot -> that boot's order.  by_sibling: this monitor was
     forked by another, so forks none itself."""
-    status, forked, siblings = 1, None, None
+    status, forked, siblings, running = 1, None, None, None
     try:
-        become_monitor(name, {ready_w} | stdio_fds(stdio))
+        running = become_monitor(name, {ready_w} | stdio_fds(stdio))
         if stdio is None and not by_sibling:    # (a one-shot run's monitor is soon gone)
             siblings = listen_for_siblings(name, init)
         debug('monitor of %s: set up', name)
@@ -4063,6 +4047,8 @@ def monitor_once(init, name, exec_cmd, ready_w, stdio, by_sibling):
             except (OSError, CockerError) as e:
                 log('ERROR', 'monitor of %s: %s' % (name, error_text(e)))
             finally:
+                if running is not None:
+                    os.close(running)   # done: the stop command goes on while we exit
                 os._exit(status)
     return forked
 
@@ -4070,7 +4056,7 @@ def monitor_once(init, name, exec_cmd, ready_w, stdio, by_sibling):
 def become_monitor(name, keep):
     """A session of its own, nothing of the CLI's descriptors (but those in keep),
     running.lock held (the kernel drops it when the monitor dies: a kill -9 can never
-    leave a false RUNNING)."""
+    leave a false RUNNING) -> its descriptor."""
     os.setsid()
     os.chdir('/')                       # do not pin the caller's working directory
     devnull = os.open('/dev/null', os.O_RDWR)
@@ -4086,6 +4072,7 @@ def become_monitor(name, keep):
                       os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     fcntl.flock(running, fcntl.LOCK_EX)
     write_attr(name, 'pid', str(os.getpid()))
+    return running
 
 
 def write_quietly(fd, text):
@@ -4346,28 +4333,64 @@ def stop_monitor(name, pid, sig=SIGTERM, timeout=STOP_TIMEOUT + 5):
 
 
 def wait_for_monitor(name, pid, timeout):
-    """Until the monitor has let go of running.lock (its cleanup done), at most timeout
-    seconds (None: no limit) -> whether it did.  Woken by its exit through a pidfd; where
-    there is none, checked every 20 ms."""
-    import select
-    deadline = None if timeout is None else time.time() + timeout
-    watch = pidfd_open(pid)
+    """Until the monitor has let go of running.lock (its cleanup done: it lets go before
+    its exit, or dies), at most timeout seconds (None: no limit) -> whether it did.  A
+    container of the C cocker (no running.lock) is watched every 20 ms."""
     try:
-        while monitor_alive(name):
-            left = None if deadline is None else deadline - time.time()
-            if left is not None and left <= 0:
-                return False
-            if watch is None:
-                reap_if_child(pid)
-                time.sleep(0.02 if left is None else min(0.02, left))
-            elif select.select([watch], [], [], left)[0]:
-                reap_if_child(pid)
-                os.close(watch)
-                watch = None            # gone: running.lock is free, or another holds it
-        return True
+        fd = os.open(container_file(name, 'running.lock'), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return wait_for_pid(name, pid, timeout)
+    try:
+        return lock_within(fd, timeout)
     finally:
-        if watch is not None:
-            os.close(watch)
+        os.close(fd)                    # (our shared lock with it)
+        reap_if_child(pid)
+
+
+class LockTimeout(Exception):
+    """The time to wait for a lock is up (raised by lock_within's alarm)."""
+
+
+def lock_within(fd, timeout):
+    """A shared flock on fd, waited for at most timeout seconds (None: no limit) -> whether
+    it was taken."""
+    if timeout is None:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        return True
+    import _signal                      # (not signal.py: its enums cost a stop 3 ms)
+    waiting = [True]
+
+    def expired(signum, frame):
+        if waiting[0]:                  # (never once the wait is over)
+            raise LockTimeout()
+    saved = _signal.signal(_signal.SIGALRM, expired)
+    try:
+        _signal.setitimer(_signal.ITIMER_REAL, max(timeout, 0.001))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        finally:
+            waiting[0] = False
+        return True
+    except LockTimeout:                 # (or it came just as the lock was taken)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+    finally:
+        _signal.setitimer(_signal.ITIMER_REAL, 0)
+        _signal.signal(_signal.SIGALRM, saved)
+
+
+def wait_for_pid(name, pid, timeout):
+    deadline = None if timeout is None else time.time() + timeout
+    while monitor_alive(name):
+        left = None if deadline is None else deadline - time.time()
+        if left is not None and left <= 0:
+            return False
+        reap_if_child(pid)
+        time.sleep(0.02 if left is None else min(0.02, left))
+    return True
 
 
 def reap_if_child(pid, block=False):

@@ -1184,6 +1184,31 @@ def test_the_header_reads_the_hot_code_and_the_cold_chapters_come_later_from_the
     assert os.path.getsize(cache) == size
 
 
+def test_a_stop_waits_for_the_lock_and_no_longer_than_it_was_told(tmp_path):
+    import fcntl
+    import signal
+    path = str(tmp_path / 'running.lock')
+    holder = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    pid = os.fork()
+    if pid == 0:                        # holds it (as the monitor does) for 0.3 s
+        time.sleep(0.3)
+        os._exit(0)
+    os.close(holder)                    # (the child's copy holds it now)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        handler = signal.getsignal(signal.SIGALRM)
+        assert cocker.lock_within(fd, 0.05) is False
+        started = time.time()
+        assert cocker.lock_within(fd, 10) is True
+        assert 0.1 < time.time() - started < 5
+        assert signal.getsignal(signal.SIGALRM) is handler
+        assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    finally:
+        os.close(fd)
+        os.waitpid(pid, 0)
+
+
 def test_chapters_stay_whole_when_the_hot_part_reads_a_cold_constant(tmp_path):
     rule = '# ' + '=' * 20
     source = '\n'.join([
