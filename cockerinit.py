@@ -511,13 +511,17 @@ def default_signals():
     _signal.pthread_sigmask(_signal.SIG_SETMASK, [])
 
 
-def reset_oom_score():
-    """PID 1 is shielded from the OOM killer (cocker sets that); its children are not."""
+def reset_oom_score(value='0'):
+    """PID 1 is shielded from the OOM killer (cocker sets that); its children are not ->
+    the score it had."""
     try:
+        with open('/proc/self/oom_score_adj') as f:
+            old = f.read().strip()
         with open('/proc/self/oom_score_adj', 'w') as f:
-            f.write('0')
+            f.write(value)
+        return old
     except OSError:
-        pass
+        return None
 
 
 def exec_child(argv, env, stdio, ctty=None, cwd=None, creds=None, make_cwd=True):
@@ -559,16 +563,17 @@ def exec_child(argv, env, stdio, ctty=None, cwd=None, creds=None, make_cwd=True)
 def spawn_child(argv, env, stdio, cwd, make_cwd):
     """exec_child's work for a root command on pipes, without a copy of this process (a
     fork copies its page tables, then every page it writes: 2 ms of a run): the session's
-    process, which only relays from now on, takes on what the command inherits (directory,
-    umask, OOM score, no_new_privs, no descriptor but stdio), and posix_spawn's vfork
-    starts it in a new session, every signal default -> its pid, or None where this
-    cannot be done (the fork then does it, and says why)."""
+    process, which only relays from now on, takes on what the command inherits (umask,
+    directory, no_new_privs, no descriptor but stdio; the OOM score for the time of the
+    spawn), and posix_spawn's vfork starts it in a new session, every signal default but
+    glibc's own two (32 and 33: its spawn leaves them ignored, as in every program it
+    spawns) -> its pid, or None where this cannot be done (the fork then does it)."""
+    shield = None
     try:
+        os.umask(0o022)
         if cwd is not None and make_cwd and not os.path.isdir(cwd):
             os.makedirs(cwd, 0o755)
         os.chdir(cwd or ('/root' if os.path.isdir('/root') else '/'))
-        reset_oom_score()
-        os.umask(0o022)
         if NO_NEW_PRIVS:
             prctl(PR_SET_NO_NEW_PRIVS, 1)
         for fd in os.listdir('/proc/self/fd'):
@@ -577,14 +582,20 @@ def spawn_child(argv, env, stdio, cwd, make_cwd):
                     os.set_inheritable(int(fd), False)
                 except OSError:
                     pass                # (the listing's own descriptor, closed)
+        shield = reset_oom_score()
         return os.posix_spawn(
             argv[0].encode('utf-8', 'surrogateescape'),
             [a.encode('utf-8', 'surrogateescape') for a in argv],
             dict((k.encode(), v.encode('utf-8', 'surrogateescape')) for k, v in env.items()),
             file_actions=[(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(stdio)],
             setsid=True, setsigmask=(), setsigdef=_signal.valid_signals())
-    except (OSError, ValueError):
+    except (OSError, ValueError, NotImplementedError) as e:
+        log('session: no spawn (%s), a fork instead' % e)
+        os.chdir('/')                   # (PID 1's, where exec_child starts from)
         return None
+    finally:
+        if shield is not None:
+            reset_oom_score(shield)     # the relay keeps PID 1's shield
 
 
 def read_request(conn):

@@ -181,27 +181,40 @@ def test_nothing_of_the_host_reaches_the_container(running, cocker, home):
     assert cocker('-a', 'run', '-c', name, '--cmd', 'test -e %s' % home).rc == 1
 
 
-#: what a run command inherits, as its shell sees it (bash: the shell is itself the command)
-INHERITED = ('cd; pwd; umask; cat /proc/self/oom_score_adj; '
+#: what a run command inherits, as its shell sees it (bash: the shell is itself the command),
+#: and the OOM score of the session's process that relays for it (its parent)
+INHERITED = ('pwd; umask; cat /proc/self/oom_score_adj; '
              'grep -E "^(SigBlk|NoNewPrivs|CapEff|CapBnd)" /proc/self/status; '
              'set -- $(cat /proc/$$/stat); [ "$6" = "$1" ] && echo "a session of its own"; '
+             'echo "relay $(cat /proc/$PPID/oom_score_adj)"; '
              'grep SigIgn /proc/self/status; ls /proc/self/fd')
 
 
-def test_a_run_command_inherits_the_same_whether_spawned_or_forked(running, cocker):
+def test_a_run_command_inherits_the_same_whether_spawned_or_forked(cocker, test_image, names,
+                                                                   home):
     """As root on pipes, a run command is spawned (no copy of the session's process);
-    as a named user it is forked: both start from the same state."""
-    name = running('--no-new-privs')
+    as a named user it is forked: both start from the same state, whatever the umask and
+    OOM score of the command that booted the container."""
+    from conftest import COCKER_COMMAND, PYTHON
+    name = names()
+    assert cocker('-a', 'create', '-m', test_image, '-c', name, '--no-new-privs').rc == 0
+    boot = subprocess.run(['sh', '-c', 'echo 300 > /proc/self/oom_score_adj; umask 077; '
+                           'exec "$@"', 'sh'] + COCKER_COMMAND + ['-a', 'boot', '-c', name],
+                          env=dict(os.environ, COCKER_HOME=home, COCKER_PYTHON=PYTHON),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert boot.returncode == 0, boot
+    init_pid = int(open(container_path(home, name, 'init_pid')).read())
+    with open('/proc/%d/oom_score_adj' % init_pid) as f:
+        shield = f.read().strip()
     spawned = cocker('-a', 'run', '-c', name, '--cmd', INHERITED)
     forked = cocker('-a', 'run', '-c', name, '--user', '0:0', '--cmd', INHERITED)
     assert spawned.rc == 0 and forked.rc == 0, (spawned, forked)
     mine, theirs = (r.out.split('SigIgn:\t') for r in (spawned, forked))
     assert mine[0] == theirs[0], (spawned.out, forked.out)
     assert mine[0].startswith('/root\n0022\n0\n') and 'NoNewPrivs:\t1' in mine[0] and \
-        'a session of its own' in mine[0], mine[0]
-    # no signal ignored (glibc's spawn leaves its own two, 32 and 33, as its programs do:
-    # seen there, they tell that the command was spawned, where Python has posix_spawn)
-    from conftest import PYTHON
+        'a session of its own' in mine[0] and 'relay %s\n' % shield in mine[0], mine[0]
+    # no signal ignored but glibc's two, which its spawn leaves ignored (32 and 33): seen
+    # there, they tell that the command was spawned, where Python has posix_spawn
     spawns = subprocess.check_output([PYTHON, '-c', 'import sys; print(sys.version_info >= '
                                       '(3, 8))']).decode().strip() == 'True'
     assert int(mine[1].split()[0], 16) == (3 << 31 if spawns else 0), spawned.out
