@@ -124,9 +124,9 @@ def absolute(path):
 
 
 def load_cold_chapters(namespace):
-    """Define the cold chapters' names beside the others: once, from the cache they came
-    with, if it is still the one that the hot code came from, else from the file (as in a
-    monitor, which let them go), if it is still the one the hot code came from."""
+    """Define the cold chapters' names beside the others, once: from the cache the hot
+    code came from, if it is still there unchanged; else compiled from the file (so in a
+    monitor, which let them go), if that is still the file the hot code came from."""
     if 'COLD_CODE' in namespace:
         where = namespace['COLD_CODE']
         code = where if not isinstance(where, tuple) else cached_cold_code(*where)
@@ -4383,6 +4383,7 @@ def lock_within(fd, timeout):
 
 
 def wait_for_pid(name, pid, timeout):
+    """wait_for_monitor for a monitor without running.lock (the C cocker's): its pid."""
     deadline = None if timeout is None else time.time() + timeout
     while monitor_alive(name):
         left = None if deadline is None else deadline - time.time()

@@ -512,14 +512,18 @@ def default_signals():
 
 
 def reset_oom_score(value='0'):
-    """PID 1 is shielded from the OOM killer (cocker sets that); its children are not ->
-    the score it had."""
+    """PID 1 is shielded from the OOM killer (cocker sets that); its children are not."""
     try:
-        with open('/proc/self/oom_score_adj') as f:
-            old = f.read().strip()
         with open('/proc/self/oom_score_adj', 'w') as f:
             f.write(value)
-        return old
+    except OSError:
+        pass
+
+
+def oom_score():
+    try:
+        with open('/proc/self/oom_score_adj') as f:
+            return f.read().strip()
     except OSError:
         return None
 
@@ -582,7 +586,8 @@ def spawn_child(argv, env, stdio, cwd, make_cwd):
                     os.set_inheritable(int(fd), False)
                 except OSError:
                     pass                # (the listing's own descriptor, closed)
-        shield = reset_oom_score()
+        shield = oom_score()
+        reset_oom_score()
         return os.posix_spawn(
             argv[0].encode('utf-8', 'surrogateescape'),
             [a.encode('utf-8', 'surrogateescape') for a in argv],
