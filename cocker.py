@@ -560,23 +560,29 @@ def ioprio_get(pid):
 
 
 SYS_CLONE3 = 435                        #: (every architecture)
+CLONE_PARENT = 0x00008000
 CLONE_INTO_CGROUP = 1 << 33
 CLONE_ARGS = '=11Q'                     #: struct clone_args up to .cgroup (Linux 5.7)
 
 
-def clone3_into_cgroup(flags, cgroup_fd):
-    """fork() as clone3 does it: the child is born with `flags` (CLONE_NEWPID) in the
-    cgroup2 directory open as cgroup_fd, so no migration (and its RCU grace period) is
-    needed -> the pid, 0 in the child; None where it cannot be done: a Python before 3.7
-    (no fork hooks to call), a kernel before 5.7, a seccomp filter that refuses it, or more
-    than one thread.  Python's fork hooks run around the system call as they run around
-    os.fork, and it holds the GIL as os.fork's does."""
+def clone3(flags, cgroup_fd=None):
+    """fork() as clone3 does it: the child is born with `flags` (CLONE_NEWPID: in a new pid
+    namespace; CLONE_PARENT: a child of our parent) and, given cgroup_fd, in that cgroup2
+    directory, so no migration (and its RCU grace period) is needed -> the pid, 0 in the
+    child; None where it cannot be done: a Python before 3.7 (no fork hooks to call), a
+    kernel before 5.3 (5.7 for a cgroup), a seccomp filter that refuses it, or more than
+    one thread.  Python's fork hooks run around the system call as they run around os.fork,
+    and it holds the GIL as os.fork's does."""
     import ctypes
     api = ctypes.pythonapi
     if not hasattr(api, 'PyOS_BeforeFork') or len(os.listdir('/proc/self/task')) > 1:
         return None                     # (glibc's fork takes malloc's locks: clone3 cannot)
-    args = struct.pack(CLONE_ARGS, flags | CLONE_INTO_CGROUP, 0, 0, 0, SIGCHLD, 0, 0, 0, 0, 0,
-                       cgroup_fd)
+    if cgroup_fd is not None:
+        flags |= CLONE_INTO_CGROUP
+    # (a child of our parent ends with the signal we would end with: clone3 wants 0 here)
+    exit_signal = 0 if flags & CLONE_PARENT else SIGCHLD
+    args = struct.pack(CLONE_ARGS, flags, 0, 0, 0, exit_signal, 0, 0, 0, 0, 0,
+                       0 if cgroup_fd is None else cgroup_fd)
     buf = ctypes.create_string_buffer(args, len(args))
     api.PyOS_BeforeFork()
     pid = ctypes.PyDLL(None, use_errno=True).syscall(ctypes.c_long(SYS_CLONE3), buf,
@@ -587,7 +593,7 @@ def clone3_into_cgroup(flags, cgroup_fd):
     err = ctypes.get_errno()
     api.PyOS_AfterFork_Parent()
     if pid < 0:
-        debug('clone3 into a cgroup: %s; forking instead', os.strerror(err))
+        debug('clone3: %s; forking instead', os.strerror(err))
         return None
     return pid
 
@@ -3635,15 +3641,20 @@ def apply_cgroup_plan(root, controllers, limits, plan):
 
 
 def setup_cgroups(name, root=CGROUP_ROOT):
-    """Create the container's cgroups with its limits and its device allow list; PID 1
-    joins them (enter_cgroups)."""
+    """Create the container's cgroups with its limits (and the v1 devices controller's allow
+    list, which restrict_container_devices checks); PID 1 joins them (enter_cgroups)."""
     limits = container_limits(name)
     limits.pids_limit = limits.pids_limit or default_pids_limit(name, root)
     controllers, plan = cgroup_plan(root, name, limits)
     write_attr(name, 'cgroups', ''.join(directory + '\n' for directory, _ in plan))
     apply_cgroup_plan(root, controllers, limits, plan)
-    methods = restrict_devices([directory for directory, _ in plan])
     debug('cgroups of %s: %s', name, ' '.join(d for d, _ in plan))
+
+
+def restrict_container_devices(name):
+    """The device allow list on each of the container's cgroups (the monitor's step, before
+    PID 1 is born in them)."""
+    methods = restrict_devices(container_cgroups(name))
     debug('devices of %s: %s', name, ', '.join(methods + ['nodev mounts, no CAP_MKNOD']))
 
 
@@ -3829,8 +3840,9 @@ def cgroup_usage(name):
 # monitors below), finishes what the host steps left running (a BRIDGE container's eth0:
 # 5 to 10 ms of `ip` that PID 1's own set-up hides), sends GO on the ready channel and
 # waits for READY there:
-#   monitor: setsid, holds running.lock, unshare(CLONE_NEWPID), fork -> PID 1, copies
-#            cockerinit's log, waits for PID 1, undoes the host steps in reverse, exits.
+#   monitor: setsid, holds running.lock, takes MONITOR_STEPS (the device allow list, the
+#            root's mount), unshare(CLONE_NEWPID), fork -> PID 1, copies cockerinit's
+#            log, waits for PID 1, undoes the host steps in reverse, exits.
 #   PID 1:   takes PID1_STEPS in order, each checked (a failure ends the boot, which is
 #            undone), then runs cockerinit.py's code (loaded before the fork), which pivots
 #            into the root, shrinks the capability sets to Podman's, installs the seccomp
@@ -3842,11 +3854,18 @@ def cgroup_usage(name):
 #: What a boot sets up on the host, in order, beside its undo.  teardown_container runs the
 #: undos in reverse order: when PID 1 has ended, after a failed boot, on a dead container.
 #: Each setup writes down what it makes before making it, so its undo removes exactly that.
+#: The CLI takes HOST_STEPS, the monitor MONITOR_STEPS before it forks PID 1: those need
+#: system calls through ctypes, which a monitor has loaded already, and a CLI that a
+#: running monitor serves then never loads (3 ms of a boot).
 HOST_STEPS = (
     # BRIDGE: claims, netns, veth pair, iptables rules (cp/network.state); CUSTOM: its netns
     (setup_network, teardown_network),
-    # the cgroups with the limits and the device allow list (cp/cgroups)
+    # the cgroups with the limits (cp/cgroups)
     (setup_cgroups, teardown_cgroups),
+)
+MONITOR_STEPS = (
+    # the device allow list on those cgroups (a v2 device program goes with its cgroup)
+    (restrict_container_devices, None),
     # the nodev overlay root on cp/merged
     (mount_container_root, unmount_root),
 )
@@ -3869,7 +3888,8 @@ def teardown_container(name):
         undo(name)
         debug('teardown of %s: %s done', name, undo.__name__)
     try:
-        best_effort([lambda undo=undo: step(undo) for _, undo in reversed(HOST_STEPS)],
+        best_effort([lambda undo=undo: step(undo)
+                     for _, undo in reversed(HOST_STEPS + MONITOR_STEPS) if undo is not None],
                     'teardown of %s' % name)
     except (OSError, CockerError) as e:
         raise CockerError('cleaning up container %s: %s' % (name, error_text(e)))
@@ -3920,6 +3940,7 @@ def boot_container(name, exec_cmd, stdio=None):
     init = sys.modules.get('cockerinit')    # (a one-shot run has it: it checked -e)
     identity = code_identity(init)          # (and cockerinit.py is there, before any step)
     ready, theirs = ready_channel()
+    asked = ask_sibling(name, identity, exec_cmd, stdio)    # (it forks while we go on)
     try:
         with Rollback(teardown_container, name) as undo:
             pending = []
@@ -3929,7 +3950,7 @@ def boot_container(name, exec_cmd, stdio=None):
                     pending.append(rest)
                     undo.push(rest.close)
                 debug('boot of %s: %s done', name, setup.__name__)
-            monitor = monitor_forked_by_sibling(name, identity, exec_cmd, theirs, stdio)
+            monitor = asked and asked.monitor(name, theirs, stdio)
             if monitor is None:             # ours, with cockerinit's code for its PID 1
                 init = load_cockerinit()
                 monitor = os.fork()
@@ -3957,6 +3978,8 @@ def boot_container(name, exec_cmd, stdio=None):
         ready.close()
         if theirs is not None:
             os.close(theirs)
+        if asked is not None:
+            asked.close()               # (without the go, its monitor ends at once)
 
 
 def ready_channel():
@@ -4029,6 +4052,7 @@ def monitor_once(init, name, exec_cmd, ready_w, stdio, by_sibling):
     status, forked, siblings, running = 1, None, None, None
     try:
         running = become_monitor(name, {ready_w} | stdio_fds(stdio))
+        take_monitor_steps(name)
         if stdio is None and not by_sibling:    # (a one-shot run's monitor is soon gone)
             siblings = listen_for_siblings(name, init)
         debug('monitor of %s: set up', name)
@@ -4073,6 +4097,13 @@ def become_monitor(name, keep):
     fcntl.flock(running, fcntl.LOCK_EX)
     write_attr(name, 'pid', str(os.getpid()))
     return running
+
+
+def take_monitor_steps(name):
+    """The rest of the host side, before PID 1 is forked (its undo is the teardown's)."""
+    for setup, _ in MONITOR_STEPS:
+        setup(name)
+        debug('monitor of %s: %s done', name, setup.__name__)
 
 
 def write_quietly(fd, text):
@@ -4253,7 +4284,7 @@ def clone_into_cgroup2(flags, cgroups):
         return None
     fd = os.open(v2[0], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        return clone3_into_cgroup(flags, fd)
+        return clone3(flags, fd)
     finally:
         os.close(fd)
 
@@ -4413,12 +4444,14 @@ def reap_if_child(pid, block=False):
 # none, until it ends or has forked SIBLINGS_PER_MONITOR, and the next boot's own monitor
 # takes over (the kernel finds who maps a page they share by visiting each of them: in
 # reclaim, migration and DAMON's sampling, which took half a CPU at 1500 containers forked
-# by one, and in every fork, which waits for those visits).  The new monitor is its
-# grandchild (its parent exits at once, as a daemon's), gets the command's environment and
-# settings over the socket, sends its pid, then waits for the go, which brings the
-# command's descriptors (none is ever in flight to a monitor that may not read it): a
-# command that gave up (SIBLING_TIMEOUT) or died leaves nothing behind.  Otherwise, or
-# should anything fail, the command forks the monitor itself, as before.
+# by one, and in every fork, which waits for those visits).  The new monitor is a child of
+# init, as a daemon is (born so, or a grandchild whose parent exits), gets the command's
+# environment and settings over the socket, sends its pid, then waits for the go, which
+# brings the command's descriptors (none is ever in flight to a monitor that may not read
+# it): a command that gave up (SIBLING_TIMEOUT), failed or died leaves nothing behind.  The
+# order goes before the command's host steps and the go after them, so that the checks and
+# the fork (3 ms) happen while the command works.  Otherwise, or should anything fail, the
+# command forks the monitor itself, as before.
 
 SIBLING_FILE = 'forking_monitor'        #: HOME/forking_monitor: whose monitor forks
 SIBLINGS_PER_MONITOR = 32               #: (their shared pages cost each 1/33 of their size)
@@ -4452,38 +4485,63 @@ class MonitorForked(BaseException):
         self.order = order
 
 
-def monitor_forked_by_sibling(name, identity, exec_cmd, ready_w, stdio):
-    """The pid of this boot's monitor, forked by the monitor that SIBLING_FILE names, or
-    None (there is none, it refused, it failed): the command forks its own.  identity:
-    the code this boot runs (code_identity)."""
+class SiblingAsked(object):
+    """A boot's order sent to the monitor that SIBLING_FILE names, before the host steps:
+    it checks the command and forks the new monitor while the command takes them.  That
+    monitor does nothing until monitor() sends it the go; close() without it (a failed
+    step, a kill) and it ends, having done nothing."""
+
+    def __init__(self, sibling, sock):
+        self.sibling, self.sock = sibling, sock
+
+    def monitor(self, name, ready_w, stdio):
+        """The pid of this boot's monitor, sent the go with the command's descriptors; None
+        (it refused, it failed): the command forks its own."""
+        import _socket
+        fds = [ready_w] + [stdio[k] for k in STDIO_KEYS if k in (stdio or {})]
+        try:
+            answer = self.sock.recv(512)
+            if not answer.startswith(b'P'):
+                debug('the monitor of %s forks none for %s: %s', self.sibling, name,
+                      answer[1:].decode('utf-8', 'replace') or 'no answer')
+                return None
+            pid = int(answer[1:])
+            self.sock.sendmsg([b'G'], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
+                                        struct.pack('%di' % len(fds), *fds))])
+            debug('monitor of %s is pid %d, forked by the monitor of %s', name, pid,
+                  self.sibling)
+            return pid
+        except (OSError, ValueError) as e:
+            debug('the monitor of %s forks none for %s: %s', self.sibling, name, error_text(e))
+            return None
+        finally:
+            self.close()
+
+    def close(self):
+        self.sock.close()
+
+
+def ask_sibling(name, identity, exec_cmd, stdio):
+    """This boot's order to the monitor that SIBLING_FILE names -> SiblingAsked, or None
+    (there is none, or it cannot be reached).  identity: the code this boot runs
+    (code_identity)."""
     sibling = read_small(os.path.join(HOME, SIBLING_FILE), '')
     if sibling == name or not is_good_name(sibling) or not identity:
         return None
     import _socket
-    keys = [k for k in STDIO_KEYS if k in (stdio or {})]
-    fds = [ready_w] + [stdio[k] for k in keys]
     try:
         sock = connect_unix(container_dir(sibling), MONITOR_SOCKET, _socket.SOCK_SEQPACKET,
                             SIBLING_TIMEOUT)
     except OSError:
         return None                     # (stopped, or a monitor of an older cocker)
     try:
+        keys = [k for k in STDIO_KEYS if k in (stdio or {})]
         sock.send(monitor_request(name, identity, exec_cmd, stdio, keys))
-        answer = sock.recv(512)
-        if not answer.startswith(b'P'):
-            debug('the monitor of %s forks none for %s: %s', sibling, name,
-                  answer[1:].decode('utf-8', 'replace') or 'no answer')
-            return None
-        pid = int(answer[1:])
-        sock.sendmsg([b'G'], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
-                               struct.pack('%di' % len(fds), *fds))])
-        debug('monitor of %s is pid %d, forked by the monitor of %s', name, pid, sibling)
-        return pid
-    except (OSError, ValueError) as e:
+        return SiblingAsked(sibling, sock)
+    except OSError as e:
+        sock.close()
         debug('the monitor of %s forks none for %s: %s', sibling, name, error_text(e))
         return None
-    finally:
-        sock.close()
 
 
 def code_identity(init):
@@ -4553,11 +4611,17 @@ def context_difference(pid):
 
 
 def proc_text(who, key):
+    """/proc/WHO/KEY's bytes, or the errno that opening or reading it gave."""
     try:
-        with open('/proc/%s/%s' % (who, key), 'rb') as f:
-            return f.read()
+        fd = os.open('/proc/%s/%s' % (who, key), os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
         return e.errno
+    try:
+        return read_exactly(lambda n: os.read(fd, n), 65536)
+    except OSError as e:                # (attr/current without an LSM: EINVAL)
+        return e.errno
+    finally:
+        os.close(fd)
 
 
 def context_of(text, key):
@@ -4685,22 +4749,26 @@ class Siblings(object):
 
 
 def fork_monitor(conn, request, siblings):
-    """Fork the monitor of a boot, as a grandchild: it sends its pid, waits for the go,
-    then raises MonitorForked (here, in its parent, this returns once its parent is gone).
-    Its parent leaves every descriptor of this monitor behind at once: held by another
+    """Fork the monitor of a boot as a child of our parent (init), as a daemon is: it sends
+    its pid, waits for the go, then raises MonitorForked (here, this returns at once).  By
+    clone3's CLONE_PARENT, else as a grandchild whose parent ends at once (a fork more:
+    1 ms).  It leaves every descriptor of this monitor behind at once: held by another
     process, running.lock would make this container look running after its end."""
     import _signal
     stops = {SIGTERM, _signal.SIGINT, _signal.SIGALRM}
     _signal.pthread_sigmask(_signal.SIG_BLOCK, stops)     # (our handlers: not in there)
     try:
-        middle = os.fork()
-        if middle == 0:
+        pid = clone3(CLONE_PARENT)
+        twice = pid is None
+        if twice:
+            pid = os.fork()
+        if pid == 0:
             try:
                 for sig in stops:
                     _signal.signal(sig, _signal.SIG_DFL)
                 siblings.listener.detach()
                 close_fds_except({0, 1, 2, conn.fileno()})
-                if os.fork() == 0:
+                if not twice or os.fork() == 0:
                     _signal.pthread_sigmask(_signal.SIG_UNBLOCK, stops)
                     raise MonitorForked(take_order(conn, request, siblings.init))
             except MonitorForked:
@@ -4710,7 +4778,8 @@ def fork_monitor(conn, request, siblings):
             os._exit(0)
     finally:
         _signal.pthread_sigmask(_signal.SIG_UNBLOCK, stops)
-    os.waitpid(middle, 0)
+    if twice:
+        os.waitpid(pid, 0)
 
 
 def take_order(conn, request, init):
@@ -4733,6 +4802,8 @@ def take_order(conn, request, init):
     fds = []
     try:
         conn.send(b'P%d' % os.getpid())
+        conn.settimeout(None)           # (as long as its host steps take: it sends the
+        # go, or its end closes the connection)
         go, ancdata, _, _ = conn.recvmsg(16, _socket.CMSG_SPACE(4 * (1 + len(STDIO_KEYS))))
         for level, kind, data in ancdata:
             if (level, kind) == (_socket.SOL_SOCKET, _socket.SCM_RIGHTS):
@@ -4740,6 +4811,7 @@ def take_order(conn, request, init):
     except OSError:
         go = b''
     if go != b'G' or len(fds) != 1 + len(request['stdio']):
+        debug('monitor %d forked for %s: no go, it ends', os.getpid(), name)
         os._exit(0)
     conn.close()
     stdio = dict(zip(request['stdio'], fds[1:])) or None
@@ -10578,7 +10650,8 @@ def main(argv=None):
     """Run one cocker command; return the exit status."""
     global HOME, DEBUG
     argv = sys.argv[1:] if argv is None else argv
-    HOME = os.environ.get('COCKER_HOME') or DEFAULT_HOME
+    # (absolute: a monitor works from /, and a boot gives its HOME to a sibling)
+    HOME = os.path.abspath(os.environ.get('COCKER_HOME') or DEFAULT_HOME)
     try:
         try:
             options = parse_args(argv)

@@ -3,6 +3,7 @@
 import glob
 import os
 import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -496,6 +497,85 @@ def test_a_monitor_forked_for_an_order_without_go_ends_having_done_nothing(cocke
     assert cocker('-a', 'run', '-c', first, '--cmd', 'true').rc == 0
 
 
+def test_a_boot_served_by_a_monitor_never_loads_ctypes(cocker, test_image, names, home,
+                                                       tmp_path):
+    """The system calls that need ctypes (the v2 device program, the root's mount) are the
+    monitor's steps: the command whose monitor a running one forks never loads it."""
+    from conftest import PYTHON
+    first, second = first_booted_second_made(cocker, test_image, names, home)
+    python = tmp_path / 'python-verbose'            # (-v: each import on stderr, from 3.6 on)
+    python.write_text('#!/bin/sh\nexec %s -v "$@"\n' % PYTHON)
+    python.chmod(0o755)
+    r = cocker('-d', '-a', 'boot', '-c', second, env={'COCKER_PYTHON': str(python)})
+    assert r.rc == 0 and 'forked by the monitor of %s' % first in r.err, r
+    imported = re.findall(r"^import '([\w.]+)' # ", r.err, re.M)
+    assert 'posix' in imported and '_socket' in imported, r.err     # (the trace is there)
+    assert 'ctypes' not in imported and '_ctypes' not in imported, imported
+    # its monitor took the steps (the log says so) and the root is mounted
+    with open(os.path.join(home, 'cocker.log')) as f:
+        log = f.read()
+    for step in ('restrict_container_devices', 'mount_container_root'):
+        assert re.search(r'\| %d:cocker.py:\d+ \| monitor of %s: %s done$'
+                         % (monitor_of(home, second), second, step), log, re.M), step
+    assert mounts_of(home, second)
+    assert cocker('-a', 'run', '-c', second, '--cmd', 'true').rc == 0
+
+
+def test_a_failed_monitor_step_is_reported_and_undone(cocker, test_image, names, home):
+    """The root's mount fails in the monitor (its overlay workdir is a file), whether a
+    running monitor forked it or the command: one line, and nothing stays (cgroups, mount,
+    pid files)."""
+    first, second = first_booted_second_made(cocker, test_image, names, home)
+    for name, forked in ((second, True), (first, False)):
+        if not forked:                  # (the command forks its own)
+            assert cocker('-a', 'shutdown', '-c', first).rc == 0
+            with open(os.path.join(home, 'forking_monitor'), 'w'):
+                pass
+        workdir = container_path(home, name, 'workdir')
+        shutil.rmtree(workdir)
+        open(workdir, 'w').close()
+        try:
+            r = cocker('-d', '-a', 'boot', '-c', name)
+        finally:
+            os.remove(workdir)
+            os.mkdir(workdir)
+        assert r.rc == 255, r
+        errors = [l for l in r.err.splitlines() if not l.startswith('cocker: ')]
+        assert len(errors) == 1 and workdir in errors[0] and 'Traceback' not in r.err, r.err
+        assert ('forked by the monitor of %s' % first in r.err) == forked, r.err
+        assert status_of(cocker, name) == 'STOPED' and not mounts_of(home, name)
+        for left in ('pid', 'init_pid', 'cgroups'):
+            assert not os.path.exists(container_path(home, name, left)), left
+        assert not [d for d in glob.glob('/sys/fs/cgroup/*/cocker/%s' % name)]
+        assert cocker('-a', 'boot', '-c', name).rc == 0
+        assert cocker('-a', 'run', '-c', name, '--cmd', 'true').rc == 0
+
+
+def test_a_host_step_that_fails_after_the_order_leaves_no_monitor(cocker, test_image, names,
+                                                                  home):
+    """The order goes to the running monitor before the host steps: one that fails (a limit
+    file no kernel takes) ends the monitor forked meanwhile, which did nothing."""
+    first, second = first_booted_second_made(cocker, test_image, names, home)
+    before = monitors_of_home(home)
+    with open(container_path(home, second, 'pids_limit'), 'w') as f:
+        f.write('many')
+    r = cocker('-d', '-a', 'boot', '-c', second)
+    assert r.rc != 0 and "'many' is invalid" in r.err and 'Traceback' not in r.err, r
+    assert [l for l in r.err.splitlines() if not l.startswith('cocker: ')] == \
+        ["*** ERROR : --pids-limit value 'many' is invalid (a number of processes, at least 1)"]
+    said = lambda: re.search(r'monitor \d+ forked for %s: no go, it ends$' % second,
+                             open(os.path.join(home, 'cocker.log')).read(), re.M)
+    wait_for(said, what='the monitor forked for the order to end')
+    time.sleep(0.3)                     # (what would linger, an extra monitor, has appeared)
+    assert monitors_of_home(home) == before
+    assert status_of(cocker, second) == 'STOPED'
+    for left in ('pid', 'exit_status', 'cockerinit.log', 'cgroups'):
+        assert not os.path.exists(container_path(home, second, left)), left
+    os.remove(container_path(home, second, 'pids_limit'))
+    r = cocker('-d', '-a', 'boot', '-c', second)
+    assert r.rc == 0 and 'forked by the monitor of %s' % first in r.err, r
+
+
 def test_shutdown_unmounts_a_root_in_use_or_with_a_mount_below_it(running, cocker, home):
     """The root alone goes with one umount, without reading the mount table; a root a host
     process works in is detached lazily, one with a mount below it goes with that mount:
@@ -733,12 +813,13 @@ def test_debug_traces_steps_and_the_log_records_actions(cocker, test_image, name
     name = names('dbg')
     r = cocker('-a', 'create', '-m', 'test', '-c', name, '-b', '-d')
     assert r.rc == 0
-    # each step with the time since the command started: where a boot spends it
-    assert re.search(r'^cocker: +\d+\.\d ms mounted root on', r.err, re.M), r.err
+    # each step with the time since the command started: where a boot spends it (the
+    # monitor's steps, in the log)
     assert re.search(r'^cocker: +\d+\.\d ms boot of %s: setup_cgroups done$' % name, r.err,
                      re.M), r.err
     assert 'is ready' in r.err
     log = open(os.path.join(home, 'cocker.log')).read()
+    assert re.search(r'\| DEBUG \| \d+:cocker.py:\d+ \| mounted root on ', log), log
     assert re.search(r'\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6} \| INFO  \| \d+:cocker.py:\d+ \| '
                      r'cocker -a create -m test -c %s -b -d' % name, log)
     assert '-a create returned 0' in log

@@ -1379,3 +1379,28 @@ def test_pid1_whose_cocker_went_away_after_go_says_it_served(monkeypatch):
     finally:
         os.close(served_r)
         os.close(devnull)
+
+
+#: an interpreter that clones a child of its own parent (cocker's clone3, CLONE_PARENT): the
+#: child writes its parent's pid on fd 1 and ends; the interpreter prints the child's pid
+CLONE_A_SIBLING = """
+import importlib.util, os, sys
+spec = importlib.util.spec_from_file_location('cocker_clone', sys.argv[1])
+cocker = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cocker)
+pid = cocker.clone3(cocker.CLONE_PARENT)
+if pid == 0:
+    os.write(1, b'parent %d\\n' % os.getppid())
+    os._exit(7)
+print('child %s' % pid, flush=True)
+"""
+
+
+def test_clone3_with_clone_parent_makes_a_child_of_the_callers_parent():
+    """How a monitor forks another's: the new one is born a child of init, with no process
+    forked between that would have to end."""
+    out = subprocess.check_output([PYTHON, '-I', '-S', '-c', CLONE_A_SIBLING, COCKER])
+    lines = dict(line.split() for line in out.decode().splitlines())
+    assert lines['parent'] == str(os.getpid()), out
+    child = int(lines['child'])
+    assert os.waitpid(child, 0) == (child, 7 << 8), 'the child is ours to reap'
