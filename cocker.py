@@ -4798,7 +4798,7 @@ def take_order(conn, request, init):
     for key, value in request['env']:
         os.environb[key] = value
     init.show_as([os.fsdecode(w) for w in request['argv']],     # (ps: as if the command's)
-                 [os.fsdecode(k + b'=' + v) for k, v in request['env']])
+                 [os.fsdecode(k + b'=' + v) for k, v in request['env']], b'cocker-monitor')
     fds = []
     try:
         conn.send(b'P%d' % os.getpid())

@@ -989,13 +989,13 @@ def user_entries(path, fields):
 # ready channel), waits for GO, reports READY and serves: one event at a time until the
 # container stops.
 
-def show_as(argv, env):
+def show_as(argv, env, comm=b'cockerinit'):
     """What /proc/self/cmdline and environ show (ps, pgrep, a look from the host): this
     program's own command line and settings, not those of the cocker command PID 1 was
     forked from.  Written over the old ones in place, as setproctitle does, padded with NUL
     bytes; the words that do not fit are left out.  Best effort.  Its name (comm, what
-    pgrep and top show) becomes cockerinit."""
-    _libc.prctl(PR_SET_NAME, ctypes.c_char_p(b'cockerinit'), ctypes.c_ulong(0),
+    pgrep and top show) becomes comm."""
+    _libc.prctl(PR_SET_NAME, ctypes.c_char_p(comm), ctypes.c_ulong(0),
                 ctypes.c_ulong(0), ctypes.c_ulong(0))
     try:
         with open('/proc/self/stat', 'rb') as f:

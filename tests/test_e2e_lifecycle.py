@@ -9,7 +9,7 @@ import subprocess
 import threading
 import time
 
-from conftest import container_path, load_script, wait_for, COCKER
+from conftest import container_path, cocker_process, load_script, wait_for, COCKER
 
 
 def status_of(cocker, name):
@@ -554,26 +554,46 @@ def test_a_failed_monitor_step_is_reported_and_undone(cocker, test_image, names,
 def test_a_host_step_that_fails_after_the_order_leaves_no_monitor(cocker, test_image, names,
                                                                   home):
     """The order goes to the running monitor before the host steps: one that fails (a limit
-    file no kernel takes) ends the monitor forked meanwhile, which did nothing."""
+    file no kernel takes) ends the monitor forked meanwhile, which did nothing.  The limit
+    file is a FIFO, so the step waits until that monitor is there (else the command may end
+    before the order is served, and none is forked)."""
     first, second = first_booted_second_made(cocker, test_image, names, home)
     before = monitors_of_home(home)
-    with open(container_path(home, second, 'pids_limit'), 'w') as f:
-        f.write('many')
-    r = cocker('-d', '-a', 'boot', '-c', second)
-    assert r.rc != 0 and "'many' is invalid" in r.err and 'Traceback' not in r.err, r
-    assert [l for l in r.err.splitlines() if not l.startswith('cocker: ')] == \
+    limit = container_path(home, second, 'pids_limit')
+    os.mkfifo(limit)
+    p = cocker_process(home, '-d', '-a', 'boot', '-c', second)
+    try:
+        forked = lambda: len(monitors_of_home(home)) == len(before) + 1
+        wait_for(forked, what='the monitor forked for the order, waiting for its go')
+        with open(limit, 'w') as f:     # (the command reads it now, in its cgroup step)
+            f.write('many')
+        out, err = p.communicate(timeout=30)
+    finally:
+        unblock_reader(limit)
+        p.kill()
+        p.wait()
+    err = err.decode()
+    assert p.returncode != 0 and 'Traceback' not in err, err
+    assert [l for l in err.splitlines() if not l.startswith('cocker: ')] == \
         ["*** ERROR : --pids-limit value 'many' is invalid (a number of processes, at least 1)"]
     said = lambda: re.search(r'monitor \d+ forked for %s: no go, it ends$' % second,
                              open(os.path.join(home, 'cocker.log')).read(), re.M)
     wait_for(said, what='the monitor forked for the order to end')
-    time.sleep(0.3)                     # (what would linger, an extra monitor, has appeared)
-    assert monitors_of_home(home) == before
+    wait_for(lambda: monitors_of_home(home) == before, what='that monitor to be gone')
     assert status_of(cocker, second) == 'STOPED'
     for left in ('pid', 'exit_status', 'cockerinit.log', 'cgroups'):
         assert not os.path.exists(container_path(home, second, left)), left
-    os.remove(container_path(home, second, 'pids_limit'))
+    os.remove(limit)
     r = cocker('-d', '-a', 'boot', '-c', second)
     assert r.rc == 0 and 'forked by the monitor of %s' % first in r.err, r
+
+
+def unblock_reader(fifo):
+    """A reader still blocked on that FIFO gets an end of file (nothing, if none is)."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:                     # (no reader: ENXIO; or it is gone)
+        pass
 
 
 def test_shutdown_unmounts_a_root_in_use_or_with_a_mount_below_it(running, cocker, home):
