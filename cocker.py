@@ -570,9 +570,11 @@ def clone3(flags, cgroup_fd=None):
     namespace; CLONE_PARENT: a child of our parent) and, given cgroup_fd, in that cgroup2
     directory, so no migration (and its RCU grace period) is needed -> the pid, 0 in the
     child; None where it cannot be done: a Python before 3.7 (no fork hooks to call), a
-    kernel before 5.3 (5.7 for a cgroup), a seccomp filter that refuses it, or more than
-    one thread.  Python's fork hooks run around the system call as they run around os.fork,
+    kernel before 5.3 (5.7 for a cgroup), a glibc before 2.25, a seccomp filter that
+    refuses it, or more than one thread.  Python's fork hooks run around the system call as they run around os.fork,
     and it holds the GIL as os.fork's does."""
+    if glibc_caches_pid():
+        return None
     import ctypes
     api = ctypes.pythonapi
     if not hasattr(api, 'PyOS_BeforeFork') or len(os.listdir('/proc/self/task')) > 1:
@@ -596,6 +598,16 @@ def clone3(flags, cgroup_fd=None):
         debug('clone3: %s; forking instead', os.strerror(err))
         return None
     return pid
+
+
+def glibc_caches_pid():
+    """glibc before 2.25 keeps the pid it read once, which the child of a raw clone3 would
+    not see change: its getpid() would answer its parent's pid."""
+    try:
+        words = (os.confstr('CS_GNU_LIBC_VERSION') or '').split()
+        return words[0] == 'glibc' and tuple(map(int, words[1].split('.')[:2])) < (2, 25)
+    except (ValueError, OSError, IndexError):
+        return False                    # (not glibc: musl caches nothing)
 
 
 def prctl(option, arg2=0):
@@ -662,6 +674,10 @@ def remove_file(path):
         pass
 
 
+#: path -> descriptor of each lock this process holds (a boot hands its container's over)
+HELD_LOCKS = {}
+
+
 class locked(object):
     """Hold an exclusive flock on HOME/locks/KIND=NAME: commands on one object never
     interleave (shared=True: many holders at once, none while someone holds it exclusively)."""
@@ -681,14 +697,23 @@ class locked(object):
             os.close(self.fd)
             self.fd = None
             return None
+        HELD_LOCKS[self.path] = self.fd
         return self
 
     def __exit__(self, *exc):
         if self.fd is not None:
+            HELD_LOCKS.pop(self.path, None)
             os.close(self.fd)
             self.fd = None
 
     close = __exit__
+
+
+def held_lock(kind, name):
+    """The descriptor of that lock if this process holds it, else None.  A copy of it (a
+    fork's, or one sent over a socket) holds the same lock: flock locks belong to the open
+    file, not to the process."""
+    return HELD_LOCKS.get(os.path.join(locks_dir(), '%s=%s' % (kind, name)))
 
 
 class locked_images(object):
@@ -3653,7 +3678,10 @@ def setup_cgroups(name, root=CGROUP_ROOT):
 
 def restrict_container_devices(name):
     """The device allow list on each of the container's cgroups (the monitor's step, before
-    PID 1 is born in them)."""
+    PID 1 is born in them).  Fails closed: without the record of its cgroups (another
+    command's repair), PID 1 would be born in none."""
+    if read_attr(name, 'cgroups') is None:
+        raise CockerError("the cgroups of '%s' are gone: not starting it" % name)
     methods = restrict_devices(container_cgroups(name))
     debug('devices of %s: %s', name, ', '.join(methods + ['nodev mounts, no CAP_MKNOD']))
 
@@ -3939,6 +3967,9 @@ def boot_container(name, exec_cmd, stdio=None):
     process."""
     init = sys.modules.get('cockerinit')    # (a one-shot run has it: it checked -e)
     identity = code_identity(init)          # (and cockerinit.py is there, before any step)
+    lock = held_lock('container', name)     # (the monitor holds it too, until it runs)
+    if lock is None:
+        raise CockerError("a boot of '%s' without its lock" % name)
     ready, theirs = ready_channel()
     asked = ask_sibling(name, identity, exec_cmd, stdio)    # (it forks while we go on)
     try:
@@ -3950,13 +3981,13 @@ def boot_container(name, exec_cmd, stdio=None):
                     pending.append(rest)
                     undo.push(rest.close)
                 debug('boot of %s: %s done', name, setup.__name__)
-            monitor = asked and asked.monitor(name, theirs, stdio)
+            monitor = asked and asked.monitor(name, theirs, lock, stdio)
             if monitor is None:             # ours, with cockerinit's code for its PID 1
                 init = load_cockerinit()
                 monitor = os.fork()
                 if monitor == 0:
                     ready.close()
-                    run_monitor(name, init, exec_cmd, theirs, stdio)   # never returns
+                    run_monitor(name, init, exec_cmd, theirs, lock, stdio)  # never returns
             os.close(theirs)
             theirs = None
             undo.push(stop_monitor, name, monitor)
@@ -4035,23 +4066,24 @@ def boot_failure(name, answer):
                        % (name, container_file(name, 'cockerinit.log')))
 
 
-def run_monitor(name, init, exec_cmd, ready_w, stdio=None):
+def run_monitor(name, init, exec_cmd, ready_w, lock, stdio=None):
     """The monitor process: never returns; whatever happens, the host steps are undone.
-    A monitor that a running one forked for another boot (see Monitors fork monitors) comes
-    back here with that boot's order: at the same depth of the stack, however many
-    monitors were forked in a row."""
-    order = (name, exec_cmd, ready_w, stdio, False)
+    lock: a copy of the boot's container lock (see become_monitor).  A monitor that a
+    running one forked for another boot (see Monitors fork monitors) comes back here with
+    that boot's order: at the same depth of the stack, however many monitors were forked
+    in a row."""
+    order = (name, exec_cmd, ready_w, lock, stdio, False)
     while True:
         order = monitor_once(init, *order)
 
 
-def monitor_once(init, name, exec_cmd, ready_w, stdio, by_sibling):
+def monitor_once(init, name, exec_cmd, ready_w, lock, stdio, by_sibling):
     """One container's monitor, until its teardown and exit; returns only in a monitor
     forked meanwhile for another boot -> that boot's order.  by_sibling: this monitor was
     forked by another, so forks none itself."""
     status, forked, siblings, running = 1, None, None, None
     try:
-        running = become_monitor(name, {ready_w} | stdio_fds(stdio))
+        running = become_monitor(name, lock, {ready_w} | stdio_fds(stdio))
         take_monitor_steps(name)
         if stdio is None and not by_sibling:    # (a one-shot run's monitor is soon gone)
             siblings = listen_for_siblings(name, init)
@@ -4077,16 +4109,19 @@ def monitor_once(init, name, exec_cmd, ready_w, stdio, by_sibling):
     return forked
 
 
-def become_monitor(name, keep):
+def become_monitor(name, lock, keep):
     """A session of its own, nothing of the CLI's descriptors (but those in keep),
     running.lock held (the kernel drops it when the monitor dies: a kill -9 can never
-    leave a false RUNNING) -> its descriptor."""
+    leave a false RUNNING) -> its descriptor.  The container lock (lock: our copy of the
+    boot's) is let go only then: a boot whose command died after its go is not DEAD to the
+    next command, which would repair it under this monitor, then boot it, for this one to
+    take over its state and tear it down."""
     os.setsid()
     os.chdir('/')                       # do not pin the caller's working directory
     devnull = os.open('/dev/null', os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
-    close_fds_except({0, 1, 2} | keep)
+    close_fds_except({0, 1, 2, lock} | keep)
     prctl(PR_SET_NAME, b'cocker-monitor')
     let_cold_chapters_go()
     import gc
@@ -4095,6 +4130,7 @@ def become_monitor(name, keep):
     running = os.open(container_file(name, 'running.lock'),
                       os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     fcntl.flock(running, fcntl.LOCK_EX)
+    os.close(lock)                      # (running: the container is no longer DEAD)
     write_attr(name, 'pid', str(os.getpid()))
     return running
 
@@ -4447,14 +4483,16 @@ def reap_if_child(pid, block=False):
 # by one, and in every fork, which waits for those visits).  The new monitor is a child of
 # init, as a daemon is (born so, or a grandchild whose parent exits), gets the command's
 # environment and settings over the socket, sends its pid, then waits for the go, which
-# brings the command's descriptors (none is ever in flight to a monitor that may not read
-# it): a command that gave up (SIBLING_TIMEOUT), failed or died leaves nothing behind.  The
+# brings the command's descriptors (PID 1's channel, the container lock, its streams: none
+# is ever in flight to a monitor that may not read it): a command that gave up
+# (SIBLING_TIMEOUT), failed, died or hung for BOOT_TIMEOUT leaves nothing behind.  The
 # order goes before the command's host steps and the go after them, so that the checks and
 # the fork (3 ms) happen while the command works.  Otherwise, or should anything fail, the
 # command forks the monitor itself, as before.
 
 SIBLING_FILE = 'forking_monitor'        #: HOME/forking_monitor: whose monitor forks
 SIBLINGS_PER_MONITOR = 32               #: (their shared pages cost each 1/33 of their size)
+ORDER_TIMEOUT = 0.25                    #: seconds a monitor waits for an order, once connected
 MONITOR_SOCKET = 'monitor.sock'
 MONITOR_REQUEST = b'cocker-monitor-1'   #: the first field of a request (its version)
 STDIO_KEYS = ('stdin', 'stdout', 'stderr')
@@ -4494,11 +4532,12 @@ class SiblingAsked(object):
     def __init__(self, sibling, sock):
         self.sibling, self.sock = sibling, sock
 
-    def monitor(self, name, ready_w, stdio):
-        """The pid of this boot's monitor, sent the go with the command's descriptors; None
-        (it refused, it failed): the command forks its own."""
+    def monitor(self, name, ready_w, lock, stdio):
+        """The pid of this boot's monitor, sent the go with the command's descriptors (PID
+        1's channel, the container lock, the standard streams); None (it refused, it
+        failed): the command forks its own."""
         import _socket
-        fds = [ready_w] + [stdio[k] for k in STDIO_KEYS if k in (stdio or {})]
+        fds = [ready_w, lock] + [stdio[k] for k in STDIO_KEYS if k in (stdio or {})]
         try:
             answer = self.sock.recv(512)
             if not answer.startswith(b'P'):
@@ -4706,7 +4745,8 @@ class Siblings(object):
             return
         conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET, 0, fd)
         try:
-            conn.settimeout(SIBLING_TIMEOUT)
+            conn.settimeout(ORDER_TIMEOUT)  # (sent with the connection: a silent one
+            # must not keep this monitor from its own container long)
             peer, uid, _ = struct.unpack('=iII', conn.getsockopt(
                 _socket.SOL_SOCKET, _socket.SO_PEERCRED, 12))
             msg, _, flags, _ = conn.recvmsg(1 << 20)
@@ -4802,22 +4842,22 @@ def take_order(conn, request, init):
     fds = []
     try:
         conn.send(b'P%d' % os.getpid())
-        conn.settimeout(None)           # (as long as its host steps take: it sends the
-        # go, or its end closes the connection)
-        go, ancdata, _, _ = conn.recvmsg(16, _socket.CMSG_SPACE(4 * (1 + len(STDIO_KEYS))))
+        conn.settimeout(BOOT_TIMEOUT)   # (its host steps: then it sends the go, or its end
+        # closes the connection; one stuck longer forks its own monitor, if ever it goes on)
+        go, ancdata, _, _ = conn.recvmsg(16, _socket.CMSG_SPACE(4 * (2 + len(STDIO_KEYS))))
         for level, kind, data in ancdata:
             if (level, kind) == (_socket.SOL_SOCKET, _socket.SCM_RIGHTS):
                 fds += struct.unpack('%di' % (len(data) // 4), data[:len(data) // 4 * 4])
     except OSError:
         go = b''
-    if go != b'G' or len(fds) != 1 + len(request['stdio']):
+    if go != b'G' or len(fds) != 2 + len(request['stdio']):
         debug('monitor %d forked for %s: no go, it ends', os.getpid(), name)
         os._exit(0)
     conn.close()
-    stdio = dict(zip(request['stdio'], fds[1:])) or None
+    stdio = dict(zip(request['stdio'], fds[2:])) or None
     if stdio:
         stdio['tty'] = request['tty']
-    return name, request['exec'], fds[0], stdio, True
+    return name, request['exec'], fds[0], fds[1], stdio, True
 
 
 # =============================================================================

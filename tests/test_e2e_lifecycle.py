@@ -588,6 +588,57 @@ def test_a_host_step_that_fails_after_the_order_leaves_no_monitor(cocker, test_i
     assert r.rc == 0 and 'forked by the monitor of %s' % first in r.err, r
 
 
+def test_a_boot_whose_command_died_after_its_go_is_not_taken_over(cocker, test_image, names,
+                                                                  home):
+    """The container lock goes to the monitor with the go, which lets go of it once it holds
+    running.lock.  A command killed after its go (its monitor not yet running) leaves a
+    container the next command must not find DEAD: it would repair it under that monitor and
+    boot it again, for the first monitor to take the new host state over (and its PID 1 run
+    in no cgroup once that one's teardown took the cgroups away)."""
+    first, second = first_booted_second_made(cocker, test_image, names, home)
+    before = set(monitors_of_home(home))
+    limit = container_path(home, second, 'pids_limit')
+    log_path = os.path.join(home, 'cocker.log')
+    os.mkfifo(limit)
+    dying = cocker_process(home, '-d', '-a', 'boot', '-c', second)
+    monitor, later = None, None
+    try:
+        forked = lambda: set(monitors_of_home(home)) - before
+        wait_for(forked, what='the monitor forked for the order')
+        monitor, = forked()
+        os.kill(monitor, signal.SIGSTOP)    # (its go, when sent, waits in its socket)
+        with open(limit, 'w') as f:         # (the command's cgroup step goes on)
+            f.write('100')
+        sent = lambda: 'host side of %s complete' % second in open(log_path).read()
+        wait_for(sent, what='the go sent')
+        dying.kill()
+        dying.wait()
+        os.remove(limit)
+        with open(limit, 'w') as f:
+            f.write('100')
+        later = cocker_process(home, '-a', 'boot', '-c', second)
+        os.kill(monitor, signal.SIGCONT)
+        out, err = later.communicate(timeout=30)
+        assert later.returncode != 0 and b'already running' in err, (out, err)
+    finally:
+        unblock_reader(limit)
+        if monitor is not None:
+            os.kill(monitor, signal.SIGCONT)
+        for p in (dying, later):
+            if p is not None:
+                p.kill()
+                p.wait()
+    assert status_of(cocker, second).startswith('RUNNING(')
+    assert monitor_of(home, second) == monitor
+    init_pid = int(open(container_path(home, second, 'init_pid')).read())
+    cgroups = open('/proc/%d/cgroup' % init_pid).read()
+    assert '/cocker/%s' % second in cgroups, cgroups
+    assert not descriptors_into(monitor, os.path.join(home, 'locks')), \
+        'the monitor lets go of the container lock once it runs'
+    r = cocker('-a', 'run', '-c', second, '--cmd', 'cat /proc/self/cgroup')
+    assert r.rc == 0 and '/cocker/%s' % second in r.out, r
+
+
 def unblock_reader(fifo):
     """A reader still blocked on that FIFO gets an end of file (nothing, if none is)."""
     try:

@@ -1401,6 +1401,9 @@ def test_clone3_with_clone_parent_makes_a_child_of_the_callers_parent():
     forked between that would have to end."""
     out = subprocess.check_output([PYTHON, '-I', '-S', '-c', CLONE_A_SIBLING, COCKER])
     lines = dict(line.split() for line in out.decode().splitlines())
+    if lines.get('child') == 'None':
+        pytest.skip('clone3 cannot be used here (an old kernel, Python or glibc, or a '
+                    'seccomp filter): monitors fork twice instead')
     assert lines['parent'] == str(os.getpid()), out
     child = int(lines['child'])
     assert os.waitpid(child, 0) == (child, 7 << 8), 'the child is ours to reap'
