@@ -49,7 +49,16 @@ temporary files in the concurrency phase):
                               after another, HOST ones first, in creation order; median of
                               the first 10, of the last 10, and first / last, as the first
                               run with the most containers (target <= 1.2); -s containers
-                              must then list none
+                              must then list none.  Beside each: python -c pass, as beside
+                              the boots, and what the host read from its disks meanwhile
+                              (/proc/vmstat pgpgin), median KB of the first 10 and the last
+                              10: a host that evicts the files of idle processes from the
+                              page cache (a DAMON pageout scheme) makes a destroy of a
+                              container idle for long read its files back
+    destroy, fresh            10 HOST containers each created, booted and destroyed at
+                              once, before the destroys with all running and after them
+                              with none: the destroy's growth with its files cached (target
+                              <= 1.2)
 
 The report is a table (measure, median, target, OK or MISSED).  A time above its target is
 only marked MISSED; a correctness check that fails (a command of the concurrency phase, a
@@ -133,6 +142,15 @@ def available_mb():
             if line.startswith('MemAvailable:'):
                 return int(line.split()[1]) // 1024
     return None
+
+
+def disk_read_kb():
+    """KB the host has read from its block devices since its boot (/proc/vmstat pgpgin)."""
+    with open('/proc/vmstat') as f:
+        for line in f:
+            if line.startswith('pgpgin '):
+                return int(line.split()[1])
+    return 0
 
 
 def read_number(path):
@@ -476,14 +494,20 @@ class ScaleBench(object):
     # -- destroy ----------------------------------------------------------------------
 
     def destroy_all(self):
+        self.destroy_fresh('destroy fresh, all running')
         for net in NETS:
             names = [n for n in self.names[net] if n in self.created and n not in self.doubtful]
             for i, name in enumerate(names):
+                self.record('python beside destroy ' + net, run_checked(
+                    [self.python, '-c', 'pass'], self.env, 'python -c pass')[0])
+                before = disk_read_kb()
                 self.record('destroy ' + net, self.run_cocker('-a', 'destroy', '-c', name,
                                                               '-h')[0])
+                self.record('read destroy ' + net, disk_read_kb() - before)
                 self.created.remove(name)
                 self.progress('destroyed %s' % net, i + 1, len(names))
         self.running = []
+        self.destroy_fresh('destroy fresh, none running')
         _, out = self.run_cocker('-s', 'containers')
         self.check('-s containers lists none after destroying all',
                    listing_problems(listing_rows(out), []))
@@ -502,6 +526,16 @@ class ScaleBench(object):
         if self.concurrent:
             self.concurrency()
         self.destroy_all()
+
+    def destroy_fresh(self, key):
+        """FLAT_WINDOW HOST containers, each created, booted and at once destroyed: a
+        destroy whose container's files are still in the page cache."""
+        for _ in range(FLAT_WINDOW):
+            self.create('HOST')
+            name = self.names['HOST'].pop()     # (not one of the series)
+            self.run_cocker('-a', 'boot', '-c', name)
+            self.record(key, self.run_cocker('-a', 'destroy', '-c', name, '-h')[0])
+            self.created.remove(name)
 
     # -- cleaning up ------------------------------------------------------------------
 
@@ -600,13 +634,38 @@ class ScaleBench(object):
         values = self.times[key]
         return median(values[:FLAT_WINDOW]), median(values[-FLAT_WINDOW:])
 
-    def beside_rows(self, net):
-        """python -c pass timed beside the boots, and the boots' growth divided by its."""
-        key, python = 'boot ' + net, 'python beside boot ' + net
-        (boot_first, boot_last), (python_first, python_last) = self.ends(key), self.ends(python)
-        return self.flat_rows('  python -c pass beside them', python, None) + [
-            ('  -a boot %s / python -c pass, last / first' % net, '%.2f' % (
-                (boot_last / boot_first) / (python_last / python_first)), '', '')]
+    def beside_rows(self, net, action='boot'):
+        """python -c pass timed beside the boots (destroys), and their growth divided by
+        its."""
+        key, python = action + ' ' + net, 'python beside %s %s' % (action, net)
+        growing = action == 'boot'
+        (first, last), (python_first, python_last) = self.ends(key), self.ends(python)
+        growth = (last / first) / (python_last / python_first)
+        return self.flat_rows('  python -c pass beside them', python, None, growing) + [
+            ('  -a %s %s / python -c pass, %s' % (action, net, 'last / first' if growing else
+                                                  'first / last'),
+             '%.2f' % (growth if growing else 1 / growth), '', '')]
+
+    def destroy_rows(self, net):
+        """The destroys, python beside them, what they read from disk at each end."""
+        key = 'destroy ' + net
+        reads = self.times['read ' + key]
+        n = min(FLAT_WINDOW, len(reads))
+        return self.flat_rows('-a destroy -h %s' % net, key, FLAT_TARGET, growing=False) + \
+            self.beside_rows(net, 'destroy') + [
+                ('  read from disk, a destroy of the first %d / of the last %d' % (n, n),
+                 '%.0f / %.0f KB' % (median(reads[:n]), median(reads[-n:])), '', '')]
+
+    def fresh_rows(self):
+        """A fresh container's destroy with all running, over the same with none."""
+        full, empty = (median(self.times['destroy fresh, %s running' % when]) * 1000.0
+                       for when in ('all', 'none'))
+        ratio = full / empty
+        return [('-a destroy -h of a container just booted, all running', '%.1f ms' % full,
+                 '', ''),
+                ('  the same, none running', '%.1f ms' % empty, '', ''),
+                ('  all running / none', '%.2f' % ratio, '<= %s' % FLAT_TARGET,
+                 verdict(ratio, FLAT_TARGET))]
 
     def pss_rows(self, key, label, target):
         if key not in self.pss:
@@ -652,8 +711,9 @@ class ScaleBench(object):
                          '', ''))
         for net in NETS:
             if self.times.get('destroy ' + net):
-                rows += self.flat_rows('-a destroy -h %s' % net, 'destroy ' + net, FLAT_TARGET,
-                                       growing=False)
+                rows += self.destroy_rows(net)
+        if self.times.get('destroy fresh, none running'):
+            rows += self.fresh_rows()
         for label, problems in self.checks:
             rows.append((label, '', 'correct', 'MISSED (%d problems, see stderr)'
                          % len(problems) if problems else 'OK'))
