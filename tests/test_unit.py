@@ -746,19 +746,33 @@ def test_mounts_under_fails_closed_and_nothing_is_removed(tmp_path, monkeypatch)
     """Without the mount table nothing can be known to be unmounted: no empty answer."""
     tree = tmp_path / 'tree'
     (tree / 'sub').mkdir(parents=True)
-    real_open = open
-
-    def no_mountinfo(path, *args, **kw):
-        if path == cocker.MOUNT_TABLE:
-            raise PermissionError(13, 'Permission denied')
-        return real_open(path, *args, **kw)
-    monkeypatch.setattr('builtins.open', no_mountinfo)
+    monkeypatch.setattr(cocker, 'MOUNT_TABLE', str(tmp_path / 'no-such-table'))
     with pytest.raises(cocker.CockerError) as e:
         cocker.mounts_under(str(tree))
     assert 'cannot read the mount table' in e.value.message
     with pytest.raises(cocker.CockerError):
         cocker.remove_tree(str(tree))
     assert (tree / 'sub').is_dir(), 'nothing removed'
+
+
+def test_mounts_under_finds_the_points_at_and_below_a_path_only(tmp_path, monkeypatch):
+    """The table searched whole: a point at the path, below it (escaped), not beside it
+    (a longer name), not in an NFS statistics line; deepest first; the last line without
+    its newline."""
+    table = tmp_path / 'mountstats'
+    table.write_bytes(
+        b'device overlay mounted on /h/c/a/merged with fstype overlay\n'
+        b'device /dev/sda1 mounted on /h/c/ab with fstype ext4\n'
+        b'device srv:/e mounted on /mnt with fstype nfs4 statvers=1.1\n'
+        b'\topts:\trw,/h/c/a/x\n'
+        b'no device mounted on /h/c/a/merged/my\\040dir with fstype tmpfs\n'
+        b'device tmpfs mounted on /h/c/a with fstype tmpfs')
+    monkeypatch.setattr(cocker, 'MOUNT_TABLE', str(table))
+    assert cocker.mounts_under('/h/c/a') == ['/h/c/a/merged/my dir', '/h/c/a/merged',
+                                             '/h/c/a']
+    assert cocker.mounts_under('/h/c/a/') == cocker.mounts_under('/h/c/a')
+    assert cocker.mounts_under('/h/c/ab') == ['/h/c/ab']
+    assert cocker.mounts_under('/h/d') == []
 
 
 def test_mount_point_of_reads_mountstats_lines():
