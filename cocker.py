@@ -1895,6 +1895,18 @@ def is_durable(name, key):
     return key not in RUNTIME_ATTRS and name not in EPHEMERAL
 
 
+def operator_stopping(name):
+    """Is a shutdown, kill or destroy under way?  (Its cocker wrote itself down before any
+    signal; one killed before it signalled stops nothing.)"""
+    return owner_running((read_attr(name, 'stopped_by_operator') or '').split(' ')[0])
+
+
+def operator_removing(name):
+    """Is a destroy (or a one-shot run's end) under way, which removes the container?"""
+    words = (read_attr(name, 'stopped_by_operator') or '').split(' ')
+    return words[-1] == 'remove' and owner_running(words[0])
+
+
 def require_container(name):
     check_name('container', name)
     if not os.path.isdir(os.path.join(container_dir(name), 'rwlayer')):
@@ -4261,6 +4273,8 @@ def run_pid1(name, init, exec_cmd, ready_w, state, stdio=None, siblings=None):
         if not answer.startswith(READY):
             log('WARN', "restart of container '%s' failed: %s" % (
                 name, answer.decode('utf-8', 'replace').strip() or 'no answer'))
+    if operator_removing(name):
+        EPHEMERAL.add(name)             # (its files go next: none needs an fsync)
     write_attr(name, 'exit_status', str(status))
     log('INFO', "container '%s' stopped, PID 1 exit status %d" % (name, status))
     return status
@@ -5382,12 +5396,6 @@ def restart_wanted(name, status, restarts):
     return True
 
 
-def operator_stopping(name):
-    """Is a shutdown, kill or destroy under way?  (Its cocker wrote itself down before any
-    signal; one killed before it signalled stops nothing.)"""
-    return owner_running(read_attr(name, 'stopped_by_operator') or '')
-
-
 def restart_delay(quick):
     """Seconds before a restart that follows quick short runs (shorter than RESTART_STEADY)
     in a row: doubling, capped."""
@@ -5534,7 +5542,8 @@ def stop_container(name, sig, force=False):
             teardown_container(name)
             return
         raise CockerError("container '%s' is not running" % name)
-    write_attr(name, 'stopped_by_operator', staging_owner())     # (this cocker: PID-START)
+    write_attr(name, 'stopped_by_operator', staging_owner() +    # (this cocker: PID-START)
+               (' remove' if name in EPHEMERAL else ''))          # (and a destroy follows)
     monitor = read_pid(name)
     debug('stopping %s (monitor %s) with signal %d', name, monitor, sig)
     if sig == SIGKILL:

@@ -281,6 +281,20 @@ def test_container_rules_match_only_its_own_traffic():
         in jumps, 'other machines never reach a mapping bound to 127.0.0.1'
 
 
+def test_a_stop_written_down_says_whether_a_removal_follows(tmp_path, monkeypatch):
+    """stopped_by_operator: the stopping command (PID-START), ' remove' for a destroy (its
+    monitor fsyncs nothing more); a command that is gone stops and removes nothing."""
+    monkeypatch.setattr(cocker, 'HOME', str(tmp_path))
+    (tmp_path / 'containers' / 'c').mkdir(parents=True)
+    say = lambda text: cocker.write_attr('c', 'stopped_by_operator', text)
+    mine, dead = cocker.staging_owner(), '%d-1' % (2 ** 22 + 1)
+    for text, stopping, removing in ((mine, True, False), (mine + ' remove', True, True),
+                                     (dead + ' remove', False, False), (None, False, False)):
+        say(text)
+        assert (cocker.operator_stopping('c'), cocker.operator_removing('c')) == \
+            (stopping, removing), text
+
+
 def test_network_config_defaults_and_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(cocker, 'HOME', str(tmp_path))
     b = cocker.network_config()
