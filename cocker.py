@@ -4123,7 +4123,8 @@ def monitor_once(init, name, exec_cmd, ready_w, lock, stdio, by_sibling):
             try:
                 if siblings is not None:
                     siblings.close()    # a boot asking now forks its own monitor at once
-                teardown_container(name)
+                if running is not None:     # (else the host state is the command's to undo,
+                    teardown_container(name)    # or another monitor's: never ours)
             except (OSError, CockerError) as e:
                 log('ERROR', 'monitor of %s: %s' % (name, error_text(e)))
             finally:
@@ -4146,6 +4147,7 @@ def become_monitor(name, lock, keep):
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     close_fds_except({0, 1, 2, lock} | keep)
+    HELD_LOCKS.clear()                  # (the command's: none of them is ours)
     prctl(PR_SET_NAME, b'cocker-monitor')
     let_cold_chapters_go()
     import gc
@@ -4153,9 +4155,9 @@ def become_monitor(name, lock, keep):
         gc.freeze()                     # their pages stay shared with PID 1, forked next
     running = os.open(container_file(name, 'running.lock'),
                       os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    fcntl.flock(running, fcntl.LOCK_EX)
-    os.close(lock)                      # (running: the container is no longer DEAD)
+    fcntl.flock(running, fcntl.LOCK_EX)  # (free: a monitor that held it held the lock too)
     write_attr(name, 'pid', str(os.getpid()))
+    os.close(lock)                      # (running, with its pid: no longer DEAD)
     return running
 
 
@@ -10707,10 +10709,22 @@ def report(message, status):
     return status
 
 
+def open_standard_descriptors():
+    """0, 1 and 2 open, on /dev/null where the caller closed them (cocker 0<&-): else the
+    first file the command opens, the container lock say, would be one of them, and the
+    monitor's /dev/null put over it."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open('/dev/null', os.O_RDWR)     # (the lowest free number: this one)
+
+
 def main(argv=None):
     """Run one cocker command; return the exit status."""
     global HOME, DEBUG
     argv = sys.argv[1:] if argv is None else argv
+    open_standard_descriptors()
     # (absolute: a monitor works from /, and a boot gives its HOME to a sibling)
     HOME = os.path.abspath(os.environ.get('COCKER_HOME') or DEFAULT_HOME)
     try:

@@ -9,6 +9,8 @@ import subprocess
 import threading
 import time
 
+import pytest
+
 from conftest import container_path, cocker_process, load_script, wait_for, COCKER
 
 
@@ -637,6 +639,25 @@ def test_a_boot_whose_command_died_after_its_go_is_not_taken_over(cocker, test_i
         'the monitor lets go of the container lock once it runs'
     r = cocker('-a', 'run', '-c', second, '--cmd', 'cat /proc/self/cgroup')
     assert r.rc == 0 and '/cocker/%s' % second in r.out, r
+
+
+@pytest.mark.parametrize('served', [False, True], ids=['own monitor', 'served'])
+def test_a_boot_without_standard_input_keeps_the_monitors_descriptors_right(
+        cocker, test_image, names, home, served):
+    """cocker 0<&-: the first file the command opens (the container lock) would be 0, where
+    the monitor puts /dev/null: the lock would be lost, and the monitor's next descriptor
+    (its socket) would take 0.  The command opens /dev/null on a closed 0, 1 or 2 first."""
+    first, second = first_booted_second_made(cocker, test_image, names, home, boot=served)
+    p = cocker_process(home, '-d', '-a', 'boot', '-c', second, preexec_fn=lambda: os.close(0))
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and out == b'OK\n', (out, err)
+    assert (b'forked by the monitor of %s' % first.encode() in err) == served, err
+    monitor = monitor_of(home, second)
+    for fd in (0, 1, 2):
+        assert os.readlink('/proc/%d/fd/%d' % (monitor, fd)) == '/dev/null', fd
+    assert not descriptors_into(monitor, os.path.join(home, 'locks'))
+    r = cocker('-a', 'run', '-c', second, '--cmd', 'true')
+    assert r.rc == 0, r
 
 
 def unblock_reader(fifo):
