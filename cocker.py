@@ -571,8 +571,8 @@ def clone3(flags, cgroup_fd=None):
     directory, so no migration (and its RCU grace period) is needed -> the pid, 0 in the
     child; None where it cannot be done: a Python before 3.7 (no fork hooks to call), a
     kernel before 5.3 (5.7 for a cgroup), a glibc before 2.25, a seccomp filter that
-    refuses it, or more than one thread.  Python's fork hooks run around the system call as they run around os.fork,
-    and it holds the GIL as os.fork's does."""
+    refuses it, or more than one thread.  Python's fork hooks run around the system call
+    as they run around os.fork, and it holds the GIL as os.fork's does."""
     if glibc_caches_pid():
         return None
     import ctypes
@@ -1895,16 +1895,23 @@ def is_durable(name, key):
     return key not in RUNTIME_ATTRS and name not in EPHEMERAL
 
 
+def operator_stop(name):
+    """The words of stopped_by_operator while the command that wrote them runs, else []:
+    its PID-START, then 'remove' if a destroy (or a one-shot run's end) follows.  (Its
+    cocker wrote itself down before any signal; one killed before it signalled stops
+    nothing.)"""
+    words = (read_attr(name, 'stopped_by_operator') or '').split(' ')
+    return words if owner_running(words[0]) else []
+
+
 def operator_stopping(name):
-    """Is a shutdown, kill or destroy under way?  (Its cocker wrote itself down before any
-    signal; one killed before it signalled stops nothing.)"""
-    return owner_running((read_attr(name, 'stopped_by_operator') or '').split(' ')[0])
+    """Is a shutdown, kill or destroy under way?"""
+    return bool(operator_stop(name))
 
 
 def operator_removing(name):
     """Is a destroy (or a one-shot run's end) under way, which removes the container?"""
-    words = (read_attr(name, 'stopped_by_operator') or '').split(' ')
-    return words[-1] == 'remove' and owner_running(words[0])
+    return operator_stop(name)[1:] == ['remove']
 
 
 def require_container(name):
@@ -4123,8 +4130,8 @@ def monitor_once(init, name, exec_cmd, ready_w, lock, stdio, by_sibling):
             try:
                 if siblings is not None:
                     siblings.close()    # a boot asking now forks its own monitor at once
-                if running is not None:     # (else the host state is the command's to undo,
-                    teardown_container(name)    # or another monitor's: never ours)
+                if running is not None:     # (else the host state is the command's to undo)
+                    teardown_container(name)
             except (OSError, CockerError) as e:
                 log('ERROR', 'monitor of %s: %s' % (name, error_text(e)))
             finally:

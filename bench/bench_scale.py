@@ -377,6 +377,11 @@ class ScaleBench(object):
             self.marks.append(netns[3:] if netns.startswith('nns') else netns)
         return seconds
 
+    def time_python_beside(self, key):
+        """python -c pass, timed just before the command measured under key."""
+        self.record('python beside ' + key,
+                    run_checked([self.python, '-c', 'pass'], self.env, 'python -c pass')[0])
+
     def require_memory(self):
         free = available_mb()
         if free is not None and free < MIN_AVAILABLE_MB:
@@ -385,8 +390,7 @@ class ScaleBench(object):
 
     def boot(self, name, key):
         self.require_memory()
-        self.record('python beside ' + key,
-                    run_checked([self.python, '-c', 'pass'], self.env, 'python -c pass')[0])
+        self.time_python_beside(key)
         self.record(key, self.run_cocker('-a', 'boot', '-c', name)[0])
         self.running.append(name)
         if len(self.running) == PSS_AT:
@@ -498,8 +502,7 @@ class ScaleBench(object):
         for net in NETS:
             names = [n for n in self.names[net] if n in self.created and n not in self.doubtful]
             for i, name in enumerate(names):
-                self.record('python beside destroy ' + net, run_checked(
-                    [self.python, '-c', 'pass'], self.env, 'python -c pass')[0])
+                self.time_python_beside('destroy ' + net)
                 before = disk_read_kb()
                 self.record('destroy ' + net, self.run_cocker('-a', 'destroy', '-c', name,
                                                               '-h')[0])
