@@ -56,12 +56,12 @@ import tty
 
 #: set by cocker's boot child: the root, the socket's directory, the hostname, the -e
 #: command, the confinement and the descriptors it hands over (COCKER_ALIVE_PIPE is the C
-#: cocker's name)
+#: cocker's name; COCKER_SOCKDIR_FD: the socket's directory where PID 1 has no path to it)
 CONFIG_ENV = ('COCKER_ROOT', 'COCKER_SOCKDIR', 'COCKER_HOSTNAME', 'COCKER_EXEC', 'COCKER_MAIN',
               'COCKER_SECCOMP', 'COCKER_NO_NEW_PRIVS',
               'COCKER_READY_FD', 'COCKER_LOG_FD', 'COCKER_CONSOLE_FD', 'COCKER_ALIVE_PIPE',
               'COCKER_ALIVE_FD', 'COCKER_STDIN_FD', 'COCKER_STDOUT_FD', 'COCKER_STDERR_FD',
-              'COCKER_TTY', 'COCKER_CGROUPS_FD', 'COCKER_SERVED_FD')
+              'COCKER_TTY', 'COCKER_CGROUPS_FD', 'COCKER_SERVED_FD', 'COCKER_SOCKDIR_FD')
 SOCKET_NAME = 'cocker.sock'
 READY = b'READY'
 GO = b'G'                             #: cocker's word that the host side is complete
@@ -1084,7 +1084,7 @@ def take_config(config):
         os.set_inheritable(fd, False)
     if config['COCKER_EXEC']:
         config['exec_argv'] = split_command(config['COCKER_EXEC'])
-    for key in ('COCKER_CGROUPS_FD', 'COCKER_SERVED_FD'):
+    for key in ('COCKER_CGROUPS_FD', 'COCKER_SERVED_FD', 'COCKER_SOCKDIR_FD'):
         if config[key]:
             os.set_inheritable(int(config[key]), False)
     if config['COCKER_STDIN_FD']:           # a one-shot run: the main process's stdio
@@ -1100,10 +1100,14 @@ def set_up(config):
         last_cap = int(f.read())
     time.localtime()                             # load the time zone while the host's is here
     shut_off_imports()
-    listener = bind_control_socket(config['COCKER_SOCKDIR'])
+    sockdir_fd = config['COCKER_SOCKDIR_FD']
+    sockdir = '/proc/self/fd/' + sockdir_fd if sockdir_fd else config['COCKER_SOCKDIR']
+    listener = bind_control_socket(sockdir)
     if config['COCKER_MAIN'] == '1':            # a host file of cocker's, read before we leave
-        IMAGE.update(read_image_settings(config['COCKER_SOCKDIR']))
+        IMAGE.update(read_image_settings(sockdir))
         IMAGE['set'] = True
+    if sockdir_fd:
+        os.close(int(sockdir_fd))               # (a way out of the root: never the container's)
     enter_root(config['COCKER_ROOT'])
     confine(last_cap, seccomp=config['COCKER_SECCOMP'] != 'unconfined')
     prctl(PR_SET_DUMPABLE, 0)                   # again: credentials changed

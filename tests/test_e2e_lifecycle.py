@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from conftest import container_path, cocker_process, load_script, wait_for, COCKER
+from conftest import (container_path, cocker_process, load_script, wait_for, COCKER,
+                      COCKERINIT, PYTHON)
 
 
 def status_of(cocker, name):
@@ -340,6 +341,110 @@ def test_one_monitor_forks_the_monitors_of_the_boots_after_it(cocker, test_image
     r = cocker('-d', '-a', 'boot', '-c', second)
     assert r.rc == 0 and 'forked by the monitor of %s' % first in r.err, r
     assert cocker('-a', 'run', '-c', first, '--cmd', 'echo still').out == 'still\n'
+
+
+def container_mounts(cocker, name):
+    """(mount point, its options) of each mount the container sees, in order."""
+    r = cocker('-a', 'run', '-c', name, '--cmd', 'cat /proc/self/mountinfo')
+    assert r.rc == 0, r
+    return [(line.split()[4], line.split()[5]) for line in r.out.splitlines()]
+
+
+LOOK_INTO_THE_TEMPLATE = """
+import importlib.util, os, sys
+def load_script(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+cocker = load_script('cocker', sys.argv[1])
+init = load_script('cockerinit', sys.argv[2])
+cocker.HOME = sys.argv[3]
+before = open('/proc/self/mountinfo').read()
+cocker.make_mount_template(init)
+assert open('/proc/self/mountinfo').read() == before, 'the template changed the host table'
+pid = os.fork()
+if pid == 0:
+    cocker.setns(cocker.MOUNT_TEMPLATE, cocker.CLONE_NEWNS)
+    cocker.unshare(cocker.CLONE_NEWNS)
+    cocker.mount('proc', '/proc', 'proc')
+    print(sorted(os.listdir('/')))
+    for line in open('/proc/self/mountinfo'):
+        print(line.split()[4], line.split()[5], line.split()[8])
+    cocker.open_devnull('/null')
+    try:
+        os.mkdir('/x')
+    except OSError as e:
+        print(e.strerror)
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+
+def test_the_mount_template_is_one_read_only_tmpfs_and_the_host_keeps_its_table(home):
+    """What PID 1s copy: a namespace of one read-only tmpfs with /root, /proc and a real
+    /dev/null, none of the host's mounts; making it mounts nothing on the host."""
+    out = subprocess.check_output([PYTHON, '-c', LOOK_INTO_THE_TEMPLATE, COCKER, COCKERINIT,
+                                   home], cwd='/').decode()
+    lines = out.splitlines()
+    assert lines[0] == "['null', 'proc', 'root']", out
+    assert [l.split()[0] for l in lines[1:3]] == ['/', '/proc'] and len(lines) == 4, out
+    assert lines[1].split()[1].startswith('ro,') and lines[1].split()[2] == 'tmpfs', out
+    assert 'nosuid' in lines[1].split()[1] and 'noexec' in lines[1].split()[1], out
+    assert lines[3] == 'Read-only file system', out
+
+
+def test_pid1_from_the_mount_template_sets_up_the_root_as_one_from_the_hosts_table(
+        cocker, test_image, names, home, tmp_path):
+    """A PID 1 whose monitor a sibling forked copies the mount template, its root and volumes
+    taken from the host as detached copies; one whose monitor the command forked copies the
+    host's table.  Both containers see the same mounts; neither PID 1 keeps a descriptor of a
+    directory or a namespace; and a volume on a shared mount, with another volume inside it,
+    sends nothing back to the host (the copies are made private)."""
+    shared = tmp_path / 'shared'
+    shared.mkdir()
+    subprocess.check_call(['mount', '-t', 'tmpfs', 'cocker-test-shared', str(shared)])
+    try:
+        subprocess.check_call(['mount', '--make-shared', str(shared)])
+        (shared / 'inner').mkdir()
+        (shared / 'ro').mkdir()
+        volumes = ['--volume', '%s:/data' % shared, '--volume', '%s/ro:/data/inner:ro' % shared]
+        first, second = names(), names()
+        for name in (first, second):
+            assert cocker('-a', 'create', '-m', test_image, '-c', name, *volumes).rc == 0
+        with open(os.path.join(home, 'forking_monitor'), 'w'):
+            pass
+        host_before = [l.split()[4] for l in open('/proc/self/mountinfo')]
+        assert cocker('-a', 'boot', '-c', first).rc == 0
+        r = cocker('-d', '-a', 'boot', '-c', second)
+        assert r.rc == 0 and 'forked by the monitor of %s' % first in r.err, r
+        log = open(os.path.join(home, 'cocker.log')).read()
+        assert 'PID 1 of %s: in a copy of the mount namespace template' % second in log
+        assert 'PID 1 of %s: in a copy' % first not in log
+        seen = [container_mounts(cocker, name) for name in (first, second)]
+        assert [p for p, _ in seen[0]] == [p for p, _ in seen[1]], seen
+        for mounts in seen:
+            options = dict(mounts)
+            assert 'nodev' in options['/data'].split(',') and options['/data'].startswith('rw')
+            assert options['/data/inner'].startswith('ro,'), options
+        for name in (first, second):
+            r = cocker('-a', 'run', '-c', name, '--cmd', 'touch /data/%s; touch /data/inner/x'
+                       % name)
+            assert r.rc != 0 and 'Read-only' in r.err and (shared / name).exists(), r
+        host_after = [l.split()[4] for l in open('/proc/self/mountinfo')]
+        assert sorted(set(host_after) - set(host_before)) == sorted(
+            container_path(home, name, 'merged') for name in (first, second)), \
+            'a mount below a shared volume reached the host'
+        for name in (first, second):
+            pid = int(open(container_path(home, name, 'init_pid')).read())
+            for fd in os.listdir('/proc/%d/fd' % pid):
+                path = '/proc/%d/fd/%s' % (pid, fd)
+                assert not os.path.isdir(path) and not os.readlink(path).startswith('mnt:'), \
+                    'PID 1 of %s holds %s' % (name, os.readlink(path))
+        for name in (first, second):
+            assert cocker('-a', 'destroy', '-c', name, '-h').rc == 0
+    finally:
+        subprocess.call(['umount', '-R', str(shared)])
 
 
 def test_a_monitor_forks_so_many_then_the_next_boots_own_takes_over(cocker, test_image, names,
