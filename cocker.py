@@ -4439,13 +4439,14 @@ def shield_from_oom_killer():
 # A mount namespace made by unshare is a copy of the host's mount table, which cockerinit
 # detaches again once it has pivoted into the root: both cost O(host mounts), and each
 # container adds one (its overlay): 8 of a boot's 8.6 ms more at 1400 containers.  So a
-# monitor that forks monitors makes a template once, a namespace of one empty read-only
-# tmpfs with /root and /proc, which their PID 1s copy instead.  Such a PID 1 first takes
-# from the host what it needs there: detached copies of the root and the volumes (open_tree,
-# as a bind mount would make them), its settings, the host's /dev/null, a descriptor of the
-# container directory for cockerinit's socket (COCKER_SOCKDIR_FD, closed by cockerinit
-# before anything of the container runs).  Then it copies the template, mounts its own
-# /proc there, attaches the root on /root and goes on as any PID 1, with /root as the root.
+# monitor that forks monitors makes a template once, a namespace of one read-only tmpfs
+# with /root, /proc and a /dev/null node (what masks are bound from: a bind's source must
+# be in the namespace), which their PID 1s copy instead.  Such a PID 1 first takes from the
+# host what it needs there: detached copies of the root and the volumes (open_tree, as a
+# bind mount would make them), its settings, a descriptor of the container directory for
+# cockerinit's socket (COCKER_SOCKDIR_FD, closed by cockerinit before it enters the root).
+# Then it copies the template, mounts its own /proc there, attaches the root on /root and
+# goes on as any PID 1, with /root as the root.
 # The container's namespace never holds the host's mounts, not even for a millisecond.
 # A kernel before 5.2 (no open_tree) and the monitors made by a command copy the host's.
 

@@ -1084,7 +1084,8 @@ def take_config(config):
         os.set_inheritable(fd, False)
     if config['COCKER_EXEC']:
         config['exec_argv'] = split_command(config['COCKER_EXEC'])
-    for key in ('COCKER_CGROUPS_FD', 'COCKER_SERVED_FD', 'COCKER_SOCKDIR_FD'):
+    for key in ('COCKER_CGROUPS_FD', 'COCKER_SERVED_FD'):   # (not SOCKDIR's: O_PATH, opened
+        # close-on-exec; Python 3.6's set_inheritable fails on it, by ioctl)
         if config[key]:
             os.set_inheritable(int(config[key]), False)
     if config['COCKER_STDIN_FD']:           # a one-shot run: the main process's stdio
