@@ -319,7 +319,7 @@ def locks_dir():
     return os.path.join(HOME, 'locks')
 
 
-LOG_FILE = None                         #: another path to cocker.log (PID 1's, see keep_log_open)
+LOG_FILE = None                         #: another path to cocker.log (PID 1's, see leave_home)
 
 
 def log_path():
@@ -384,7 +384,7 @@ def debug(fmt, *args):
 
 def log(level, text, depth=1):
     """Append one record to cocker.log in the C cocker's format; never fails the command."""
-    if HOME is None:
+    if HOME is None and LOG_FILE is None:
         return
     try:
         frame = sys._getframe(depth)
@@ -392,7 +392,8 @@ def log(level, text, depth=1):
         record = '%s.%06d | %-5s | %d:cocker.py:%d | %s\n' % (
             time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now)), int(now % 1 * 1e6),
             level, os.getpid(), frame.f_lineno, printable(text.rstrip('\n')))
-        append_log(log_path(), record.encode('utf-8', 'replace'))
+        append_log(log_path(), record.encode('utf-8', 'replace'),
+                   float('inf') if LOG_FILE else LOG_ROTATE_BYTES)
     except (OSError, ValueError):
         pass
 
@@ -2470,6 +2471,10 @@ def mask_paths(base, files, directories, devnull):
                       'mode=555')
             else:
                 mount('/proc/self/fd/%d' % devnull, path, None, MS_BIND)
+                # read-only: the container's CAP_CHOWN and CAP_FOWNER would change the
+                # node's owner and mode, the host's /dev/null's (a device opens for writing
+                # on a read-only mount all the same)
+                remount_bind(path, MS_RDONLY | MS_NOSUID | MS_NOEXEC)
 
 
 def expand_paths(base, pattern):
@@ -3998,6 +4003,7 @@ class Boot(object):
     def __init__(self, name, fds):
         self.name, self.fds = name, fds
         self.root = self.merged = container_file(name, 'merged')    # (root: where PID 1 sees it)
+        self.directory = container_dir(name)
         self.hostname = read_attr(name, 'hostname') or name
         self.seccomp = read_attr(name, 'seccomp') or 'default'
         self.no_new_privs = read_attr(name, 'no_new_privs') or '0'
@@ -4440,19 +4446,21 @@ def shield_from_oom_killer():
 # detaches again once it has pivoted into the root: both cost O(host mounts), and each
 # container adds one (its overlay): 8 of a boot's 8.6 ms more at 1400 containers.  So a
 # monitor that forks monitors makes a template once, a namespace of one read-only tmpfs
-# with /root, /proc and a /dev/null node (what masks are bound from: a bind's source must
-# be in the namespace), which their PID 1s copy instead.  Such a PID 1 first takes from the
+# with /rootfs, /proc and a /dev/null node (what masks are bound from: a bind's source must
+# be in the namespace), which PID 1s copy instead (those of the monitors it forks, and its
+# own once it has made it).  Such a PID 1 first takes from the
 # host what it needs there: detached copies of the root and the volumes (open_tree, as a
 # bind mount would make them), its settings, a descriptor of the container directory for
 # cockerinit's socket (COCKER_SOCKDIR_FD, closed by cockerinit before it enters the root).
-# Then it copies the template, mounts its own /proc there, attaches the root on /root and
-# goes on as any PID 1, with /root as the root.
+# Then it copies the template, mounts its own /proc there, attaches the root on /rootfs and
+# goes on as any PID 1, with /rootfs as the root, COCKER_HOME no longer in reach.
 # The container's namespace never holds the host's mounts, not even for a millisecond.
-# A kernel before 5.2 (no open_tree) and the monitors made by a command copy the host's.
+# A kernel before 5.2 (no open_tree), and a monitor that a command forked until it forks
+# one itself, copy the host's.
 
 #: The template's descriptor (a monitor that forks monitors makes it; they inherit it)
 MOUNT_TEMPLATE = None
-TEMPLATE_ROOT = '/root'                 #: where the container root is attached in a copy
+TEMPLATE_ROOT = '/rootfs'               #: where the container root is attached in a copy
 
 
 def make_mount_template(init):
@@ -4504,6 +4512,12 @@ def build_mount_template(init):
     os.mknod('null', stat.S_IFCHR | 0o666, os.makedev(1, 3))    # (what masks are bound from)
     os.chmod('null', 0o666)
     init.enter_root(HOME)               # (the host's tree detached: the tmpfs alone)
+    # what PID 1 does in a copy, tried here once: a kernel or a security module may refuse
+    # it, and then every PID 1 copies the host's namespace instead
+    attach_tree(open_tree('/proc'), TEMPLATE_ROOT)
+    umount2(TEMPLATE_ROOT)
+    mount('proc', '/proc', 'proc', MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    umount2('/proc')
     mount(None, '/', None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NOEXEC)
 
 
@@ -4529,9 +4543,8 @@ def enter_private_namespaces(boot):
     root = open_tree(boot.merged)
     boot.volumes = [(open_tree(host, recursive=True), inside, readonly)
                     for host, inside, readonly in boot.volumes]
-    boot.fds['sockdir'] = os.open(container_dir(boot.name),
-                                  os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    keep_log_open()
+    boot.fds['sockdir'] = os.open(boot.directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    leave_home()
     time.localtime()                    # (the host's time zone, read while it is here)
     setns(boot.template, CLONE_NEWNS)
     os.close(boot.template)
@@ -4558,12 +4571,15 @@ def attach_tree(tree, target):
     mount(None, '/', None, MS_REC | MS_PRIVATE)
 
 
-def keep_log_open():
-    """Under -d, cocker.log stays reachable after PID 1 has left the host's tree."""
-    global LOG_FILE
+def leave_home():
+    """No path of COCKER_HOME means anything once PID 1 has left the host's tree (it would
+    be looked up in the template, or the container's root): HOME is None from here on.
+    Under -d, cocker.log stays open (never rotated through its descriptor)."""
+    global HOME, LOG_FILE
     if DEBUG and HOME is not None:
         fd = os.open(log_path(), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         LOG_FILE = '/proc/self/fd/%d' % fd
+    HOME = None
 
 
 def become_cockerinit(boot, init, exec_cmd, tty=False):
@@ -4574,7 +4590,7 @@ def become_cockerinit(boot, init, exec_cmd, tty=False):
     every signal default, an environment of its own; it never returns here."""
     name, fds = boot.name, boot.fds
     os.close(boot.devnull)
-    settings = {'COCKER_ROOT': boot.root, 'COCKER_SOCKDIR': container_dir(name),
+    settings = {'COCKER_ROOT': boot.root, 'COCKER_SOCKDIR': boot.directory,
                 'COCKER_HOSTNAME': boot.hostname, 'COCKER_EXEC': exec_cmd,
                 'COCKER_SECCOMP': boot.seccomp, 'COCKER_NO_NEW_PRIVS': boot.no_new_privs,
                 'COCKER_MAIN': '1' if boot.main else None,
@@ -4583,6 +4599,8 @@ def become_cockerinit(boot, init, exec_cmd, tty=False):
     os.dup2(fds['log'], 1)
     os.dup2(fds['log'], 2)
     close_fds_except({0, 1, 2} | set(fds.values()))
+    global LOG_FILE
+    LOG_FILE = None                     # (leave_home's descriptor: closed now)
     init.default_signals()
     os.environ.clear()
     os.environ.update(PATH=init.SESSION_PATH, LC_ALL='C.UTF-8')
@@ -9392,19 +9410,40 @@ def stop_watch(helper):
     return watch
 
 
-def open_container_init(name):
+def open_container_init(name, patience=5.0):
     """A descriptor of /proc/PID of the container's PID 1, checked to be the child of its
-    live monitor, so that a pid recycled meanwhile is never entered."""
-    pid, monitor = read_pid(name, 'init_pid'), read_pid(name)
-    try:
-        fd = os.open('/proc/%d' % (pid or 0), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        raise CockerError("container '%s' is not running" % name)
-    fields = process_stat('stat', dir_fd=fd)        # the process this descriptor names
-    if not fields or int(fields[1]) != monitor or not monitor_alive(name):
+    live monitor, so that a pid recycled meanwhile is never entered, and to have entered
+    the container root: one that the monitor has just started again is waited for, up to
+    patience seconds."""
+    deadline = time.time() + patience
+    while True:
+        pid, monitor = read_pid(name, 'init_pid'), read_pid(name)
+        try:
+            fd = os.open('/proc/%d' % (pid or 0), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            raise CockerError("container '%s' is not running" % name)
+        fields = process_stat('stat', dir_fd=fd)    # the process this descriptor names
+        if not fields or int(fields[1]) != monitor or not monitor_alive(name):
+            os.close(fd)
+            raise CockerError("container '%s' is not running" % name)
+        if in_container_root(name, fd):
+            return fd
         os.close(fd)
-        raise CockerError("container '%s' is not running" % name)
-    return fd
+        if time.time() > deadline:
+            raise CockerError("container '%s' is still starting" % name)
+        time.sleep(0.01)
+
+
+def in_container_root(name, proc):
+    """Whether the PID 1 of /proc descriptor proc has entered the container root (the last
+    of its mounts done): a PID 1 that the monitor has just started again, without the
+    container lock, may still be in the host's tree or the template's."""
+    try:
+        there = os.stat('root', dir_fd=proc)
+        here = os.stat(container_file(name, 'merged'))
+    except OSError:
+        return False
+    return (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino)
 
 
 def join_container(proc, cgroups):

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -27,7 +28,8 @@ import uuid
 
 import pytest
 
-from conftest import COCKER, COCKERINIT, PYTHON, container_path, load_script, wait_for
+from conftest import (COCKER, COCKERINIT, PYTHON, cocker_process, container_path, load_script,
+                      wait_for)
 from test_e2e_network import (bridge_plan, busybox, fetch, free_port, outside,  # noqa: F401
                               server, vip_of)
 
@@ -305,6 +307,66 @@ def test_proc_is_masked_and_its_knobs_read_only(attacked, cocker):
         r = inside(cocker, name, 'echo 1 > %s' % knob)
         assert r.rc != 0 and 'Read-only file system' in r.err, (knob, r)
     assert inside(cocker, name, 'cat /proc/uptime /proc/self/status >/dev/null').rc == 0
+
+
+def test_a_masked_file_never_lets_the_container_change_the_hosts_dev_null(attacked, cocker,
+                                                                         home):
+    """The masks are binds of a 1:3 node (the host's /dev/null where PID 1 copied the host's
+    namespace, the template's otherwise): the container's CAP_CHOWN and CAP_FOWNER must not
+    change its owner or mode, on either path (a chmod 000 would break the host's /dev/null)."""
+    with open(os.path.join(home, 'forking_monitor'), 'w'):
+        pass                            # the first boots with a monitor of its own ...
+    own, served = attacked(), attacked()    # ... and forks the second's
+    log = open(os.path.join(home, 'cocker.log')).read()
+    before = os.stat('/dev/null')
+    try:
+        for name in (own, served):
+            r = inside(cocker, name, 'chmod 600 /proc/keys; chown 65534 /proc/timer_list; '
+                       'echo x > /proc/keys && cat /proc/keys')
+            assert r.rc == 0 and r.err.count('Read-only file system') == 2, (name, r)
+        after = os.stat('/dev/null')
+        assert (after.st_mode, after.st_uid, after.st_ctime_ns) == (
+            before.st_mode, before.st_uid, before.st_ctime_ns)
+    finally:                            # (the host's, should the attack have worked)
+        os.chown('/dev/null', before.st_uid, before.st_gid)
+        os.chmod('/dev/null', stat.S_IMODE(before.st_mode))
+
+
+def test_a_file_command_never_joins_a_restarted_pid1_before_it_is_in_its_root(
+        cocker, test_image, names, home, tmp_path):
+    """A restart runs without the container lock: its PID 1 is in the host's mount namespace
+    (or the template's) while it sets up, and a file command that joined it then would copy
+    host files.  It waits for PID 1 to be in the container root.  Here the restarted PID 1
+    waits on a FIFO that it reads its volumes from."""
+    secret = tmp_path / 'host-only'
+    secret.write_text('a host file\n')
+    name = names('rst')
+    assert cocker('-a', 'create', '-m', test_image, '-c', name, '--restart', 'always',
+                  '-b').rc == 0
+    first = init_pid(home, name)
+    fifo = container_path(home, name, 'volume')
+    os.mkfifo(fifo)
+    try:
+        os.kill(first, signal.SIGKILL)
+        def setting_up():
+            try:
+                pid = init_pid(home, name)
+                return pid != first and os.stat('/proc/%d/root' % pid) != os.stat(
+                    container_path(home, name, 'merged'))
+            except (OSError, ValueError):
+                return False
+        wait_for(setting_up, what='a restarted PID 1 setting up')
+        copy = cocker_process(home, '-a', 'getfile', '-c', name, '--src-file', str(secret),
+                              '--dst-file', str(tmp_path / 'copied'))
+        time.sleep(0.3)
+        with open(fifo, 'w'):           # (no volumes: PID 1 goes on)
+            pass
+        out, err = copy.communicate(timeout=30)
+        assert not (tmp_path / 'copied').exists(), 'a host file came out of the container'
+        assert copy.returncode != 0 and b'not running' not in err, err
+    finally:
+        os.unlink(fifo)
+    assert cocker('-a', 'destroy', '-c', name, '-h').rc == 0
 
 
 def test_a_dev_null_of_the_image_is_never_what_masks_proc(cocker, test_image, names, home):

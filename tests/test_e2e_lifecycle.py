@@ -382,12 +382,12 @@ os.waitpid(pid, 0)
 
 
 def test_the_mount_template_is_one_read_only_tmpfs_and_the_host_keeps_its_table(home):
-    """What PID 1s copy: a namespace of one read-only tmpfs with /root, /proc and a real
+    """What PID 1s copy: a namespace of one read-only tmpfs with /rootfs, /proc and a real
     /dev/null, none of the host's mounts; making it mounts nothing on the host."""
     out = subprocess.check_output([PYTHON, '-c', LOOK_INTO_THE_TEMPLATE, COCKER, COCKERINIT,
                                    home], cwd='/').decode()
     lines = out.splitlines()
-    assert lines[0] == "['null', 'proc', 'root']", out
+    assert lines[0] == "['null', 'proc', 'rootfs']", out
     assert [l.split()[0] for l in lines[1:3]] == ['/', '/proc'] and len(lines) == 4, out
     assert lines[1].split()[1].startswith('ro,') and lines[1].split()[2] == 'tmpfs', out
     assert 'nosuid' in lines[1].split()[1] and 'noexec' in lines[1].split()[1], out
@@ -422,7 +422,7 @@ def test_pid1_from_the_mount_template_sets_up_the_root_as_one_from_the_hosts_tab
         assert 'PID 1 of %s: in a copy of the mount namespace template' % second in log
         assert 'PID 1 of %s: in a copy' % first not in log
         seen = [container_mounts(cocker, name) for name in (first, second)]
-        assert [p for p, _ in seen[0]] == [p for p, _ in seen[1]], seen
+        assert seen[0] == seen[1], seen  # (mount points and options)
         for mounts in seen:
             options = dict(mounts)
             assert 'nodev' in options['/data'].split(',') and options['/data'].startswith('rw')
