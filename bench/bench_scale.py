@@ -55,6 +55,13 @@ temporary files in the concurrency phase):
                               10: a host that evicts the files of idle processes from the
                               page cache (a DAMON pageout scheme) makes a destroy of a
                               container idle for long read its files back
+    boot profile              10 HOST containers each created, booted under -d and
+                              destroyed, before any other is made (one more running
+                              meanwhile, whose monitor forks theirs) and again with all
+                              running: when each step of the boot was done (its records in
+                              cocker.log: the CLI's, the monitor's, PID 1's), in ms since
+                              the command's first record, median of each, and the growth:
+                              where a boot's time goes as containers are added
     destroy, fresh            10 HOST containers each created, booted and destroyed at
                               once, before the destroys with all running and after them
                               with none: the destroy's growth with its files cached (target
@@ -115,6 +122,16 @@ MIN_AVAILABLE_MB = 1024         #: below this MemAvailable no further container 
 PORT_BASE = 40000               #: BRIDGE host ports: PORT_BASE + pid % 10000 + number
 CGROUP_PARENT = 'cocker'        #: cocker's cgroups: HIERARCHY/cocker/CONTAINER
 COMMAND_TIMEOUT = 120           #: seconds an interrupted command is given to finish
+#: a boot's milestones, as its -d records in cocker.log say (the container's name in %s)
+BOOT_STEPS = (
+    ('boot of %s: setup_cgroups done', 'host steps done (network, cgroups)'),
+    ('monitor of %s: set up', 'monitor set up (devices, root mounted)'),
+    ('PID 1 of %s: step 1 done', 'PID 1 born, its step 1 done'),
+    ('PID 1 of %s: step 2 done', 'step 2: the network namespace'),
+    ('PID 1 of %s: step 3 done', 'step 3: mount, UTS and IPC namespaces'),
+    ('PID 1 of %s: step 8 done', 'steps 4-8: hostname, volumes, /proc, /sys, /dev'),
+    ('cockerinit of %s is ready', 'READY (cockerinit pivoted, confined, started)'),
+)
 
 
 # ---------------------------------------------------------------------------------------
@@ -310,6 +327,7 @@ class ScaleBench(object):
         self.pss = {}               # 'at 100', 'all' -> [(monitor kB, PID 1 kB)]
         self.facts = {}             # concurrency: wall-clock, slowest, commands
         self.checks = []            # (label, problems)
+        self.profiles = {}          # 'none', 'all' -> [{step label: ms}] (boot profile)
         self.before = network_objects()
 
     def cocker(self, *args):
@@ -516,6 +534,7 @@ class ScaleBench(object):
                    listing_problems(listing_rows(out), []))
 
     def measure(self):
+        self.profile_boots('none')
         for net in NETS:
             for i in range(self.counts[net]):
                 self.record('create ' + net, self.create(net))
@@ -526,6 +545,7 @@ class ScaleBench(object):
         self.pss['all'] = self.measure_pss()
         self.facts['idle load'] = idle_load(IDLE_SECONDS)
         self.measure_listing()
+        self.profile_boots('all')
         if self.concurrent:
             self.concurrency()
         self.destroy_all()
@@ -539,6 +559,50 @@ class ScaleBench(object):
             self.run_cocker('-a', 'boot', '-c', name)
             self.record(key, self.run_cocker('-a', 'destroy', '-c', name, '-h')[0])
             self.created.remove(name)
+
+    def profile_boots(self, key):
+        """FLAT_WINDOW HOST containers, each created, booted under -d and destroyed: when
+        each step of their boot was done (boot_steps).  With none running, one more runs
+        meanwhile, as with all running: the monitor that forks theirs."""
+        forker = None
+        if not self.running:
+            self.create('HOST')
+            forker = self.names['HOST'][-1]     # (left out of the series after these)
+            self.run_cocker('-a', 'boot', '-c', forker)
+        for _ in range(FLAT_WINDOW):
+            self.create('HOST')
+            name = self.names['HOST'].pop()     # (not one of the series)
+            self.run_cocker('-d', '-a', 'boot', '-c', name)
+            self.profiles.setdefault(key, []).append(self.boot_steps(name))
+            self.run_cocker('-a', 'destroy', '-c', name, '-h')
+            self.created.remove(name)
+        if forker is not None:
+            self.run_cocker('-a', 'destroy', '-c', forker, '-h')
+            self.created.remove(forker)
+            self.names['HOST'].remove(forker)
+
+    def boot_steps(self, name):
+        """{label of BOOT_STEPS: ms since the boot command's first record} from the end of
+        cocker.log (the CLI, the monitor and PID 1 write their -d records there)."""
+        with open(os.path.join(self.home, 'cocker.log'), 'rb') as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - (1 << 20)))
+            lines = f.read().decode('utf-8', 'replace').splitlines()
+        start, found = None, {}
+        for line in lines:
+            fields = line.split(' | ', 3)
+            if len(fields) != 4:
+                continue
+            if fields[3] == 'cocker -d -a boot -c %s' % name:
+                start, found = log_stamp(fields[0]), {}
+            elif start is not None:
+                for text, label in BOOT_STEPS:
+                    if fields[3] == text % name:
+                        found[label] = (log_stamp(fields[0]) - start) * 1000.0
+        missing = [label for _, label in BOOT_STEPS if label not in found]
+        if missing:
+            raise BenchError('the log of the boot of %s under -d has no record of: %s'
+                             % (name, ', '.join(missing)))
+        return found
 
     # -- cleaning up ------------------------------------------------------------------
 
@@ -670,6 +734,18 @@ class ScaleBench(object):
                 ('  all running / none', '%.2f' % ratio, '<= %s' % FLAT_TARGET,
                  verdict(ratio, FLAT_TARGET))]
 
+    def profile_rows(self):
+        """Each milestone of a boot: its medians with none and with all running, growth."""
+        total = sum(self.counts.values())
+        rows = [('boot profile: a step done, ms since the command began, none / %d '
+                 'running' % total, '', '', 'growth')]
+        for _, label in BOOT_STEPS:
+            none, full = (median([p[label] for p in self.profiles[key]])
+                          for key in ('none', 'all'))
+            rows.append(('  ' + label, '%.2f / %.2f' % (none, full), '', '%+.2f ms'
+                         % (full - none)))
+        return rows
+
     def pss_rows(self, key, label, target):
         if key not in self.pss:
             return [(label, '', '<= %s MB' % target if target else '',
@@ -706,6 +782,8 @@ class ScaleBench(object):
                      '<= %d ms' % LISTING_TARGET_MS, verdict(listing, LISTING_TARGET_MS)))
         rows.append(('-s containers --format json, %d running' % total,
                      '%.1f ms' % (median(self.times['list json']) * 1000.0), '', ''))
+        if len(self.profiles) == 2:
+            rows += self.profile_rows()
         if self.facts:
             rows.append(('%d commands at once (%d run), wall-clock' % (
                 self.concurrent, self.facts['commands']),
@@ -733,6 +811,11 @@ class ScaleBench(object):
         for label, value, target, result in rows:
             lines.append(('%-*s %10s %10s  %s' % (width, label, value, target, result)).rstrip())
         print('\n'.join(lines))
+
+
+def log_stamp(text):
+    """Seconds since the epoch of a cocker.log record's 'YYYY-MM-DD HH:MM:SS.UUUUUU'."""
+    return time.mktime(time.strptime(text[:19], '%Y-%m-%d %H:%M:%S')) + float(text[19:])
 
 
 def verdict(value, target):
