@@ -55,7 +55,7 @@ temporary files in the concurrency phase):
                               10: a host that evicts the files of idle processes from the
                               page cache (a DAMON pageout scheme) makes a destroy of a
                               container idle for long read its files back
-    boot profile              10 HOST containers each created, booted under -d and
+    boot profile              10 containers of each net each created, booted under -d and
                               destroyed, before any other is made (one more running
                               meanwhile, whose monitor forks theirs) and again with all
                               running: when each step of the boot was done (its records in
@@ -124,7 +124,8 @@ CGROUP_PARENT = 'cocker'        #: cocker's cgroups: HIERARCHY/cocker/CONTAINER
 COMMAND_TIMEOUT = 120           #: seconds an interrupted command is given to finish
 #: a boot's milestones, as its -d records in cocker.log say (the container's name in %s)
 BOOT_STEPS = (
-    ('boot of %s: setup_cgroups done', 'host steps done (network, cgroups)'),
+    ('boot of %s: setup_network done', 'host step 1: the network'),
+    ('boot of %s: setup_cgroups done', 'host step 2: the cgroups'),
     ('monitor of %s: set up', 'monitor set up (devices, root mounted)'),
     ('PID 1 of %s: step 1 done', 'PID 1 born, its step 1 done'),
     ('PID 1 of %s: step 2 done', 'step 2: the network namespace'),
@@ -534,7 +535,9 @@ class ScaleBench(object):
                    listing_problems(listing_rows(out), []))
 
     def measure(self):
-        self.profile_boots('none')
+        for net in NETS:
+            if self.counts[net]:
+                self.profile_boots('none', net)
         for net in NETS:
             for i in range(self.counts[net]):
                 self.record('create ' + net, self.create(net))
@@ -545,7 +548,9 @@ class ScaleBench(object):
         self.pss['all'] = self.measure_pss()
         self.facts['idle load'] = idle_load(IDLE_SECONDS)
         self.measure_listing()
-        self.profile_boots('all')
+        for net in NETS:
+            if self.counts[net]:
+                self.profile_boots('all', net)
         if self.concurrent:
             self.concurrency()
         self.destroy_all()
@@ -560,8 +565,8 @@ class ScaleBench(object):
             self.record(key, self.run_cocker('-a', 'destroy', '-c', name, '-h')[0])
             self.created.remove(name)
 
-    def profile_boots(self, key):
-        """FLAT_WINDOW HOST containers, each created, booted under -d and destroyed: when
+    def profile_boots(self, key, net):
+        """FLAT_WINDOW containers of net, each created, booted under -d and destroyed: when
         each step of their boot was done (boot_steps).  With none running, one more runs
         meanwhile, as with all running: the monitor that forks theirs."""
         forker = None
@@ -570,10 +575,10 @@ class ScaleBench(object):
             forker = self.names['HOST'][-1]     # (left out of the series after these)
             self.run_cocker('-a', 'boot', '-c', forker)
         for _ in range(FLAT_WINDOW):
-            self.create('HOST')
-            name = self.names['HOST'].pop()     # (not one of the series)
+            self.create(net)
+            name = self.names[net].pop()        # (not one of the series)
             self.run_cocker('-d', '-a', 'boot', '-c', name)
-            self.profiles.setdefault(key, []).append(self.boot_steps(name))
+            self.profiles.setdefault((key, net), []).append(self.boot_steps(name))
             self.run_cocker('-a', 'destroy', '-c', name, '-h')
             self.created.remove(name)
         if forker is not None:
@@ -734,13 +739,13 @@ class ScaleBench(object):
                 ('  all running / none', '%.2f' % ratio, '<= %s' % FLAT_TARGET,
                  verdict(ratio, FLAT_TARGET))]
 
-    def profile_rows(self):
+    def profile_rows(self, net):
         """Each milestone of a boot: its medians with none and with all running, growth."""
         total = sum(self.counts.values())
-        rows = [('boot profile: a step done, ms since the command began, none / %d '
-                 'running' % total, '', '', 'growth')]
+        rows = [('boot %s profile: a step done, ms since the command began, none / %d '
+                 'running' % (net, total), '', '', 'growth')]
         for _, label in BOOT_STEPS:
-            none, full = (median([p[label] for p in self.profiles[key]])
+            none, full = (median([p[label] for p in self.profiles[key, net]])
                           for key in ('none', 'all'))
             rows.append(('  ' + label, '%.2f / %.2f' % (none, full), '', '%+.2f ms'
                          % (full - none)))
@@ -782,8 +787,9 @@ class ScaleBench(object):
                      '<= %d ms' % LISTING_TARGET_MS, verdict(listing, LISTING_TARGET_MS)))
         rows.append(('-s containers --format json, %d running' % total,
                      '%.1f ms' % (median(self.times['list json']) * 1000.0), '', ''))
-        if len(self.profiles) == 2:
-            rows += self.profile_rows()
+        for net in NETS:
+            if ('all', net) in self.profiles:
+                rows += self.profile_rows(net)
         if self.facts:
             rows.append(('%d commands at once (%d run), wall-clock' % (
                 self.concurrent, self.facts['commands']),
