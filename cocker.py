@@ -2796,14 +2796,16 @@ def link_exists(ifname):
     return os.path.exists(os.path.join('/sys/class/net', ifname))
 
 
-def set_sysctl(path, value):
+def set_sysctl(path, value, directory=None):
     """Write a one-digit /proc/sys switch (IP forwarding, route_localnet, accept_ra) that
-    has another value."""
-    with open(path, 'r+') as f:
-        if f.read(1) != value:
-            f.seek(0)
-            f.write(value)
+    has another value; path relative to the descriptor directory, if given."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC, dir_fd=directory)
+    try:
+        if os.pread(fd, 1, 0) != value.encode():
+            os.pwrite(fd, value.encode(), 0)
             log('INFO', 'set %s to %s' % (path, value))
+    finally:
+        os.close(fd)
 
 
 # ---- iptables --------------------------------------------------------------------------
@@ -2815,11 +2817,7 @@ def iptables_command():
 
 def iptables_restore(iptables, lines):
     """Apply (table, [words]) lines as one transaction (iptables-restore --noflush)."""
-    tables = {}
-    for table, words in lines:
-        tables.setdefault(table, []).append(restore_line(words))
-    text = ''.join('*%s\n%sCOMMIT\n' % (table, ''.join(r + '\n' for r in rules))
-                   for table, rules in sorted(tables.items()))
+    text = restore_text(lines)
     with locked('network', 'iptables'):
         try:
             run([iptables + '-restore', '-w', '--noflush'], input=text)
@@ -2827,6 +2825,47 @@ def iptables_restore(iptables, lines):
             if 'option' not in e.message:           # iptables < 1.6.2 has no -w
                 raise
             run([iptables + '-restore', '--noflush'], input=text)
+
+
+def restore_text(lines):
+    """iptables-restore's input for (table, [words]) lines."""
+    tables = {}
+    for table, words in lines:
+        tables.setdefault(table, []).append(restore_line(words))
+    return ''.join('*%s\n%sCOMMIT\n' % (table, ''.join(r + '\n' for r in rules))
+                   for table, rules in sorted(tables.items()))
+
+
+class PendingRules(object):
+    """iptables_restore left running while the boot goes on (the rules of one container: 2
+    to 4 ms of iptables, more as the table grows) -> finish() waits for it; should it
+    fail, the rules are applied again as iptables_restore does, after the chains are made
+    again (a firewall reload may have flushed them)."""
+
+    def __init__(self, iptables, bridge, lines):
+        self.iptables, self.bridge, self.lines = iptables, bridge, lines
+        self.lock = locked('network', 'iptables').__enter__()
+        with Rollback(self.lock.close):
+            self.command = Command([iptables + '-restore', '-w', '--noflush'], stdin=PIPE,
+                                   stdout=PIPE, stderr=PIPE)
+            self.command.give_input(restore_text(lines).encode('utf-8'))
+
+    def finish(self):
+        try:
+            self.command.finish()
+            return
+        except CockerError:
+            pass                        # (no -w before iptables 1.6.2, or no chains)
+        finally:
+            self.lock.close()
+        ensure_chains(self.bridge, self.iptables)
+        iptables_restore(self.iptables, self.lines)
+
+    def close(self, kill=False):
+        try:
+            self.command.close(kill)
+        finally:
+            self.lock.close()
 
 
 def restore_line(words):
@@ -2970,12 +3009,21 @@ def create_bridge(bridge, iptables):
 
 def set_bridge_sysctls(bridge):
     """IPv4 forwarding and route_localnet on; router advertisements from containers never
-    configure the host (IPv6 forwarding is left as it is)."""
-    set_sysctl('/proc/sys/net/ipv4/ip_forward', '1')
-    set_sysctl('/proc/sys/net/ipv4/conf/%s/route_localnet' % bridge.name, '1')
-    accept_ra = '/proc/sys/net/ipv6/conf/%s/accept_ra' % bridge.name
-    if os.path.exists(accept_ra):               # not on a host without IPv6
-        set_sysctl(accept_ra, '0')
+    configure the host (IPv6 forwarding is left as it is).  From a descriptor of each
+    directory: the kernel finds /proc/sys/net/ipv4 (ipv6) among those of every network
+    namespace, one by one (0.5 ms at 500 BRIDGE containers), each time a path names it."""
+    for directory, switches in (
+            ('/proc/sys/net/ipv4', (('ip_forward', '1'),
+                                    ('conf/%s/route_localnet' % bridge.name, '1'))),
+            ('/proc/sys/net/ipv6', (('conf/%s/accept_ra' % bridge.name, '0'),))):
+        if directory.endswith('6') and not has_ipv6():
+            continue
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for path, value in switches:
+                set_sysctl(path, value, fd)
+        finally:
+            os.close(fd)
 
 
 def delete_bridge(bridge):
@@ -3283,15 +3331,19 @@ def setup_bridge_network(name):
         set_bridge_sysctls(bridge)
         if read_small(chains_marker(bridge)) != chains_layout(bridge):
             ensure_chains(bridge, iptables)
-        pair = wire_container(name, bridge, vip, veth, path, iptables, rules)
+        pair, added = wire_container(name, bridge, vip, veth, path, iptables, rules)
     debug('%s: %s on %s, eth0 %s, %d port mapping(s)', name, veth, bridge.name, vip,
           len(mappings))
-    return Pending(lambda: configure_eth0(bridge, vip, veth, path, pair), [pair], [lock])
+
+    def rest():
+        configure_eth0(bridge, vip, veth, path, pair)
+        added.finish()
+    return Pending(rest, [pair, added], [lock])
 
 
 def wire_container(name, bridge, vip, veth, path, iptables, rules):
-    """The namespace, the veth pair (its `ip` left running -> that Command) and, meanwhile,
-    the container's rules."""
+    """The namespace, the veth pair and the container's rules, their commands left running
+    -> (that Command, PendingRules)."""
     if link_exists(veth):                       # left by the C cocker, which never removed it
         run(['ip', 'link', 'del', veth])
     delete_netns(path)
@@ -3301,13 +3353,8 @@ def wire_container(name, bridge, vip, veth, path, iptables, rules):
                           'link set %s master %s up\n'
                           % (veth, netns_name(name), quiet, veth, bridge.name))
     with Rollback(pair.close, True):
-        added = [(table, ['-A'] + words) for table, words in rules]
-        try:
-            iptables_restore(iptables, added)
-        except CockerError:
-            ensure_chains(bridge, iptables)     # flushed by someone (a firewall reload)
-            iptables_restore(iptables, added)
-    return pair
+        return pair, PendingRules(iptables, bridge,
+                                  [(table, ['-A'] + words) for table, words in rules])
 
 
 def configure_eth0(bridge, vip, veth, path, pair):
@@ -3327,8 +3374,9 @@ def configure_eth0(bridge, vip, veth, path, pair):
 
 
 def has_ipv6():
-    """False on a host booted with ipv6.disable=1 (ip refuses addrgenmode there)."""
-    return os.path.exists('/proc/sys/net/ipv6')
+    """False on a host booted with ipv6.disable=1 (ip refuses addrgenmode there).  Asked of
+    /proc/net, not /proc/sys/net/ipv6 (see set_bridge_sysctls)."""
+    return os.path.exists('/proc/net/if_inet6')
 
 
 def no_ipv6_on(ifname):
@@ -3336,9 +3384,8 @@ def no_ipv6_on(ifname):
     detection, MLD reports and router solicitations the bridge would flood to every other
     container (the host end of the pair, addrgenmode none, makes no address either).
     /proc/sys/net: the namespace of whoever opens it."""
-    path = '/proc/sys/net/ipv6/conf/%s/disable_ipv6' % ifname
-    if os.path.exists(path):                    # (not on a host without IPv6)
-        with open(path, 'w') as f:
+    if has_ipv6():
+        with open('/proc/sys/net/ipv6/conf/%s/disable_ipv6' % ifname, 'w') as f:
             f.write('1')
 
 

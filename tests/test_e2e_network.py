@@ -470,6 +470,35 @@ def test_nothing_of_a_stopped_container_is_left(how, server, cocker, home):
     assert fetch('127.0.0.1', port, timeout=0.3).startswith('ERROR')
 
 
+def test_a_boot_after_a_firewall_reload_made_the_chains_again(server, cocker, home):
+    """A firewall reload removed cocker's chains behind its back (the record of their layout
+    says they are there): the boot's rules, applied while it goes on, fail, and the chains
+    are made again before they are applied once more."""
+    first = server()
+    bridge = dict(l.split(' = ') for l in open(os.path.join(home, 'network.conf')).read()
+                  .splitlines())['bridge']
+    assert cocker('-a', 'shutdown', '-c', first).rc == 0
+    ours = re.compile(r'COCKER-%s(-[A-Z]+)?$' % re.escape(bridge))
+    for table in ('nat', 'filter'):
+        rules = subprocess.check_output(['iptables', '-t', table, '-S'],
+                                        stderr=subprocess.DEVNULL).decode().splitlines()
+        for rule in rules:              # the jumps into our chains, then the chains
+            words = rule.split()
+            if words[0] == '-A' and not ours.match(words[1]) and '-j' in words and \
+                    ours.match(words[words.index('-j') + 1]):
+                subprocess.check_call(['iptables', '-t', table, '-D'] + words[1:])
+        for rule in rules:
+            if rule.split()[0] == '-N' and ours.match(rule.split()[1]):
+                subprocess.check_call(['iptables', '-t', table, '-F', rule.split()[1]])
+                subprocess.check_call(['iptables', '-t', table, '-X', rule.split()[1]])
+    assert 'COCKER-%s' % bridge not in iptables_save().decode()
+    port = free_port()
+    name = server('--port-mapping', '%d:80' % port)
+    assert fetch('127.0.0.1', port).startswith(name)
+    assert iptables_save().decode().count('cocker:%s' % name) == 3, \
+        'a DNAT rule, one for the host to VIP:HOST_PORT and a MASQUERADE rule'
+
+
 def test_twenty_bridge_containers_booted_at_once_all_answer(cocker, test_image, names, busybox,
                                                            home):
     made = [(names('many'), free_port()) for _ in range(20)]
