@@ -3981,8 +3981,9 @@ def cgroup_usage(name):
 # =============================================================================
 # One boot, in the order things happen.  The CLI (under the container lock) takes the host
 # steps below, then forks the monitor (or has a running monitor fork it, see Monitors fork
-# monitors below), finishes what the host steps left running (a BRIDGE container's eth0:
-# 5 to 10 ms of `ip` that PID 1's own set-up hides), sends GO on the ready channel and
+# monitors below), finishes what the host steps left running (a BRIDGE container's eth0
+# and its iptables rules: 5 to 10 ms of `ip` and iptables-restore that PID 1's own set-up
+# hides), sends GO on the ready channel and
 # waits for READY there:
 #   monitor: setsid, holds running.lock, takes MONITOR_STEPS (the device allow list, the
 #            root's mount), unshare(CLONE_NEWPID), fork -> PID 1, copies cockerinit's
