@@ -831,9 +831,10 @@ class Spawned(object):
     without importing subprocess, 12 ms of locale, re, enum, threading and selectors that
     a BRIDGE boot or a teardown would load for one `ip` command.  stdin, stdout, stderr:
     None for /dev/null, PIPE, or a file (object or descriptor); as Popen does, the child
-    gets no other descriptor of ours and SIGPIPE and SIGXFSZ back to their defaults."""
+    gets no other descriptor of ours (but lends, as its 3) and SIGPIPE and SIGXFSZ back to
+    their defaults."""
 
-    def __init__(self, argv, stdin=None, stdout=None, stderr=None):
+    def __init__(self, argv, stdin=None, stdout=None, stderr=None, lends=None):
         actions, ours, theirs = [], {}, []
         try:
             for fd, given in ((0, stdin), (1, stdout), (2, stderr)):
@@ -850,6 +851,10 @@ class Spawned(object):
                     end = fcntl.fcntl(end, fcntl.F_DUPFD_CLOEXEC, 3)    # would overwrite it
                     theirs.append(end)
                 actions.append((os.POSIX_SPAWN_DUP2, end, fd))
+            if lends is not None:       # (a copy above 3: dup2 onto itself would keep
+                end = fcntl.fcntl(lends, fcntl.F_DUPFD_CLOEXEC, 4)    # close-on-exec)
+                theirs.append(end)
+                actions.append((os.POSIX_SPAWN_DUP2, end, 3))
             keep_descriptors_from_children()
             self.pid = os.posix_spawnp(argv[0], argv, os.environ, file_actions=actions,
                                        setsigdef=(SIGPIPE, SIGXFSZ))
@@ -944,14 +949,16 @@ def keep_descriptors_from_children():
             pass                        # (the descriptor listdir itself had open)
 
 
-def start_process(argv, stdin, stdout, stderr):
-    """Spawned where os.posix_spawnp is (3.8+), else subprocess.Popen."""
+def start_process(argv, stdin, stdout, stderr, lends=None):
+    """Spawned where os.posix_spawnp is (3.8+), else subprocess.Popen.  lends: a descriptor
+    the child gets too (the lock it holds for us while it lives)."""
     if hasattr(os, 'posix_spawnp'):
-        return Spawned(argv, stdin, stdout, stderr)
+        return Spawned(argv, stdin, stdout, stderr, lends)
     import subprocess
     return subprocess.Popen(argv, stdin=subprocess.DEVNULL if stdin is None else stdin,
                             stdout=subprocess.DEVNULL if stdout is None else stdout,
-                            stderr=subprocess.DEVNULL if stderr is None else stderr)
+                            stderr=subprocess.DEVNULL if stderr is None else stderr,
+                            pass_fds=() if lends is None else (lends,))
 
 
 class Command(object):
@@ -961,7 +968,7 @@ class Command(object):
     block: killed if the block fails, waited for and its pipes closed in any case."""
 
     def __init__(self, argv, stdin=None, stdout=None, stderr=None, failure=command_failed,
-                 input_name='its input'):
+                 input_name='its input', lends=None):
         if DEBUG:                       # (quoting loads shlex and re: only when traced)
             debug('run %s', ' '.join(shell_quote(a) for a in argv))
         self.argv, self.failure, self.input_name = argv, failure, input_name
@@ -970,7 +977,7 @@ class Command(object):
             import tempfile             # full pipe would stall it
             self.errors = tempfile.TemporaryFile()
         try:
-            self.proc = start_process(argv, stdin, stdout, self.errors or stderr)
+            self.proc = start_process(argv, stdin, stdout, self.errors or stderr, lends)
         except OSError as e:
             self.close_errors()
             raise CockerError('cannot run %s: %s' % (argv[0], e.strerror))
@@ -2840,14 +2847,15 @@ class PendingRules(object):
     """iptables_restore left running while the boot goes on (the rules of one container: 2
     to 4 ms of iptables, more as the table grows) -> finish() waits for it; should it
     fail, the rules are applied again as iptables_restore does, after the chains are made
-    again (a firewall reload may have flushed them)."""
+    again (a firewall reload may have flushed them).  The command holds the iptables lock
+    too: if cocker is killed meanwhile, the repair that removes the rules waits for it."""
 
     def __init__(self, iptables, bridge, lines):
         self.iptables, self.bridge, self.lines = iptables, bridge, lines
         self.lock = locked('network', 'iptables').__enter__()
         with Rollback(self.lock.close):
             self.command = Command([iptables + '-restore', '-w', '--noflush'], stdin=PIPE,
-                                   stdout=PIPE, stderr=PIPE)
+                                   stdout=PIPE, stderr=PIPE, lends=self.lock.fd)
             self.command.give_input(restore_text(lines).encode('utf-8'))
 
     def finish(self):

@@ -8,6 +8,7 @@ Servers inside containers are busybox nc, bind-mounted read-only at /bb.
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -497,6 +498,57 @@ def test_a_boot_after_a_firewall_reload_made_the_chains_again(server, cocker, ho
     assert fetch('127.0.0.1', port).startswith(name)
     assert iptables_save().decode().count('cocker:%s' % name) == 3, \
         'a DNAT rule, one for the host to VIP:HOST_PORT and a MASQUERADE rule'
+
+
+SLOW_RESTORE = """#!/bin/sh
+# iptables-restore, but one that appends a container's rules first waits a second
+input=$(cat)
+case "$input" in *"-A COCKER"*"cocker:"*)
+    touch "$0.started"
+    sleep 1
+    printf '%s\\n' "$input" | iptables-restore "$@"
+    status=$?
+    echo $status > "$0.done"
+    exit $status ;;
+esac
+printf '%s\\n' "$input" | exec iptables-restore "$@"
+"""
+
+
+def test_a_boot_killed_while_its_rules_are_applied_leaves_none(cocker, test_image, names,
+                                                              home, tmp_path):
+    """The rules are applied while the boot goes on; a boot killed meanwhile leaves
+    iptables-restore running, and the repair that removes its rules (the monitor's, or the
+    next command's) must wait for it: it holds the iptables lock too."""
+    name = names('kr')
+    assert cocker('-a', 'create', '-m', test_image, '-c', name, '--net', 'BRIDGE',
+                  '--port-mapping', '%d:80' % free_port()).rc == 0
+    slow = tmp_path / 'slowipt'
+    slow.write_text('#!/bin/sh\nexec iptables "$@"\n')
+    restore = tmp_path / 'slowipt-restore'
+    restore.write_text(SLOW_RESTORE)
+    for script in (slow, restore):
+        script.chmod(0o755)
+    tag = 'cocker:%s' % name
+    try:
+        boot = cocker_process(home, '-a', 'boot', '-c', name, env={'COCKER_IPTABLES': str(slow)})
+        wait_for(lambda: os.path.exists(str(restore) + '.started'), what='iptables-restore')
+        boot.kill()
+        boot.communicate()
+        assert not os.path.exists(str(restore) + '.done')
+        wait_for(lambda: [name, 'STOPED'] in [[w[0], w[-1]] for w in map(
+            str.split, cocker('-s', 'containers').out.splitlines()) if w] and
+                 not os.path.exists(container_path(home, name, 'network.state')),
+                 what='the boot undone')     # (the listing repairs it, at once)
+        wait_for(lambda: os.path.exists(str(restore) + '.done'), what='its end')
+        assert open(str(restore) + '.done').read() == '0\n'
+        assert tag not in iptables_save().decode(), 'rules added after their removal'
+    finally:
+        for line in iptables_save().decode().splitlines():
+            if tag in line and line.startswith('-A'):   # (a failed run's, so no rule stays)
+                table = 'nat' if 'DNAT' in line or 'MASQUERADE' in line else 'filter'
+                subprocess.call(['iptables', '-t', table, '-D'] + shlex.split(line)[1:])
+    assert cocker('-a', 'destroy', '-c', name).rc == 0
 
 
 def test_twenty_bridge_containers_booted_at_once_all_answer(cocker, test_image, names, busybox,
