@@ -2389,9 +2389,7 @@ def bind_volumes(boot):
     or open_tree's copy of it taken on the host (see PID 1's mount namespace)."""
     root_fd = os.open(boot.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        for source, inside, readonly in boot.volumes:
-            is_dir = stat.S_ISDIR(os.stat(source).st_mode) if isinstance(source, int) else \
-                os.path.isdir(source)
+        for source, inside, readonly, is_dir in boot.volumes:
             target = open_in_root(root_fd, inside, make_dir=is_dir)
             try:
                 if isinstance(source, int):
@@ -3020,12 +3018,11 @@ def set_bridge_sysctls(bridge):
     configure the host (IPv6 forwarding is left as it is).  From a descriptor of each
     directory: the kernel finds /proc/sys/net/ipv4 (ipv6) among those of every network
     namespace, one by one (0.5 ms at 500 BRIDGE containers), each time a path names it."""
-    for directory, switches in (
-            ('/proc/sys/net/ipv4', (('ip_forward', '1'),
-                                    ('conf/%s/route_localnet' % bridge.name, '1'))),
-            ('/proc/sys/net/ipv6', (('conf/%s/accept_ra' % bridge.name, '0'),))):
-        if directory.endswith('6') and not has_ipv6():
-            continue
+    groups = [('/proc/sys/net/ipv4', (('ip_forward', '1'),
+                                      ('conf/%s/route_localnet' % bridge.name, '1')))]
+    if has_ipv6():
+        groups.append(('/proc/sys/net/ipv6', (('conf/%s/accept_ra' % bridge.name, '0'),)))
+    for directory, switches in groups:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             for path, value in switches:
@@ -4064,10 +4061,11 @@ class Boot(object):
         self.seccomp = read_attr(name, 'seccomp') or 'default'
         self.no_new_privs = read_attr(name, 'no_new_privs') or '0'
         self.main = os.path.exists(container_file(name, 'main'))
-        self.volumes = container_volumes(name)
-        for host, _, _ in self.volumes:
+        self.volumes = []               # (source, inside, readonly, is_dir); the source a
+        for host, inside, readonly in container_volumes(name):     # host path, or its copy
             if not os.path.exists(host):
                 raise CockerError("volume source '%s' not found" % host)
+            self.volumes.append((host, inside, readonly, os.path.isdir(host)))
         self.devnull = None             # (the real /dev/null, once in PID 1's namespace)
         self.template = MOUNT_TEMPLATE
 
@@ -4597,8 +4595,8 @@ def enter_private_namespaces(boot):
         boot.devnull = open_devnull()   # (a bind's source must be in the namespace)
         return
     root = open_tree(boot.merged)
-    boot.volumes = [(open_tree(host, recursive=True), inside, readonly)
-                    for host, inside, readonly in boot.volumes]
+    boot.volumes = [(open_tree(host, recursive=True), inside, readonly, is_dir)
+                    for host, inside, readonly, is_dir in boot.volumes]
     boot.fds['sockdir'] = os.open(boot.directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     leave_home()
     time.localtime()                    # (the host's time zone, read while it is here)

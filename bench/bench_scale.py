@@ -328,7 +328,7 @@ class ScaleBench(object):
         self.pss = {}               # 'at 100', 'all' -> [(monitor kB, PID 1 kB)]
         self.facts = {}             # concurrency: wall-clock, slowest, commands
         self.checks = []            # (label, problems)
-        self.profiles = {}          # 'none', 'all' -> [{step label: ms}] (boot profile)
+        self.profiles = {}          # ('none' or 'all', net) -> [{step label: ms}]
         self.before = network_objects()
 
     def cocker(self, *args):
