@@ -3691,17 +3691,17 @@ def v1_plan(root, name, limits):
         hierarchy = os.path.join(root, controller)
         if controller not in files:
             continue
-        if not os.path.isdir(hierarchy):
+        identity = directory_identity(hierarchy)
+        if identity is None:
             # missing accounting or devices is no error (nodev still guards the devices)
             if files[controller] and controller != 'devices':
                 raise CockerError("this host has no cgroup '%s' controller for the limits of "
                                   "container '%s'" % (controller, name))
             continue
-        real = os.path.realpath(hierarchy)      # cpu and cpuacct may share a hierarchy
-        if real in seen:
+        if identity in seen:                    # cpu and cpuacct may share a hierarchy
             plan[-1][1].extend(files[controller])
             continue
-        seen.add(real)
+        seen.add(identity)
         plan.append((os.path.join(hierarchy, CGROUP_PARENT, name), files[controller]))
     if cgroup_version(os.path.join(root, HYBRID_V2_TREE)) == 2:
         plan.append((os.path.join(root, HYBRID_V2_TREE, CGROUP_PARENT, name), []))
@@ -3713,11 +3713,27 @@ OPTIONAL_FILES = {'memory.memsw.limit_in_bytes': ('memory.swappiness', '0'),
                   'memory.swap.max': None}
 
 
+def directory_identity(path):
+    """(device, inode) of the directory at path (through links), or None if there is none:
+    the same for two names of one directory, without a realpath's stat of every component."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+
+
 def write_cgroup_file(directory, filename, value):
+    """Write value into a file the kernel made: opened without O_CREAT, as open(path, 'w')
+    would, so that a file this kernel lacks is ENOENT (cgroupfs refuses a creation with
+    EACCES) and OPTIONAL_FILES' fallbacks are taken."""
     path = os.path.join(directory, filename)
     try:
-        with open(path, 'w') as f:
-            f.write(value)
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, value.encode('ascii'))
+        finally:
+            os.close(fd)
     except FileNotFoundError:
         if filename not in OPTIONAL_FILES:
             raise CockerError('cgroup file %s does not exist (controller not enabled?)' % path)
@@ -3728,14 +3744,14 @@ def write_cgroup_file(directory, filename, value):
         raise CockerError('cannot set %s to %s: %s' % (path, value, e.strerror))
 
 
-def make_cgroup(path):
-    """mkdir a cgroup; a v1 cpuset takes its CPUs and memory nodes from its parent, as
-    it cannot hold a process with none."""
+def make_cgroup(path, cpuset=False):
+    """mkdir a cgroup; a v1 cpuset (cpuset: path may be one) takes its CPUs and memory nodes
+    from its parent, as it cannot hold a process with none."""
     try:
         os.mkdir(path, 0o755)
     except FileExistsError:
         pass
-    for key in ('cpuset.mems', 'cpuset.cpus'):
+    for key in ('cpuset.mems', 'cpuset.cpus') if cpuset else ():
         mine = os.path.join(path, key)
         if os.path.exists(mine) and not read_small(mine, '').strip() and \
                 not is_cgroup2(path):
@@ -3773,9 +3789,10 @@ def apply_cgroup_plan(root, controllers, limits, plan):
         try:
             if controllers:
                 enable_controllers(root, controllers, limits)
-            for directory, _ in plan:
-                make_cgroup(os.path.dirname(directory))
-                make_cgroup(directory)
+            for directory, files in plan:
+                cpuset = any(filename.startswith('cpuset.') for filename, _ in files)
+                make_cgroup(os.path.dirname(directory), cpuset)
+                make_cgroup(directory, cpuset)
             break
         except FileNotFoundError:
             # the last container of a parent removed it between our mkdirs: again
@@ -4122,7 +4139,8 @@ def boot_container(name, exec_cmd, stdio=None):
                 monitor = os.fork()
                 if monitor == 0:
                     ready.close()
-                    run_monitor(name, init, exec_cmd, theirs, lock, stdio)  # never returns
+                    run_monitor(name, init, exec_cmd, theirs, lock, stdio,  # never returns
+                                take_over=asked is not None and asked.outdated)
             os.close(theirs)
             theirs = None
             undo.push(stop_monitor, name, monitor)
@@ -4201,7 +4219,7 @@ def boot_failure(name, answer):
                        % (name, container_file(name, 'cockerinit.log')))
 
 
-def run_monitor(name, init, exec_cmd, ready_w, lock, stdio=None):
+def run_monitor(name, init, exec_cmd, ready_w, lock, stdio=None, take_over=False):
     """The monitor process: never returns; whatever happens, the host steps are undone.
     lock: a copy of the boot's container lock (see become_monitor).  A monitor that a
     running one forked for another boot (see Monitors fork monitors) comes back here with
@@ -4209,19 +4227,20 @@ def run_monitor(name, init, exec_cmd, ready_w, lock, stdio=None):
     in a row."""
     order = (name, exec_cmd, ready_w, lock, stdio, False)
     while True:
-        order = monitor_once(init, *order)
+        order = monitor_once(init, *order, take_over=take_over)
 
 
-def monitor_once(init, name, exec_cmd, ready_w, lock, stdio, by_sibling):
+def monitor_once(init, name, exec_cmd, ready_w, lock, stdio, by_sibling, take_over=False):
     """One container's monitor, until its teardown and exit; returns only in a monitor
     forked meanwhile for another boot -> that boot's order.  by_sibling: this monitor was
-    forked by another, so forks none itself."""
+    forked by another, so forks none itself; take_over: the one that forks runs other
+    code, this one forks the next instead (see listen_for_siblings)."""
     status, forked, siblings, running = 1, None, None, None
     try:
         running = become_monitor(name, lock, {ready_w} | stdio_fds(stdio))
         take_monitor_steps(name)
         if stdio is None and not by_sibling:    # (a one-shot run's monitor is soon gone)
-            siblings = listen_for_siblings(name, init)
+            siblings = listen_for_siblings(name, init, take_over)
         debug('monitor of %s: set up', name)
         monitor_container(name, init, exec_cmd, ready_w, stdio, siblings)
         status = 0
@@ -4350,6 +4369,7 @@ def run_pid1(name, init, exec_cmd, ready_w, state, stdio=None, siblings=None):
            'served': served_w}
     fds.update((k, v) for k, v in (stdio or {}).items() if k != 'tty')
     cgroups = container_cgroups(name)
+    init.packed_filter(os.uname().machine)      # (once: the monitors forked later inherit it)
     init_pid, born_in_cgroup2 = fork_in_pid_namespace(cgroups=cgroups)
     if init_pid == 0:
         _signal.pthread_sigmask(_signal.SIG_UNBLOCK, stops)   # (an exec keeps the mask)
@@ -4789,6 +4809,8 @@ CONTEXT_KSM = (b'ksm_merge_any', b'ksm_mergeable')     #: of /proc/PID/ksm_stat 
 
 
 UNDER_A_SUBREAPER = 'this monitor runs under a subreaper'
+#: (after an upgrade: the boot's own monitor forks the next ones, as the old one would not)
+OTHER_CODE = 'the command runs other code'
 
 
 class MonitorForked(BaseException):
@@ -4808,6 +4830,7 @@ class SiblingAsked(object):
 
     def __init__(self, sibling, sock):
         self.sibling, self.sock = sibling, sock
+        self.outdated = False           # it runs other code: our monitor takes over
 
     def monitor(self, name, ready_w, lock, stdio):
         """The pid of this boot's monitor, sent the go with the command's descriptors (PID
@@ -4818,8 +4841,10 @@ class SiblingAsked(object):
         try:
             answer = self.sock.recv(512)
             if not answer.startswith(b'P'):
+                why = answer[1:].decode('utf-8', 'replace')
+                self.outdated = why == OTHER_CODE
                 debug('the monitor of %s forks none for %s: %s', self.sibling, name,
-                      answer[1:].decode('utf-8', 'replace') or 'no answer')
+                      why or 'no answer')
                 return None
             pid = int(answer[1:])
             self.sock.sendmsg([b'G'], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
@@ -4952,13 +4977,13 @@ def context_of(text, key):
     return [line for line in text.split(b'\n') if line.split(b':')[0].split(b' ')[0] in keys]
 
 
-def listen_for_siblings(name, init):
-    """The Siblings of a monitor, if none forks for the boots yet (None: it does not
-    listen).  One monitor forks them all: forked in a chain, each from the one before, every
+def listen_for_siblings(name, init, take_over=False):
+    """The Siblings of a monitor, if none forks for the boots yet, or (take_over) the one
+    that does runs other code (None: it does not listen).  One monitor forks them all: forked in a chain, each from the one before, every
     fork would copy the kernel's record of every ancestor's memory (its anon_vma chain),
     and a boot at 1000 containers took 440 ms."""
     named = read_small(os.path.join(HOME, SIBLING_FILE), '')
-    if named != name and is_good_name(named) and monitor_alive(named) and \
+    if not take_over and named != name and is_good_name(named) and monitor_alive(named) and \
             os.path.exists(container_file(named, MONITOR_SOCKET)):
         return None
     try:
@@ -5055,7 +5080,7 @@ class Siblings(object):
         if uid != 0:
             return 'the command is not root'
         if not request['identity'] or request['identity'] != code_identity(self.init):
-            return 'the command runs other code'
+            return OTHER_CODE
         if request['home'] != HOME:
             return 'the command has another COCKER_HOME'
         name = request['name']

@@ -296,19 +296,28 @@ def seccomp_program(machine):
     return prog
 
 
-class SockFilter(ctypes.Structure):
-    _fields_ = [('code', ctypes.c_ushort), ('jt', ctypes.c_ubyte), ('jf', ctypes.c_ubyte),
-                ('k', ctypes.c_uint32)]
+#: struct sock_filter (code, jt, jf, k), as the kernel reads an instruction
+SOCK_FILTER = struct.Struct('=HBBI')
+#: machine -> its filter packed, made once by a process: a monitor's PID 1s are its forks
+PACKED_FILTERS = {}
 
 
 class SockFprog(ctypes.Structure):
-    _fields_ = [('len', ctypes.c_ushort), ('filter', ctypes.POINTER(SockFilter))]
+    _fields_ = [('len', ctypes.c_ushort), ('filter', ctypes.c_void_p)]
 
 
-def install_seccomp(prog):
+def packed_filter(machine):
+    """seccomp_program(machine) as the kernel takes it, or None (no table for it)."""
+    if machine not in PACKED_FILTERS:
+        prog = seccomp_program(machine)
+        PACKED_FILTERS[machine] = prog and b''.join(SOCK_FILTER.pack(*i) for i in prog)
+    return PACKED_FILTERS[machine]
+
+
+def install_seccomp(packed):
     """Load the filter on this process (its children inherit it) and check it holds."""
-    filters = (SockFilter * len(prog))(*[SockFilter(*insn) for insn in prog])
-    fprog = SockFprog(len(prog), filters)
+    filters = ctypes.create_string_buffer(packed, len(packed))
+    fprog = SockFprog(len(packed) // SOCK_FILTER.size, ctypes.addressof(filters))
     prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog))
     if prctl_value(PR_GET_SECCOMP) != SECCOMP_MODE_FILTER:
         raise OSError(EPERM, 'the seccomp filter did not take')
@@ -326,11 +335,11 @@ def confine(last_cap, seccomp=True):
            if cap not in KEEP_CAPS):
         raise OSError(EPERM, 'a capability stayed in the bounding set')
     if seccomp:
-        prog = seccomp_program(os.uname().machine)
-        if prog is None:
+        packed = packed_filter(os.uname().machine)
+        if packed is None:
             raise OSError(ENOSYS, 'no seccomp filter for %s (--seccomp unconfined runs '
                           'without one)' % os.uname().machine)
-        install_seccomp(prog)
+        install_seccomp(packed)
     try:
         prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     except OSError:

@@ -343,6 +343,33 @@ def test_one_monitor_forks_the_monitors_of_the_boots_after_it(cocker, test_image
     assert cocker('-a', 'run', '-c', first, '--cmd', 'echo still').out == 'still\n'
 
 
+def test_after_an_upgrade_the_new_code_forks_the_monitors(cocker, test_image, names, home,
+                                                        tmp_path):
+    """The monitor that forks the others runs the code from before an upgrade (here: a copy
+    elsewhere), so it refuses the boots of the new code: the first such boot's own monitor
+    takes over the forking, the next boot's monitor is its fork; the old one runs on."""
+    old = tmp_path / 'old'
+    old.mkdir()
+    for script in (COCKER, COCKERINIT):
+        shutil.copy(script, str(old / os.path.basename(script)))
+    first, second = first_booted_second_made(cocker, test_image, names, home, boot=False)
+    third = names()
+    assert cocker('-a', 'create', '-m', test_image, '-c', third).rc == 0
+    env = dict(os.environ, COCKER_HOME=home, COCKER_PYTHON=PYTHON)
+    booted = subprocess.run(['/bin/sh', str(old / 'cocker.py'), '-a', 'boot', '-c', first],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, timeout=60)
+    assert booted.returncode == 0, booted
+    assert open(os.path.join(home, 'forking_monitor')).read() == first
+    r = cocker('-d', '-a', 'boot', '-c', second)
+    assert r.rc == 0 and 'forks none for %s: the command runs other code' % second in r.err, r
+    assert open(os.path.join(home, 'forking_monitor')).read() == second
+    r = cocker('-d', '-a', 'boot', '-c', third)
+    assert r.rc == 0 and 'forked by the monitor of %s' % second in r.err, r.err
+    assert status_of(cocker, first).startswith('RUNNING')
+    assert cocker('-a', 'run', '-c', first, '--cmd', 'echo old').out == 'old\n'
+
+
 def container_mounts(cocker, name):
     """(mount point, its options) of each mount the container sees, in order."""
     r = cocker('-a', 'run', '-c', name, '--cmd', 'cat /proc/self/mountinfo')

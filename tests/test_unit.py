@@ -367,12 +367,31 @@ def recording_writes(monkeypatch):
     return writes
 
 
+def kernel_files(monkeypatch, names):
+    """make_cgroup in a fake tree: each new directory gets the files (empty) that the
+    kernel's mkdir would make there; cocker writes only into files that exist."""
+    real_make = cocker.make_cgroup
+
+    def make(path, cpuset=False):
+        if not os.path.isdir(path):
+            os.mkdir(path)
+            for key in names(path):
+                open(os.path.join(path, key), 'w').close()
+        real_make(path, cpuset)
+    monkeypatch.setattr(cocker, 'make_cgroup', make)
+
+
+V2_FILES = ('cgroup.controllers', 'cgroup.subtree_control', 'cpuset.cpus', 'cpu.max',
+            'memory.max', 'memory.swap.max', 'pids.max')
+
+
 def test_cgroup_v2_tree_gets_the_kernel_files_and_values(tmp_path, monkeypatch):
     """A temporary directory laid out like the root of a cgroup2 mount."""
     root = str(tmp_path)
     (tmp_path / 'cgroup.controllers').write_text('cpuset cpu io memory hugetlb pids rdma\n')
     (tmp_path / 'cgroup.subtree_control').write_text('memory\n')
     assert cocker.cgroup_version(root) == 2
+    kernel_files(monkeypatch, lambda path: V2_FILES)
     writes = recording_writes(monkeypatch)
     limits = cocker.Limits(cpus='0,1', cpu_quota=30.0, mem_limit=64 << 20, pids_limit=20)
     controllers, plan = cocker.cgroup_plan(root, 'web', limits)
@@ -423,17 +442,7 @@ def test_cgroup_v1_hierarchies_one_directory_each(tmp_path, monkeypatch):
     assert controllers == []
     assert [os.path.relpath(d, root) for d, _ in plan] == [
         'cpuset/cocker/db', 'cpu/cocker/db', 'memory/cocker/db', 'pids/cocker/db']
-    # a fake directory has no kernel files: create the empty cpuset files mkdir would make
-    real_make = cocker.make_cgroup
-
-    def make(path):
-        if not os.path.isdir(path):
-            os.mkdir(path)
-            if '/cpuset/' in path + '/':
-                for key in ('cpuset.cpus', 'cpuset.mems'):
-                    open(os.path.join(path, key), 'w').close()
-        real_make(path)
-    monkeypatch.setattr(cocker, 'make_cgroup', make)
+    kernel_files(monkeypatch, v1_files)
     cocker.apply_cgroup_plan(root, controllers, limits, plan)
     rel = [(os.path.relpath(p, root), v) for p, v in writes]
     assert rel == [
@@ -445,6 +454,52 @@ def test_cgroup_v1_hierarchies_one_directory_each(tmp_path, monkeypatch):
         ('memory/cocker/db/memory.limit_in_bytes', str(100 << 20)),
         ('memory/cocker/db/memory.memsw.limit_in_bytes', str(100 << 20)),
         ('pids/cocker/db/pids.max', '64')]
+
+
+def v1_files(path, swap_accounting=True):
+    """The files a v1 hierarchy's mkdir makes (of those cocker writes)."""
+    if '/cpuset/' in path + '/':
+        return ('cpuset.cpus', 'cpuset.mems')
+    if '/memory/' in path + '/':
+        return ('memory.limit_in_bytes', 'memory.swappiness') + (
+            ('memory.memsw.limit_in_bytes',) if swap_accounting else ())
+    return ('cpu.cfs_period_us', 'cpu.cfs_quota_us', 'pids.max')
+
+
+def test_cgroup_v1_memory_limit_without_swap_accounting(tmp_path, monkeypatch):
+    """Debian's kernels count no swap unless booted with swapaccount=1: no memsw files, so
+    the limit holds with swappiness 0 instead."""
+    for d in ('cpu', 'cpuacct', 'memory', 'pids'):
+        (tmp_path / d).mkdir()
+    root = str(tmp_path)
+    kernel_files(monkeypatch, lambda path: v1_files(path, swap_accounting=False))
+    writes = recording_writes(monkeypatch)
+    limits = cocker.Limits(mem_limit=64 << 20)
+    controllers, plan = cocker.cgroup_plan(root, 'db', limits)
+    cocker.apply_cgroup_plan(root, controllers, limits, plan)
+    written = dict((os.path.relpath(p, root), open(p).read()) for p, _ in writes
+                   if os.path.exists(p))
+    assert written == {'memory/cocker/db/memory.swappiness': '0',
+                       'memory/cocker/db/memory.limit_in_bytes': str(64 << 20)}
+
+
+def test_a_cgroup_file_the_kernel_lacks_is_skipped_on_the_real_cgroupfs():
+    """cgroupfs refuses to create a file with EACCES: cocker must see ENOENT to fall back
+    (a missing memory.memsw.* or memory.swap.max is no error).  A directory of the host's
+    own hierarchy, removed again."""
+    hierarchy = '/sys/fs/cgroup/memory'
+    if not os.path.isdir(hierarchy):
+        hierarchy = '/sys/fs/cgroup'
+    directory = os.path.join(hierarchy, 'cocker-unit-%d' % os.getpid())
+    os.mkdir(directory)
+    try:
+        cocker.write_cgroup_file(directory, 'memory.swap.max' if 'memory' in hierarchy else
+                                 'memory.memsw.limit_in_bytes', '0')
+        with pytest.raises(cocker.CockerError) as e:
+            cocker.write_cgroup_file(directory, 'memory.no_such_file', '0')
+        assert 'does not exist' in e.value.message
+    finally:
+        os.rmdir(directory)
 
 
 def test_cgroup_v1_without_pids_controller_refuses_only_a_pids_limit(tmp_path):
@@ -588,8 +643,15 @@ def run_seccomp(prog, nr, arch, arg0=0):
 ALLOW, EPERM, ENOSYS = 0x7fff0000, 0x50001, 0x50026
 
 
+def loaded_program(machine):
+    """The instructions of the filter as PID 1 hands it to the kernel (packed)."""
+    packed = init.packed_filter(machine)
+    assert len(packed) == 8 * len(init.seccomp_program(machine))
+    return [init.SOCK_FILTER.unpack_from(packed, i) for i in range(0, len(packed), 8)]
+
+
 def test_the_seccomp_filter_decides_as_documented_on_x86_64():
-    prog = init.seccomp_program('x86_64')
+    prog = loaded_program('x86_64')
     assert len(prog) < 4096 and all(0 <= jt < 256 and 0 <= jf < 256 for _, jt, jf, _ in prog)
     arch = 0xc000003e
     numbers = dict((name, n[0]) for name, n in init.SYSCALLS.items())
@@ -617,7 +679,7 @@ def test_the_seccomp_filter_decides_as_documented_on_x86_64():
 
 
 def test_the_seccomp_filter_has_the_aarch64_numbers_and_none_for_others():
-    prog = init.seccomp_program('aarch64')
+    prog = loaded_program('aarch64')
     arch = 0xc00000b7
     assert run_seccomp(prog, 219, arch) == EPERM                       # keyctl
     assert run_seccomp(prog, 39, arch) == EPERM                        # umount2
@@ -626,7 +688,7 @@ def test_the_seccomp_filter_has_the_aarch64_numbers_and_none_for_others():
     assert run_seccomp(prog, 198, arch, 40) == EPERM                   # socket(AF_VSOCK)
     assert run_seccomp(prog, 0x40000000 | 172, arch) == ALLOW          # no x32 here
     assert run_seccomp(prog, 172, 0xc000003e) == EPERM
-    assert init.seccomp_program('s390x') is None, 'no table: the boot is refused'
+    assert init.packed_filter('s390x') is None, 'no table: the boot is refused'
 
 
 def run_device_program(code, kind, major, minor):
