@@ -3,8 +3,9 @@
 # in __pycache__ (compiling all of it at every start would cost more than Python's own
 # start-up; see the chapter Loading), isolated and without site packages (-I -S: no module
 # planted in the caller's directory or named by PYTHON* variables is ever loaded by root,
-# and the site scan's 5 ms are saved).  Read by Python, the line is only a string.
-"exec" "${COCKER_PYTHON:-python3}" "-I" "-S" "-c" "import sys,os,marshal as M;p=sys.argv[1];t=os.stat(p);c=os.path.join(os.path.dirname(p),'__pycache__','cocker.'+sys.implementation.cache_tag+'.chapters');f=os.path.exists(c) and open(c,'rb');x=f and M.load(f);m=sys.modules['cocker']=type(sys)('cocker');m.__file__=p;g=m.__dict__;x and x[0]==[t.st_mtime_ns,t.st_size,sys.version] and f.tell()+x[1]+x[2]==os.fstat(f.fileno()).st_size and [exec(M.loads(f.read(x[1])),g),m.keep_cold_chapters((c,x),x[3])] or exec(compile(open(p,'rb').read().split(b'\n# ---- end of loading ----\n')[0],p,'exec'),g) or m.load_cocker(p);f and f.close();del x,f;m.exit_quickly(m.main(sys.argv[2:]))" "$0" "$@"
+# and the site scan's 5 ms are saved), the cyclic garbage collector off until main() (what
+# loading makes is never garbage).  Read by Python, the line is only a string.
+"exec" "${COCKER_PYTHON:-python3}" "-I" "-S" "-c" "import sys,os,marshal as M,gc;gc.disable();p=sys.argv[1];t=os.stat(p);c=os.path.join(os.path.dirname(p),'__pycache__','cocker.'+sys.implementation.cache_tag+'.chapters');f=os.path.exists(c) and open(c,'rb');x=f and M.load(f);m=sys.modules['cocker']=type(sys)('cocker');m.__file__=p;g=m.__dict__;x and x[0]==[t.st_mtime_ns,t.st_size,sys.version] and f.tell()+x[1]+x[2]==os.fstat(f.fileno()).st_size and [g.update(COLD=(f,M.load(f))),exec(M.loads(f.read(x[1])),g)] or exec(compile(open(p,'rb').read().split(b'\n# ---- end of loading ----\n')[0],p,'exec'),g) or m.load_cocker(p);del x,f;m.exit_quickly(m.main(sys.argv[2:]))" "$0" "$@"
 """cocker: a container engine for Linux servers that manages containers like virtual hosts.
 
 A successor of the C cocker, written for the Python standard library only (3.6 and newer),
@@ -50,21 +51,31 @@ from _signal import SIGCHLD, SIGKILL, SIGPIPE, SIGTERM, SIGXFSZ  # not signal.py
 # =============================================================================
 # Run as a program, cocker loads from __pycache__/cocker.TAG.chapters beside the file,
 # made again whenever the file changes (the sh header reads it; it compiles only this
-# chapter to make it).  The chapters that only some actions use (COLD_CHAPTERS: images in
-# and out, registries, files in containers, the test image) are kept apart there, after
-# the others, and read and unmarshalled on their first use: 300 KB of bytecode that a
-# boot, a run or a listing would read and load for nothing (4.5 ms of each command).
-# Until then a cold function or class that the rest calls is a stub that loads them.
+# chapter to make it).  Only the chapters every command runs are read at the start; the
+# others are kept apart there and unmarshalled on their first use: the cold ones (images
+# in and out, registries, files in containers, the test image: 300 KB of bytecode that a
+# boot would read for nothing) as one, and each warm one (the image store, mounts,
+# network, cgroups, the boot, the lifecycle, the socket to cockerinit, the listings) on
+# its own, so that a run, a listing or -v reads none of the boot's code.  Until then a
+# function or class of theirs that the rest calls is a stub that loads its chapter (and
+# first those whose constants or classes that chapter uses).  A monitor loads every warm
+# chapter when it starts: its PID 1s and the monitors it forks have them all.  Nothing is
+# loaded by path once a process has left the host's root or mount namespace (a path there
+# may lead into a container): file helpers load every chapter before they enter.
 # Imported as a module (the tests, python3 cocker.py), the file is one module as any other.
 #
-# The cache: an index, marshalled ([the file's mtime, size and the Python version, the
-# length of the hot code, of the cold code, the cold names the hot code calls]), then the
-# hot code, then the cold code, each marshalled.  Cold code comes from the cache the hot
-# code came from, or from the file the hot code was loaded from: never from another.
+# The cache, each part marshalled: an index ([the file's mtime, size and the Python
+# version, the length of the hot code, of the rest]), the layout (per unit
+# [its offset among the units, its length, whether it is warm, the units it needs first,
+# the names stubs stand for, its chapters]), the hot code, then each unit's code.  A unit's
+# code comes from the cache the hot code came from (read by the descriptor the header
+# opened), or from the file the hot code was loaded from: never from another.
 
 COLD_CHAPTERS = ('Image archives', 'OCI and Docker archives', 'Image repository over ssh',
                  'Image registry: the server', 'Image registry: the client',
                  'Files in containers', 'Test image')
+WARM_CHAPTERS = ('Image store', 'Mounts and the container root', 'Network', 'Cgroups',
+                 'Boot sequence', 'Container lifecycle', 'Talking to cockerinit', 'Listings')
 
 
 def load_cocker(path):
@@ -72,44 +83,57 @@ def load_cocker(path):
     import marshal
     module = sys.modules['cocker']
     st = os.stat(path)
-    hot, cold, called = compile_chapters(path)
-    parts = [marshal.dumps(hot), marshal.dumps(cold) if cold else b'']
-    index = [[st.st_mtime_ns, st.st_size, sys.version], len(parts[0]), len(parts[1]), called]
+    hot, units = compile_chapters(path)
+    parts = [marshal.dumps(unit[0]) for unit in units]
+    layout, offset = [], 0
+    for part, (_, warm, needs, names, titles) in zip(parts, units):
+        layout.append([offset, len(part), warm, needs, names, titles])
+        offset += len(part)
+    hot_part, layout_part = marshal.dumps(hot), marshal.dumps(layout)
+    index = [[st.st_mtime_ns, st.st_size, sys.version], len(hot_part),
+             len(layout_part) + offset]
     cache = os.path.join(os.path.dirname(path), '__pycache__',
                          'cocker.%s.chapters' % sys.implementation.cache_tag)
     try:
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         temporary = '%s.%d' % (cache, os.getpid())
         with open(temporary, 'wb') as f:
-            f.write(marshal.dumps(index) + parts[0] + parts[1])
+            f.write(marshal.dumps(index) + layout_part + hot_part + b''.join(parts))
             os.fsync(f.fileno())        # (a power cut must not leave it empty)
         os.replace(temporary, cache)
     except OSError:
         pass                            # (a read-only copy compiles at each start)
+    module.COLD = ([unit[0] for unit in units], layout)
     exec(hot, module.__dict__)
-    module.keep_cold_chapters(cold, called)
     return module
 
 
-def keep_cold_chapters(where, called):
-    """What the cold chapters load from, and a stub for each cold name the rest calls.
-    where: their code, or (the cache, the index it had)."""
-    if where and (not isinstance(where, tuple) or where[1][2]):
-        namespace = globals()
-        if isinstance(where, tuple):
-            where = (absolute(where[0]), where[1])
-        namespace['__file__'] = absolute(namespace['__file__'])
-        namespace['COLD_CODE'] = where
-        for name in called:
-            namespace[name] = cold_stub(namespace, name)
+def keep_cold_chapters(where, layout):
+    """What the units of layout load from, and a stub for each name of theirs that the rest
+    uses (before the rest is defined).  where: their code (a list), or the cache, open,
+    where its units begin (the header has just read the hot code)."""
+    if not layout:
+        return
+    namespace = globals()
+    if not isinstance(where, list):     # (read by a descriptor of ours: the file the hot
+        # code came from, even if another command has made the cache again since; above 2,
+        # should the command have been started without its standard streams)
+        where = (fcntl.fcntl(where.fileno(), fcntl.F_DUPFD_CLOEXEC, 3), where.tell())
+    namespace['__file__'] = absolute(namespace['__file__'])
+    namespace['COLD_CODE'], namespace['COLD_LAYOUT'] = where, layout
+    namespace['COLD_LOADED'] = set()
+    namespace['LOADING_CONTEXT'] = loading_context()
+    for unit, entry in enumerate(layout):
+        for name in entry[4]:
+            namespace[name] = cold_stub(namespace, name, unit)
 
 
-def cold_stub(namespace, name):
-    """What stands for the cold function or class `name` until the cold chapters load."""
+def cold_stub(namespace, name, unit):
+    """What stands for the function or class `name` until its unit loads."""
     def stub(*args, **kwargs):
-        load_cold_chapters(namespace)
+        load_chapter(namespace, unit)
         if namespace[name] is stub:
-            raise RuntimeError('%s is not defined by the cold chapters' % name)
+            raise RuntimeError('%s is not defined by its chapter' % name)
         return namespace[name](*args, **kwargs)
     stub.__name__ = name
     return stub
@@ -123,85 +147,212 @@ def absolute(path):
         return path
 
 
-def load_cold_chapters(namespace):
-    """Define the cold chapters' names beside the others, once: from the cache the hot
-    code came from, if it is still there unchanged; else compiled from the file (so in a
-    monitor, which let them go), if that is still the file the hot code came from."""
-    if 'COLD_CODE' in namespace:
-        where = namespace['COLD_CODE']
-        code = where if not isinstance(where, tuple) else cached_cold_code(*where)
-        if code is None:
-            path = namespace['__file__']
-            try:
-                same = file_identity(path) == namespace['LOADED_FROM']
-            except OSError:
-                same = False
-            if not same:
-                raise CockerError('%s changed while this command ran (an upgrade?): run the '
-                                  'command again' % path)
-            code = compile_chapters(path)[1]
-        del namespace['COLD_CODE']
-        exec(code, namespace)
+def loading_context():
+    """This process's root directory and mount namespace, which must be those it started in
+    for a file to be read by path (None: no /proc)."""
+    try:
+        root, mounts = os.stat('/'), os.stat('/proc/self/ns/mnt')
+    except OSError:
+        return None
+    return root.st_dev, root.st_ino, mounts.st_ino
 
 
-def cached_cold_code(cache, index):
-    """The cold code in the cache, or None if the cache was made again meanwhile."""
+def load_chapter(namespace, unit):
+    """Define a unit's names beside the others (once; the units it needs first): from the
+    cache the hot code came from, by its descriptor; else compiled from the file (so in a
+    monitor, which let them go), if that is still the file the hot code came from, and
+    this process is still in the root and mount namespace it started in (a path elsewhere
+    may lead into a container)."""
+    if unit in namespace['COLD_LOADED']:
+        return
+    offset, length, warm, needs, names, titles = namespace['COLD_LAYOUT'][unit]
+    for other in needs:
+        load_chapter(namespace, other)
+    import gc
+    collecting = gc.isenabled()
+    gc.disable()        # (what it makes all lives on: a collection would scan it for nothing)
+    try:
+        define_chapter(namespace, unit)
+    finally:
+        if collecting:
+            gc.enable()
+    debug('loaded the chapter %s', ', '.join(titles))
+
+
+def define_chapter(namespace, unit):
+    """load_chapter's work for one unit."""
+    offset, length, warm, needs, names, titles = namespace['COLD_LAYOUT'][unit]
+    where = namespace['COLD_CODE']
+    code = cached_chapter_code(where[0], where[1] + offset, length) if \
+        isinstance(where, tuple) else where and where[unit]
+    if code is None and loading_context() != namespace['LOADING_CONTEXT']:
+        raise CockerError('cannot load the chapter %s of cocker here: this process has left '
+                          "the host's root or mount namespace" % ', '.join(titles))
+    if code is None:
+        path = namespace['__file__']
+        try:
+            same = file_identity(path) == namespace['LOADED_FROM']
+        except OSError:
+            same = False
+        if not same:
+            raise CockerError('%s changed while this command ran (an upgrade?): run the '
+                              'command again' % path)
+        code = compile_chapters(path)[1][unit][0]
+    namespace['COLD_LOADED'].add(unit)
+    exec(code, namespace)
+
+
+def load_every_chapter(warm_only=False):
+    """Every unit (warm_only: those a monitor and PID 1 run) loaded now."""
+    for unit, entry in enumerate(globals().get('COLD_LAYOUT') or ()):
+        if entry[2] or not warm_only:
+            load_chapter(globals(), unit)
+
+
+def cached_chapter_code(cache, position, length):
+    """A unit's code at position in the cache (a descriptor), or None."""
     import marshal
     try:
-        with open(cache, 'rb') as f:
-            if marshal.load(f) != index:
-                return None
-            f.seek(f.tell() + index[1])
-            data = f.read(index[2])
-        return marshal.loads(data) if len(data) == index[2] else None
-    except (OSError, EOFError, ValueError, TypeError):
+        data = os.pread(cache, length, position)
+        return marshal.loads(data) if len(data) == length else None
+    except (OSError, ValueError, EOFError, TypeError):
         return None
 
 
-def let_cold_chapters_go():
-    """A monitor keeps no cold code in memory: it never needs it."""
-    if globals().get('COLD_CODE') is not None and not isinstance(COLD_CODE, tuple):
+def keep_warm_chapters():
+    """A monitor: the chapters it and its PID 1s run loaded now; the cold code, if held in
+    memory, let go (it never needs it)."""
+    load_every_chapter(warm_only=True)
+    if isinstance(globals().get('COLD_CODE'), list):
         globals()['COLD_CODE'] = None
 
 
+def let_go_of_the_cache():
+    """The cache's descriptor closed, before a process closes every descriptor it was not
+    given (a monitor, a helper); a unit it loads afterwards is compiled from the file."""
+    where = globals().get('COLD_CODE')
+    if isinstance(where, tuple):
+        globals()['COLD_CODE'] = None
+        os.close(where[0])
+
+
 def compile_chapters(path):
-    """[hot code, cold code, cold names the hot code calls]: each code compiled from the
-    whole file with the other's lines left blank, so that tracebacks give the file's own
-    line numbers.  [all of it, None, []] should the hot code use a cold name that a stub
-    cannot stand for: a constant, or a class otherwise than by calling it."""
+    """[hot code, units]: each unit [code, warm, the units it needs first, the names stubs
+    stand for, its chapters], every code compiled from the whole file with the other lines
+    left blank (tracebacks give the file's own line numbers).  The cold chapters are one
+    unit, each warm chapter one; a chapter whose constants or classes the hot code uses
+    otherwise than by a call (a stub cannot stand for them), which does more than define
+    names, or which defines a name defined elsewhere too, is hot; units that need each
+    other are one."""
     import ast
-    import symtable
     with open(path, 'rb') as f:
         lines = f.read().decode('utf-8').split('\n')
-    cold, inside = [], False
+    titles, title = [], ''
     for i, line in enumerate(lines):
         if line.startswith('# ====') and lines[i + 2:i + 3] and \
                 lines[i + 2].startswith('# ====') and not lines[i + 1].startswith('# ===='):
-            inside = lines[i + 1][2:].strip() in COLD_CHAPTERS
-        cold.append(inside)
-    hot_source = '\n'.join('' if c else line for c, line in zip(cold, lines))
-    cold_source = '\n'.join(line if c else '' for c, line in zip(cold, lines))
-    whole = [compile('\n'.join(lines), path, 'exec', dont_inherit=True), None, []]
-    if not any(cold):
-        return whole
-    cold_tree = ast.parse(cold_source, path)
-    defined = dict((node.name, isinstance(node, ast.ClassDef)) for node in cold_tree.body
-                   if isinstance(node, (ast.FunctionDef, ast.ClassDef)))
-    bound = set(defined).union(
-        n.id for node in cold_tree.body if not isinstance(node, (ast.FunctionDef, ast.ClassDef))
-        for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store))
-    bound.update(alias.asname or alias.name.split('.')[0] for node in cold_tree.body
-                 if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names)
-    used = global_references(symtable.symtable(hot_source, path, 'exec')) & bound
-    hot_tree = ast.parse(hot_source, path)
-    calls = set(id(node.func) for node in ast.walk(hot_tree) if isinstance(node, ast.Call))
-    for name in used:
-        if name not in defined or defined[name] and any(
-                isinstance(n, ast.Name) and n.id == name and id(n) not in calls
-                for n in ast.walk(hot_tree)):
-            return whole
-    return [compile(hot_source, path, 'exec', dont_inherit=True),
-            compile(cold_source, path, 'exec', dont_inherit=True), sorted(used)]
+            title = lines[i + 1][2:].strip()
+        titles.append(title)
+    units = [[t for t in COLD_CHAPTERS if t in titles]] + \
+        [[t] for t in WARM_CHAPTERS if t in titles]
+    units = [u for u in units if u]
+    while True:
+        parts = [set(u) for u in units]
+        parts.append(set(titles) - set().union(*parts))     # (the hot code, last)
+        sources = ['\n'.join(line if t in part else '' for t, line in zip(titles, lines))
+                   for part in parts]
+        plan = plan_units(path, sources, ast)
+        if not isinstance(plan, list):
+            units = merge_units(units, plan)
+            if not units:
+                break
+            continue
+        return [compile(sources[-1], path, 'exec', dont_inherit=True)] + [[
+            [compile(sources[k], path, 'exec', dont_inherit=True), any(
+                t in WARM_CHAPTERS for t in units[k]), needs, names, units[k]]
+            for k, (needs, names) in enumerate(plan)]]
+    return [compile('\n'.join(lines), path, 'exec', dont_inherit=True), []]
+
+
+def plan_units(path, sources, ast):
+    """For the units' sources (the hot code's last): per unit (the units it needs first,
+    the names the others call), or the units to merge: (k,) into the hot code, (k, j)
+    into one."""
+    import symtable
+    trees = [ast.parse(source, path) for source in sources]
+    tables = [symtable.symtable(source, path, 'exec') for source in sources]
+    hot = len(sources) - 1
+    bound = [module_names(tree, ast) for tree in trees]
+    for k, (names, pure) in enumerate(bound[:-1]):
+        if not pure or any(names & bound[j][0] for j in range(len(trees)) if j != k):
+            return (k,)     # (it does more than define names, or one is defined elsewhere)
+    plan = [([], set()) for _ in trees[:-1]]
+    looked_up = [global_references(table) for table in tables]
+    as_values = [names_not_called(tree, ast) for tree in trees]
+    for k, tree in enumerate(trees[:-1]):
+        names = bound[k][0]
+        defined = dict((node.name, isinstance(node, ast.ClassDef)) for node in tree.body
+                       if isinstance(node, (ast.FunctionDef, ast.ClassDef)))
+        for j in range(len(trees)):
+            if j == k:
+                continue
+            used = looked_up[j] & names
+            values = [n for n in used if n not in defined or defined[n] and n in as_values[j]]
+            if values and j == hot:
+                return (k,)             # (no stub can stand for a constant or a class there)
+            if values:
+                if j in needed_by(plan, k):
+                    return (k, j)       # (each needs the other)
+                plan[j][0].append(k)
+            plan[k][1].update(n for n in used if n in defined)
+    return [(sorted(set(needs)), sorted(names)) for needs, names in plan]
+
+
+def module_names(tree, ast):
+    """(the names a unit's module-level code binds, whether it does nothing else: defs,
+    classes, imports, assignments to names, its docstring)."""
+    names, pure = set(), True
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+            continue
+        names.update(n.id for n in ast.walk(node)
+                     if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store))
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update(a.asname or a.name.split('.')[0] for a in node.names)
+        elif not (isinstance(node, ast.Assign) and all(
+                isinstance(t, ast.Name) or isinstance(t, ast.Tuple) and
+                all(isinstance(e, ast.Name) for e in t.elts) for t in node.targets) or
+                isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant if
+                                                           sys.version_info >= (3, 8) else ast.Str)):
+            pure = False
+    return names, pure
+
+
+def names_not_called(tree, ast):
+    """The names a tree uses otherwise than as the function of a call."""
+    calls = set(id(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call))
+    return set(node.id for node in ast.walk(tree)
+               if isinstance(node, ast.Name) and id(node) not in calls)
+
+
+def needed_by(plan, unit):
+    """unit and the units it needs, directly or not (plan's needs so far)."""
+    seen, todo = set(), [unit]
+    while todo:
+        other = todo.pop()
+        if other not in seen:
+            seen.add(other)
+            todo.extend(plan[other][0])
+    return seen
+
+
+def merge_units(units, merge):
+    """units after plan_units' answer: (k,) put into the hot code, (k, j) made one."""
+    if len(merge) == 1:
+        return [u for i, u in enumerate(units) if i != merge[0]]
+    k, j = merge
+    return [u for i, u in enumerate(units) if i not in (k, j)] + [units[k] + units[j]]
 
 
 def global_references(table):
@@ -211,6 +362,11 @@ def global_references(table):
     for child in table.get_children():
         names |= global_references(child)
     return names
+
+
+if 'COLD' in globals():     # (set by the sh header, or load_cocker, before this code runs: the
+    keep_cold_chapters(*COLD)   # hot code may hold a stub from its start, as SHOWS does)
+    del COLD
 
 # ---- end of loading ----
 
@@ -299,6 +455,9 @@ except NameError:                       # (compiled from no file: no monitor for
     LOADED_FROM = ''
 
 
+STAGING = '.staging'            #: STORE/.staging: what is built or removed (see Image store)
+
+
 def images_dir():
     return os.path.join(HOME, 'images')
 
@@ -309,6 +468,14 @@ def image_dir(name, version):
 
 def containers_dir():
     return os.path.join(HOME, 'containers')
+
+
+def layers_dir():
+    return os.path.join(HOME, 'layers')
+
+
+def one_shot_dir():
+    return os.path.join(HOME, 'oneshot')
 
 
 def container_dir(name):
@@ -1090,6 +1257,7 @@ def read_all(f):
 
 def close_fds_except(keep):
     """Close every descriptor but those in `keep`: nothing of the CLI reaches a container."""
+    let_go_of_the_cache()
     for name in os.listdir('/proc/self/fd'):
         fd = int(name)
         if fd not in keep:
@@ -1613,10 +1781,6 @@ LAYER_LINK_CHARS = 'ABCDEFGHIJKLMNOPQRSTUVWXYZ234567'
 MAX_IMAGE_LAYERS = 250                  #: what one page of overlay options takes, with room
 
 
-def layers_dir():
-    return os.path.join(HOME, 'layers')
-
-
 def is_sha256_hex(text):
     return len(text) == 64 and all(c in '0123456789abcdef' for c in text)
 
@@ -1727,7 +1891,6 @@ def image_names():
 # clean_staging() runs at the start of every command: what a killed command left goes, and
 # the directory itself once it is empty (the C cocker would list it).
 
-STAGING = '.staging'
 _owner = []                     #: 'PID-START' of this process, computed once
 
 
@@ -4276,10 +4439,10 @@ def become_monitor(name, lock, keep):
     devnull = os.open('/dev/null', os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
+    keep_warm_chapters()                # (while the cache is open)
     close_fds_except({0, 1, 2, lock, MOUNT_TEMPLATE} | keep)
     HELD_LOCKS.clear()                  # (the command's: none of them is ours)
     prctl(PR_SET_NAME, b'cocker-monitor')
-    let_cold_chapters_go()
     import gc
     if hasattr(gc, 'freeze'):           # (3.7+) the CLI's objects are never scanned again:
         gc.freeze()                     # their pages stay shared with PID 1, forked next
@@ -5287,10 +5450,6 @@ def one_shot(options, layers, image_name):
         relay.close()
         remove_one_shot(name)
     return status
-
-
-def one_shot_dir():
-    return os.path.join(HOME, 'oneshot')
 
 
 def claim_one_shot(name):
@@ -9441,6 +9600,7 @@ def helper_main(name, proc, init, settings, work, result_w, keep):
     global HOME
     status = 1
     try:
+        load_every_chapter()            # (from the host's cache: nothing is loaded in there)
         prctl(PR_SET_DUMPABLE, 0)       # the container's processes see it: no ptrace, no fds
         os.setsid()                     # no controlling terminal to push keys into (TIOCSTI)
         devnull = os.open('/dev/null', os.O_RDWR)
@@ -10679,20 +10839,6 @@ def show_ssearch(options):
         r['image_id'], r['modified'], size_text(r['size'])))
 
 
-SHOWS = {
-    'images': show_images,
-    'containers': show_containers,
-    'container_root': show_container_root,
-    'image_info': show_image_info,
-    'container_limits': show_container_limits,
-    'ssearch': show_ssearch,
-    'repo_users': show_repo_users,
-    'search': show_search,
-    'inspect': show_inspect,
-    'logs': show_logs,
-    'stats': show_stats,
-}
-
 
 # =============================================================================
 # Command line
@@ -10757,6 +10903,21 @@ registry options : [ --insecure ] [ --ca-file (file) ]  (--insecure: plain HTTP 
   enable debug : [ (-d|--debug) ]
    environment : COCKER_HOME (default /var/cocker), COCKER_IPTABLES (default iptables)
  bridge config : COCKER_HOME/network.conf: bridge = cocker0, address = 166.88.0.1/16"""
+
+#: -s WHAT -> its listing (the Listings chapter loads on the first call of one)
+SHOWS = {
+    'images': show_images,
+    'containers': show_containers,
+    'container_root': show_container_root,
+    'image_info': show_image_info,
+    'container_limits': show_container_limits,
+    'ssearch': show_ssearch,
+    'repo_users': show_repo_users,
+    'search': show_search,
+    'inspect': show_inspect,
+    'logs': show_logs,
+    'stats': show_stats,
+}
 
 #: option -> (attribute, takes a value)
 OPTIONS = {
@@ -10983,10 +11144,13 @@ def ensure_environment():
 
 
 def clean_stores():
-    """What commands killed half-way left behind (cheap: one directory, seldom there)."""
+    """What commands killed half-way left behind (cheap: a look at a directory each, seldom
+    anything there; the chapters that clean load only then)."""
     for store in (images_dir(), containers_dir(), layers_dir()):
-        clean_staging(store)
-    clean_one_shots()
+        if os.path.isdir(os.path.join(store, STAGING)):
+            clean_staging(store)
+    if os.path.isdir(one_shot_dir()) and os.listdir(one_shot_dir()):
+        clean_one_shots()
 
 
 # =============================================================================
@@ -11020,6 +11184,8 @@ def open_standard_descriptors():
 def main(argv=None):
     """Run one cocker command; return the exit status."""
     global HOME, DEBUG
+    import gc
+    gc.enable()     # (the header keeps it off while it loads: nothing it makes is garbage)
     argv = sys.argv[1:] if argv is None else argv
     open_standard_descriptors()
     # (absolute: a monitor works from /, and a boot gives its HOME to a sibling)

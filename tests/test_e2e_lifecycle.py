@@ -370,6 +370,23 @@ def test_after_an_upgrade_the_new_code_forks_the_monitors(cocker, test_image, na
     assert cocker('-a', 'run', '-c', first, '--cmd', 'echo old').out == 'old\n'
 
 
+def test_a_run_and_a_listing_load_none_of_the_boots_code(cocker, running):
+    """A command loads only the chapters it calls into (see Loading): -v none of them, a run
+    the socket's, a listing its own."""
+    name = running()
+    r = cocker('-d', '-v')
+    assert r.rc == 0 and 'loaded the chapter' not in r.err, r
+    boots = {'Boot sequence', 'Network', 'Mounts and the container root', 'Image store'}
+    r = cocker('-d', '-a', 'run', '-c', name, '--cmd', 'echo hi')
+    loaded = re.findall(r'loaded the chapter (.*)', r.err)
+    assert r.out == 'hi\n' and 'Talking to cockerinit' in loaded, r
+    assert not boots & set(loaded) and 'Listings' not in loaded, loaded
+    r = cocker('-d', '-s', 'containers')
+    loaded = re.findall(r'loaded the chapter (.*)', r.err)
+    assert name in r.out and 'Listings' in loaded, r
+    assert not boots & set(loaded) and 'Talking to cockerinit' not in loaded, loaded
+
+
 def container_mounts(cocker, name):
     """(mount point, its options) of each mount the container sees, in order."""
     r = cocker('-a', 'run', '-c', name, '--cmd', 'cat /proc/self/mountinfo')

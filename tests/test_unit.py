@@ -1192,13 +1192,16 @@ names = vars(module)
 whole = {'__name__': 'whole'}
 exec(compile(open(path).read(), path, 'exec'), whole)
 print('cold before:', 'ArchiveGuard' in names, names['export_image'].__code__.co_name)
+print('warm before:', 'Boot' in names, names['boot_container'].__code__.co_name)
 print('srepo:', module.parse_srepo('u@h:2222'))
 print('cold after:', 'ArchiveGuard' in names, names['export_image'].__code__.co_name)
+print('warm after:', 'Boot' in names, names['boot_container'].__code__.co_name)
+module.load_every_chapter()
 print('missing:', sorted(set(whole) - set(names)))
 '''
 
 
-def test_cold_chapters_load_on_the_first_call_of_one_of_their_functions(tmp_path):
+def test_lazy_chapters_load_on_the_first_call_of_one_of_their_functions(tmp_path):
     import subprocess
     import sys
     copy = str(tmp_path / 'cocker')
@@ -1207,24 +1210,65 @@ def test_cold_chapters_load_on_the_first_call_of_one_of_their_functions(tmp_path
     out = subprocess.check_output([sys.executable, '-I', '-S', '-c', LOAD_AS_THE_HEADER_DOES,
                                    copy]).decode().splitlines()
     assert out[0] == 'cold before: False stub', out
-    assert out[1].startswith('srepo: ') and 'u' in out[1] and '2222' in out[1], out
-    assert out[2] == 'cold after: True export_image', out
-    assert out[3] == 'missing: []', out
+    assert out[1] == 'warm before: False stub', out
+    assert out[2].startswith('srepo: ') and 'u' in out[2] and '2222' in out[2], out
+    assert out[3] == 'cold after: True export_image', out
+    # (the cold code needs the image store's and the lifecycle's constants: not the boot's)
+    assert out[4] == 'warm after: False stub', out
+    assert out[5] == 'missing: []', out
     assert [f for f in os.listdir(str(tmp_path / '__pycache__')) if f.endswith('.chapters')]
+
+
+def test_every_warm_chapter_is_loaded_on_its_own_and_the_cold_ones_together():
+    # (a change that makes the hot code read one of their constants or classes, or gives
+    # one module-level work, would make it hot again, and every command would load it)
+    hot, units = cocker.compile_chapters(COCKER)
+    titles = [unit[4] for unit in units]
+    assert sorted(titles) == sorted([list(cocker.COLD_CHAPTERS)] +
+                                    [[t] for t in cocker.WARM_CHAPTERS]), titles
+    assert all(unit[1] == (unit[4][0] in cocker.WARM_CHAPTERS) for unit in units)
+    cold = titles.index(list(cocker.COLD_CHAPTERS))
+    assert cold not in [k for unit in units for k in unit[2]], 'no warm chapter needs the cold'
 
 
 def header_code(path, then):
     """The Python that the sh header of the file at path runs, with `then` for its last
     statement (the command)."""
     with open(path) as f:
-        line = f.read().split('\n')[6]
+        line = [l for l in f.read().split('\n') if l.startswith('"exec"')][0]
     code = line.split('"-c" "', 1)[1].rsplit('" "$0" "$@"', 1)[0]
     assert code.endswith('m.exit_quickly(m.main(sys.argv[2:]))'), code
     return code[:-len('m.exit_quickly(m.main(sys.argv[2:]))')] + then
 
 
-def test_the_header_reads_the_hot_code_and_the_cold_chapters_come_later_from_the_cache(
-        tmp_path):
+def cache_of(copy):
+    """(path, [index, layout, hot code's bytes, [each unit's bytes]]) of a copy's cache."""
+    import marshal
+    directory = os.path.join(os.path.dirname(copy), '__pycache__')
+    cache = [os.path.join(directory, n) for n in os.listdir(directory)
+             if n.endswith('.chapters')][0]
+    with open(cache, 'rb') as f:
+        index, layout = marshal.load(f), marshal.load(f)
+        hot = f.read(index[1])
+        units = [f.read(entry[1]) for entry in layout]
+        assert f.read() == b''
+    return cache, [index, layout, hot, units]
+
+
+def write_cache(cache, index, layout, hot, units):
+    import marshal
+    offset = 0
+    for entry, unit in zip(layout, units):
+        entry[:2] = [offset, len(unit)]
+        offset += len(unit)
+    part = marshal.dumps(layout)
+    index[2] = len(part) + offset
+    with open(cache + '.new', 'wb') as f:
+        f.write(marshal.dumps(index) + part + hot + b''.join(units))
+    os.replace(cache + '.new', cache)
+
+
+def test_the_header_reads_the_hot_code_and_the_rest_comes_later_from_the_cache(tmp_path):
     import marshal
     import subprocess
     import sys
@@ -1234,33 +1278,32 @@ def test_the_header_reads_the_hot_code_and_the_cold_chapters_come_later_from_the
     code = header_code(copy, "print(type(m.COLD_CODE).__name__, m.parse_srepo('u@h:2222'))")
     run = [sys.executable, '-I', '-S', '-c', code, copy]
     first = subprocess.check_output(run).decode()     # (compiles, and makes the cache)
-    cache = [str(tmp_path / '__pycache__' / n) for n in os.listdir(str(tmp_path / '__pycache__'))
-             if n.endswith('.chapters')][0]
-    with open(cache, 'rb') as f:
-        index = marshal.load(f)
-        hot = f.read(index[1])
-        cold = f.read()
-    assert len(cold) == index[2] and 'parse_srepo' in index[3]
+    assert first.startswith('list ') and 'u' in first and '2222' in first, first
+    cache, (index, layout, hot, units) = cache_of(copy)
     assert isinstance(marshal.loads(hot), type(header_code.__code__))
+    cold = [entry[5] for entry in layout].index(list(cocker.COLD_CHAPTERS))
+    assert 'parse_srepo' in layout[cold][4]
     # the cold code the next command finds there is the one it runs
     variant = str(tmp_path / 'variant.py')
     with open(COCKER) as f, open(variant, 'w') as g:
         g.write(f.read().replace('def parse_srepo(text):\n',
                                  'def parse_srepo(text):\n    return "from the cache"\n', 1))
-    other = marshal.dumps(cocker.compile_chapters(variant)[1])
-    index[2] = len(other)
-    with open(cache, 'wb') as f:
-        f.write(marshal.dumps(index) + hot + other)
+    units[cold] = marshal.dumps(cocker.compile_chapters(variant)[1][cold][0])
+    write_cache(cache, index, layout, hot, units)
     second = subprocess.check_output(run).decode()
-    assert first.startswith('code ') and 'u' in first and '2222' in first, first
     assert second.strip() == 'tuple from the cache', second
-    # a cache made again meanwhile (another index) is not read: the file is compiled...
-    assert cocker.cached_cold_code(cache, index)
-    other_index = [index[0][:1] + [index[0][1] + 1] + index[0][2:]] + index[1:]
-    assert cocker.cached_cold_code(cache, other_index) is None
-    # ...if it is still the one the hot code came from: never cold code of another
-    changed = header_code(copy, "open(c, 'r+b').write(M.dumps([[0, 0, ''], 0, 0, []])); "
-                                "open(p, 'a').write('#'); m.parse_srepo('u@h:2222')")
+    # a cache made again after the hot code was read is not read: the rest comes from the
+    # one the header opened...
+    replaced = header_code(copy, "import shutil; shutil.copy(c, c + '.x'); os.replace(c + "
+                                 "'.x', c); open(c, 'r+b').write(b'x' * 4096); "
+                                 "print(m.parse_srepo('u@h:2222'))")
+    out = subprocess.check_output([sys.executable, '-I', '-S', '-c', replaced, copy])
+    assert out.decode().strip() == 'from the cache', out
+    os.remove(cache)
+    subprocess.check_output(run)        # (made again)
+    # ...or, once that is closed, from the file the hot code came from: never from another
+    changed = header_code(copy, "m.let_go_of_the_cache(); open(p, 'a').write('#'); "
+                                "m.parse_srepo('u@h:2222')")
     failed = subprocess.run([sys.executable, '-I', '-S', '-c', changed, copy],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert failed.returncode != 0 and b'changed while this command ran' in failed.stderr, \
@@ -1270,8 +1313,27 @@ def test_the_header_reads_the_hot_code_and_the_cold_chapters_come_later_from_the
     size = os.path.getsize(cache)
     with open(cache, 'r+b') as f:
         f.truncate(size - 10)
-    assert subprocess.check_output(run).decode().startswith('code ')
+    assert subprocess.check_output(run).decode().startswith('list ')
     assert os.path.getsize(cache) == size
+
+
+def test_no_chapter_is_read_by_path_outside_the_hosts_mount_namespace(tmp_path):
+    """A process that has entered a container (here: a mount namespace of its own) loads
+    nothing by path: there it may be the container's file."""
+    import subprocess
+    import sys
+    copy = str(tmp_path / 'cocker')
+    with open(COCKER, 'rb') as f, open(copy, 'wb') as g:
+        g.write(f.read())
+    subprocess.check_output([sys.executable, '-I', '-S', '-c', header_code(copy, 'pass'),
+                             copy])
+    entered = header_code(copy, "m.let_go_of_the_cache(); import ctypes; "
+                                "ctypes.CDLL(None).unshare(0x20000) and exit(9); "
+                                "m.parse_srepo('u@h:2222')")
+    failed = subprocess.run([sys.executable, '-I', '-S', '-c', entered, copy],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert failed.returncode not in (0, 9) and b'cannot load the chapter' in failed.stderr, \
+        failed
 
 
 def test_a_stop_waits_for_the_lock_and_no_longer_than_it_was_told(tmp_path):
@@ -1306,16 +1368,37 @@ def test_chapters_stay_whole_when_the_hot_part_reads_a_cold_constant(tmp_path):
         rule, '# Test image', rule, 'COLD_LIMIT = 3', 'def cold():', '    return 4', ''])
     path = tmp_path / 'x.py'
     path.write_text(source)
-    hot, cold, called = cocker.compile_chapters(str(path))
-    assert cold is None and called == []
+    hot, units = cocker.compile_chapters(str(path))
+    assert units == []
     path.write_text(source.replace('COLD_LIMIT + cold()', 'cold()'))
-    hot, cold, called = cocker.compile_chapters(str(path))
-    assert cold is not None and called == ['cold']
+    hot, units = cocker.compile_chapters(str(path))
+    assert [unit[3:] for unit in units] == [[['cold'], ['Test image']]]
     namespace = {}
     exec(hot, namespace)
     assert 'cold' not in namespace and 'COLD_LIMIT' not in namespace
-    exec(cold, namespace)
+    exec(units[0][0], namespace)
     assert namespace['hot']() == 4
+
+
+def test_a_chapter_that_reads_anothers_constant_loads_it_first(tmp_path):
+    rule = '# ' + '=' * 20
+    source = '\n'.join([
+        rule, '# Hot', rule, 'def hot():', '    return boot()', '',
+        rule, '# Network', rule, 'PORT = 80', 'def net():', '    return PORT', '',
+        rule, '# Boot sequence', rule, 'def boot():', '    return PORT + net()', '',
+        rule, '# Listings', rule, 'print("a chapter with work of its own")', ''])
+    path = tmp_path / 'x.py'
+    path.write_text(source)
+    hot, units = cocker.compile_chapters(str(path))
+    assert [(unit[4], unit[2], unit[3]) for unit in units] == [
+        (['Network'], [], ['net']), (['Boot sequence'], [0], ['boot'])]
+    # (a call needs nothing: the stub loads on its own; a constant read each way does)
+    path.write_text(source.replace('    return PORT\n', '    return PORT + boot()\n'))
+    assert [unit[2] for unit in cocker.compile_chapters(str(path))[1]] == [[], [0]]
+    path.write_text(source.replace('    return PORT\n', '    return WAIT\n').replace(
+        'def boot():', 'WAIT = 5\ndef boot():'))
+    hot, units = cocker.compile_chapters(str(path))
+    assert [(sorted(unit[4]), unit[2]) for unit in units] == [(['Boot sequence', 'Network'], [])]
 
 
 def test_network_state_round_trips_and_reads_the_json_of_older_cockers():
