@@ -5,7 +5,7 @@
 # planted in the caller's directory or named by PYTHON* variables is ever loaded by root,
 # and the site scan's 5 ms are saved), the cyclic garbage collector off until main() (what
 # loading makes is never garbage).  Read by Python, the line is only a string.
-"exec" "${COCKER_PYTHON:-python3}" "-I" "-S" "-c" "import sys,os,marshal as M,gc;gc.disable();p=sys.argv[1];t=os.stat(p);c=os.path.join(os.path.dirname(p),'__pycache__','cocker.'+sys.implementation.cache_tag+'.chapters');f=os.path.exists(c) and open(c,'rb');x=f and M.load(f);m=sys.modules['cocker']=type(sys)('cocker');m.__file__=p;g=m.__dict__;x and x[0]==[t.st_mtime_ns,t.st_size,sys.version] and f.tell()+x[1]+x[2]==os.fstat(f.fileno()).st_size and [g.update(COLD=(f,M.load(f))),exec(M.loads(f.read(x[1])),g)] or exec(compile(open(p,'rb').read().split(b'\n# ---- end of loading ----\n')[0],p,'exec'),g) or m.load_cocker(p);del x,f;m.exit_quickly(m.main(sys.argv[2:]))" "$0" "$@"
+"exec" "${COCKER_PYTHON:-python3}" "-I" "-S" "-c" "import sys,os,marshal as M,gc;gc.disable();p=sys.argv[1];t=os.stat(p);c=os.path.join(os.path.dirname(p),'__pycache__','cocker.'+sys.implementation.cache_tag+'.chapters');f=os.path.exists(c) and open(c,'rb');x=f and M.load(f);m=sys.modules['cocker']=type(sys)('cocker');m.__file__=p;g=m.__dict__;x and x[0]==[t.st_mtime_ns,t.st_size,sys.version] and f.tell()+x[1]+x[2]==os.fstat(f.fileno()).st_size and [g.update(LAZY=(f,M.load(f))),exec(M.loads(f.read(x[1])),g)] or exec(compile(open(p,'rb').read().split(b'\n# ---- end of loading ----\n')[0],p,'exec'),g) or m.load_cocker(p);del x,f;m.exit_quickly(m.main(sys.argv[2:]))" "$0" "$@"
 """cocker: a container engine for Linux servers that manages containers like virtual hosts.
 
 A successor of the C cocker, written for the Python standard library only (3.6 and newer),
@@ -59,17 +59,19 @@ from _signal import SIGCHLD, SIGKILL, SIGPIPE, SIGTERM, SIGXFSZ  # not signal.py
 # its own, so that a run, a listing or -v reads none of the boot's code.  Until then a
 # function or class of theirs that the rest calls is a stub that loads its chapter (and
 # first those whose constants or classes that chapter uses).  A monitor loads every warm
-# chapter when it starts: its PID 1s and the monitors it forks have them all.  Nothing is
-# loaded by path once a process has left the host's root or mount namespace (a path there
-# may lead into a container): file helpers load every chapter before they enter.
+# chapter when it starts: its PID 1s and the monitors it forks have them all; a file helper
+# loads every chapter before it forks (in a container, a path may lead to its files).
 # Imported as a module (the tests, python3 cocker.py), the file is one module as any other.
 #
 # The cache, each part marshalled: an index ([the file's mtime, size and the Python
-# version, the length of the hot code, of the rest]), the layout (per unit
-# [its offset among the units, its length, whether it is warm, the units it needs first,
-# the names stubs stand for, its chapters]), the hot code, then each unit's code.  A unit's
-# code comes from the cache the hot code came from (read by the descriptor the header
-# opened), or from the file the hot code was loaded from: never from another.
+# version, the length of the hot code, of the rest]), the layout (per unit a dict: its
+# offset among the units 'at', its 'size', whether it is 'warm', the units it 'needs'
+# first, the 'names' stubs stand for, its 'chapters'), the hot code, then each unit's
+# code.  A unit's code comes from the cache the hot code came from, read by the descriptor
+# the header opened (a command that makes the cache again meanwhile changes nothing for
+# us), or from memory, where the hot code was just compiled: never from a path after the
+# start.  A process that let go of it (a monitor, a file helper: they load what they run
+# before they close the descriptors they were not given) loads no more.
 
 COLD_CHAPTERS = ('Image archives', 'OCI and Docker archives', 'Image repository over ssh',
                  'Image registry: the server', 'Image registry: the client',
@@ -84,12 +86,13 @@ def load_cocker(path):
     module = sys.modules['cocker']
     st = os.stat(path)
     hot, units = compile_chapters(path)
-    parts = [marshal.dumps(unit[0]) for unit in units]
-    layout, offset = [], 0
-    for part, (_, warm, needs, names, titles) in zip(parts, units):
-        layout.append([offset, len(part), warm, needs, names, titles])
+    codes = [unit.pop('code') for unit in units]
+    parts = [marshal.dumps(code) for code in codes]
+    offset = 0
+    for part, unit in zip(parts, units):
+        unit.update(at=offset, size=len(part))
         offset += len(part)
-    hot_part, layout_part = marshal.dumps(hot), marshal.dumps(layout)
+    hot_part, layout_part = marshal.dumps(hot), marshal.dumps(units)
     index = [[st.st_mtime_ns, st.st_size, sys.version], len(hot_part),
              len(layout_part) + offset]
     cache = os.path.join(os.path.dirname(path), '__pycache__',
@@ -103,32 +106,29 @@ def load_cocker(path):
         os.replace(temporary, cache)
     except OSError:
         pass                            # (a read-only copy compiles at each start)
-    module.COLD = ([unit[0] for unit in units], layout)
+    module.LAZY = (codes, units)
     exec(hot, module.__dict__)
     return module
 
 
-def keep_cold_chapters(where, layout):
-    """What the units of layout load from, and a stub for each name of theirs that the rest
-    uses (before the rest is defined).  where: their code (a list), or the cache, open,
-    where its units begin (the header has just read the hot code)."""
-    if not layout:
-        return
+def set_up_stubs(source, units):
+    """Where the units load from, and a stub for each name of theirs that the rest uses
+    (before the rest is defined).  source: their code (a list), or the cache, open, where
+    its units begin (the header has just read the hot code)."""
+    import _thread
     namespace = globals()
-    if not isinstance(where, list):     # (read by a descriptor of ours: the file the hot
-        # code came from, even if another command has made the cache again since; above 2,
-        # should the command have been started without its standard streams)
-        where = (fcntl.fcntl(where.fileno(), fcntl.F_DUPFD_CLOEXEC, 3), where.tell())
-    namespace['__file__'] = absolute(namespace['__file__'])
-    namespace['COLD_CODE'], namespace['COLD_LAYOUT'] = where, layout
-    namespace['COLD_LOADED'] = set()
-    namespace['LOADING_CONTEXT'] = loading_context()
-    for unit, entry in enumerate(layout):
-        for name in entry[4]:
-            namespace[name] = cold_stub(namespace, name, unit)
+    namespace['LAZY_UNITS'], namespace['LOADED_UNITS'] = units, set()
+    namespace['LOADING'] = _thread.RLock()      # (threads: one loads, the others wait)
+    namespace['UNIT_CODE'] = source if isinstance(source, list) else None
+    # (a descriptor of ours, above 2 should the command have started without its streams)
+    namespace['CACHE'] = None if isinstance(source, list) else (
+        fcntl.fcntl(source.fileno(), fcntl.F_DUPFD_CLOEXEC, 3), source.tell())
+    for unit, entry in enumerate(units):
+        for name in entry['names']:
+            namespace[name] = stub_for(namespace, name, unit)
 
 
-def cold_stub(namespace, name, unit):
+def stub_for(namespace, name, unit):
     """What stands for the function or class `name` until its unit loads."""
     def stub(*args, **kwargs):
         load_chapter(namespace, unit)
@@ -139,101 +139,64 @@ def cold_stub(namespace, name, unit):
     return stub
 
 
-def absolute(path):
-    """path made absolute while the working directory is the one it is relative to."""
-    try:
-        return os.path.abspath(path)
-    except OSError:                     # (a working directory removed)
-        return path
-
-
-def loading_context():
-    """This process's root directory and mount namespace, which must be those it started in
-    for a file to be read by path (None: no /proc)."""
-    try:
-        root, mounts = os.stat('/'), os.stat('/proc/self/ns/mnt')
-    except OSError:
-        return None
-    return root.st_dev, root.st_ino, mounts.st_ino
-
-
 def load_chapter(namespace, unit):
-    """Define a unit's names beside the others (once; the units it needs first): from the
-    cache the hot code came from, by its descriptor; else compiled from the file (so in a
-    monitor, which let them go), if that is still the file the hot code came from, and
-    this process is still in the root and mount namespace it started in (a path elsewhere
-    may lead into a container)."""
-    if unit in namespace['COLD_LOADED']:
-        return
-    offset, length, warm, needs, names, titles = namespace['COLD_LAYOUT'][unit]
-    for other in needs:
-        load_chapter(namespace, other)
-    import gc
-    collecting = gc.isenabled()
-    gc.disable()        # (what it makes all lives on: a collection would scan it for nothing)
-    try:
-        define_chapter(namespace, unit)
-    finally:
-        if collecting:
-            gc.enable()
-    debug('loaded the chapter %s', ', '.join(titles))
-
-
-def define_chapter(namespace, unit):
-    """load_chapter's work for one unit."""
-    offset, length, warm, needs, names, titles = namespace['COLD_LAYOUT'][unit]
-    where = namespace['COLD_CODE']
-    code = cached_chapter_code(where[0], where[1] + offset, length) if \
-        isinstance(where, tuple) else where and where[unit]
-    if code is None and loading_context() != namespace['LOADING_CONTEXT']:
-        raise CockerError('cannot load the chapter %s of cocker here: this process has left '
-                          "the host's root or mount namespace" % ', '.join(titles))
-    if code is None:
-        path = namespace['__file__']
+    """Define a unit's names beside the others, once (the units it needs first); counted
+    as loaded only once all are (an interrupted load is done again)."""
+    entry = namespace['LAZY_UNITS'][unit]
+    with namespace['LOADING']:
+        if unit in namespace['LOADED_UNITS']:
+            return
+        for other in entry['needs']:
+            load_chapter(namespace, other)
+        import gc
+        collecting = gc.isenabled()
+        gc.disable()    # (what it makes all lives on: a collection would scan it for nothing)
         try:
-            same = file_identity(path) == namespace['LOADED_FROM']
-        except OSError:
-            same = False
-        if not same:
-            raise CockerError('%s changed while this command ran (an upgrade?): run the '
-                              'command again' % path)
-        code = compile_chapters(path)[1][unit][0]
-    namespace['COLD_LOADED'].add(unit)
-    exec(code, namespace)
+            exec(unit_code(namespace, unit), namespace)
+        finally:
+            if collecting:
+                gc.enable()
+        namespace['LOADED_UNITS'].add(unit)
+    debug('loaded the chapter %s', ', '.join(entry['chapters']))
+
+
+def unit_code(namespace, unit):
+    """A unit's code, from memory or by the cache's descriptor."""
+    import marshal
+    entry, cache = namespace['LAZY_UNITS'][unit], namespace['CACHE']
+    if namespace['UNIT_CODE'] is not None:
+        return namespace['UNIT_CODE'][unit]
+    try:
+        data = os.pread(cache[0], entry['size'], cache[1] + entry['at'])
+        if len(data) == entry['size']:
+            return marshal.loads(data)
+    except (TypeError, OSError, ValueError, EOFError):
+        pass                            # (no cache: let go of)
+    raise CockerError('the chapter %s of cocker is not loaded in this process (pid %d)'
+                      % (', '.join(entry['chapters']), os.getpid()))
 
 
 def load_every_chapter(warm_only=False):
     """Every unit (warm_only: those a monitor and PID 1 run) loaded now."""
-    for unit, entry in enumerate(globals().get('COLD_LAYOUT') or ()):
-        if entry[2] or not warm_only:
+    for unit, entry in enumerate(globals().get('LAZY_UNITS') or ()):
+        if entry['warm'] or not warm_only:
             load_chapter(globals(), unit)
 
 
-def cached_chapter_code(cache, position, length):
-    """A unit's code at position in the cache (a descriptor), or None."""
-    import marshal
-    try:
-        data = os.pread(cache, length, position)
-        return marshal.loads(data) if len(data) == length else None
-    except (OSError, ValueError, EOFError, TypeError):
-        return None
-
-
-def keep_warm_chapters():
-    """A monitor: the chapters it and its PID 1s run loaded now; the cold code, if held in
-    memory, let go (it never needs it)."""
+def load_warm_chapters():
+    """A monitor: the chapters it and its PID 1s run loaded now; the code of the others, if
+    held in memory, let go (it never needs them)."""
     load_every_chapter(warm_only=True)
-    if isinstance(globals().get('COLD_CODE'), list):
-        globals()['COLD_CODE'] = None
+    globals()['UNIT_CODE'] = None
 
 
 def let_go_of_the_cache():
     """The cache's descriptor closed, before a process closes every descriptor it was not
-    given (a monitor, a helper); a unit it loads afterwards is compiled from the file."""
-    where = globals().get('COLD_CODE')
-    if isinstance(where, tuple):
-        globals()['COLD_CODE'] = None
-        os.close(where[0])
+    given (a monitor, a helper)."""
+    cache = globals().get('CACHE')
+    if cache is not None:
+        globals()['CACHE'] = None
+        os.close(cache[0])
 
 
 def compile_chapters(path):
@@ -267,10 +230,10 @@ def compile_chapters(path):
             if not units:
                 break
             continue
-        return [compile(sources[-1], path, 'exec', dont_inherit=True)] + [[
-            [compile(sources[k], path, 'exec', dont_inherit=True), any(
-                t in WARM_CHAPTERS for t in units[k]), needs, names, units[k]]
-            for k, (needs, names) in enumerate(plan)]]
+        return [compile(sources[-1], path, 'exec', dont_inherit=True), [
+            {'code': compile(sources[k], path, 'exec', dont_inherit=True),
+             'warm': any(t in WARM_CHAPTERS for t in units[k]), 'needs': needs,
+             'names': names, 'chapters': units[k]} for k, (needs, names) in enumerate(plan)]]
     return [compile('\n'.join(lines), path, 'exec', dont_inherit=True), []]
 
 
@@ -364,9 +327,9 @@ def global_references(table):
     return names
 
 
-if 'COLD' in globals():     # (set by the sh header, or load_cocker, before this code runs: the
-    keep_cold_chapters(*COLD)   # hot code may hold a stub from its start, as SHOWS does)
-    del COLD
+if 'LAZY' in globals():     # (set by the sh header, or load_cocker, before this code runs: the
+    set_up_stubs(*LAZY)     # hot code may hold a stub from its start, as SHOWS does)
+    del LAZY
 
 # ---- end of loading ----
 
@@ -428,6 +391,9 @@ PROC_MASKED_DIRS = ('acpi', 'asound', 'scsi')
 SYS_MASKED_DIRS = ('firmware', 'fs/selinux', 'devices/virtual/powercap',
                    'devices/system/cpu/cpu*/thermal_throttle')
 DEFAULT_PIDS_LIMIT = 4096       #: without --pids-limit: a fork bomb stays in its container
+#: (option, cp/KEY it is recorded in) of each limit (see Cgroups)
+LIMITS = (('cpus', 'cpus'), ('cpu_quota', 'cpu_quota'), ('mem_limit', 'mem_limit'),
+          ('pids_limit', 'pids_limit'))
 RPLFILE_MAX = 64 << 20          #: the largest template rplfile reads
 
 #: (link, target) symlinks in the container's /dev
@@ -3663,10 +3629,6 @@ V1_CONTROLLERS = ('cpu', 'cpuacct', 'memory', 'pids', 'blkio', 'devices')
 HYBRID_V2_TREE = 'unified'
 
 #: (option attribute, state file); the C cocker stored none of them
-LIMITS = (('cpus', 'cpus'), ('cpu_quota', 'cpu_quota'), ('mem_limit', 'mem_limit'),
-          ('pids_limit', 'pids_limit'))
-
-
 class Limits(object):
     """A container's limits, parsed: None where there is none."""
 
@@ -4439,7 +4401,7 @@ def become_monitor(name, lock, keep):
     devnull = os.open('/dev/null', os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
-    keep_warm_chapters()                # (while the cache is open)
+    load_warm_chapters()                # (while the cache is open)
     close_fds_except({0, 1, 2, lock, MOUNT_TEMPLATE} | keep)
     HELD_LOCKS.clear()                  # (the command's: none of them is ours)
     prctl(PR_SET_NAME, b'cocker-monitor')
@@ -9525,6 +9487,7 @@ def in_container(name, work, host_side=None, keep=()):
     descriptors the helper uses."""
     # everything the helper will run is loaded now, on the host
     import encodings.ascii, encodings.latin_1, encodings.utf_8, shutil, tarfile  # noqa: F401
+    load_every_chapter()
     init = load_cockerinit()
     settings = {'last_cap': int(read_small('/proc/sys/kernel/cap_last_cap')),
                 'cgroups': container_cgroups(name),
@@ -9600,7 +9563,6 @@ def helper_main(name, proc, init, settings, work, result_w, keep):
     global HOME
     status = 1
     try:
-        load_every_chapter()            # (from the host's cache: nothing is loaded in there)
         prctl(PR_SET_DUMPABLE, 0)       # the container's processes see it: no ptrace, no fds
         os.setsid()                     # no controlling terminal to push keys into (TIOCSTI)
         devnull = os.open('/dev/null', os.O_RDWR)
@@ -11096,7 +11058,8 @@ def check_args(options):
         parse_port_mappings(options.port_mapping)
     if options.host_eth is not None and options.host_eth != 'none':
         check_ifname(options.host_eth, '--host-eth')
-    check_limit_options(options)
+    if any(getattr(options, option) is not None for option, _ in LIMITS):
+        check_limit_options(options)    # (the Cgroups chapter loads only then)
     if options.seccomp is not None and options.seccomp not in SECCOMP_MODES:
         raise usage_error("'--seccomp' value[%s] invalid (default or unconfined)"
                           % options.seccomp)

@@ -376,7 +376,8 @@ def test_a_run_and_a_listing_load_none_of_the_boots_code(cocker, running):
     name = running()
     r = cocker('-d', '-v')
     assert r.rc == 0 and 'loaded the chapter' not in r.err, r
-    boots = {'Boot sequence', 'Network', 'Mounts and the container root', 'Image store'}
+    boots = {'Boot sequence', 'Network', 'Mounts and the container root', 'Image store',
+             'Cgroups'}
     r = cocker('-d', '-a', 'run', '-c', name, '--cmd', 'echo hi')
     loaded = re.findall(r'loaded the chapter (.*)', r.err)
     assert r.out == 'hi\n' and 'Talking to cockerinit' in loaded, r
