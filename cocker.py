@@ -19,14 +19,15 @@ reaches it through a Unix socket next to the container's directory (attach and r
 sshd is needed inside.  Images are overlayfs layers kept in many versions side by side under
 COCKER_HOME (default /var/cocker), in the layout of the C cocker.
 
-Chapters (grep -n '^# ===' cocker.py), each using only those before it:
-    Constants and paths, Errors and messages, libc bindings, Small utilities (state files,
-    locks, the command runner, Rollback and best_effort), Image store (with the staging of
-    everything new), Container store, Mounts and the container root, Network, Cgroups,
-    Boot sequence (HOST_STEPS beside their undo, the monitor, PID1_STEPS), Container
-    lifecycle (make, remove, start, stop), Talking to cockerinit, Image archives, Image
-    repository over ssh, Files in containers, Test image, Actions (one short function per
-    -a word), Listings (-s), Command line, main.
+Chapters (grep -n '^# ===' cocker.py), each using only those before it (but Loading, run
+first, which calls debug and CockerError once everything is defined):
+    Loading, Constants and paths, Errors and messages, libc bindings, Small utilities
+    (state files, locks, the command runner, Rollback and best_effort), Image store (with
+    the staging of everything new), Container store, Mounts and the container root,
+    Network, Cgroups, Boot sequence (HOST_STEPS beside their undo, the monitor,
+    PID1_STEPS), Container lifecycle (make, remove, start, stop), Talking to cockerinit,
+    Image archives, Image repository over ssh, Files in containers, Test image, Actions
+    (one short function per -a word), Listings (-s), Command line, main.
 """
 
 VERSION = '1.0.0'
