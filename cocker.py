@@ -2255,6 +2255,15 @@ def write_container(staging, options, name, layers, vip):
         put('volume', volume_lines(options.volumes))
 
 
+def record_limits(name, options):
+    """Store the limits given on this command line; later boots reuse them.  'none' drops
+    a limit; for the pids limit, which has a default, it is recorded as 'none'."""
+    for option, key in LIMITS:
+        value = getattr(options, option)
+        if value is not None:
+            write_attr(name, key, None if value == 'none' and key != 'pids_limit' else value)
+
+
 def record_security(name, options):
     """Store --seccomp and --no-new-privs of this command line; later boots reuse them."""
     if options.seccomp is not None:
@@ -3724,15 +3733,6 @@ def check_limit_options(options):
         value = getattr(options, option)
         if value is not None and value != 'none':
             LIMIT_PARSERS[option](value)
-
-
-def record_limits(name, options):
-    """Store the limits given on this command line; later boots reuse them.  'none' drops
-    a limit; for the pids limit, which has a default, it is recorded as 'none'."""
-    for option, key in LIMITS:
-        value = getattr(options, option)
-        if value is not None:
-            write_attr(name, key, None if value == 'none' and key != 'pids_limit' else value)
 
 
 def container_limits(name):
