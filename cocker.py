@@ -82,10 +82,22 @@ WARM_CHAPTERS = ('Image store', 'Mounts and the container root', 'Network', 'Cgr
 
 
 def load_cocker(path):
-    """The module 'cocker' (made by the sh header) from the file at path, the cache made."""
+    """The module 'cocker' (made by the sh header) from the file at path, the cache made;
+    where it cannot be (a read-only copy), the whole file compiled, not split (a tenth of
+    the time), at each start."""
     import marshal
     module = sys.modules['cocker']
     st = os.stat(path)
+    cache = os.path.join(os.path.dirname(path), '__pycache__',
+                         'cocker.%s.chapters' % sys.implementation.cache_tag)
+    temporary = '%s.%d' % (cache, os.getpid())
+    try:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        f = open(temporary, 'wb')
+    except OSError:
+        with open(path, 'rb') as source:
+            exec(compile(source.read(), path, 'exec', dont_inherit=True), module.__dict__)
+        return module
     hot, units = compile_chapters(path)
     codes = [unit.pop('code') for unit in units]
     parts = [marshal.dumps(code) for code in codes]
@@ -96,17 +108,16 @@ def load_cocker(path):
     hot_part, layout_part = marshal.dumps(hot), marshal.dumps(units)
     index = [[st.st_mtime_ns, st.st_size, sys.version], len(hot_part),
              len(layout_part) + offset]
-    cache = os.path.join(os.path.dirname(path), '__pycache__',
-                         'cocker.%s.chapters' % sys.implementation.cache_tag)
     try:
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
-        temporary = '%s.%d' % (cache, os.getpid())
-        with open(temporary, 'wb') as f:
+        with f:
             f.write(marshal.dumps(index) + layout_part + hot_part + b''.join(parts))
             os.fsync(f.fileno())        # (a power cut must not leave it empty)
         os.replace(temporary, cache)
-    except OSError:
-        pass                            # (a read-only copy compiles at each start)
+    except OSError:                     # (a full disk: made again by the next command)
+        try:
+            os.unlink(temporary)        # (only this chapter is defined yet: no remove_file)
+        except OSError:
+            pass
     module.LAZY = (codes, units)
     exec(hot, module.__dict__)
     return module

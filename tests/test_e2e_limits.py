@@ -268,3 +268,22 @@ def test_cgroup_v2_host(cocker, test_image, names, home, not_run):
     assert open('/proc/%s/cgroup' % init_pid).read().strip() == '0::/cocker/' + name
     assert cocker('-a', 'shutdown', '-c', name).rc == 0
     assert not os.path.exists(base)
+
+
+def test_a_cgroup_file_the_kernel_lacks_is_skipped_on_the_real_cgroupfs():
+    """cgroupfs refuses to create a file with EACCES: cocker must see ENOENT to fall back
+    (a missing memory.memsw.* or memory.swap.max is no error).  A directory of the host's
+    own hierarchy, removed again."""
+    hierarchy = '/sys/fs/cgroup/memory'
+    if not os.path.isdir(hierarchy):
+        hierarchy = '/sys/fs/cgroup'
+    directory = os.path.join(hierarchy, 'cocker-unit-%d' % os.getpid())
+    os.mkdir(directory)
+    try:
+        cocker_module.write_cgroup_file(directory, 'memory.swap.max' if 'memory' in hierarchy else
+                                 'memory.memsw.limit_in_bytes', '0')
+        with pytest.raises(cocker_module.CockerError) as e:
+            cocker_module.write_cgroup_file(directory, 'memory.no_such_file', '0')
+        assert 'does not exist' in e.value.message
+    finally:
+        os.rmdir(directory)

@@ -483,25 +483,6 @@ def test_cgroup_v1_memory_limit_without_swap_accounting(tmp_path, monkeypatch):
                        'memory/cocker/db/memory.limit_in_bytes': str(64 << 20)}
 
 
-def test_a_cgroup_file_the_kernel_lacks_is_skipped_on_the_real_cgroupfs():
-    """cgroupfs refuses to create a file with EACCES: cocker must see ENOENT to fall back
-    (a missing memory.memsw.* or memory.swap.max is no error).  A directory of the host's
-    own hierarchy, removed again."""
-    hierarchy = '/sys/fs/cgroup/memory'
-    if not os.path.isdir(hierarchy):
-        hierarchy = '/sys/fs/cgroup'
-    directory = os.path.join(hierarchy, 'cocker-unit-%d' % os.getpid())
-    os.mkdir(directory)
-    try:
-        cocker.write_cgroup_file(directory, 'memory.swap.max' if 'memory' in hierarchy else
-                                 'memory.memsw.limit_in_bytes', '0')
-        with pytest.raises(cocker.CockerError) as e:
-            cocker.write_cgroup_file(directory, 'memory.no_such_file', '0')
-        assert 'does not exist' in e.value.message
-    finally:
-        os.rmdir(directory)
-
-
 def test_cgroup_v1_without_pids_controller_refuses_only_a_pids_limit(tmp_path):
     for d in ('cpu', 'cpuacct', 'memory'):
         (tmp_path / d).mkdir()
