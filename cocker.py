@@ -179,11 +179,11 @@ def unit_code(namespace, unit):
     if namespace['UNIT_CODE'] is not None:
         return namespace['UNIT_CODE'][unit]
     try:
-        data = os.pread(cache[0], entry['size'], cache[1] + entry['at'])
-        if len(data) == entry['size']:
+        data = cache and os.pread(cache[0], entry['size'], cache[1] + entry['at'])
+        if data and len(data) == entry['size']:
             return marshal.loads(data)
-    except (TypeError, OSError, ValueError, EOFError):
-        pass                            # (no cache: let go of)
+    except (OSError, ValueError, EOFError):
+        pass
     raise CockerError('the chapter %s of cocker is not loaded in this process (pid %d)'
                       % (', '.join(entry['chapters']), os.getpid()))
 
@@ -287,6 +287,7 @@ def module_names(tree, ast):
     """(the names a unit's module-level code binds, whether it does nothing else: defs,
     classes, imports, assignments to names, its docstring)."""
     names, pure = set(), True
+    docstring = ast.Constant if sys.version_info >= (3, 8) else ast.Str     # (3.6, 3.7)
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             names.add(node.name)
@@ -298,8 +299,7 @@ def module_names(tree, ast):
         elif not (isinstance(node, ast.Assign) and all(
                 isinstance(t, ast.Name) or isinstance(t, ast.Tuple) and
                 all(isinstance(e, ast.Name) for e in t.elts) for t in node.targets) or
-                isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant if
-                                                           sys.version_info >= (3, 8) else ast.Str)):
+                isinstance(node, ast.Expr) and isinstance(node.value, docstring)):
             pure = False
     return names, pure
 
@@ -339,6 +339,10 @@ def global_references(table):
     return names
 
 
+try:
+    __file__ = os.path.abspath(__file__)    # (the header's is $0: a monitor works from /)
+except (NameError, OSError):                # (compiled from no file, or no working directory)
+    pass
 if 'LAZY' in globals():     # (set by the sh header, or load_cocker, before this code runs: the
     set_up_stubs(*LAZY)     # hot code may hold a stub from its start, as SHOWS does)
     del LAZY
@@ -403,7 +407,8 @@ PROC_MASKED_DIRS = ('acpi', 'asound', 'scsi')
 SYS_MASKED_DIRS = ('firmware', 'fs/selinux', 'devices/virtual/powercap',
                    'devices/system/cpu/cpu*/thermal_throttle')
 DEFAULT_PIDS_LIMIT = 4096       #: without --pids-limit: a fork bomb stays in its container
-#: (option, cp/KEY it is recorded in) of each limit (see Cgroups)
+#: (option attribute, cp/KEY it is recorded in) of each limit (see Cgroups); the C cocker
+#: stored none of them
 LIMITS = (('cpus', 'cpus'), ('cpu_quota', 'cpu_quota'), ('mem_limit', 'mem_limit'),
           ('pids_limit', 'pids_limit'))
 RPLFILE_MAX = 64 << 20          #: the largest template rplfile reads
@@ -3649,7 +3654,7 @@ V1_CONTROLLERS = ('cpu', 'cpuacct', 'memory', 'pids', 'blkio', 'devices')
 #: a v1 host's cgroup2 tree (systemd's hybrid layout): no controllers, but device programs
 HYBRID_V2_TREE = 'unified'
 
-#: (option attribute, state file); the C cocker stored none of them
+
 class Limits(object):
     """A container's limits, parsed: None where there is none."""
 
@@ -5116,9 +5121,10 @@ def context_of(text, key):
 
 def listen_for_siblings(name, init, take_over=False):
     """The Siblings of a monitor, if none forks for the boots yet, or (take_over) the one
-    that does runs other code (None: it does not listen).  One monitor forks them all: forked in a chain, each from the one before, every
-    fork would copy the kernel's record of every ancestor's memory (its anon_vma chain),
-    and a boot at 1000 containers took 440 ms."""
+    that does runs other code (None: it does not listen).  One monitor forks them all:
+    forked in a chain, each from the one before, every fork would copy the kernel's record
+    of every ancestor's memory (its anon_vma chain), and a boot at 1000 containers took
+    440 ms."""
     named = read_small(os.path.join(HOME, SIBLING_FILE), '')
     if not take_over and named != name and is_good_name(named) and monitor_alive(named) and \
             os.path.exists(container_file(named, MONITOR_SOCKET)):
@@ -10811,7 +10817,6 @@ def show_ssearch(options):
     return print_listing(options, records, '%-45s %-19s %-10s' % (
         'image_id', 'modify_datetime', 'size'), 70, lambda r: '%-45s %-19s %s' % (
         r['image_id'], r['modified'], size_text(r['size'])))
-
 
 
 # =============================================================================
