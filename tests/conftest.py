@@ -72,8 +72,9 @@ def network_objects():
             return ''
     netns = set(n.split()[0] for n in out(['ip', 'netns', 'list']).splitlines() if n.strip())
     links = set(l.split()[0].split('@')[0] for l in out(['ip', '-br', 'link']).splitlines())
-    rules = set(l for argv in (['iptables-save'], ['iptables-legacy-save'])
-                for l in out(argv).splitlines() if l.startswith('-A '))
+    rules = set(l.split()[0] if l.startswith(':') else l
+                for argv in (['iptables-save'], ['iptables-legacy-save'])
+                for l in out(argv).splitlines() if l.startswith(('-A ', ':CKR-')))
     return netns, links, rules
 
 

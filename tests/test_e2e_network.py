@@ -115,7 +115,8 @@ def netns_name(name):
 
 
 def leftovers(name):
-    """Network objects of container `name` still on the host (netns, veth, rules)."""
+    """Network objects of container `name` still on the host (netns, veth, its rules and
+    its own chains)."""
     x = netns_name(name)[3:]
     found = []
     if os.path.exists('/run/netns/nns' + x):
@@ -128,7 +129,7 @@ def leftovers(name):
         except (OSError, subprocess.CalledProcessError):
             continue
         found += [l for l in out.splitlines() if 'cocker:%s"' % name in l or
-                  'cocker:%s ' % name in l]
+                  'cocker:%s ' % name in l or l.startswith(':CKR-%s-' % x)]
     return found
 
 
@@ -276,6 +277,28 @@ def test_container_reaches_the_host_and_beyond_through_nat(server, cocker, home,
     r = cocker('-a', 'run', '-c', name, '--cmd', '/bb/busybox nc -w 5 %s %d' % (outside.ip, port))
     assert r.out == 'outside %s\n' % outside.host_ip, r
     assert open('/proc/sys/net/ipv4/ip_forward').read().strip() == '1'
+
+
+def test_host_eth_masquerades_only_out_of_that_interface(server, cocker, home, outside):
+    """--host-eth: out of that interface the container is masqueraded, out of any other it
+    is routed with its own address (here to an outside that routes the bridge subnet back);
+    the bridge's own rule masquerades the others."""
+    _, gateway = bridge_plan(home)
+    subnet = gateway.rsplit('.', 2)[0] + '.0.0/16'
+    subprocess.check_call(['ip', '-n', outside.netns, 'route', 'add', subnet, 'via',
+                           outside.host_ip])
+    port = free_port()
+    outside.serve(port, 'outside')
+    through, elsewhere, default = (server('--host-eth', outside.link), server('--host-eth', 'lo'),
+                                   server())
+    for name, seen in ((through, outside.host_ip), (elsewhere, vip_of(home, elsewhere)),
+                       (default, outside.host_ip)):
+        r = cocker('-a', 'run', '-c', name, '--cmd', '/bb/busybox nc -w 5 %s %d'
+                   % (outside.ip, port))
+        assert r.out == 'outside %s\n' % seen, (name, r)
+    for name in (through, elsewhere):
+        assert cocker('-a', 'destroy', '-c', name, '-h').rc == 0
+        assert leftovers(name) == []
 
 
 def test_mapping_catches_only_traffic_addressed_to_this_host(server, outside):
@@ -441,8 +464,8 @@ def test_nothing_of_a_stopped_container_is_left(how, server, cocker, home):
     port = free_port()
     name = server('--port-mapping', '%d:80,%d:81/udp' % (port, free_port('udp')))
     assert fetch('127.0.0.1', port).startswith(name)
-    assert len(leftovers(name)) == 2 + 5, \
-        'netns, veth, 2 DNAT rules, 2 for the host to VIP:HOST_PORT and a MASQUERADE rule'
+    assert len(leftovers(name)) == 2 + 4 + 2 + 2, 'netns, veth, 2 DNAT rules, 2 for the ' \
+        'host to VIP:HOST_PORT, the jumps into its 2 chains, the chains'
     cp = container_path(home, name)
     if how in ('shutdown', 'kill', 'destroy -h'):
         verb, _, flag = how.partition(' ')
@@ -471,6 +494,27 @@ def test_nothing_of_a_stopped_container_is_left(how, server, cocker, home):
     assert fetch('127.0.0.1', port, timeout=0.3).startswith('ERROR')
 
 
+def test_the_veth_goes_even_while_a_process_holds_the_namespace(server, cocker, home):
+    """The veth pair usually goes with the container's network namespace; a process of the
+    host in that namespace (an operator's `ip netns exec` shell) keeps it alive, and the
+    veth is then deleted by itself."""
+    name = server()
+    x = netns_name(name)
+    holder = subprocess.Popen(['ip', 'netns', 'exec', x, 'sleep', '60'])
+    try:
+        wait_for(lambda: os.path.exists('/proc/%d/ns/net' % holder.pid) and
+                 os.stat('/proc/%d/ns/net' % holder.pid).st_ino ==
+                 os.stat('/run/netns/' + x).st_ino, what='the holder in the namespace')
+        r = cocker('-a', 'shutdown', '-c', name)
+        assert r.rc == 0, r
+        assert leftovers(name) == [] and holder.poll() is None
+        assert 'eth%s has not gone with its namespace' % x[3:] in \
+            open(os.path.join(home, 'cocker.log')).read()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_boot_after_a_firewall_reload_made_the_chains_again(server, cocker, home):
     """A firewall reload removed cocker's chains behind its back (the record of their layout
     says they are there): the boot's rules, applied while it goes on, fail, and the chains
@@ -496,8 +540,8 @@ def test_a_boot_after_a_firewall_reload_made_the_chains_again(server, cocker, ho
     port = free_port()
     name = server('--port-mapping', '%d:80' % port)
     assert fetch('127.0.0.1', port).startswith(name)
-    assert iptables_save().decode().count('cocker:%s' % name) == 3, \
-        'a DNAT rule, one for the host to VIP:HOST_PORT and a MASQUERADE rule'
+    assert iptables_save().decode().count('cocker:%s' % name) == 4, \
+        'a DNAT rule, one for the host to VIP:HOST_PORT and the jumps into their chains'
 
 
 SLOW_RESTORE = """#!/bin/sh
@@ -546,8 +590,14 @@ def test_a_boot_killed_while_its_rules_are_applied_leaves_none(cocker, test_imag
     finally:
         for line in iptables_save().decode().splitlines():
             if tag in line and line.startswith('-A'):   # (a failed run's, so no rule stays)
-                table = 'nat' if 'DNAT' in line or 'MASQUERADE' in line else 'filter'
+                table = 'nat' if 'DNAT' in line or 'MASQUERADE' in line or 'CKR-' in line \
+                    else 'filter'
                 subprocess.call(['iptables', '-t', table, '-D'] + shlex.split(line)[1:])
+        for kind in 'DV':
+            chain = 'CKR-%s-%s' % (netns_name(name)[3:], kind)
+            if subprocess.call(['iptables', '-t', 'nat', '-F', chain],
+                               stderr=subprocess.DEVNULL) == 0:
+                subprocess.call(['iptables', '-t', 'nat', '-X', chain])
     assert cocker('-a', 'destroy', '-c', name).rc == 0
 
 
@@ -624,7 +674,8 @@ def test_the_manual_address_plan_by_default(cocker, test_image, names, tmp_path)
         saved = iptables_save().decode()
         assert '-A PREROUTING ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j COCKER' in saved
         assert '-A INPUT -j COCKER-IN' in saved
-        assert '-A COCKER -p tcp -m tcp --dport' in saved
+        assert '-A COCKER -m comment --comment "cocker:test" -j CKR-098F6BCD46-D' in saved
+        assert '-A CKR-098F6BCD46-D -p tcp -m tcp --dport' in saved
     finally:
         assert run_cocker(home, '-a', 'destroy', '-c', 'test', '-h', '-f').rc == 0
         assert run_cocker(home, '-a', 'del_bridge').rc == 0
@@ -645,14 +696,15 @@ def test_a_boot_killed_after_its_network_setup_is_repaired(cocker, test_image, n
               'm.setup_network(%r).finish(); os._exit(9)' % (os.path.dirname(COCKER) + '/tests', COCKER,
                                                     home, name))
     assert subprocess.call([PY, '-c', script]) == 9
-    assert len(leftovers(name)) == 5, 'netns, veth, two DNAT and a MASQUERADE rule are there'
+    assert len(leftovers(name)) == 8, 'netns, veth, two DNAT rules, two jumps and two ' \
+        'chains are there'
     listing = cocker('-s', 'containers').out.splitlines()
     assert [l.split()[-1] for l in listing if l.startswith(name + ' ')] == ['STOPED']
     assert leftovers(name) == [] and not os.path.exists(container_path(home, name,
                                                                        'network.state'))
     r = cocker('-a', 'boot', '-c', name)
     assert r.rc == 0, r
-    assert len(leftovers(name)) == 5, 'exactly one set of rules after the boot'
+    assert len(leftovers(name)) == 8, 'exactly one set of rules after the boot'
 
 
 IP_SHIM = r'''#!/bin/sh
@@ -727,7 +779,7 @@ def test_a_failure_while_pid1_sets_up_undoes_the_boot_at_once(cocker, test_image
     assert [l.split()[-1] for l in listing if l.startswith(name + ' ')] == ['STOPED']
     r = cocker('-a', 'boot', '-c', name)
     assert r.rc == 0, r
-    assert len(leftovers(name)) == 2 + 3
+    assert len(leftovers(name)) == 2 + 4 + 2
 
 
 def test_pid1s_own_failure_is_reported_while_the_network_is_still_being_set_up(

@@ -256,24 +256,48 @@ def test_chain_names_follow_the_bridge():
 
 
 def test_container_rules_match_only_its_own_traffic():
+    """DNAT per mapping in the container's own chains (the bridge's hold only jumps into
+    them); masquerading is the bridge's, but out of --host-eth only for such a container."""
     b = bridge()
     maps = cocker.parse_port_mappings('8080:80,127.0.0.1:5353:53/udp')
-    rules = cocker.container_rules('web', b, '166.88.0.5', maps, None)
+    chains, rules = cocker.container_rules('web', b, '166.88.0.5', maps, None)
+    x = cocker.netns_name('web')[3:]
+    assert [(table, chain, [' '.join(words) for words in own]) for table, chain, own in chains] \
+        == [('nat', 'CKR-%s-D' % x, [
+                '-p tcp -m tcp --dport 8080 -m comment --comment cocker:web '
+                '-j DNAT --to-destination 166.88.0.5:80',
+                '-d 127.0.0.1/32 -p udp -m udp --dport 5353 -m comment --comment cocker:web '
+                '-j DNAT --to-destination 166.88.0.5:53']),
+            # the host reaches VIP:8080 as the manual's `ssh root@VIP -p 2222` does
+            ('nat', 'CKR-%s-V' % x, [
+                '-d 166.88.0.5/32 -p tcp -m tcp --dport 8080 -m comment --comment cocker:web '
+                '-j DNAT --to-destination 166.88.0.5:80',
+                '-d 166.88.0.5/32 -p udp -m udp --dport 5353 -m comment --comment cocker:web '
+                '-j DNAT --to-destination 166.88.0.5:53'])]
     assert [(table, ' '.join(words)) for table, words in rules] == [
-        ('nat', 'COCKER -p tcp -m tcp --dport 8080 -m comment --comment cocker:web '
-                '-j DNAT --to-destination 166.88.0.5:80'),
-        # the host reaches VIP:8080 as the manual's `ssh root@VIP -p 2222` does
-        ('nat', 'COCKER-VIP -d 166.88.0.5/32 -p tcp -m tcp --dport 8080 -m comment '
-                '--comment cocker:web -j DNAT --to-destination 166.88.0.5:80'),
-        ('nat', 'COCKER -d 127.0.0.1/32 -p udp -m udp --dport 5353 -m comment --comment '
-                'cocker:web -j DNAT --to-destination 166.88.0.5:53'),
-        ('nat', 'COCKER-VIP -d 166.88.0.5/32 -p udp -m udp --dport 5353 -m comment '
-                '--comment cocker:web -j DNAT --to-destination 166.88.0.5:53'),
-        ('nat', 'COCKER-POST -s 166.88.0.5/32 ! -o cocker0 -m comment --comment cocker:web '
+        ('nat', 'COCKER -m comment --comment cocker:web -j CKR-%s-D' % x),
+        ('nat', 'COCKER-VIP -m comment --comment cocker:web -j CKR-%s-V' % x)]
+    assert max(len(chain) for _, chain, _ in chains) <= 28
+    # the same port inside: nothing for the host to VIP:HOST_PORT
+    chains, rules = cocker.container_rules('web', b, '166.88.0.5',
+                                           cocker.parse_port_mappings('80:80'), None)
+    assert [chain for _, chain, _ in chains] == ['CKR-%s-D' % x] and len(rules) == 1
+    assert cocker.container_rules('web', b, '166.88.0.5', [], None) == ([], [])
+    assert ['-s', '166.88.0.0/16', '!', '-o', 'cocker0', '-j', 'MASQUERADE'] in \
+        dict((chain, rules) for _, chain, rules in cocker.bridge_chains(b))['COCKER-POST']
+    # --host-eth: masqueraded out of it, before the bridge's rule, elsewhere routed as it is
+    chains, rules = cocker.container_rules('web', b, '166.88.0.5',
+                                           cocker.parse_port_mappings('8080:8080'), 'bond0')
+    lines = [(table, ' '.join(words)) for table, words in cocker.rules_to_add(b, chains, rules)]
+    assert lines == [
+        ('nat', ':CKR-%s-D - [0:0]' % x),
+        ('nat', '-A CKR-%s-D -p tcp -m tcp --dport 8080 -m comment --comment cocker:web '
+                '-j DNAT --to-destination 166.88.0.5:8080' % x),
+        ('nat', '-A COCKER -m comment --comment cocker:web -j CKR-%s-D' % x),
+        ('nat', '-I COCKER-POST 1 -s 166.88.0.5/32 ! -o cocker0 -m comment --comment '
+                'cocker:web -j ACCEPT'),
+        ('nat', '-I COCKER-POST 1 -s 166.88.0.5/32 -o bond0 -m comment --comment cocker:web '
                 '-j MASQUERADE')]
-    with_eth = cocker.container_rules('web', b, '166.88.0.5', [], 'bond0')
-    assert [(table, ' '.join(words)) for table, words in with_eth] == [('nat', 'COCKER-POST -s 166.88.0.5/32 -o bond0 -m comment --comment '
-                                'cocker:web -j MASQUERADE')]
     # the jumps keep DNAT to connections addressed to this host
     jumps = [(table, chain, ' '.join(words)) for table, chain, words in cocker.bridge_jumps(b)]
     assert ('nat', 'OUTPUT', '-m addrtype --dst-type LOCAL -j COCKER') in jumps
@@ -1400,10 +1424,15 @@ def test_network_state_round_trips_and_reads_the_json_of_older_cockers():
              'iptables': 'iptables-legacy',
              'claims': ['/var/cocker/network/in-use/10.0.0.3', '/var/co cker/ports/tcp-80/0.0.0.0'],
              'rules': [['nat', ['COCKER-c0-POST', '-s', '10.0.0.3/32', '!', '-o', 'c0', '-j',
-                                'MASQUERADE']], ['filter', ['COCKER-c0-FWD', '-j', 'ACCEPT']]]}
+                                'MASQUERADE']], ['filter', ['COCKER-c0-FWD', '-j', 'ACCEPT']]],
+             'chains': [['nat', 'CKR-FBFBA2E45C-D']]}
     text = cocker.network_state_text(state)
     assert not text.startswith('{') and cocker.parse_network_state(text) == state
-    assert cocker.parse_network_state(json.dumps(state, indent=1)) == state
+    older = dict(state)
+    del older['chains']                 # (before containers had chains of their own)
+    assert cocker.parse_network_state(json.dumps(older, indent=1)) == older
+    assert cocker.parse_network_state(cocker.network_state_text(dict(older, chains=[]))) == \
+        dict(older, chains=[])
     with pytest.raises(ValueError):
         cocker.parse_network_state('what is this\n')
     bad = dict(state, rules=[['nat', ['COCKER-c0-POST', '--comment', 'two words']]])
