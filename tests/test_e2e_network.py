@@ -508,7 +508,7 @@ def test_the_veth_goes_even_while_a_process_holds_the_namespace(server, cocker, 
         r = cocker('-a', 'shutdown', '-c', name)
         assert r.rc == 0, r
         assert leftovers(name) == [] and holder.poll() is None
-        assert 'eth%s has not gone with its namespace' % x[3:] in \
+        assert 'eth%s is still there after its namespace' % x[3:] in \
             open(os.path.join(home, 'cocker.log')).read()
     finally:
         holder.kill()

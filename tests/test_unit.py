@@ -260,7 +260,7 @@ def test_container_rules_match_only_its_own_traffic():
     them); masquerading is the bridge's, but out of --host-eth only for such a container."""
     b = bridge()
     maps = cocker.parse_port_mappings('8080:80,127.0.0.1:5353:53/udp')
-    chains, rules = cocker.container_rules('web', b, '166.88.0.5', maps, None)
+    chains, rules, first = cocker.container_rules('web', b, '166.88.0.5', maps, None)
     x = cocker.netns_name('web')[3:]
     assert [(table, chain, [' '.join(words) for words in own]) for table, chain, own in chains] \
         == [('nat', 'CKR-%s-D' % x, [
@@ -277,25 +277,29 @@ def test_container_rules_match_only_its_own_traffic():
     assert [(table, ' '.join(words)) for table, words in rules] == [
         ('nat', 'COCKER -m comment --comment cocker:web -j CKR-%s-D' % x),
         ('nat', 'COCKER-VIP -m comment --comment cocker:web -j CKR-%s-V' % x)]
+    assert first == []
     assert max(len(chain) for _, chain, _ in chains) <= 28
     # the same port inside: nothing for the host to VIP:HOST_PORT
-    chains, rules = cocker.container_rules('web', b, '166.88.0.5',
-                                           cocker.parse_port_mappings('80:80'), None)
+    chains, rules, _ = cocker.container_rules('web', b, '166.88.0.5',
+                                              cocker.parse_port_mappings('80:80'), None)
     assert [chain for _, chain, _ in chains] == ['CKR-%s-D' % x] and len(rules) == 1
-    assert cocker.container_rules('web', b, '166.88.0.5', [], None) == ([], [])
-    assert ['-s', '166.88.0.0/16', '!', '-o', 'cocker0', '-j', 'MASQUERADE'] in \
+    assert cocker.container_rules('web', b, '166.88.0.5', [], None) == ([], [], [])
+    # the bridge masquerades its containers, not the host's own packets from its address
+    assert ['-s', '166.88.0.0/16', '!', '-o', 'cocker0', '-m', 'addrtype', '!', '--src-type',
+            'LOCAL', '-j', 'MASQUERADE'] in \
         dict((chain, rules) for _, chain, rules in cocker.bridge_chains(b))['COCKER-POST']
     # --host-eth: masqueraded out of it, before the bridge's rule, elsewhere routed as it is
-    chains, rules = cocker.container_rules('web', b, '166.88.0.5',
-                                           cocker.parse_port_mappings('8080:8080'), 'bond0')
-    lines = [(table, ' '.join(words)) for table, words in cocker.rules_to_add(b, chains, rules)]
+    parts = cocker.container_rules('web', b, '166.88.0.5',
+                                   cocker.parse_port_mappings('8080:8080'), 'bond0')
+    lines = [(table, ' '.join(words)) for table, words in cocker.rules_to_add(*parts)]
     assert lines == [
         ('nat', ':CKR-%s-D - [0:0]' % x),
         ('nat', '-A CKR-%s-D -p tcp -m tcp --dport 8080 -m comment --comment cocker:web '
                 '-j DNAT --to-destination 166.88.0.5:8080' % x),
         ('nat', '-A COCKER -m comment --comment cocker:web -j CKR-%s-D' % x),
+        # (RETURN, not ACCEPT: the rest of POSTROUTING, the host's own rules, still applies)
         ('nat', '-I COCKER-POST 1 -s 166.88.0.5/32 ! -o cocker0 -m comment --comment '
-                'cocker:web -j ACCEPT'),
+                'cocker:web -j RETURN'),
         ('nat', '-I COCKER-POST 1 -s 166.88.0.5/32 -o bond0 -m comment --comment cocker:web '
                 '-j MASQUERADE')]
     # the jumps keep DNAT to connections addressed to this host
@@ -303,6 +307,23 @@ def test_container_rules_match_only_its_own_traffic():
     assert ('nat', 'OUTPUT', '-m addrtype --dst-type LOCAL -j COCKER') in jumps
     assert ('nat', 'PREROUTING', '! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j COCKER') \
         in jumps, 'other machines never reach a mapping bound to 127.0.0.1'
+
+
+def test_a_link_is_gone_at_its_own_rtm_dellink_only():
+    """The wait for a veth to go with its namespace: the RTM_DELLINK of its index, not the
+    bridge's AF_BRIDGE one of the port nor a message of another link."""
+    import struct
+    watch = cocker.link_watch.__new__(cocker.link_watch)
+    watch.index = 42
+
+    def message(kind, family, index):
+        return struct.pack('=IHHII', 32, kind, 0, 0, 0) + struct.pack('=BxHiII', family, 1,
+                                                                      index, 0, 0)
+    assert not watch.deleted(message(17, 7, 42))            # AF_BRIDGE: the port left
+    assert not watch.deleted(message(16, 0, 42))            # RTM_NEWLINK
+    assert not watch.deleted(message(17, 0, 41))
+    assert watch.deleted(message(16, 0, 42) + message(17, 7, 42) + message(17, 0, 42))
+    assert not watch.deleted(b'') and not watch.deleted(message(17, 0, 42)[:31])
 
 
 def test_a_stop_written_down_says_whether_a_removal_follows(tmp_path, monkeypatch):
