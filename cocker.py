@@ -3331,12 +3331,24 @@ def delete_bridge(bridge):
 
 
 def remove_bridge(bridge, iptables):
-    """Remove the bridge and cocker's chains of it (nothing else's)."""
+    """Remove the bridge and cocker's chains of it (nothing else's): with no container
+    running, a container's chain still jumped to was lost with its record (an earlier
+    cocker's teardown that could not read it)."""
     for table, chain, rule in bridge_jumps(bridge):
         while iptables_ok(iptables, table, '-D', chain, *rule):
             pass
+    lost = set()
+    for chain in (bridge.dnat_chain, bridge.vip_chain):
+        try:
+            rules = [r.split() for r in run([iptables, '-w', '-t', 'nat', '-S', chain])
+                     .splitlines()]
+        except CockerError:
+            continue                    # (not there)
+        lost.update(r[-1] for r in rules if r[-2:-1] == ['-j'] and r[-1].startswith('CKR-'))
     for table, chain, _ in bridge_chains(bridge):
         delete_chain(iptables, table, chain)
+    for chain in sorted(lost):
+        delete_chain(iptables, 'nat', chain)
     remove_link(bridge.name)
     remove_file(chains_marker(bridge))
 

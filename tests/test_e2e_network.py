@@ -684,6 +684,36 @@ def test_the_manual_address_plan_by_default(cocker, test_image, names, tmp_path)
     assert not default_chains.search(iptables_save().decode())
 
 
+def test_del_bridge_removes_the_chains_of_a_container_whose_record_was_lost(tmp_path):
+    """A container's network.state lost (an earlier cocker's teardown could not read it):
+    its chains stay behind with the jumps into them, and del_bridge removes them too."""
+    from conftest import run_cocker, unique_names
+    home = str(tmp_path / 'home')
+    os.makedirs(home)
+    with open(os.path.join(home, 'network.conf'), 'w') as f:
+        f.write('bridge = ckl%s\naddress = 10.%d.0.1/16\n' % (uuid.uuid4().hex[:8],
+                                                             free_test_subnet()))
+    name = unique_names('lost')()
+    x = netns_name(name)[3:]
+    assert run_cocker(home, '-a', 'install_test').rc == 0
+    try:
+        r = run_cocker(home, '-a', 'create', '-m', 'test', '-c', name, '--net', 'BRIDGE',
+                       '--port-mapping', '%d:80' % free_port(), '-b')
+        assert r.rc == 0, r
+        os.remove(container_path(home, name, 'network.state'))
+        assert run_cocker(home, '-a', 'shutdown', '-c', name).rc == 0
+        assert ':CKR-%s-D ' % x in iptables_save().decode(), 'left behind'
+        subprocess.check_call(['ip', 'netns', 'del', 'nns' + x])
+        r = run_cocker(home, '-a', 'del_bridge')
+        assert r.rc == 0, r
+        assert 'CKR-%s-' % x not in iptables_save().decode()
+    finally:
+        subprocess.call(['ip', 'netns', 'del', 'nns' + x], stderr=subprocess.DEVNULL)
+        assert run_cocker(home, '-a', 'destroy', '-c', name, '-f').rc == 0
+        run_cocker(home, '-a', 'del_bridge')
+    assert leftovers(name) == []
+
+
 def test_a_boot_killed_after_its_network_setup_is_repaired(cocker, test_image, names, home):
     """What a cocker killed -9 right after wiring the network leaves: netns, veth, rules,
     claims and network.state, no pid file, nothing mounted."""
