@@ -1172,6 +1172,17 @@ class Command(object):
         self.proc.wait()
         self.close_errors()
 
+    def stderr_fd(self):
+        return self.proc.stderr.fileno()
+
+    def leave(self):
+        """Let it end by itself (our ends of its pipes closed; reaped whenever we wait for
+        children, or by init once we are gone)."""
+        for pipe in (self.stdin, self.stdout, self.proc.stderr):
+            if pipe:
+                pipe.close()
+        self.close_errors()
+
     def end_input(self):
         try:
             self.stdin.close()
@@ -3001,18 +3012,10 @@ class link_watch(object):
 
     def deleted(self, data):
         """Is one of these messages the RTM_DELLINK of our link (an AF_UNSPEC one: the
-        bridge says first, in an AF_BRIDGE one, that the port left)?  Each is a 16-byte
-        header (length, type, ...) and an ifinfomsg (family, pad, type, index, ...)."""
-        at = 0
-        while at + 32 <= len(data):
-            length, kind = struct.unpack_from('=IH', data, at)
-            family, index = data[at + 16], struct.unpack_from('=i', data, at + 20)[0]
-            if kind == 17 and family == 0 and index == self.index:    # RTM_DELLINK
-                return True
-            if length < 16:
-                break
-            at += (length + 3) & ~3
-        return False
+        bridge says first, in an AF_BRIDGE one, that the port left)?  Their family header
+        is an ifinfomsg (family, pad, type, index, ...)."""
+        return any(kind == 17 and info[0] == 0 and struct.unpack_from('=i', info, 4)[0] ==
+                   self.index for kind, info, _ in netlink_messages(data, 16))
 
     def close(self):
         self.socket.close()
@@ -3028,6 +3031,84 @@ def watch_link(ifname):
     except OSError as e:
         log('WARN', 'cannot listen to link events: %s' % error_text(e))
         return None
+
+
+class chain_watch(object):
+    """nf_tables' notices (an nfnetlink socket on NFNLGRP_NFTABLES), to see a transaction
+    that deletes chains commit.  iptables-restore (nft) ends only an RCU grace period later:
+    the kernel frees what was deleted first, and any nfnetlink socket closed meanwhile
+    waits for that too, ours as well.  So ours is never closed: it goes with the process
+    (a monitor lets go of running.lock first, the stop command goes on meanwhile)."""
+
+    def __init__(self):
+        import _socket
+        self.socket = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW, 12)  # NETFILTER
+        try:
+            self.socket.bind((0, 1 << 6))       # (any port id, the group NFNLGRP_NFTABLES)
+        except OSError:
+            self.socket.close()                 # (nothing deleted yet: no wait)
+            raise
+        KEPT_OPEN.append(self.socket)
+
+    def saw_deleted(self, chains, ended):
+        """Wait for the notice that a nat chain of `chains` went -> True, or for the
+        descriptor `ended` (the command's stderr) to say something or close -> False."""
+        import select
+        poller = select.poll()
+        poller.register(self.socket.fileno(), select.POLLIN)
+        poller.register(ended, select.POLLIN)
+        while True:
+            events = dict(poller.poll())
+            if ended in events:
+                return False
+            try:
+                data = self.socket.recv(65536)
+            except OSError as e:                # (notices were lost: ENOBUFS)
+                if e.errno != errno.ENOBUFS:
+                    raise
+                return False
+            if any(kind == NFT_DELCHAIN and attributes.get(1) == b'nat' and   # table,
+                   attributes.get(3, b'').decode('ascii', 'replace') in chains  # chain
+                   for kind, _, attributes in netlink_messages(data, 4)):
+                return True
+
+
+def watch_chains():
+    """A chain_watch, or None where nfnetlink cannot be listened to (then the command's
+    end is waited for)."""
+    try:
+        return chain_watch()
+    except OSError as e:
+        log('WARN', 'cannot listen to nf_tables notices: %s' % error_text(e))
+        return None
+
+
+#: nlmsg_type of nf_tables' chain deletion (NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_DELCHAIN)
+NFT_DELCHAIN = (10 << 8) | 5
+#: sockets left open until the process ends (see chain_watch)
+KEPT_OPEN = []
+
+
+def netlink_messages(data, header):
+    """(type, family header, {attribute type: its bytes, a string's NUL cut}) of each
+    netlink message in data; header: the length of the family header (16: ifinfomsg, 4:
+    nfgenmsg).  A message is a 16-byte nlmsghdr (length, type, ...), the family header,
+    then attributes (2-byte length, 2-byte type, payload), each aligned to 4 bytes."""
+    at = 0
+    while at + 16 + header <= len(data):
+        length, kind = struct.unpack_from('=IH', data, at)
+        if length < 16 + header or at + length > len(data):
+            break
+        attributes, here = {}, at + 16 + header
+        while here + 4 <= at + length:
+            size, number = struct.unpack_from('=HH', data, here)
+            if size < 4:
+                break
+            value = data[here + 4:here + size]
+            attributes[number & 0x3fff] = value[:-1] if value.endswith(b'\0') else value
+            here += (size + 3) & ~3
+        yield kind, data[at + 16:at + 16 + header], attributes
+        at += (length + 3) & ~3
 
 
 def set_sysctl(path, value, directory=None):
@@ -3049,16 +3130,37 @@ def iptables_command():
     return os.environ.get('COCKER_IPTABLES') or 'iptables'
 
 
-def iptables_restore(iptables, lines):
-    """Apply (table, [words]) lines as one transaction (iptables-restore --noflush)."""
+def iptables_restore(iptables, lines, deleting=()):
+    """Apply (table, [words]) lines as one transaction (iptables-restore --noflush); one
+    that deletes nat chains (deleting: their names) is done once the kernel says so."""
     text = restore_text(lines)
     with locked('network', 'iptables'):
         try:
-            run([iptables + '-restore', '-w', '--noflush'], input=text)
+            restore_until_committed([iptables + '-restore', '-w', '--noflush'], text, deleting)
         except CockerError as e:
             if 'option' not in e.message:           # iptables < 1.6.2 has no -w
                 raise
             run([iptables + '-restore', '--noflush'], input=text)
+
+
+def restore_until_committed(argv, text, deleting):
+    """Run iptables-restore to its end, or (deleting chains) until nf_tables' notice that
+    one of them went: the transaction has committed then, and the command only waits for
+    an RCU grace period before it ends (16 ms; see chain_watch), that it is left to wait
+    out alone.  No notice (iptables-legacy, a failure): its end is waited for."""
+    watch = watch_chains() if deleting else None
+    command = Command(argv, stdin=PIPE, stdout=PIPE, stderr=PIPE)
+    try:
+        command.give_input(text.encode('utf-8'))
+        if watch is not None and watch.saw_deleted(deleting, command.stderr_fd()):
+            debug('the deletion of %s has committed: %s left to end by itself',
+                  ' '.join(deleting), argv[0])
+            command.leave()
+            return
+        command.finish()
+    except BaseException:
+        command.close(kill=True)
+        raise
 
 
 def restore_text(lines):
@@ -3262,7 +3364,8 @@ def delete_rules(iptables, rules, chains=()):
         return
     try:
         iptables_restore(iptables, [(table, ['-D'] + words) for table, words in rules] +
-                         [(table, [op, chain]) for table, chain in chains for op in ('-F', '-X')])
+                         [(table, [op, chain]) for table, chain in chains for op in ('-F', '-X')],
+                         [chain for table, chain in chains if table == 'nat'])
         return
     except CockerError:
         pass

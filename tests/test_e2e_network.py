@@ -515,6 +515,32 @@ def test_the_veth_goes_even_while_a_process_holds_the_namespace(server, cocker, 
         holder.wait()
 
 
+def test_a_stop_goes_on_once_the_deletion_of_the_rules_has_committed(cocker, test_image,
+                                                                     names, home):
+    """nf_tables: the monitor sees the notice that the container's chains went (the
+    transaction committed) and lets go of the container without waiting for iptables-restore
+    to end, an RCU grace period later.  A jump deleted behind cocker's back fails that
+    transaction: no notice, and the rules are then removed one by one."""
+    if b'nf_tables' not in subprocess.check_output(['iptables', '-V']):
+        pytest.skip('iptables here is not iptables-nft')
+    made = []
+    for take_a_jump in (False, True):
+        name = names('cm')
+        assert cocker('-a', 'create', '-m', test_image, '-c', name, '--net', 'BRIDGE',
+                      '--port-mapping', '%d:80' % free_port()).rc == 0
+        assert cocker('-a', 'boot', '-c', name, '-d').rc == 0    # (its monitor logs -d too)
+        if take_a_jump:
+            jump = [l for l in iptables_save().decode().splitlines()
+                    if l.startswith('-A COCKER') and 'cocker:%s"' % name in l][0]
+            subprocess.check_call(['iptables', '-t', 'nat', '-D'] + shlex.split(jump)[1:])
+        assert cocker('-a', 'shutdown', '-c', name).rc == 0
+        assert leftovers(name) == []
+        made.append(name)
+    log = open(os.path.join(home, 'cocker.log')).read()
+    seen = ['CKR-%s-D CKR-%s-V has committed' % ((netns_name(n)[3:],) * 2) in log for n in made]
+    assert seen == [True, False], 'only the transaction that committed was seen to'
+
+
 def test_a_boot_after_a_firewall_reload_made_the_chains_again(server, cocker, home):
     """A firewall reload removed cocker's chains behind its back (the record of their layout
     says they are there): the boot's rules, applied while it goes on, fail, and the chains

@@ -316,14 +316,34 @@ def test_a_link_is_gone_at_its_own_rtm_dellink_only():
     watch = cocker.link_watch.__new__(cocker.link_watch)
     watch.index = 42
 
-    def message(kind, family, index):
-        return struct.pack('=IHHII', 32, kind, 0, 0, 0) + struct.pack('=BxHiII', family, 1,
-                                                                      index, 0, 0)
+    def message(kind, family, index):       # (with an IFLA_IFNAME attribute)
+        return struct.pack('=IHHII', 40, kind, 0, 0, 0) + struct.pack(
+            '=BxHiII', family, 1, index, 0, 0) + struct.pack('=HH', 8, 3) + b'eth\0'
     assert not watch.deleted(message(17, 7, 42))            # AF_BRIDGE: the port left
     assert not watch.deleted(message(16, 0, 42))            # RTM_NEWLINK
     assert not watch.deleted(message(17, 0, 41))
     assert watch.deleted(message(16, 0, 42) + message(17, 7, 42) + message(17, 0, 42))
     assert not watch.deleted(b'') and not watch.deleted(message(17, 0, 42)[:31])
+
+
+def test_a_deleted_chain_is_seen_in_nf_tables_notices():
+    """The notice a committed deletion of a container's chain sends (NFT_MSG_DELCHAIN,
+    its table and name among other attributes), parsed as chain_watch reads it."""
+    import struct
+
+    def attribute(number, value):
+        return struct.pack('=HH', 4 + len(value), number) + value + b'\0' * (-len(value) % 4)
+
+    def notice(kind, table, chain):
+        body = struct.pack('=BBH', 2, 0, 0) + attribute(1, table + b'\0') + attribute(
+            2 | 0x4000, struct.pack('>Q', 7)) + attribute(3, chain + b'\0')
+        return struct.pack('=IHHII', 16 + len(body), kind, 0, 0, 0) + body
+    data = notice((10 << 8) | 3, b'nat', b'CKR-X-D') + notice(cocker.NFT_DELCHAIN, b'nat',
+                                                              b'CKR-X-V')
+    assert [(kind, attributes[1], attributes[3]) for kind, _, attributes in
+            cocker.netlink_messages(data, 4)] == [
+        ((10 << 8) | 3, b'nat', b'CKR-X-D'), (cocker.NFT_DELCHAIN, b'nat', b'CKR-X-V')]
+    assert list(cocker.netlink_messages(data[:-1], 4))[1:] == [], 'a cut message is not read'
 
 
 def test_a_stop_written_down_says_whether_a_removal_follows(tmp_path, monkeypatch):
