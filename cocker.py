@@ -1111,6 +1111,10 @@ def start_process(argv, stdin, stdout, stderr, lends=None):
                             pass_fds=() if lends is None else (lends,))
 
 
+#: commands left to end by themselves (Command.leave), reaped at the next iptables_restore
+LEFT_TO_END = []
+
+
 class Command(object):
     """One external command (an argv list, never a shell), traced under -d; whatever fails
     becomes one error line, failure(argv, status, last line of its stderr).  stdin and stdout
@@ -1175,13 +1179,17 @@ class Command(object):
     def stderr_fd(self):
         return self.proc.stderr.fileno()
 
+    def pid(self):
+        return self.proc.pid
+
     def leave(self):
-        """Let it end by itself (our ends of its pipes closed; reaped whenever we wait for
-        children, or by init once we are gone)."""
+        """Let it end by itself: our ends of its pipes closed, reaped later (LEFT_TO_END),
+        or by init once we are gone."""
         for pipe in (self.stdin, self.stdout, self.proc.stderr):
             if pipe:
                 pipe.close()
         self.close_errors()
+        LEFT_TO_END.append(self)
 
     def end_input(self):
         try:
@@ -3015,7 +3023,7 @@ class link_watch(object):
         bridge says first, in an AF_BRIDGE one, that the port left)?  Their family header
         is an ifinfomsg (family, pad, type, index, ...)."""
         return any(kind == 17 and info[0] == 0 and struct.unpack_from('=i', info, 4)[0] ==
-                   self.index for kind, info, _ in netlink_messages(data, 16))
+                   self.index for kind, _, info, _ in netlink_messages(data, 16))
 
     def close(self):
         self.socket.close()
@@ -3034,32 +3042,33 @@ def watch_link(ifname):
 
 
 class chain_watch(object):
-    """nf_tables' notices (an nfnetlink socket on NFNLGRP_NFTABLES), to see a transaction
-    that deletes chains commit.  iptables-restore (nft) ends only an RCU grace period later:
-    the kernel frees what was deleted first, and any nfnetlink socket closed meanwhile
-    waits for that too, ours as well.  So ours is never closed: it goes with the process
-    (a monitor lets go of running.lock first, the stop command goes on meanwhile)."""
+    """nf_tables' notices (an nfnetlink socket that joins NFNLGRP_NFTABLES while it waits),
+    to see a transaction that deletes chains commit.  iptables-restore (nft) ends only an
+    RCU grace period later: the kernel frees what was deleted first, and any nfnetlink
+    socket closed meanwhile waits for that too, ours as well.  So ours is made once and
+    never closed: it goes with the process (a monitor lets go of running.lock first, the
+    stop command goes on meanwhile)."""
 
     def __init__(self):
         import _socket
         self.socket = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW, 12)  # NETFILTER
-        try:
-            self.socket.bind((0, 1 << 6))       # (any port id, the group NFNLGRP_NFTABLES)
-        except OSError:
-            self.socket.close()                 # (nothing deleted yet: no wait)
-            raise
-        KEPT_OPEN.append(self.socket)
+        self.socket.bind((0, 0))
 
-    def saw_deleted(self, chains, ended):
-        """Wait for the notice that a nat chain of `chains` went -> True, or for the
-        descriptor `ended` (the command's stderr) to say something or close -> False."""
+    def join(self, yes):
+        """In the group (NETLINK_ADD_MEMBERSHIP) or out (DROP): notices reach it only while
+        it waits, none are kept for later."""
+        self.socket.setsockopt(270, 1 if yes else 2, 7)     # SOL_NETLINK, NFNLGRP_NFTABLES
+
+    def saw_deleted(self, chains, command):
+        """Wait for the notice, sent by the command's own socket (its port id: its pid),
+        that a nat chain (IPv4) of `chains` went -> True, or for its stderr to say
+        something or close -> False."""
         import select
         poller = select.poll()
         poller.register(self.socket.fileno(), select.POLLIN)
-        poller.register(ended, select.POLLIN)
+        poller.register(command.stderr_fd(), select.POLLIN)
         while True:
-            events = dict(poller.poll())
-            if ended in events:
+            if command.stderr_fd() in dict(poller.poll()):
                 return False
             try:
                 data = self.socket.recv(65536)
@@ -3067,47 +3076,75 @@ class chain_watch(object):
                 if e.errno != errno.ENOBUFS:
                     raise
                 return False
-            if any(kind == NFT_DELCHAIN and attributes.get(1) == b'nat' and   # table,
-                   attributes.get(3, b'').decode('ascii', 'replace') in chains  # chain
-                   for kind, _, attributes in netlink_messages(data, 4)):
+            if any(kind == NFT_DELCHAIN and sender == command.pid() and info[0] == 2 and
+                   attributes.get(1) == b'nat' and             # the table, the chain
+                   attributes.get(3, b'').decode('ascii', 'replace') in chains
+                   for kind, sender, info, attributes in netlink_messages(data, 4)):
                 return True
 
 
-def watch_chains():
-    """A chain_watch, or None where nfnetlink cannot be listened to (then the command's
-    end is waited for)."""
+def watch_chains(iptables):
+    """The process's chain_watch, in the group, if iptables is iptables-nft and nfnetlink
+    can be listened to; else None (the command's end is then waited for)."""
+    if CHAIN_WATCH and CHAIN_WATCH[0] is None or not iptables_nft(iptables):
+        return None
     try:
-        return chain_watch()
+        if not CHAIN_WATCH:
+            CHAIN_WATCH.append(chain_watch())
+        CHAIN_WATCH[0].join(True)
+        return CHAIN_WATCH[0]
     except OSError as e:
         log('WARN', 'cannot listen to nf_tables notices: %s' % error_text(e))
+        del CHAIN_WATCH[:]
+        CHAIN_WATCH.append(None)        # (said once)
         return None
+
+
+def iptables_nft(iptables):
+    """Is this iptables command iptables-nft (not -legacy): its name, or where the name
+    found on PATH leads (xtables-nft-multi, iptables-nft)?"""
+    for directory in ('' if os.sep in iptables else os.environ.get('PATH', '')).split(':'):
+        path = os.path.realpath(os.path.join(directory, iptables))
+        if os.access(path, os.X_OK):
+            return 'legacy' not in os.path.basename(path)
+    return False
+
+
+def forget_chain_watch():
+    """In a process that has closed the descriptors it was not given (a monitor): the
+    watch made before is gone, its number may be another's."""
+    for watch in CHAIN_WATCH:
+        if watch is not None:
+            watch.socket.detach()
+    del CHAIN_WATCH[:]
 
 
 #: nlmsg_type of nf_tables' chain deletion (NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_DELCHAIN)
 NFT_DELCHAIN = (10 << 8) | 5
-#: sockets left open until the process ends (see chain_watch)
-KEPT_OPEN = []
+#: the process's chain_watch once made (None: it could not be), never closed
+CHAIN_WATCH = []
 
 
 def netlink_messages(data, header):
-    """(type, family header, {attribute type: its bytes, a string's NUL cut}) of each
-    netlink message in data; header: the length of the family header (16: ifinfomsg, 4:
-    nfgenmsg).  A message is a 16-byte nlmsghdr (length, type, ...), the family header,
-    then attributes (2-byte length, 2-byte type, payload), each aligned to 4 bytes."""
+    """(type, sender's port id, family header, {attribute type: its bytes, a string's NUL
+    cut}) of each netlink message in data; header: the length of the family header (16:
+    ifinfomsg, 4: nfgenmsg).  A message is a 16-byte nlmsghdr (length, type, flags,
+    sequence, port id), the family header, then attributes (2-byte length, 2-byte type,
+    payload), each aligned to 4 bytes."""
     at = 0
     while at + 16 + header <= len(data):
-        length, kind = struct.unpack_from('=IH', data, at)
+        length, kind, _, _, sender = struct.unpack_from('=IHHII', data, at)
         if length < 16 + header or at + length > len(data):
             break
         attributes, here = {}, at + 16 + header
         while here + 4 <= at + length:
             size, number = struct.unpack_from('=HH', data, here)
-            if size < 4:
+            if size < 4 or here + size > at + length:
                 break
             value = data[here + 4:here + size]
             attributes[number & 0x3fff] = value[:-1] if value.endswith(b'\0') else value
             here += (size + 3) & ~3
-        yield kind, data[at + 16:at + 16 + header], attributes
+        yield kind, sender, data[at + 16:at + 16 + header], attributes
         at += (length + 3) & ~3
 
 
@@ -3148,19 +3185,24 @@ def restore_until_committed(argv, text, deleting):
     one of them went: the transaction has committed then, and the command only waits for
     an RCU grace period before it ends (16 ms; see chain_watch), that it is left to wait
     out alone.  No notice (iptables-legacy, a failure): its end is waited for."""
-    watch = watch_chains() if deleting else None
-    command = Command(argv, stdin=PIPE, stdout=PIPE, stderr=PIPE)
+    LEFT_TO_END[:] = [c for c in LEFT_TO_END if c.proc.poll() is None]
+    watch = watch_chains(argv[0][:-len('-restore')]) if deleting else None
     try:
-        command.give_input(text.encode('utf-8'))
-        if watch is not None and watch.saw_deleted(deleting, command.stderr_fd()):
-            debug('the deletion of %s has committed: %s left to end by itself',
-                  ' '.join(deleting), argv[0])
-            command.leave()
-            return
-        command.finish()
-    except BaseException:
-        command.close(kill=True)
-        raise
+        command = Command(argv, stdin=PIPE, stdout=PIPE, stderr=PIPE)
+        try:
+            command.give_input(text.encode('utf-8'))
+            if watch is not None and watch.saw_deleted(deleting, command):
+                debug('the deletion of %s has committed: %s left to end by itself',
+                      ' '.join(deleting), argv[0])
+                command.leave()
+                return
+            command.finish()
+        except BaseException:
+            command.close(kill=True)
+            raise
+    finally:
+        if watch is not None:
+            watch.join(False)
 
 
 def restore_text(lines):
@@ -3363,9 +3405,11 @@ def delete_rules(iptables, rules, chains=()):
     if not rules and not chains:
         return
     try:
-        iptables_restore(iptables, [(table, ['-D'] + words) for table, words in rules] +
-                         [(table, [op, chain]) for table, chain in chains for op in ('-F', '-X')],
-                         [chain for table, chain in chains if table == 'nat'])
+        lines = [(table, ['-D'] + words) for table, words in rules] + \
+            [(table, [op, chain]) for table, chain in chains for op in ('-F', '-X')]
+        # (a notice of nat says only that the nat part committed: tables commit one by one)
+        iptables_restore(iptables, lines, [chain for _, chain in chains]
+                         if all(table == 'nat' for table, _ in lines) else ())
         return
     except CockerError:
         pass
@@ -4661,6 +4705,7 @@ def become_monitor(name, lock, keep):
     load_warm_chapters()                # (while the cache is open)
     close_fds_except({0, 1, 2, lock, MOUNT_TEMPLATE} | keep)
     HELD_LOCKS.clear()                  # (the command's: none of them is ours)
+    forget_chain_watch()
     prctl(PR_SET_NAME, b'cocker-monitor')
     import gc
     if hasattr(gc, 'freeze'):           # (3.7+) the CLI's objects are never scanned again:

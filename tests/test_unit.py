@@ -337,13 +337,19 @@ def test_a_deleted_chain_is_seen_in_nf_tables_notices():
     def notice(kind, table, chain):
         body = struct.pack('=BBH', 2, 0, 0) + attribute(1, table + b'\0') + attribute(
             2 | 0x4000, struct.pack('>Q', 7)) + attribute(3, chain + b'\0')
-        return struct.pack('=IHHII', 16 + len(body), kind, 0, 0, 0) + body
+        return struct.pack('=IHHII', 16 + len(body), kind, 0, 0, 4321) + body
     data = notice((10 << 8) | 3, b'nat', b'CKR-X-D') + notice(cocker.NFT_DELCHAIN, b'nat',
                                                               b'CKR-X-V')
-    assert [(kind, attributes[1], attributes[3]) for kind, _, attributes in
-            cocker.netlink_messages(data, 4)] == [
-        ((10 << 8) | 3, b'nat', b'CKR-X-D'), (cocker.NFT_DELCHAIN, b'nat', b'CKR-X-V')]
+    assert [(kind, sender, info[0], attributes[1], attributes[3]) for kind, sender, info,
+            attributes in cocker.netlink_messages(data, 4)] == [
+        ((10 << 8) | 3, 4321, 2, b'nat', b'CKR-X-D'),
+        (cocker.NFT_DELCHAIN, 4321, 2, b'nat', b'CKR-X-V')]
     assert list(cocker.netlink_messages(data[:-1], 4))[1:] == [], 'a cut message is not read'
+    # an attribute said to be longer than its message is not read into the next one
+    long_name = notice(cocker.NFT_DELCHAIN, b'nat', b'CKR-X-V')
+    long_name = long_name[:-12] + struct.pack('=HH', 40, 3) + long_name[-8:]
+    assert [3 in attributes for _, _, _, attributes in cocker.netlink_messages(
+        long_name + data, 4)] == [False, True, True]
 
 
 def test_a_stop_written_down_says_whether_a_removal_follows(tmp_path, monkeypatch):
