@@ -2986,6 +2986,45 @@ def remove_link(ifname):
             raise
 
 
+def set_sysctl(path, value, directory=None):
+    """Write a one-digit /proc/sys switch (IP forwarding, route_localnet, accept_ra) that
+    has another value; path relative to the descriptor directory, if given."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC, dir_fd=directory)
+    try:
+        if os.pread(fd, 1, 0) != value.encode():
+            os.pwrite(fd, value.encode(), 0)
+            log('INFO', 'set %s to %s' % (path, value))
+    finally:
+        os.close(fd)
+
+
+# ---- kernel notices: a link gone, a chain deleted ------------------------------------
+# Waits that are events: the notices the kernel sends to a netlink socket that joined
+# their group, read as netlink_messages.
+
+def netlink_messages(data, header):
+    """(type, sender's port id, family header, {attribute type: its bytes, a string's NUL
+    cut}) of each netlink message in data; header: the length of the family header (16:
+    ifinfomsg, 4: nfgenmsg).  A message is a 16-byte nlmsghdr (length, type, flags,
+    sequence, port id), the family header, then attributes (2-byte length, 2-byte type,
+    payload), each aligned to 4 bytes."""
+    at = 0
+    while at + 16 + header <= len(data):
+        length, kind, _, _, sender = struct.unpack_from('=IHHII', data, at)
+        if length < 16 + header or at + length > len(data):
+            break
+        attributes, here = {}, at + 16 + header
+        while here + 4 <= at + length:
+            size, number = struct.unpack_from('=HH', data, here)
+            if size < 4 or here + size > at + length:
+                break
+            value = data[here + 4:here + size]
+            attributes[number & 0x3fff] = value[:-1] if value.endswith(b'\0') else value
+            here += (size + 3) & ~3
+        yield kind, sender, data[at + 16:at + 16 + header], attributes
+        at += (length + 3) & ~3
+
+
 class link_watch(object):
     """The host's link events (an rtnetlink socket on RTMGRP_LINK), to wait for a link to go
     without polling; made before what removes it, so that no event is missed."""
@@ -3100,16 +3139,6 @@ def watch_chains(iptables):
         return None
 
 
-def iptables_nft(iptables):
-    """Is this iptables command iptables-nft (not -legacy): its name, or where the name
-    found on PATH leads (xtables-nft-multi, iptables-nft)?"""
-    for directory in ('' if os.sep in iptables else os.environ.get('PATH', '')).split(':'):
-        path = os.path.realpath(os.path.join(directory, iptables))
-        if os.access(path, os.X_OK):
-            return 'legacy' not in os.path.basename(path)
-    return False
-
-
 def forget_chain_watch():
     """In a process that has closed the descriptors it was not given (a monitor): the
     watch made before is gone, its number may be another's."""
@@ -3125,46 +3154,21 @@ NFT_DELCHAIN = (10 << 8) | 5
 CHAIN_WATCH = []
 
 
-def netlink_messages(data, header):
-    """(type, sender's port id, family header, {attribute type: its bytes, a string's NUL
-    cut}) of each netlink message in data; header: the length of the family header (16:
-    ifinfomsg, 4: nfgenmsg).  A message is a 16-byte nlmsghdr (length, type, flags,
-    sequence, port id), the family header, then attributes (2-byte length, 2-byte type,
-    payload), each aligned to 4 bytes."""
-    at = 0
-    while at + 16 + header <= len(data):
-        length, kind, _, _, sender = struct.unpack_from('=IHHII', data, at)
-        if length < 16 + header or at + length > len(data):
-            break
-        attributes, here = {}, at + 16 + header
-        while here + 4 <= at + length:
-            size, number = struct.unpack_from('=HH', data, here)
-            if size < 4 or here + size > at + length:
-                break
-            value = data[here + 4:here + size]
-            attributes[number & 0x3fff] = value[:-1] if value.endswith(b'\0') else value
-            here += (size + 3) & ~3
-        yield kind, sender, data[at + 16:at + 16 + header], attributes
-        at += (length + 3) & ~3
-
-
-def set_sysctl(path, value, directory=None):
-    """Write a one-digit /proc/sys switch (IP forwarding, route_localnet, accept_ra) that
-    has another value; path relative to the descriptor directory, if given."""
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC, dir_fd=directory)
-    try:
-        if os.pread(fd, 1, 0) != value.encode():
-            os.pwrite(fd, value.encode(), 0)
-            log('INFO', 'set %s to %s' % (path, value))
-    finally:
-        os.close(fd)
-
-
 # ---- iptables --------------------------------------------------------------------------
 
 def iptables_command():
     """iptables, or the variant COCKER_IPTABLES names (iptables-legacy, iptables-nft)."""
     return os.environ.get('COCKER_IPTABLES') or 'iptables'
+
+
+def iptables_nft(iptables):
+    """Is this iptables command iptables-nft (not -legacy): its name, or where the name
+    found on PATH leads (xtables-nft-multi, iptables-nft)?"""
+    for directory in ('' if os.sep in iptables else os.environ.get('PATH', '')).split(':'):
+        path = os.path.realpath(os.path.join(directory, iptables))
+        if os.access(path, os.X_OK):
+            return 'legacy' not in os.path.basename(path)
+    return False
 
 
 def iptables_restore(iptables, lines, deleting=()):
