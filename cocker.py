@@ -1168,28 +1168,23 @@ class Command(object):
         """Waited for (killed first, if kill and still running), its pipes closed."""
         if kill and self.proc.poll() is None:
             self.proc.kill()
+        self.close_pipes()
+        self.proc.wait()
+        self.close_errors()
+
+    def leave(self):
+        """Let it end by itself: our ends of its pipes closed, reaped later (LEFT_TO_END),
+        or by init once we are gone."""
+        self.close_pipes()
+        self.close_errors()
+        LEFT_TO_END.append(self)
+
+    def close_pipes(self):
         if self.stdin:
             self.end_input()
         for pipe in (self.stdout, self.proc.stderr):
             if pipe:
                 pipe.close()
-        self.proc.wait()
-        self.close_errors()
-
-    def stderr_fd(self):
-        return self.proc.stderr.fileno()
-
-    def pid(self):
-        return self.proc.pid
-
-    def leave(self):
-        """Let it end by itself: our ends of its pipes closed, reaped later (LEFT_TO_END),
-        or by init once we are gone."""
-        for pipe in (self.stdin, self.stdout, self.proc.stderr):
-            if pipe:
-                pipe.close()
-        self.close_errors()
-        LEFT_TO_END.append(self)
 
     def end_input(self):
         try:
@@ -3025,6 +3020,18 @@ def netlink_messages(data, header):
         at += (length + 3) & ~3
 
 
+def netlink_socket(protocol, groups):
+    """A netlink socket of that protocol, bound to any port id and to the groups (a mask)."""
+    import _socket
+    sock = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW, protocol)
+    try:
+        sock.bind((0, groups))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class link_watch(object):
     """The host's link events (an rtnetlink socket on RTMGRP_LINK), to wait for a link to go
     without polling; made before what removes it, so that no event is missed."""
@@ -3033,12 +3040,7 @@ class link_watch(object):
         import _socket
         self.ifname = ifname
         self.index = int(read_small('/sys/class/net/%s/ifindex' % ifname, '0'))
-        self.socket = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW, 0)  # NETLINK_ROUTE
-        try:
-            self.socket.bind((0, 1))            # (any port id, the group RTMGRP_LINK)
-        except OSError:
-            self.socket.close()
-            raise
+        self.socket = netlink_socket(0, 1)      # NETLINK_ROUTE, the group RTMGRP_LINK
 
     def gone_within(self, timeout):
         """Whether the link went within timeout seconds: its RTM_DELLINK came (its name is
@@ -3089,9 +3091,7 @@ class chain_watch(object):
     stop command goes on meanwhile)."""
 
     def __init__(self):
-        import _socket
-        self.socket = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW, 12)  # NETFILTER
-        self.socket.bind((0, 0))
+        self.socket = netlink_socket(12, 0)     # NETLINK_NETFILTER, no group yet
 
     def join(self, yes):
         """In the group (NETLINK_ADD_MEMBERSHIP) or out (DROP): notices reach it only while
@@ -3105,9 +3105,10 @@ class chain_watch(object):
         import select
         poller = select.poll()
         poller.register(self.socket.fileno(), select.POLLIN)
-        poller.register(command.stderr_fd(), select.POLLIN)
+        ended = command.proc.stderr.fileno()
+        poller.register(ended, select.POLLIN)
         while True:
-            if command.stderr_fd() in dict(poller.poll()):
+            if ended in dict(poller.poll()):
                 return False
             try:
                 data = self.socket.recv(65536)
@@ -3115,7 +3116,7 @@ class chain_watch(object):
                 if e.errno != errno.ENOBUFS:
                     raise
                 return False
-            if any(kind == NFT_DELCHAIN and sender == command.pid() and info[0] == 2 and
+            if any(kind == NFT_DELCHAIN and sender == command.proc.pid and info[0] == 2 and
                    attributes.get(1) == b'nat' and             # the table, the chain
                    attributes.get(3, b'').decode('ascii', 'replace') in chains
                    for kind, sender, info, attributes in netlink_messages(data, 4)):
@@ -3177,20 +3178,20 @@ def iptables_restore(iptables, lines, deleting=()):
     text = restore_text(lines)
     with locked('network', 'iptables'):
         try:
-            restore_until_committed([iptables + '-restore', '-w', '--noflush'], text, deleting)
+            restore_until_committed([iptables + '-restore', '-w', '--noflush'], text, deleting,
+                                    watch_chains(iptables) if deleting else None)
         except CockerError as e:
             if 'option' not in e.message:           # iptables < 1.6.2 has no -w
                 raise
             run([iptables + '-restore', '--noflush'], input=text)
 
 
-def restore_until_committed(argv, text, deleting):
-    """Run iptables-restore to its end, or (deleting chains) until nf_tables' notice that
-    one of them went: the transaction has committed then, and the command only waits for
-    an RCU grace period before it ends (16 ms; see chain_watch), that it is left to wait
-    out alone.  No notice (iptables-legacy, a failure): its end is waited for."""
+def restore_until_committed(argv, text, deleting, watch):
+    """Run iptables-restore to its end, or (deleting chains, watched) until nf_tables'
+    notice that one of them went: the transaction has committed then, and the command only
+    waits for an RCU grace period before it ends (16 ms; see chain_watch), that it is left
+    to wait out alone.  No notice (iptables-legacy, a failure): its end is waited for."""
     LEFT_TO_END[:] = [c for c in LEFT_TO_END if c.proc.poll() is None]
-    watch = watch_chains(argv[0][:-len('-restore')]) if deleting else None
     try:
         command = Command(argv, stdin=PIPE, stdout=PIPE, stderr=PIPE)
         try:
@@ -3418,11 +3419,16 @@ def delete_rules(iptables, rules, chains=()):
     except CockerError:
         pass
     for table, words in rules:
-        while iptables_ok(iptables, table, '-D', *words):
-            pass
+        delete_every_copy(iptables, table, words)
     for table, chain in chains:
         if not delete_chain(iptables, table, chain):
             raise CockerError('cannot delete iptables chain %s (still referenced?)' % chain)
+
+
+def delete_every_copy(iptables, table, words):
+    """-D of a rule (CHAIN WORD...) until none is left."""
+    while iptables_ok(iptables, table, '-D', *words):
+        pass
 
 
 def delete_chain(iptables, table, chain):
@@ -3486,8 +3492,7 @@ def remove_bridge(bridge, iptables):
     running, a container's chain still jumped to was lost with its record (an earlier
     cocker's teardown that could not read it)."""
     for table, chain, rule in bridge_jumps(bridge):
-        while iptables_ok(iptables, table, '-D', chain, *rule):
-            pass
+        delete_every_copy(iptables, table, [chain] + rule)
     lost = set()
     for chain in (bridge.dnat_chain, bridge.vip_chain):
         try:
